@@ -1,0 +1,3 @@
+from bemerc.cli import main
+
+main()

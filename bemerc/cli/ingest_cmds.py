@@ -1,0 +1,92 @@
+"""`bemerc ingest meld|iemocap|manifest`: annotations and media paths into the utterances table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import Progress
+
+from bemerc.cli.common import DEFAULT_STORE, StoreOption, console, fail
+from bemerc.store import Store, StoreLockedError
+from bemerc.store.ingest import IngestError, IngestReport, read_iemocap, read_manifest, read_meld, write_utterances
+from bemerc.store.ingest.common import add_checksums
+
+ingest_app = typer.Typer(
+    help=(
+        "Read a corpus into the store's `utterances` table. Everything is checked before anything is "
+        "written: bad input stops with one line naming the file, the row and the problem, and the store "
+        "stays as it was. Re-ingesting the same data changes nothing."
+    ),
+    no_args_is_help=True,
+)
+
+
+def _write(store_path: Path, read: "callable[[], IngestReport]", name: str) -> None:
+    try:
+        report = read()
+        media_rows = [r for r in report.rows if r.get("video_path") or r.get("audio_path")]
+        if media_rows:
+            with Progress(console=console, transient=True) as progress:
+                task = progress.add_task("checksumming media", total=len(media_rows))
+                add_checksums(media_rows, lambda n: progress.advance(task, n))
+        inserted, updated, unchanged = write_utterances(Store(store_path), report.rows)
+    except (IngestError, StoreLockedError) as e:
+        fail(str(e))
+    splits = ", ".join(f"{split} {n:,}" for split, n in report.counts().items())
+    console.print(f"{name}: {len(report.rows):,} utterances ({splits}); {inserted:,} new, {updated:,} updated, {unchanged:,} unchanged")
+    if report.skipped:
+        console.print("left out: " + ", ".join(f"{reason} {n:,}" for reason, n in sorted(report.skipped.items())))
+    if report.missing_media:
+        shown = ", ".join(report.missing_media[:5]) + (" ..." if len(report.missing_media) > 5 else "")
+        console.print(f"[yellow]{len(report.missing_media)} utterance(s) have no clip in the release:[/] {shown}")
+
+
+@ingest_app.command("meld")
+def meld(
+    folder: Annotated[Path, typer.Argument(help="MELD folder: the *_sent_emo.csv files here or in data/MELD/; clips under train_splits/, dev_splits_complete/, output_repeated_splits_test/ when present.")],
+    store: StoreOption = DEFAULT_STORE,
+) -> None:
+    """Ingest MELD (train, dev and test CSVs, whichever exist) and link its clips.
+
+    uids are `{split}/dia{Dialogue_ID}_utt{Utterance_ID}`; `turn` is the 0-based order in the dialogue.
+
+    Example: `bemerc ingest meld ~/data/MELD --store store`
+    """
+    _write(store, lambda: read_meld(folder), "MELD")
+
+
+@ingest_app.command("iemocap")
+def iemocap(
+    folder: Annotated[Path, typer.Argument(help="IEMOCAP_full_release folder (Session1..Session5).")],
+    store: StoreOption = DEFAULT_STORE,
+) -> None:
+    """Ingest IEMOCAP with the standard 6 classes (happy, sad, neutral, angry, excited, frustrated).
+
+    Session 5 is the test split; about 10% of Session 1-4 dialogues form dev. Utterances with other
+    labels are left out and counted. Video comes from dialog/avi/DivX with the utterance's time span.
+    """
+    _write(store, lambda: read_iemocap(folder), "IEMOCAP")
+
+
+@ingest_app.command("manifest")
+def manifest(
+    file: Annotated[Path, typer.Argument(help="CSV, JSONL or Parquet file, one row per utterance.")],
+    labels: Annotated[str, typer.Option(help="Allowed labels: 'meld', 'iemocap' or a comma-separated list.")] = "meld",
+    dataset: Annotated[str | None, typer.Option(help="Dataset name stored with each row (default: the file's name).")] = None,
+    store: StoreOption = DEFAULT_STORE,
+) -> None:
+    """Ingest your own corpus from a manifest.
+
+    Columns: `dialogue_id`, `turn` (required); `speaker`, `text`, `label`, `split` (train/dev/test,
+    default train), `video`, `audio` (paths; relative ones resolve against the manifest's folder),
+    `start`, `end` (seconds inside the media; empty = whole file). uid is `{split}/{dialogue_id}_{turn}`.
+
+    Example: `bemerc ingest manifest my_corpus/manifest.csv --labels happy,sad,neutral`
+    """
+    _write(store, lambda: read_manifest(file, labels=labels, dataset=dataset), "manifest")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(ingest_app, name="ingest")

@@ -1,0 +1,48 @@
+"""`bemerc store info`: what the store holds."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+from rich.table import Table
+
+from bemerc.cli.common import DEFAULT_STORE, JsonOption, StoreOption, console
+from bemerc.store import Store
+
+store_app = typer.Typer(help="Inspect the LanceDB feature store.", no_args_is_help=True)
+
+
+@store_app.command("info")
+def info(store: StoreOption = DEFAULT_STORE, as_json: JsonOption = False) -> None:
+    """Tables with row counts and versions, the feature sets present, and failure counts.
+
+    With --json prints `{"tables": {NAME: {"rows": N, "version": V}}, "features": {"MODALITY/EXTRACTOR":
+    {"rows": N, "dim": D, "random_weights": false, "feature_set": ID}}, "failures": {STAGE: N}}`.
+    """
+    data = Store(store).info()
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    tables = Table(title=f"store {data['path']}")
+    tables.add_column("table")
+    tables.add_column("rows", justify="right")
+    tables.add_column("version", justify="right")
+    for name, t in data["tables"].items():
+        tables.add_row(name, f"{t['rows']:,}", str(t["version"]))
+    console.print(tables)
+    if data["features"]:
+        feats = Table(title="feature sets")
+        for col in ("key", "feature set", "rows", "dim", "random weights"):
+            feats.add_column(col)
+        for key, f in data["features"].items():
+            feats.add_row(key, f["feature_set"], f"{f['rows']:,}", str(f["dim"]), "yes" if f["random_weights"] else "no")
+        console.print(feats)
+    if data["failures"]:
+        console.print("failures: " + ", ".join(f"{k} {v}" for k, v in data["failures"].items()))
+    if not data["tables"]:
+        console.print("The store is empty: start with `bemerc ingest meld DIR`, `bemerc ingest manifest FILE` or `make demo`.")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(store_app, name="store")

@@ -1,0 +1,158 @@
+"""Decoding in one place: probe a file, decode its audio as 16 kHz mono, sample its frames.
+
+Everything goes through the ffmpeg command line (installed by `make setup`), so any container or
+codec ffmpeg reads works, and a broken file becomes a :class:`MediaError` naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SAMPLE_RATE = 16_000
+
+
+class MediaError(Exception):
+    """A media file that cannot be used; ``str()`` is one line naming the file and the problem."""
+
+    def __init__(self, path: str | Path, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
+
+
+@dataclass(frozen=True)
+class MediaInfo:
+    """What ffprobe says about a file."""
+
+    duration_s: float
+    has_audio: bool
+    has_video: bool
+    width: int = 0
+    height: int = 0
+    fps: float = 0.0
+
+
+def _ffmpeg(tool: str = "ffmpeg") -> str:
+    exe = shutil.which(tool)
+    if exe is None:
+        raise RuntimeError(f"{tool} is not installed: run `make setup` (it installs ffmpeg with apt)")
+    return exe
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise MediaError(path, "file not found")
+    if path.stat().st_size == 0:
+        raise MediaError(path, "empty file (0 bytes)")
+
+
+def probe(path: str | Path) -> MediaInfo:
+    """Duration and streams of a media file.
+
+    >>> probe("clip.mp4").duration_s  # doctest: +SKIP
+    3.35
+    """
+    path = Path(path)
+    _check_file(path)
+    cmd = [_ffmpeg("ffprobe"), "-v", "error", "-print_format", "json", "-show_format", "-show_streams", str(path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise MediaError(path, f"unreadable media ({_last_line(proc.stderr)})")
+    meta = json.loads(proc.stdout or "{}")
+    streams = meta.get("streams", [])
+    video = next((s for s in streams if s.get("codec_type") == "video"), None)
+    audio = next((s for s in streams if s.get("codec_type") == "audio"), None)
+    duration = float(meta.get("format", {}).get("duration", 0.0) or 0.0)
+    fps = 0.0
+    if video is not None:
+        num, _, den = str(video.get("avg_frame_rate", "0/1")).partition("/")
+        fps = float(num) / float(den or 1) if float(den or 1) else 0.0
+    return MediaInfo(
+        duration_s=duration,
+        has_audio=audio is not None,
+        has_video=video is not None,
+        width=int(video.get("width", 0)) if video else 0,
+        height=int(video.get("height", 0)) if video else 0,
+        fps=fps,
+    )
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "ffmpeg failed"
+
+
+def _span_args(start_s: float | None, end_s: float | None) -> list[str]:
+    args: list[str] = []
+    if start_s is not None and start_s > 0:
+        args += ["-ss", f"{start_s:.3f}"]
+    if end_s is not None:
+        args += ["-to", f"{end_s:.3f}"]
+    return args
+
+
+def decode_audio(
+    path: str | Path, sample_rate: int = SAMPLE_RATE, start_s: float | None = None, end_s: float | None = None
+) -> np.ndarray:
+    """Decode the audio of any media file as mono float32 in [-1, 1] at ``sample_rate`` Hz.
+
+    ``start_s``/``end_s`` cut a span (for IEMOCAP-style long recordings). Raises
+    :class:`MediaError` when the file is unreadable, has no audio stream or decodes to nothing.
+
+    >>> decode_audio("speech.wav").shape  # doctest: +SKIP
+    (53387,)
+    """
+    path = Path(path)
+    _check_file(path)
+    cmd = [_ffmpeg(), "-nostdin", "-v", "error", *_span_args(start_s, end_s), "-i", str(path),
+           "-map", "0:a:0", "-ac", "1", "-ar", str(sample_rate), "-f", "f32le", "-"]
+    proc = subprocess.run(cmd, capture_output=True)
+    if proc.returncode != 0:
+        err = proc.stderr.decode(errors="replace")
+        if "matches no streams" in err or "does not contain any stream" in err:
+            raise MediaError(path, "no audio stream")
+        raise MediaError(path, f"cannot decode audio ({_last_line(err)})")
+    audio = np.frombuffer(proc.stdout, dtype=np.float32).copy()
+    if audio.size == 0:
+        raise MediaError(path, "audio decodes to zero samples")
+    return audio
+
+
+def sample_frames(
+    path: str | Path,
+    fps: float = 4.0,
+    max_side: int = 640,
+    start_s: float | None = None,
+    end_s: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sample RGB frames at ``fps`` frames per second, scaled so the longer side is ``max_side``.
+
+    Returns ``(frames, times_s)``: uint8 array of shape (T, H, W, 3) and float array (T,) of frame
+    times in seconds from the start of the span. Raises :class:`MediaError` for an unreadable file,
+    no video stream, or no frames.
+    """
+    path = Path(path)
+    info = probe(path)
+    if not info.has_video:
+        raise MediaError(path, "no video stream")
+    scale = max_side / max(info.width, info.height, 1)
+    width = max(2, int(round(info.width * min(scale, 1.0) / 2)) * 2)
+    height = max(2, int(round(info.height * min(scale, 1.0) / 2)) * 2)
+    cmd = [_ffmpeg(), "-nostdin", "-v", "error", *_span_args(start_s, end_s), "-i", str(path), "-map", "0:v:0",
+           "-vf", f"fps={fps},scale={width}:{height}", "-f", "rawvideo", "-pix_fmt", "rgb24", "-"]
+    proc = subprocess.run(cmd, capture_output=True)
+    if proc.returncode != 0:
+        raise MediaError(path, f"cannot decode video ({_last_line(proc.stderr.decode(errors='replace'))})")
+    frame_bytes = width * height * 3
+    count = len(proc.stdout) // frame_bytes
+    if count == 0:
+        raise MediaError(path, "video decodes to zero frames")
+    frames = np.frombuffer(proc.stdout[: count * frame_bytes], dtype=np.uint8).reshape(count, height, width, 3)
+    times = (np.arange(count) + 0.5) / fps
+    return frames, times

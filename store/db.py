@@ -1,0 +1,294 @@
+"""Open the store, write under the one-writer lock, read tables as polars or Arrow.
+
+Every write is a single LanceDB commit (one new table version), so a crash or Ctrl-C leaves each
+table either before or after that write, never half-way. Keys make writes idempotent: rows are
+upserted by their key (``uid`` for utterances and features), so a re-run never duplicates.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable
+
+import lancedb
+import polars as pl
+import pyarrow as pa
+
+from bemerc.store import schema as S
+from bemerc.store.lock import WriteLock
+
+
+class StoreError(RuntimeError):
+    """A problem with the store's contents (a missing table, an unknown feature set, ...)."""
+
+
+@dataclass(frozen=True)
+class FeatureSet:
+    """One set of features: a modality, an extractor and the hash of its configuration."""
+
+    modality: str
+    extractor: str
+    config_hash: str
+    table_name: str
+    dim: int
+    random_weights: bool
+    config: dict
+
+    @property
+    def id(self) -> str:
+        """``"{modality}/{extractor}@{config_hash}"``, e.g. ``"text/minilm-l6@3f2a9c1b"``."""
+        return f"{self.modality}/{self.extractor}@{self.config_hash}"
+
+
+def now_utc() -> datetime:
+    return datetime.now(timezone.utc).replace(microsecond=0)
+
+
+def _table_name(modality: str, extractor: str, config_hash: str) -> str:
+    safe = re.sub(r"[^A-Za-z0-9_-]+", "_", extractor)
+    return f"features_{modality}_{safe}_{config_hash}"
+
+
+class Store:
+    """A bemerc feature store: a folder holding LanceDB tables.
+
+    Tables: ``utterances``, ``feature_sets`` (one row per feature table), ``features_*`` (one table
+    per feature set), ``failures``, ``runs`` and ``predictions``. Reads never block; writes take the
+    store's write lock (see :mod:`bemerc.store.lock`).
+
+    >>> store = Store("store")                  # doctest: +SKIP
+    >>> store.read("utterances", where="split = 'dev'").height   # doctest: +SKIP
+    1109
+    """
+
+    def __init__(self, path: str | Path, lock_timeout_s: float | None = None):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.db = lancedb.connect(str(self.path))
+        self.lock = WriteLock(self.path, lock_timeout_s)
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.path)!r})"
+
+    # -- tables -------------------------------------------------------------------------------
+    def table_names(self) -> list[str]:
+        """Names of the tables present, sorted."""
+        result = self.db.list_tables()
+        names = getattr(result, "tables", result)
+        return sorted(names)
+
+    def has_table(self, name: str) -> bool:
+        return name in self.table_names()
+
+    def table(self, name: str) -> Any:
+        """The LanceDB table ``name`` (raises :class:`StoreError` when missing)."""
+        if not self.has_table(name):
+            raise StoreError(f"{self.path}: no table {name!r} (tables: {', '.join(self.table_names()) or 'none'})")
+        return self.db.open_table(name)
+
+    def _ensure(self, name: str, schema: pa.Schema) -> Any:
+        if self.has_table(name):
+            return self.db.open_table(name)
+        return self.db.create_table(name, schema=schema)
+
+    def version(self, name: str) -> int:
+        return int(self.table(name).version)
+
+    def count(self, name: str, where: str | None = None) -> int:
+        if not self.has_table(name):
+            return 0
+        return int(self.table(name).count_rows(where))
+
+    def read_arrow(self, name: str, columns: list[str] | None = None, where: str | None = None) -> pa.Table:
+        """A whole table (or the rows matching the SQL ``where``) as Arrow; empty when missing."""
+        if not self.has_table(name):
+            schema = S.BASE_TABLES.get(name)
+            if schema is None:
+                raise StoreError(f"{self.path}: no table {name!r}")
+            table = schema.empty_table()
+            return table.select(columns) if columns else table
+        tbl = self.db.open_table(name)
+        if where is None:
+            data = tbl.to_arrow()
+            return data.select(columns) if columns else data
+        query = tbl.search().where(where)
+        if columns:
+            query = query.select(columns)
+        return query.limit(None).to_arrow()
+
+    def read(self, name: str, columns: list[str] | None = None, where: str | None = None) -> pl.DataFrame:
+        """A table as a polars DataFrame.
+
+        >>> store.read("utterances", ["uid", "label"], where="split = 'dev'")  # doctest: +SKIP
+        """
+        return pl.from_arrow(self.read_arrow(name, columns, where))  # type: ignore[return-value]
+
+    def utterances(self, split: str | None = None) -> pl.DataFrame:
+        """Utterances in dialogue order (dataset, split, dialogue_id, turn)."""
+        where = f"split = '{split}'" if split else None
+        df = self.read("utterances", where=where)
+        return df.sort(["dataset", "split", "dialogue_id", "turn"])
+
+    # -- writing ------------------------------------------------------------------------------
+    def upsert(self, name: str, rows: pa.Table, schema: pa.Schema | None = None) -> int:
+        """Insert or replace ``rows`` by the table's key in one commit; returns the rows written.
+
+        Takes the write lock for the duration of the write.
+        """
+        if rows.num_rows == 0:
+            return 0
+        schema = schema or S.BASE_TABLES[name]
+        keys = S.KEYS.get(name, ["uid"])
+        rows = rows.select(schema.names).cast(schema)
+        with self.lock:
+            tbl = self._ensure(name, schema)
+            (
+                tbl.merge_insert(keys if len(keys) > 1 else keys[0])
+                .when_matched_update_all()
+                .when_not_matched_insert_all()
+                .execute(rows)
+            )
+        return rows.num_rows
+
+    def delete(self, name: str, where: str) -> None:
+        """Delete the rows matching ``where`` (one commit) under the write lock."""
+        if not self.has_table(name):
+            return
+        with self.lock:
+            self.db.open_table(name).delete(where)
+
+    # -- feature sets -------------------------------------------------------------------------
+    def register_feature_set(
+        self,
+        modality: str,
+        extractor: str,
+        config_hash: str,
+        config: dict,
+        fields: list[pa.Field],
+        random_weights: bool = False,
+    ) -> FeatureSet:
+        """Create (once) the feature table of an extractor configuration and record it.
+
+        A changed model or setting gives a new ``config_hash`` and so a new table beside the old one:
+        stored features are never silently overwritten by a different configuration.
+        """
+        feature_schema = S.feature_schema(fields)
+        fs = FeatureSet(
+            modality=modality,
+            extractor=extractor,
+            config_hash=config_hash,
+            table_name=_table_name(modality, extractor, config_hash),
+            dim=S.vector_dim(feature_schema),
+            random_weights=random_weights,
+            config=config,
+        )
+        with self.lock:
+            self._ensure(fs.table_name, feature_schema)
+            if fs.id not in {f.id for f in self.feature_sets()}:
+                row = {
+                    "feature_set": fs.id,
+                    "modality": modality,
+                    "extractor": extractor,
+                    "config_hash": config_hash,
+                    "config_json": json.dumps(config, sort_keys=True),
+                    "table_name": fs.table_name,
+                    "dim": fs.dim,
+                    "random_weights": random_weights,
+                    "created_at": now_utc(),
+                }
+                self.upsert("feature_sets", pa.Table.from_pylist([row], schema=S.FEATURE_SETS))
+        return fs
+
+    def feature_sets(self, modality: str | None = None) -> list[FeatureSet]:
+        """Feature sets recorded in the store, oldest first."""
+        df = self.read("feature_sets").sort("created_at")
+        sets = [
+            FeatureSet(
+                modality=r["modality"],
+                extractor=r["extractor"],
+                config_hash=r["config_hash"],
+                table_name=r["table_name"],
+                dim=int(r["dim"]),
+                random_weights=bool(r["random_weights"]),
+                config=json.loads(r["config_json"]),
+            )
+            for r in df.iter_rows(named=True)
+        ]
+        return [f for f in sets if modality is None or f.modality == modality]
+
+    def feature_set(self, ref: str) -> FeatureSet:
+        """Look a feature set up by id (``text/minilm-l6@3f2a9c1b``), by ``modality/extractor``
+        (the newest configuration) or by modality alone (the newest feature set of it)."""
+        sets = self.feature_sets()
+        for candidates in (
+            [f for f in sets if f.id == ref],
+            [f for f in sets if f"{f.modality}/{f.extractor}" == ref],
+            [f for f in sets if f.modality == ref],
+        ):
+            if candidates:
+                return candidates[-1]
+        known = ", ".join(f.id for f in sets) or "none"
+        raise StoreError(f"{self.path}: no feature set {ref!r} (present: {known})")
+
+    def write_features(self, fs: FeatureSet, rows: pa.Table) -> int:
+        """Upsert feature rows (keyed by uid) of ``fs`` and clear their old failure rows."""
+        tbl_schema = self.table(fs.table_name).schema
+        written = self.upsert(fs.table_name, rows, tbl_schema)
+        if written:
+            with self.lock:
+                self.delete("failures", f"feature_set = '{fs.id}' AND uid IN ({_sql_list(rows['uid'].to_pylist())})")
+        return written
+
+    def stored_uids(self, fs: FeatureSet) -> set[str]:
+        """uids that already have a row in ``fs``'s table."""
+        return set(self.read_arrow(fs.table_name, ["uid"])["uid"].to_pylist()) if self.has_table(fs.table_name) else set()
+
+    def read_features(self, fs: FeatureSet | str, columns: list[str] | None = None) -> pa.Table:
+        """All rows of a feature set as Arrow (``uid``, ``vector``, ...)."""
+        fs = self.feature_set(fs) if isinstance(fs, str) else fs
+        return self.read_arrow(fs.table_name, columns)
+
+    def record_failures(self, fs: FeatureSet, failures: Iterable[tuple[str, str]]) -> int:
+        """Record ``(uid, reason)`` failures of a feature set (one row per uid, latest reason)."""
+        rows = [
+            {"uid": uid, "feature_set": fs.id, "stage": fs.modality, "reason": reason, "created_at": now_utc()}
+            for uid, reason in failures
+        ]
+        return self.upsert("failures", pa.Table.from_pylist(rows, schema=S.FAILURES)) if rows else 0
+
+    # -- summary ------------------------------------------------------------------------------
+    def info(self) -> dict:
+        """Tables with rows and versions, feature sets and failure counts, as plain data.
+
+        ``{"tables": {name: {"rows", "version"}}, "features": {"modality/extractor": {"rows", "dim",
+        "random_weights", "feature_set"}}, "failures": {stage: n}}``. The newest configuration of an
+        extractor is keyed ``modality/extractor``; older ones ``modality/extractor@hash``.
+        """
+        tables = {}
+        for name in self.table_names():
+            tbl = self.db.open_table(name)
+            tables[name] = {"rows": int(tbl.count_rows()), "version": int(tbl.version)}
+        features: dict[str, dict] = {}
+        for fs in reversed(self.feature_sets()):  # newest first takes the short key
+            key = f"{fs.modality}/{fs.extractor}"
+            if key in features:
+                key = fs.id
+            features[key] = {
+                "feature_set": fs.id,
+                "rows": tables.get(fs.table_name, {}).get("rows", 0),
+                "dim": fs.dim,
+                "random_weights": fs.random_weights,
+            }
+        failures: dict[str, int] = {}
+        if "failures" in tables:
+            for row in self.read("failures", ["stage"]).group_by("stage").len().iter_rows():
+                failures[row[0]] = int(row[1])
+        return {"path": str(self.path), "tables": tables, "features": features, "failures": failures}
+
+
+def _sql_list(values: list[str]) -> str:
+    return ", ".join("'" + v.replace("'", "''") + "'" for v in values)

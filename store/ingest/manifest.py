@@ -1,0 +1,140 @@
+"""A user's own corpus as a manifest: CSV, JSONL or Parquet, one row per utterance.
+
+Columns: ``dialogue_id, turn`` (required) and ``speaker, text, label, split, video, audio, start, end``
+(optional). Relative media paths resolve against the manifest's folder. uid is
+``{split}/{dialogue_id}_{turn}``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from bemerc.store.ingest.common import IngestError, IngestReport, check_rows
+from bemerc.store.schema import LABEL_SETS
+
+REQUIRED = ("dialogue_id", "turn")
+OPTIONAL = ("speaker", "text", "label", "split", "video", "audio", "start", "end", "sentiment")
+
+
+def _load(path: Path) -> tuple[list[str], list[tuple[int, dict]]]:
+    """(columns, [(row number as a person counts it, row)]) of a CSV, JSONL or Parquet file."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".parquet":
+            table = pq.read_table(path)
+            return table.column_names, list(enumerate(table.to_pylist(), start=1))
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise IngestError(path, f"not UTF-8 (byte {e.start}, line {line}): re-save the file as UTF-8") from None
+    except OSError as e:
+        raise IngestError(path, f"cannot read ({e.strerror or e})") from None
+    except Exception as e:  # pyarrow's errors for a broken parquet file
+        raise IngestError(path, f"unreadable parquet ({str(e).splitlines()[0]})") from None
+    if suffix in (".jsonl", ".ndjson"):
+        rows, columns = [], []
+        for n, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise IngestError(path, f"invalid JSON ({e.msg})", n) from None
+            if not isinstance(obj, dict):
+                raise IngestError(path, "each line must be a JSON object", n)
+            columns += [k for k in obj if k not in columns]
+            rows.append((n, obj))
+        return columns, rows
+    if suffix in (".csv", ".tsv"):
+        reader = csv.DictReader(text.splitlines(keepends=True), delimiter="\t" if suffix == ".tsv" else ",")
+        rows = [(reader.line_num, row) for row in reader]
+        return list(reader.fieldnames or []), rows
+    raise IngestError(path, f"unknown manifest format {suffix!r} (expected .csv, .jsonl or .parquet)")
+
+
+def _blank(value: object) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value)) or (isinstance(value, str) and not value.strip())
+
+
+def _number(value: object, path: Path, n: int, column: str) -> float | None:
+    if _blank(value):
+        return None
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise IngestError(path, f"column {column!r} must be a number of seconds, found {value!r}", n) from None
+
+
+def read_manifest(path: str | Path, labels: str | list[str] = "meld", dataset: str | None = None) -> IngestReport:
+    """Read a manifest into utterance rows (nothing is written).
+
+    ``labels`` is a label set name (``meld``, ``iemocap``) or an explicit list; any other label is an
+    error. Missing media files are errors too (a manifest names its files on purpose).
+
+    >>> read_manifest("demo_data/manifest.jsonl").counts()   # doctest: +SKIP
+    {'train': 24, 'dev': 10, 'test': 9}
+    """
+    path = Path(path).resolve()
+    if not path.exists():
+        raise IngestError(path, "file not found")
+    label_set = LABEL_SETS[labels] if isinstance(labels, str) and labels in LABEL_SETS else labels
+    if isinstance(label_set, str):
+        label_set = [x.strip() for x in label_set.split(",") if x.strip()]
+    columns, raw = _load(path)
+    missing = [c for c in REQUIRED if c not in columns]
+    if missing:
+        raise IngestError(path, f"missing column(s) {', '.join(missing)}; found {', '.join(columns) or 'none'}")
+    report = IngestReport(rows=[])
+    numbers = []
+    for n, row in raw:
+        if _blank(row.get("dialogue_id")):
+            raise IngestError(path, "empty dialogue_id", n)
+        try:
+            turn = int(float(row["turn"]))
+        except (TypeError, ValueError):
+            raise IngestError(path, f"turn must be an integer, found {row['turn']!r}", n) from None
+        label = None if _blank(row.get("label")) else str(row["label"]).strip().lower()
+        if label is not None and label not in label_set:
+            raise IngestError(path, f"unknown label {row['label']!r} (expected one of {', '.join(label_set)})", n)
+        media = {}
+        for column in ("video", "audio"):
+            value = row.get(column)
+            if _blank(value):
+                media[column] = None
+                continue
+            media_path = Path(str(value))
+            media_path = media_path if media_path.is_absolute() else path.parent / media_path
+            if not media_path.exists():
+                raise IngestError(path, f"{column} file not found: {media_path}", n)
+            media[column] = str(media_path.resolve())
+        split = "train" if _blank(row.get("split")) else str(row["split"]).strip().lower()
+        dialogue_id = str(row["dialogue_id"]).strip()
+        report.rows.append(
+            {
+                "uid": f"{split}/{dialogue_id}_{turn}",
+                "dataset": dataset or path.stem,
+                "split": split,
+                "dialogue_id": dialogue_id,
+                "turn": turn,
+                "speaker": None if _blank(row.get("speaker")) else str(row["speaker"]).strip(),
+                "text": None if _blank(row.get("text")) else str(row["text"]).strip(),
+                "label": label,
+                "sentiment": None if _blank(row.get("sentiment")) else str(row["sentiment"]).strip().lower(),
+                "start_s": _number(row.get("start"), path, n, "start"),
+                "end_s": _number(row.get("end"), path, n, "end"),
+                "video_path": media["video"],
+                "audio_path": media["audio"],
+                "media_sha256": None,
+                "meta_json": None,
+            }
+        )
+        numbers.append(n)
+    if not report.rows:
+        raise IngestError(path, "the manifest has no rows")
+    check_rows(report.rows, path, numbers)
+    return report

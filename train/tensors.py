@@ -1,0 +1,99 @@
+"""Store -> arrays, once: utterances in dialogue order with their stored feature vectors.
+
+Arrow's fixed-size-list vectors become numpy views without a copy (``values`` of the flat child
+array reshaped), and torch tensors share that memory through ``torch.from_numpy``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from bemerc.store import FeatureSet, Store
+
+
+def vectors_of(table: pa.Table, column: str = "vector") -> np.ndarray:
+    """(N, D) float32 view of a fixed-size-list column (no copy when the column has one chunk)."""
+    col = table.column(column).combine_chunks()
+    width = col.type.list_size
+    flat = col.flatten() if col.offset else col.values
+    return flat.to_numpy(zero_copy_only=False).reshape(len(col), width)
+
+
+@dataclass
+class ModalityArrays:
+    """One feature set aligned to a list of utterances: ``vectors[i]`` is utterance i's vector,
+    meaningful only where ``present[i]`` (a missing modality is never zero-filled as if real)."""
+
+    feature_set: FeatureSet
+    vectors: np.ndarray  # (N, D) float32; rows where present is False are zeros and must be masked
+    present: np.ndarray  # (N,) bool
+    extras: dict[str, list] = field(default_factory=dict)  # other columns (description, tokens, ...)
+
+
+@dataclass
+class Corpus:
+    """Utterances of the store in dialogue order plus their features per modality."""
+
+    utterances: pl.DataFrame  # uid, dataset, split, dialogue_id, turn, speaker, text, label, ...
+    modalities: dict[str, ModalityArrays]
+
+    def split_mask(self, split: str) -> np.ndarray:
+        return (self.utterances["split"] == split).to_numpy()
+
+
+def load_corpus(
+    store: Store,
+    feature_sets: list[str] | None = None,
+    extra_columns: dict[str, list[str]] | None = None,
+    dataset: str | None = None,
+) -> Corpus:
+    """Read utterances and the given feature sets (ids, ``modality/extractor`` or modality names;
+    default: the newest feature set of each modality present) aligned by uid.
+
+    ``extra_columns`` maps a feature-set ref to other columns to keep (e.g. ``{"behavior":
+    ["description", "tokens"]}``).
+
+    >>> corpus = load_corpus(Store("store"), ["text", "behavior"])   # doctest: +SKIP
+    >>> corpus.modalities["text"].vectors.shape                        # doctest: +SKIP
+    (11098, 384)
+    """
+    utterances = store.read("utterances")
+    if dataset:
+        utterances = utterances.filter(pl.col("dataset") == dataset)
+    utterances = utterances.sort(["dataset", "split", "dialogue_id", "turn"])
+    # dialogue ids sort as strings; sort numerically when they all are numbers (MELD)
+    if utterances.height and utterances["dialogue_id"].str.contains(r"^\d+$").all():
+        utterances = utterances.with_columns(pl.col("dialogue_id").cast(pl.Int64).alias("_d")).sort(
+            ["dataset", "split", "_d", "turn"]
+        ).drop("_d")
+    if feature_sets is None:
+        newest: dict[str, FeatureSet] = {}
+        for fs in store.feature_sets():
+            newest[fs.modality] = fs
+        chosen = list(newest.values())
+    else:
+        chosen = [store.feature_set(ref) for ref in feature_sets]
+    extra_columns = extra_columns or {}
+    index = {uid: i for i, uid in enumerate(utterances["uid"].to_list())}
+    modalities: dict[str, ModalityArrays] = {}
+    for fs in chosen:
+        wanted = [c for ref, cols in extra_columns.items() if ref in (fs.id, fs.modality, f"{fs.modality}/{fs.extractor}") for c in cols]
+        table = store.read_features(fs, ["uid", "vector", *wanted])
+        rows = np.array([index.get(u, -1) for u in table["uid"].to_pylist()], dtype=np.int64)
+        keep = rows >= 0
+        vectors = np.zeros((utterances.height, fs.dim), dtype=np.float32)
+        present = np.zeros(utterances.height, dtype=bool)
+        vectors[rows[keep]] = vectors_of(table)[keep]
+        present[rows[keep]] = True
+        extras = {}
+        for c in wanted:
+            values: list = [None] * utterances.height
+            for r, v in zip(rows[keep], np.array(table[c].to_pylist(), dtype=object)[keep]):
+                values[r] = v
+            extras[c] = values
+        modalities[fs.modality] = ModalityArrays(fs, vectors, present, extras)
+    return Corpus(utterances, modalities)
