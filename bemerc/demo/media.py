@@ -103,8 +103,8 @@ def make_demo(out_dir: Path, *, force: bool = False) -> Path:
 
     Returns the manifest's path. Files that exist are kept unless ``force``; every file is written under
     a temporary name and renamed when complete, so an interrupted run leaves no half-written file and
-    the next run finishes the job. The manifest's ``video`` and ``audio`` are relative to ``out_dir``;
-    ``start`` is 0 and ``end`` the utterance's duration in seconds.
+    the next run finishes the job. Manifest rows have MANIFEST_COLUMNS and ``sentiment``; ``video`` and
+    ``audio`` are relative to ``out_dir``, ``start`` is 0 and ``end`` the utterance's duration in seconds.
 
     >>> make_demo(Path("demo_data"))  # doctest: +SKIP
     PosixPath('demo_data/manifest.jsonl')
@@ -129,6 +129,7 @@ def make_demo(out_dir: Path, *, force: bool = False) -> Path:
             "audio": f"media/{stem}.wav",
             "start": 0.0,
             "end": round(duration, 3),
+            "sentiment": utt.get("sentiment"),
         }
         for utt, stem, duration in zip(utterances, stems, durations)
     ]
