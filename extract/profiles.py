@@ -89,7 +89,7 @@ class StageEntry:
         """12 hex digits that change whenever anything deciding the prepared weights changes."""
         spec = {"kind": self.kind, "source": self.source, "options": self.options, "sha256": self.sha256,
                 "version": _PREPARE_VERSION}
-        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+        return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 @dataclass(frozen=True)
@@ -141,7 +141,10 @@ def load_profile(name_or_path: str | Path = "offline") -> Profile:
 
     stages: dict[str, StageEntry] = {}
     if "extends" in data:
-        stages.update(load_profile(str(data["extends"])).stages)
+        parent = str(data["extends"])
+        if base_dir is not None and parent.endswith(".toml"):
+            parent = str(base_dir / parent)  # a relative path is relative to this file
+        stages.update(load_profile(parent).stages)
     for stage, table in data.get("stages", {}).items():
         stages[stage] = _parse_stage(name, stage, table, base_dir, path)
     return Profile(name=name, description=str(data.get("description", "")), stages=stages, path=path)
@@ -246,6 +249,15 @@ def _input_stats(entry: StageEntry) -> dict[str, list[int]]:
     return stats
 
 
+def nothing_to_prepare(entry: StageEntry) -> str | None:
+    """Why a stage has no local weights to prepare, or None when it has."""
+    if entry.kind == "open-clip" and str(entry.options.get("pretrained", "none")) == "none":
+        return f"open_clip {entry.source} with random weights: nothing to prepare"
+    if entry.kind == "py-feat":
+        return f"py-feat model {entry.source}: py-feat downloads its weights on first use"
+    return None
+
+
 def prepare_stage(entry: StageEntry, on_event: Callable[[str, str], None] | None = None) -> Path | None:
     """Prepare one stage and return its local model path (None when the stage has no local weights).
 
@@ -253,11 +265,8 @@ def prepare_stage(entry: StageEntry, on_event: Callable[[str, str], None] | None
     entry and its input files are unchanged the stored path is returned without hashing anything.
     """
     say = (lambda message: on_event(entry.name, message)) if on_event else (lambda message: None)
-    if entry.kind == "open-clip" and str(entry.options.get("pretrained", "none")) == "none":
-        say(f"open_clip {entry.source} with random weights: nothing to prepare")
-        return None
-    if entry.kind == "py-feat":
-        say(f"py-feat model {entry.source}: py-feat downloads its weights on first use")
+    if reason := nothing_to_prepare(entry):
+        say(reason)
         return None
 
     folder = models_dir() / f"{entry.name}-{entry.fingerprint()}"
@@ -407,6 +416,15 @@ def stage_files(entry: StageEntry) -> dict[str, Path]:
     if not isinstance(files, dict) or not files:
         raise ProfileError(f"{entry.label}: a files stage needs the option `files` (role = relative path)")
     return {role: resolve_ref(entry, str(rel)) for role, rel in files.items()}
+
+
+def prepared_path(entry: StageEntry) -> Path | None:
+    """Where a stage was prepared, or None if it has not been (reads the marker, hashes nothing)."""
+    marker = models_dir() / f"{entry.name}-{entry.fingerprint()}" / "prepared.json"
+    if not marker.is_file():
+        return None
+    path = Path(json.loads(marker.read_text())["path"])
+    return path if path.exists() else None
 
 
 def clear_stage(entry: StageEntry) -> None:

@@ -7,7 +7,7 @@ Two conversions, each run once by ``bemerc models prepare``:
 - a GGUF causal LM -> a Hugging Face safetensors directory (model + tokenizer + chat template),
   loadable with ``AutoModelForCausalLM.from_pretrained(dir)``.
 
-The CTranslate2 binary layout (format version <= 6, written by ``ModelSpec._serialize``)::
+The CTranslate2 binary layout (binary version 6, as current CTranslate2 writes it in ``ModelSpec._serialize``)::
 
     u32 version | str spec_name | u32 spec_revision | u32 n_variables
     n_variables x (str name | u8 rank | rank x u32 dim | u8 dtype | u32 n_bytes | n_bytes data)
@@ -43,7 +43,10 @@ class _Reader:
         self.pos = 0
 
     def unpack(self, fmt: str):
-        values = struct.unpack_from("<" + fmt, self.data, self.pos)
+        try:
+            values = struct.unpack_from("<" + fmt, self.data, self.pos)
+        except struct.error:
+            raise ConversionError(f"model.bin is truncated at byte {self.pos}") from None
         self.pos += struct.calcsize("<" + fmt)
         return values[0] if len(values) == 1 else values
 
@@ -81,22 +84,25 @@ def read_ct2_model(data: bytes) -> tuple[str, dict[str, np.ndarray]]:
     """
     reader = _Reader(data)
     version = reader.unpack("I")
-    if not 1 <= version <= 6:
-        raise ConversionError(f"not a CTranslate2 model.bin (binary version {version}, expected 1-6)")
-    spec_name = reader.string() if version >= 2 else ""
-    if version >= 2:
-        reader.unpack("I")  # spec revision: the variable names below are what matter
+    if version != 6:
+        raise ConversionError(f"not a CTranslate2 model.bin of binary version 6 (found {version}); "
+                              "re-convert it with a current CTranslate2")
+    spec_name = reader.string()
+    reader.unpack("I")  # spec revision: the variable names below are what matter
     raw: dict[str, np.ndarray] = {}
     for _ in range(reader.unpack("I")):
         name = reader.string()
         shape = tuple(reader.unpack("I") for _ in range(reader.unpack("B")))
-        dtype = _CT2_DTYPES[reader.unpack("B")]
+        type_id = reader.unpack("B")
+        if type_id >= len(_CT2_DTYPES):
+            raise ConversionError(f"variable {name} has unknown data type id {type_id}")
         size = reader.unpack("I")
-        raw[name] = _to_float32(reader.take(size), dtype, shape)
-    aliases = {reader.string(): reader.string() for _ in range(reader.unpack("I"))} if version >= 3 else {}
+        raw[name] = _to_float32(reader.take(size), _CT2_DTYPES[type_id], shape)
+    aliases = {reader.string(): reader.string() for _ in range(reader.unpack("I"))}
     if reader.pos != len(reader.data):
         raise ConversionError(f"model.bin has {len(reader.data) - reader.pos} unexpected trailing bytes")
-    return spec_name, _dequantize({**raw, **{alias: raw[target] for alias, target in aliases.items()}})
+    tensors = _dequantize(raw)
+    return spec_name, {**tensors, **{alias: tensors[target] for alias, target in aliases.items()}}
 
 
 def _dequantize(variables: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -131,15 +137,16 @@ def _attention(sd: dict, prefix: str, ct2: dict, scope: str, fused: list[str]) -
     the output projection. Whisper's key projection has no bias: CTranslate2 stores zeros there.
     """
     for index, parts in enumerate(fused):
-        weight = ct2.pop(f"{scope}/linear_{index}/weight")
+        weight = ct2.pop(f"{scope}/linear_{index}/weight")  # (len(parts) * n_state, n_state)
         bias = ct2.pop(f"{scope}/linear_{index}/bias")
-        n_state = weight.shape[1]
+        if weight.shape[0] != len(parts) * weight.shape[1]:
+            raise ConversionError(f"{scope}/linear_{index} has shape {weight.shape}, expected {len(parts)} fused "
+                                  "square projections")
         for part, w, b in zip(parts, np.split(weight, len(parts)), np.split(bias, len(parts))):
             name = {"q": "query", "k": "key", "v": "value"}[part]
             if part == "k" and np.abs(b).max() > 1e-6:
                 raise ConversionError(f"{scope}/linear_{index}: non-zero key bias; not a Whisper model")
             _linear(sd, f"{prefix}.{name}", w, None if part == "k" else b)
-        assert weight.shape[0] == n_state * len(parts), (scope, weight.shape)
     out = len(fused)
     _linear(sd, f"{prefix}.out", ct2.pop(f"{scope}/linear_{out}/weight"), ct2.pop(f"{scope}/linear_{out}/bias"))
 

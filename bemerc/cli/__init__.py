@@ -12,6 +12,9 @@ import os
 if os.environ.get("BEMERC_ALLOW_HUB") != "1":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# MediaPipe and LiteRT log to stderr through glog/TF at start-up; keep the terminal for our progress.
+os.environ.setdefault("GLOG_minloglevel", "2")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import typer
 

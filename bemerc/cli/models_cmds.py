@@ -1,16 +1,91 @@
-"""`bemerc models`: prepare model weights (placeholder until the extractors land)."""
+"""`bemerc models`: prepare the weights of a model profile and list what a profile uses."""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import nullcontext
+from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
+from rich.table import Table
 
-from bemerc.cli.common import not_built
+from bemerc.cli.common import JsonOption, console, fail
 
 models_app = typer.Typer(help="Prepare and list the models of a profile.", no_args_is_help=True)
 
+ProfileOption = Annotated[
+    str,
+    typer.Option("--profile", "-p", envvar="BEMERC_PROFILE",
+                 help="Profile name (offline, hub) or path of a profile .toml file."),
+]
+
 
 @models_app.command("prepare")
-def prepare() -> None:
-    """Turn packaged weights into standard local model dirs."""
-    not_built("`bemerc models prepare`")
+def prepare(
+    profile: ProfileOption = "offline",
+    stage: Annotated[Optional[list[str]], typer.Option("--stage", "-s", help="Only this stage (repeatable).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Redo the stages even if they are prepared.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Turn a profile's weights into standard local model folders, once.
+
+    Checks every packaged weight file against the sha256 the profile pins, converts the Whisper and
+    LLM weights (about a minute on two cores) and stores them in $BEMERC_MODELS (default
+    ~/.cache/bemerc/models). A second run finds them ready and returns at once.
+    """
+    from bemerc.extract.profiles import ProfileError, clear_stage, load_profile
+    from bemerc.extract.profiles import prepare as prepare_profile
+
+    start = time.perf_counter()
+
+    def report(stage_name: str, message: str) -> None:
+        if not as_json:
+            console.print(f"[bold]{stage_name:<10}[/] {escape(message)}", soft_wrap=True, highlight=False)
+
+    try:
+        loaded = load_profile(profile)
+        names = stage or list(loaded.stages)
+        if force:
+            for name in names:
+                clear_stage(loaded.stage(name))
+        with console.status(f"Preparing profile {loaded.name}...", spinner="dots") if not as_json else nullcontext():
+            paths = prepare_profile(loaded, names, on_event=report)
+    except ProfileError as err:
+        fail(str(err))
+    if as_json:
+        print(json.dumps({"profile": loaded.name, "paths": {k: str(v) for k, v in paths.items()}}, indent=1))
+    else:
+        console.print(f"Profile [bold]{loaded.name}[/] ready in {time.perf_counter() - start:.1f} s.")
+
+
+@models_app.command("list")
+def list_models(profile: ProfileOption = "offline", as_json: JsonOption = False) -> None:
+    """Show each stage of a profile: its kind, model, source and whether it is prepared."""
+    from bemerc.extract.profiles import ProfileError, list_profiles, load_profile, nothing_to_prepare, prepared_path
+
+    try:
+        loaded = load_profile(profile)
+    except ProfileError as err:
+        fail(str(err))
+    rows = []
+    for entry in loaded.stages.values():
+        path = prepared_path(entry)
+        rows.append({"stage": entry.name, "kind": entry.kind, "model": entry.model_id, "source": entry.source,
+                     "random_weights": entry.random_weights, "needs_prepare": nothing_to_prepare(entry) is None,
+                     "prepared": str(path) if path else None})
+    if as_json:
+        print(json.dumps({"profile": loaded.name, "stages": rows}, indent=1))
+        return
+    table = Table("stage", "kind", "model", "source", "prepared", title=f"profile {loaded.name}: {loaded.description}")
+    for row in rows:
+        model = row["model"] + (" [yellow](random weights)[/]" if row["random_weights"] else "")
+        prepared = "[green]yes[/]" if row["prepared"] else "no" if row["needs_prepare"] else "not needed"
+        table.add_row(row["stage"], row["kind"], model, escape(row["source"]), prepared)
+    console.print(table)
+    console.print(f"Profiles shipped: {', '.join(list_profiles())}. Prepare with `bemerc models prepare "
+                  f"--profile {loaded.name}`.")
 
 
 def register(app: typer.Typer) -> None:

@@ -1,16 +1,167 @@
-"""`bemerc query`: search and export the store (placeholder until the serve issue lands)."""
+"""`bemerc query`: nearest neighbours, one utterance in full, SQL filters and exports of the store."""
 
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import polars as pl
 import typer
+from rich.table import Table
 
-from bemerc.cli.common import not_built
+from bemerc.cli.common import DEFAULT_STORE, JsonOption, StoreOption, console, fail
+from bemerc.store import Store, StoreError
+from bemerc.store import query as Q
 
 query_app = typer.Typer(help="Query stored utterances, embeddings and predictions.", no_args_is_help=True)
 
 
+Modality = Enum("Modality", {m: m for m in Q.MODALITIES}, type=str)
+
+
+class Format(str, Enum):
+    parquet = "parquet"
+    csv = "csv"
+
+
+def _open(path: Path) -> Store:
+    if not path.is_dir():
+        fail(f"{path}: no store here (create one with `bemerc ingest ...`)")
+    return Store(path)
+
+
+def _print_frame(df: pl.DataFrame, title: str | None = None, wide: tuple[str, ...] = ("text",)) -> None:
+    table = Table(title=title, show_lines=False)
+    for col in df.columns:
+        table.add_column(col, overflow="fold", no_wrap=col == "uid", ratio=3 if col in wide else None)
+    for row in df.iter_rows():
+        table.add_row(*("" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v) for v in row))
+    console.print(table)
+
+
+def _print_json(data: object) -> None:
+    print(json.dumps(data, indent=2, ensure_ascii=False))
+
+
 @query_app.command("similar")
-def similar() -> None:
-    """Nearest utterances by a stored embedding."""
-    not_built("`bemerc query similar`")
+def similar(
+    uid: Annotated[str, typer.Argument(help="Utterance id, e.g. dev/dia0_utt0.")],
+    modality: Annotated[Modality, typer.Option("--modality", "-m", help="Whose embedding to compare.")] = Modality.text,
+    k: Annotated[int, typer.Option("-k", min=1, help="How many neighbours.")] = 10,
+    where: Annotated[str | None, typer.Option("--where", help="SQL filter on utterance columns, e.g. \"split = 'train'\".")] = None,
+    store: StoreOption = DEFAULT_STORE,
+    as_json: JsonOption = False,
+) -> None:
+    """The K utterances nearest to UID by cosine distance of the newest MODALITY features.
+
+    Example: `bemerc query similar dev/dia0_utt0 -m text -k 5 --where "split = 'train'"`
+    """
+    try:
+        df = Q.similar(_open(store), uid, modality.value, k=k, where=where)
+    except (Q.QueryError, StoreError) as exc:
+        fail(str(exc))
+    if as_json:
+        _print_json(Q.to_records(df))
+    else:
+        _print_frame(df, title=f"nearest to {uid} ({modality.value})")
+
+
+@query_app.command("show")
+def show(
+    uid: Annotated[str, typer.Argument(help="Utterance id, e.g. dev/dia0_utt0.")],
+    store: StoreOption = DEFAULT_STORE,
+    as_json: JsonOption = False,
+) -> None:
+    """One utterance: its dialogue context, transcript, behaviour description, feature sets,
+    failures and every run's prediction."""
+    try:
+        view = Q.show(_open(store), uid)
+    except (Q.QueryError, StoreError) as exc:
+        fail(str(exc))
+    if as_json:
+        _print_json(view.to_dict())
+        return
+    u = view.utterance
+    if view.context.height:
+        _print_frame(view.context.select("turn", "speaker", "text", "label"), title="context")
+    console.print(f"[bold]{u['uid']}[/]  turn {u['turn']} of dialogue {u['dialogue_id']} ({u['dataset']} {u['split']})")
+    console.print(f"[bold]{u['speaker']}:[/] {u['text']}", highlight=False)
+    console.print(f"label: [bold]{u['label']}[/]  sentiment: {u['sentiment']}")
+    for name, value in (("transcript", view.transcript), ("behaviour", view.description)):
+        if value:
+            console.print(f"{name}: {value}", highlight=False)
+    console.print("feature sets: " + (", ".join(view.feature_sets) or "none"))
+    for f in view.failures.iter_rows(named=True):
+        console.print(f"[red]failed[/] {f['feature_set']}: {f['reason']}", highlight=False)
+    if view.predictions.height:
+        rows = [
+            {"run": p["run_id"], "kind": p["kind"], "predicted": p["label"],
+             "p": max(p["probabilities"].values()) if p["probabilities"] else None,
+             "correct": p["correct"]}
+            for p in Q.prediction_records(view.predictions)
+        ]
+        _print_frame(pl.DataFrame(rows), title="predictions")
+    else:
+        console.print("predictions: none (train a run with `bemerc baseline`)")
+
+
+@query_app.command("where")
+def where(
+    sql: Annotated[str, typer.Argument(help="SQL filter on utterance columns, e.g. \"label = 'fear' AND split = 'dev'\".")],
+    limit: Annotated[int | None, typer.Option("--limit", "-n", min=0, help="At most this many rows (default: all).")] = None,
+    store: StoreOption = DEFAULT_STORE,
+    as_json: JsonOption = False,
+) -> None:
+    """Utterances matching an SQL filter, in dialogue order.
+
+    Columns: uid, dataset, split, dialogue_id, turn, speaker, text, label, sentiment, start_s, end_s,
+    video_path, audio_path, media_sha256, meta_json.
+    """
+    try:
+        df = Q.where(_open(store), sql, limit=limit)
+    except (Q.QueryError, StoreError) as exc:
+        fail(str(exc))
+    if as_json:
+        _print_json(Q.to_records(df))
+    else:
+        _print_frame(df.select("uid", "speaker", "text", "label"), title=f"{df.height} utterance(s)")
+
+
+@query_app.command("export")
+def export(
+    table: Annotated[str, typer.Argument(help="Table name (utterances, runs, ...) or a feature set (text, text/minilm-l6).")],
+    out: Annotated[Path, typer.Argument(help="Output file.")],
+    fmt: Annotated[Format, typer.Option("--format", "-f", help="File format; csv writes list columns as JSON arrays.")] = Format.parquet,
+    store: StoreOption = DEFAULT_STORE,
+) -> None:
+    """Write a whole table to a parquet or csv file.
+
+    Example: `bemerc query export utterances utt.csv --format csv`
+    """
+    try:
+        rows = Q.export(_open(store), table, out, fmt.value)
+    except (Q.QueryError, StoreError) as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"{out}: cannot write ({exc.strerror})")
+    console.print(f"wrote {rows:,} rows to {out}")
+
+
+@query_app.command("index")
+def index(
+    modality: Annotated[Modality, typer.Option("--modality", "-m", help="Whose feature table to index.")] = Modality.text,
+    min_rows: Annotated[int, typer.Option("--min-rows", help="Index only tables with at least this many rows.")] = Q.INDEX_MIN_ROWS,
+    replace: Annotated[bool, typer.Option("--replace", help="Rebuild an existing index.")] = False,
+    store: StoreOption = DEFAULT_STORE,
+) -> None:
+    """Build an IVF_PQ (approximate) vector index for `query similar` on a large feature table."""
+    try:
+        built = Q.create_vector_index(_open(store), modality.value, min_rows=min_rows, replace=replace)
+    except (Q.QueryError, StoreError) as exc:
+        fail(str(exc))
+    console.print("index built" if built else f"no index built (fewer than {min_rows:,} rows, or one exists: --replace)")
 
 
 def register(app: typer.Typer) -> None:

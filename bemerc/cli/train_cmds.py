@@ -1,17 +1,107 @@
-"""`bemerc baseline`, `bemerc compare` (placeholders until their issues land)."""
+"""`bemerc baseline` (XGBoost late fusion on the store) and `bemerc compare` (a report of runs)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
 
 import typer
+from rich.table import Table
 
-from bemerc.cli.common import not_built
+from bemerc.cli.common import DEFAULT_STORE, JsonOption, StoreOption, console, fail
+from bemerc.store import Store, StoreError, StoreLockedError
+
+
+def baseline(
+    store: StoreOption = DEFAULT_STORE,
+    run_dir: Annotated[Path | None, typer.Option("--run-dir", help="Folder of the run's models and metrics (default runs/RUN_ID).")] = None,
+    feature_set: Annotated[list[str] | None, typer.Option("--feature-set", help="Feature set to use (id, MODALITY/EXTRACTOR or MODALITY); repeat for several. Default: the newest of every modality.")] = None,
+    context: Annotated[int, typer.Option("--context", min=0, help="Previous utterances of the dialogue averaged as context (0: none).")] = 3,
+    dataset: Annotated[str | None, typer.Option("--dataset", help="Dataset to train on when the store holds several.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Train the XGBoost late-fusion baseline on the store.
+
+    One XGBoost classifier (and a logistic-regression head) per modality on the utterance's vector
+    plus dialogue context; their class probabilities are averaged with weights chosen on dev, leaving
+    out modalities an utterance lacks. An early-fusion model and the modality ablation are scored
+    beside it. Early stopping and fusion weights use dev only. Writes the models and metrics.json to
+    the run folder and the run and its dev/test predictions to the store.
+
+    Example: `bemerc baseline --store store --feature-set text --feature-set audio`
+    """
+    from bemerc.train.baseline import BaselineConfig, train_baseline
+
+    try:
+        result = train_baseline(
+            Store(store),
+            feature_sets=feature_set or None,
+            dataset=dataset,
+            config=BaselineConfig(context=context),
+            run_dir=run_dir,
+            log=(lambda message: None) if as_json else (lambda message: console.print(f"  {message}", highlight=False)),
+        )
+    except (StoreError, StoreLockedError) as e:
+        fail(str(e))
+    m = result.metrics
+    if as_json:
+        print(json.dumps({"run_id": result.run_id, "run_dir": str(result.run_dir), "metrics": m}, indent=2))
+        return
+    table = Table(title=f"baseline {result.run_id} (weighted F1)")
+    splits = [s for s in ("dev", "test") if s in m]
+    table.add_column("model")
+    for s in splits:
+        table.add_column(s, justify="right")
+    for name, scores in m["models"].items():
+        table.add_row(name, *(f"{scores[s]['weighted_f1']:.4f}" if s in scores else "-" for s in splits))
+    for name, entry in m["ablation"].items():
+        table.add_row(f"ablation: {name}", *(f"{entry[s]['weighted_f1']:.4f}" if s in entry else "-" for s in splits))
+    console.print(table)
+    for s in splits:
+        ci = m[s]["ci"]["weighted_f1"]
+        console.print(f"late fusion {s}: weighted F1 {m[s]['weighted_f1']:.4f} [95% CI {ci['low']:.4f}, {ci['high']:.4f}], "
+                      f"accuracy {m[s]['accuracy']:.4f}, macro F1 {m[s]['macro_f1']:.4f} (n={m[s]['n']:,})")
+    console.print(f"run {result.run_id} in {result.run_dir} ({result.seconds:.0f} s)")
+
+
+def compare(
+    runs: Annotated[list[str] | None, typer.Argument(help="Run ids to compare (default: every run in the store).")] = None,
+    store: StoreOption = DEFAULT_STORE,
+    split: Annotated[str, typer.Option("--split", help="Split to score: dev or test.")] = "dev",
+    out: Annotated[Path, typer.Option("--out", help="Folder of the report (report.md, report.html, PNG plots).")] = Path("reports"),
+    as_json: JsonOption = False,
+) -> None:
+    """Compare runs side by side in a report.
+
+    Scores each run from its stored predictions on one split: weighted F1 with a 95% bootstrap
+    interval, accuracy, macro F1, F1 per class and the row-normalised confusion matrix; a paired
+    permutation test between the best two runs; the baseline's modality ablation. Writes
+    OUT/report.md with PNG plots beside it and OUT/report.html (one page, plots embedded).
+
+    Example: `bemerc compare --split dev --out reports`
+    """
+    from bemerc.train.report import comparison, write_report
+
+    if split not in ("dev", "test"):
+        fail(f"--split must be dev or test, got {split!r}")
+    try:
+        data = comparison(Store(store), runs or None, split)
+    except StoreError as e:
+        fail(str(e))
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    if not data["runs"]:
+        fail(f"no run has labelled {split} predictions: " + "; ".join(f"{s['run_id']} ({s['reason']})" for s in data["skipped"]))
+    paths = write_report(data, out)
+    best = max(data["runs"], key=lambda r: r["weighted_f1"])
+    console.print(f"best on {split}: {best['run_id']} weighted F1 {best['weighted_f1']:.4f}")
+    if data["paired_test"]:
+        console.print(f"paired test {data['paired_test']['run_a']} vs {data['paired_test']['run_b']}: p = {data['paired_test']['p_value']:.4f}")
+    console.print(f"report: {paths['markdown']} and {paths['html']}")
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("baseline")
-    def baseline() -> None:
-        """Train the XGBoost late-fusion baseline on the store."""
-        not_built("`bemerc baseline`")
-
-    @app.command("compare")
-    def compare() -> None:
-        """Compare runs side by side in a report."""
-        not_built("`bemerc compare`")
+    app.command("baseline")(baseline)
+    app.command("compare")(compare)

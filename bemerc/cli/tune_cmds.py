@@ -1,12 +1,117 @@
-"""`bemerc tune` (placeholder until the tuning issue lands)."""
+"""`bemerc tune`: instruction-tune an LLM with LoRA and soft tokens from the store's features."""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
 
 import typer
+from rich.table import Table
 
-from bemerc.cli.common import not_built
+from bemerc.cli.common import DEFAULT_STORE, JsonOption, StoreOption, console, fail
+
+
+class Stage(str, Enum):
+    align = "align"
+    merc = "merc"
+    all = "all"
+
+
+def _default_model(profile: str) -> str:
+    """The profile's LLM as a local folder (the offline profile's GGUF is converted on first use)."""
+    from bemerc.extract.profiles import ProfileError, load_profile, model_path
+
+    try:
+        return str(model_path(load_profile(profile), "llm"))
+    except ProfileError as exc:
+        fail(f"cannot prepare the {profile!r} profile's LLM: {exc}; or pass --model DIR_OR_HUB_ID")
 
 
 def register(app: typer.Typer) -> None:
     @app.command("tune")
-    def tune() -> None:
-        """Instruction-tune an LLM with LoRA on the store's features."""
-        not_built("`bemerc tune`")
+    def tune(
+        store: StoreOption = DEFAULT_STORE,
+        model: Annotated[str | None, typer.Option(help="Hugging Face causal LM: a local folder or a hub id. Default: the LLM of --profile.")] = None,
+        profile: Annotated[str, typer.Option(help="Profile whose `llm` stage gives the default --model.")] = "offline",
+        stage: Annotated[Stage, typer.Option(help="align: behaviour projector learns to describe behaviour; merc: emotion instruction tuning; all: both (align is skipped without behaviour descriptions).")] = Stage.all,
+        run_dir: Annotated[Path | None, typer.Option(help="Output folder (default runs/<run_id>).")] = None,
+        dataset: Annotated[str | None, typer.Option(help="Dataset to use when the store holds several.")] = None,
+        modalities: Annotated[str | None, typer.Option(help="Comma-separated modalities projected to soft tokens, or 'none'. Default: audio and behavior when stored.")] = None,
+        context: Annotated[int, typer.Option(help="Previous utterances shown in the prompt.")] = 3,
+        train_limit: Annotated[int | None, typer.Option(help="Train on the first N train utterances (whole dialogues, store order).")] = None,
+        eval_limit: Annotated[int | None, typer.Option(help="Evaluate on the first N dev utterances (whole dialogues).")] = None,
+        epochs: Annotated[int, typer.Option(help="Epochs of the merc stage.")] = 1,
+        align_epochs: Annotated[int, typer.Option(help="Epochs of the align stage.")] = 1,
+        lr: Annotated[float, typer.Option(help="Peak learning rate of the merc stage.")] = 5e-4,
+        align_lr: Annotated[float, typer.Option(help="Peak learning rate of the align stage.")] = 1e-3,
+        batch_size: Annotated[int, typer.Option(help="Utterances per optimiser step (per device).")] = 8,
+        balance: Annotated[float, typer.Option(help="Class-balanced loss: weight examples by (class share) ** -BALANCE (0 = off, 0.5 = inverse square root, 1 = inverse frequency).")] = 0.0,
+        lora_r: Annotated[int, typer.Option(help="LoRA rank (alpha = 2 * rank).")] = 8,
+        lora_layers: Annotated[int | None, typer.Option(help="LoRA on the top N decoder blocks only (faster on a CPU). Default: all.")] = None,
+        normalize_scores: Annotated[bool, typer.Option(help="Score a label by its mean token log-probability instead of the sum.")] = False,
+        zero_shot: Annotated[bool, typer.Option(help="No training: evaluate the base model by label scoring (no LoRA, no soft tokens).")] = False,
+        seed: Annotated[int, typer.Option(help="Seed of initialisation, data order and dropout.")] = 0,
+        threads: Annotated[int, typer.Option(help="Torch CPU threads (one is fastest for small LLMs).")] = 1,
+        checkpoint_every: Annotated[int, typer.Option(help="Write RUN_DIR/checkpoint.pt every N optimiser steps.")] = 50,
+        stop_after: Annotated[int | None, typer.Option(help="Stop after N optimiser steps with a checkpoint (continue with --resume).")] = None,
+        resume: Annotated[bool, typer.Option(help="Continue the run in --run-dir from its checkpoint (its saved settings are used).")] = False,
+        show_prompt: Annotated[str | None, typer.Option(help="Print the prompt of utterance UID (e.g. dev/dia0_utt1) and exit.")] = None,
+        as_json: JsonOption = False,
+    ) -> None:
+        """Instruction-tune an LLM with LoRA on the store (BeMERC's model) and evaluate it on dev.
+
+        The prompt holds the dialogue context, the target utterance, its speaker's behaviour
+        description and soft tokens projected from the audio and behaviour features; every label is
+        scored by log-likelihood, so each answer is a valid label with a probability per class.
+        The adapter (peft format, plus projectors and prompt templates) goes to RUN_DIR/adapter, the
+        metrics to RUN_DIR/metrics.json and the predictions to the store (see `bemerc compare`).
+
+        Example: `bemerc tune --store store --train-limit 1500 --eval-limit 300 --lora-layers 8`
+        """
+        from bemerc.store import Store, StoreError, StoreLockedError
+        from bemerc.train.tune.loop import TuneConfig, TuneError, show_prompt as render_prompt, tune as run_tune
+        from bemerc.train.tune.prompt import PromptError
+
+        if resume and run_dir is None:
+            fail("--resume needs --run-dir (the folder of the interrupted run)")
+        chosen = None if modalities is None else [m.strip() for m in modalities.split(",") if m.strip() and m.strip() != "none"]
+        try:
+            config = TuneConfig(
+                model=model or ("" if resume else _default_model(profile)), stage=stage.value,
+                run_dir=str(run_dir) if run_dir else None, dataset=dataset, modalities=chosen, context=context,
+                train_limit=train_limit, eval_limit=eval_limit, epochs=epochs, align_epochs=align_epochs, lr=lr,
+                align_lr=align_lr, batch_size=batch_size, balance=balance, lora_r=lora_r, lora_alpha=2 * lora_r, lora_layers=lora_layers,
+                normalize_scores=normalize_scores, zero_shot=zero_shot, seed=seed, threads=threads,
+                checkpoint_every=checkpoint_every, stop_after=stop_after, progress=not as_json,
+            )
+            if show_prompt:
+                console.print(render_prompt(Store(store), config, show_prompt), highlight=False, markup=False)
+                return
+            result = run_tune(Store(store), config, resume=resume)
+        except (TuneError, PromptError, StoreError, StoreLockedError, OSError) as exc:
+            fail(str(exc))
+        result.pop("probabilities", None)
+        if as_json:
+            print(json.dumps(result, indent=2, default=str))
+            return
+        if result.get("stopped"):
+            console.print(f"stopped after {result['steps']} steps; continue with "
+                          f"`bemerc tune --resume --run-dir {result['run_dir']}`")
+            return
+        for note in result.get("notes", []):
+            console.print(f"[yellow]{note}[/]")
+        timing = result.get("timing", {})
+        table = Table(title=f"run {result['run_id']} ({result['run_dir']})")
+        for col in ("split", "utterances", "weighted F1", "accuracy", "majority weighted F1"):
+            table.add_column(col, justify="right")
+        for split, m in result.get("metrics", {}).items():
+            table.add_row(split, f"{m['n']:,}", f"{m['weighted_f1']:.3f}", f"{m['accuracy']:.3f}",
+                          f"{result['majority']['weighted_f1']:.3f}")
+        console.print(table)
+        if timing.get("steps"):
+            console.print(f"train: {result.get('train_utterances', 0):,} utterances, {timing['steps']} steps, "
+                          f"{timing['step_s_median']:.2f} s/step, {timing['train_tokens_per_s']:.0f} tokens/s")
+        if "eval" in timing:
+            console.print(f"eval: {timing['eval']['seconds']:.0f} s, {timing['eval']['tokens_per_s']:.0f} prompt tokens/s")

@@ -26,7 +26,7 @@ POSTURE_MEASURES = (
     "lean",            # radians, + = shoulders nearer the camera than the hips (leans forward)
     "shoulder_tilt",   # radians, angle of the shoulder line in the image
     "neck_length",     # ear-to-shoulder height / shoulder width (falls when the shoulders hunch up)
-    "arms_crossed",    # 1 when each visible wrist is across the body midline below the shoulders, else 0
+    "arms_crossed",    # 1 when both wrists are seen across the body midline below the shoulders, else 0
     "hand_near_face",  # 1 - (nearest visible hand point to the nose) / shoulder width, floored at 0
     "hand_height",     # highest visible wrist above the shoulder line / shoulder width; NaN if no wrist seen
     "hands_visible",   # fraction of the two wrists that are visible
@@ -117,14 +117,12 @@ def posture_measures(pose: BodyPose) -> np.ndarray:
     ear_mid_y = (points[LEFT_EAR, 1] + points[RIGHT_EAR, 1]) / 2
     neck_length = (shoulder_mid[1] - ear_mid_y) / shoulder_w
 
-    # A wrist is "across" when it is on the far side of the midline from its own shoulder.
-    side = np.sign(across[0]) or 1.0
-    left_across = seen[LEFT_WRIST] and side * (points[LEFT_WRIST, 0] - shoulder_mid[0]) < 0
-    right_across = seen[RIGHT_WRIST] and side * (points[RIGHT_WRIST, 0] - shoulder_mid[0]) > 0
-    below = all(points[w, 1] > shoulder_mid[1] for w in (LEFT_WRIST, RIGHT_WRIST) if seen[w])
+    # A wrist is "across" when it is below the shoulders on the far side of the midline from its own shoulder.
+    left_side = np.sign(across[0]) or 1.0  # image direction of the left shoulder from the midline
+    crossed = [seen[wrist] and own_side * (points[wrist, 0] - shoulder_mid[0]) < 0 and points[wrist, 1] > shoulder_mid[1]
+               for wrist, own_side in ((LEFT_WRIST, left_side), (RIGHT_WRIST, -left_side))]
+    arms_crossed = float(all(crossed))
     visible_wrists = int(seen[LEFT_WRIST]) + int(seen[RIGHT_WRIST])
-    arms_crossed = float(visible_wrists > 0 and below and all(
-        across_ for across_, w in ((left_across, LEFT_WRIST), (right_across, RIGHT_WRIST)) if seen[w]))
 
     hands = pose.visible_points(HAND_POINTS)
     hand_dist = np.nanmin(np.linalg.norm(hands - points[NOSE], axis=1)) if np.isfinite(hands).any() else np.inf

@@ -14,7 +14,6 @@ Both report the probabilities in :data:`EXPRESSIONS` order, so the columns mean 
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 from pathlib import Path
 from typing import Protocol
@@ -23,6 +22,9 @@ import cv2
 import numpy as np
 
 from bemerc.extract.behavior.face import square_crop
+from bemerc.extract.profiles import file_sha256
+
+EXPRESSION_MODELS = ("fer", "feat")
 
 EXPRESSIONS = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
 """FER2013's classes in the order of its output layer (``fer.FER._get_labels``)."""
@@ -38,14 +40,6 @@ class ExpressionModel(Protocol):
     def measure(self, frame: np.ndarray, box: np.ndarray) -> np.ndarray:
         """float32 (len(measure_names),) for the face at ``box`` (x0, y0, x1, y1 px) of an RGB frame."""
         ...
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def fer_model_path() -> Path:
@@ -83,7 +77,7 @@ class FerExpression:
         self._output = self._interpreter.get_output_details()[0]["index"]
 
     def config(self) -> dict:
-        return {"model": self.name, "sha256": file_sha256(self.model_path), "box_scale": self.BOX_SCALE}
+        return {"model": self.name, "sha256": file_sha256([self.model_path]), "box_scale": self.BOX_SCALE}
 
     def measure(self, frame: np.ndarray, box: np.ndarray) -> np.ndarray:
         side = self.BOX_SCALE * max(box[2] - box[0], box[3] - box[1])
@@ -121,7 +115,7 @@ class FeatExpression:
         )
 
     def config(self) -> dict:
-        source = file_sha256(self.weights_path) if self.weights_path else "hub:py-feat/face_multitask_v2"
+        source = file_sha256([Path(self.weights_path)]) if self.weights_path else "hub:py-feat/face_multitask_v2"
         return {"model": self.name, "weights": source, "box_scale": self.BOX_SCALE}
 
     def measure(self, frame: np.ndarray, box: np.ndarray) -> np.ndarray:
@@ -164,4 +158,4 @@ def load_expression_model(kind: str = "fer", weights_path: str | Path | None = N
         return FerExpression(weights_path, num_threads=num_threads)
     if kind == "feat":
         return FeatExpression(weights_path, random_weights=random_weights)
-    raise ValueError(f"expression model must be 'fer' or 'feat', found {kind!r}")
+    raise ValueError(f"expression model must be one of {', '.join(EXPRESSION_MODELS)}, found {kind!r}")

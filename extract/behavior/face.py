@@ -181,9 +181,8 @@ def track_faces(faces_per_frame: list[list[Face]], min_iou: float = 0.3) -> list
     (IoU >= ``min_iou``, best pairs first), else it starts a new track."""
     tracks: list[FaceTrack] = []
     for index, faces in enumerate(faces_per_frame):
-        open_tracks = [t for t in tracks if max(t.faces) < index]
         pairs = sorted(
-            ((_iou(face.box, track.last_box), f, t) for f, face in enumerate(faces) for t, track in enumerate(open_tracks)),
+            ((_iou(face.box, track.last_box), f, t) for f, face in enumerate(faces) for t, track in enumerate(tracks)),
             key=lambda pair: -pair[0],
         )
         used_faces: set[int] = set()
@@ -193,7 +192,7 @@ def track_faces(faces_per_frame: list[list[Face]], min_iou: float = 0.3) -> list
                 break
             if f in used_faces or t in used_tracks:
                 continue
-            open_tracks[t].faces[index] = faces[f]
+            tracks[t].faces[index] = faces[f]
             used_faces.add(f)
             used_tracks.add(t)
         tracks += [FaceTrack({index: face}) for f, face in enumerate(faces) if f not in used_faces]

@@ -1,0 +1,71 @@
+"""What every feature extractor takes, returns and promises.
+
+The orchestrator builds :class:`UtteranceMedia` items from the store, calls ``extract`` in batches and
+writes one row per item: ``uid`` plus the extractor's ``fields()``. ``config_hash`` keys the feature
+set, so changing a model, its weights or a setting that changes outputs makes a new feature set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import pyarrow as pa
+
+from bemerc.extract.media import MediaError
+
+
+@dataclass(frozen=True)
+class UtteranceMedia:
+    """One utterance as the extractors see it.
+
+    ``text`` is the transcript (or None); ``audio_path``/``video_path`` are media files (audio is
+    preferred for speech); ``start_s``/``end_s`` cut a span out of a longer recording.
+    """
+
+    uid: str
+    text: str | None = None
+    video_path: str | None = None
+    audio_path: str | None = None
+    start_s: float | None = None
+    end_s: float | None = None
+
+
+@runtime_checkable
+class Extractor(Protocol):
+    """A feature extractor of one modality ("text", "audio", "behavior" or "visual")."""
+
+    modality: str
+    name: str
+    random_weights: bool
+
+    def config(self) -> dict:
+        """Everything that changes the outputs (model id, weight sha256, pooling, ...), JSON-serialisable."""
+        ...
+
+    def fields(self) -> list[pa.Field]:
+        """Output columns except ``uid``; the main embedding is ``vector`` (fixed_size_list<float32>)."""
+        ...
+
+    def extract(self, items: list[UtteranceMedia]) -> list[dict | MediaError]:
+        """One result per item, in order: a row dict keyed by ``fields()`` names, or a MediaError."""
+        ...
+
+
+def config_hash(extractor: Extractor) -> str:
+    """Stable 12-hex-digit key of an extractor's config (sha256 of its sorted JSON).
+
+    >>> class Fake:
+    ...     def config(self): return {"model": "m", "pooling": "mean"}
+    >>> config_hash(Fake())
+    'd63339b96abb'
+    """
+    text = json.dumps(extractor.config(), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def vector_field(name: str, dim: int) -> pa.Field:
+    """A ``fixed_size_list<float32>[dim]`` column, the type of every embedding column."""
+    return pa.field(name, pa.list_(pa.float32(), dim))

@@ -1,0 +1,107 @@
+"""Sentence embeddings of utterance texts: a transformer encoder, mean-pooled and L2-normalised.
+
+This is what sentence-transformers computes for models such as all-MiniLM-L6-v2 (Transformer ->
+mean Pooling -> Normalize), done with plain ``transformers`` so the model loads through
+``AutoModel.from_pretrained(dir)``. Utterances are sorted by length so each batch pads little.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from bemerc.extract.base import UtteranceMedia, vector_field
+from bemerc.extract.media import MediaError
+from bemerc.extract.profiles import Profile, ProfileError, load_profile, model_path
+
+
+class TextExtractor:
+    """Embed ``item.text`` with the ``text`` stage of a profile.
+
+    >>> extractor = TextExtractor("offline")  # doctest: +SKIP
+    >>> extractor.embed(["I am so happy!", "This is awful."]).shape  # doctest: +SKIP
+    (2, 384)
+    """
+
+    modality = "text"
+
+    def __init__(
+        self,
+        profile: Profile | str = "offline",
+        *,
+        batch_size: int = 32,
+        max_length: int | None = None,
+        num_threads: int | None = None,
+    ):
+        from transformers import AutoModel, AutoTokenizer
+
+        profile = load_profile(profile) if isinstance(profile, str) else profile
+        self.entry = profile.stage("text")
+        self.name = self.entry.model_id
+        self.random_weights = self.entry.random_weights
+        self.batch_size = batch_size
+        self.num_threads = num_threads or os.cpu_count() or 1
+        path = model_path(profile, "text")
+        _check_mean_pooling(path, self.entry.label)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            self.model = AutoModel.from_pretrained(path).eval()
+        except (OSError, ValueError) as exc:
+            raise ProfileError(f"{self.entry.label}: cannot load a text encoder from {path}: {exc}") from exc
+        self.dim = int(self.model.config.hidden_size)
+        self.max_length = max_length or _max_seq_length(path) or min(self.tokenizer.model_max_length, 512)
+
+    def config(self) -> dict:
+        return {
+            "model": self.name,
+            "source": self.entry.source,
+            "weights_sha256": self.entry.sha256,
+            "pooling": "mean",
+            "normalize": True,
+            "max_length": self.max_length,
+        }
+
+    def fields(self) -> list[pa.Field]:
+        return [vector_field("vector", self.dim)]
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """Unit-length embeddings, float32 array of shape (len(texts), dim), in input order."""
+        torch.set_num_threads(self.num_threads)
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        with torch.inference_mode():
+            for start in range(0, len(order), self.batch_size):
+                batch = order[start : start + self.batch_size]
+                tokens = self.tokenizer([texts[i] for i in batch], padding=True, truncation=True,
+                                        max_length=self.max_length, return_tensors="pt")
+                hidden = self.model(**tokens).last_hidden_state  # (B, T, dim)
+                mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+                out[batch] = torch.nn.functional.normalize(pooled, dim=-1).numpy()
+        return out
+
+    def extract(self, items: list[UtteranceMedia]) -> list[dict | MediaError]:
+        texts = [(item.text or "").strip() for item in items]
+        keep = [i for i, text in enumerate(texts) if text]
+        vectors = self.embed([texts[i] for i in keep]) if keep else np.zeros((0, self.dim), np.float32)
+        results: list[dict | MediaError] = [MediaError(item.uid, "no text") for item in items]
+        for row, i in enumerate(keep):
+            results[i] = {"vector": vectors[row]}
+        return results
+
+
+def _max_seq_length(path: Path) -> int | None:
+    """The sequence length a sentence-transformers folder was trained with, when it says."""
+    config = path / "sentence_bert_config.json"
+    return json.loads(config.read_text()).get("max_seq_length") if config.is_file() else None
+
+
+def _check_mean_pooling(path: Path, label: str) -> None:
+    config = path / "1_Pooling" / "config.json"
+    if config.is_file() and not json.loads(config.read_text()).get("pooling_mode_mean_tokens", False):
+        raise ProfileError(f"{label}: {config} asks for a pooling other than mean, which bemerc does not do")

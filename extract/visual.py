@@ -1,0 +1,114 @@
+"""Visual scene embedding: open_clip image embeddings of sampled frames, mean-pooled per utterance.
+
+Offline there are no CLIP weights, so the default is a small architecture (ViT-S-32, 22 M visual
+parameters) with random weights drawn from a fixed seed: the pipeline runs end to end, the rows are
+reproducible, and ``random_weights`` marks them so no report treats them as a real embedding. With
+network, pass a pretrained tag, e.g. ``ClipVisualExtractor("ViT-B-32", "laion2b_s34b_b79k")``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from functools import cached_property
+
+import numpy as np
+import pyarrow as pa
+
+from bemerc.extract.base import UtteranceMedia, vector_field
+from bemerc.extract.behavior.extractor import rows_from_video
+from bemerc.extract.media import MediaError
+from bemerc.extract.profiles import Profile
+
+
+class ClipVisualExtractor:
+    """One L2-normalised open_clip image embedding per utterance (modality "visual").
+
+    Frames are sampled at ``fps`` (at most ``max_frames``, evenly spread over the utterance), each is
+    embedded by the image tower, the embeddings are averaged and the mean is L2-normalised.
+
+    >>> extractor = ClipVisualExtractor("ViT-S-32", pretrained=None)  # doctest: +SKIP
+    >>> [row] = extractor.extract([UtteranceMedia("u1", video_path="clip.mp4")])  # doctest: +SKIP
+    >>> row["vector"].shape  # doctest: +SKIP
+    (384,)
+    """
+
+    modality = "visual"
+    FRAME_SIDE = 448  # frames are decoded this large; open_clip's preprocess resizes them to the model's input
+
+    def __init__(
+        self,
+        model_name: str = "ViT-S-32",
+        pretrained: str | None = None,
+        fps: float = 2.0,
+        max_frames: int = 8,
+        seed: int = 0,
+        num_threads: int = 2,
+        device: str = "cpu",
+    ):
+        import open_clip
+
+        if open_clip.get_model_config(model_name) is None:
+            raise ValueError(f"unknown open_clip model {model_name!r}; expected one of open_clip.list_models()")
+        self.model_name = model_name
+        self.pretrained = None if pretrained in (None, "", "none") else pretrained
+        self.fps = fps
+        self.max_frames = max_frames
+        self.seed = seed
+        self.num_threads = num_threads
+        self.device = device
+        self.random_weights = self.pretrained is None
+        self.name = f"openclip-{model_name}" + (f"-{self.pretrained}" if self.pretrained else "-random")
+        self.dim = int(open_clip.get_model_config(model_name)["embed_dim"])
+
+    @classmethod
+    def from_profile(cls, profile: Profile, **options) -> "ClipVisualExtractor":
+        """The extractor of a profile's ``visual`` stage (an ``open-clip`` entry)."""
+        entry = profile.stage("visual")
+        return cls(entry.source, entry.options.get("pretrained"), **options)
+
+    @cached_property
+    def _model(self):
+        """(image tower, preprocess): built once; random weights come from ``seed``."""
+        import open_clip
+        import torch
+
+        torch.set_num_threads(self.num_threads)
+        with torch.random.fork_rng():
+            torch.manual_seed(self.seed)
+            model, _, preprocess = open_clip.create_model_and_transforms(self.model_name, pretrained=self.pretrained)
+        return model.visual.to(self.device).eval(), preprocess
+
+    def config(self) -> dict:
+        """Model, weights and sampling: everything that changes the vectors."""
+        return {
+            "model": self.model_name, "pretrained": self.pretrained, "seed": self.seed if self.random_weights else None,
+            "weights_sha256": self._weights_sha256(), "fps": self.fps, "max_frames": self.max_frames, "dim": self.dim,
+        }
+
+    def _weights_sha256(self) -> str:
+        """sha256 of the image tower's parameters (names and bytes), so a changed download is a new feature set."""
+        digest = hashlib.sha256()
+        for name, tensor in self._model[0].state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
+    def fields(self) -> list[pa.Field]:
+        return [vector_field("vector", self.dim), pa.field("frames", pa.int32())]
+
+    def extract(self, items: list[UtteranceMedia]) -> list[dict | MediaError]:
+        """One row (or a MediaError naming the file and the problem) per item, in order."""
+        return rows_from_video(items, self.fps, self.FRAME_SIDE, lambda frames, _times, _path: {
+            "vector": self.embed(frames), "frames": min(len(frames), self.max_frames)})
+
+    def embed(self, frames: np.ndarray) -> np.ndarray:
+        """RGB frames (T, H, W, 3) uint8 -> float32 (dim,) unit-length mean embedding of up to ``max_frames``."""
+        import torch
+        from PIL import Image
+
+        tower, preprocess = self._model
+        keep = np.unique(np.linspace(0, len(frames) - 1, min(len(frames), self.max_frames)).round().astype(int))
+        batch = torch.stack([preprocess(Image.fromarray(frames[i])) for i in keep]).to(self.device)
+        with torch.inference_mode():
+            mean = tower(batch).float().mean(dim=0)
+        return (mean / mean.norm().clamp_min(1e-12)).cpu().numpy().astype(np.float32)

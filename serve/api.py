@@ -1,0 +1,245 @@
+"""The HTTP API and browse page over one store: FastAPI, run with uvicorn by ``bemerc serve``.
+
+Endpoints (OpenAPI at ``/docs``): ``GET /utterances/{uid}``, ``GET /similar``, ``GET /runs``,
+``GET /runs/{run_id}/report``, ``GET /dialogues``, ``GET /dialogues/{split}/{dialogue_id}``,
+``GET /info``, ``POST /predict`` and the page at ``/``.
+
+Nothing a client sends names a server file or is executed: store reads take only ids (quoted as SQL
+string literals), report files come from paths the server was started with, and uploads go through
+:mod:`bemerc.serve.predict`.
+
+>>> app = create_app("store")                                 # doctest: +SKIP
+>>> uvicorn.run(app, host="127.0.0.1", port=8000)             # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+
+from bemerc.serve.predict import PredictError, Predictor, PredictRequest, UploadLimits, check_media, upload_slot
+from bemerc.store import Store, StoreError
+from bemerc.store import query as Q
+from bemerc.train.runs import list_runs
+
+PAGE_DIR = Path(__file__).parent / "page"
+SPLIT_PATTERN = r"^[A-Za-z0-9_-]{1,40}$"
+REPORT_FILES = ("report.md", "report.html")
+
+
+Modality = Enum("Modality", {m: m for m in Q.MODALITIES}, type=str)
+
+
+def create_app(
+    store_path: str | Path,
+    *,
+    profile: str = "offline",
+    report_dir: str | Path | None = None,
+    limits: UploadLimits = UploadLimits(),
+) -> FastAPI:
+    """The app serving ``store_path``.
+
+    ``profile`` rebuilds the extractors a run was trained with for ``/predict``; ``report_dir`` is
+    where ``bemerc compare --out`` wrote its report (served with each run's metrics); ``limits``
+    bounds uploads (50 MB per file, 200 MB per request, 64 utterances by default).
+    """
+    store_path = Path(store_path)
+    if not store_path.is_dir():
+        raise FileNotFoundError(f"{store_path}: no store here (create one with `bemerc ingest ...`)")
+    store = Store(store_path)
+    predictor = Predictor(store, profile)
+    app = FastAPI(
+        title="bemerc",
+        version="0.1.0",
+        description="Browse a bemerc feature store, find similar utterances and predict emotions of new dialogues.",
+        max_body_size=limits.max_request_bytes,  # every request; 413 as soon as the body passes it
+    )
+    app.state.store = store
+    app.state.predictor = predictor
+
+    @app.exception_handler(Q.QueryError)
+    async def _not_found(request: Request, exc: Q.QueryError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=404)
+
+    @app.exception_handler(StoreError)
+    async def _store_error(request: Request, exc: StoreError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=404)
+
+    @app.exception_handler(PredictError)
+    async def _predict_error(request: Request, exc: PredictError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+
+    @app.middleware("http")
+    async def _headers(request: Request, call_next):
+        response = await call_next(request)
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        if not request.url.path.startswith(("/docs", "/redoc")):  # their UIs load scripts from a CDN
+            response.headers["Content-Security-Policy"] = "default-src 'self'; img-src 'self' data:"
+        return response
+
+    @app.get("/info", summary="What the store holds")
+    def info() -> dict:
+        """Splits, modalities with features, feature sets and table row counts."""
+        data = store.info()
+        splits = store.read("utterances", ["split"])["split"].unique().to_list()
+        order = {s: i for i, s in enumerate(("train", "dev", "test"))}
+        return {
+            "store": data["path"],
+            "splits": sorted(splits, key=lambda s: (order.get(s, 9), s)),
+            "modalities": sorted({fs.modality for fs in store.feature_sets()}),
+            "features": data["features"],
+            "tables": data["tables"],
+        }
+
+    @app.get("/utterances/{uid:path}", summary="One utterance in full")
+    def utterance(uid: str) -> dict:
+        """The utterance with its dialogue context, transcript, behaviour description, feature sets,
+        failures and every run's prediction. ``uid`` contains slashes: ``/utterances/dev/dia0_utt0``."""
+        return Q.show(store, uid).to_dict()
+
+    @app.get("/similar", summary="Nearest utterances")
+    def similar(
+        uid: Annotated[str, Query(max_length=300, description="Utterance id, e.g. dev/dia0_utt0")],
+        modality: Modality = Modality.text,
+        k: Annotated[int, Query(ge=1, le=100)] = 10,
+        split: Annotated[str | None, Query(pattern=SPLIT_PATTERN, description="Only neighbours from this split")] = None,
+    ) -> list[dict]:
+        """The ``k`` utterances nearest to ``uid`` by cosine distance of the newest ``modality`` features."""
+        where = f"split = {Q.sql_str(split)}" if split else None
+        return Q.to_records(Q.similar(store, uid, modality.value, k=k, where=where))
+
+    @app.get("/runs", summary="Trained runs")
+    def runs() -> list[dict]:
+        """Every run, oldest first: id, kind, classes, feature sets and metrics per split."""
+        keep = ("run_id", "kind", "created_at", "dataset", "classes", "feature_sets", "metrics")
+        return Q.to_records([{k: r[k] for k in keep} for r in list_runs(store)])
+
+    @app.get("/runs/{run_id}/report", summary="A run's metrics and the comparison report")
+    def run_report(run_id: str) -> dict:
+        """The run's ``metrics.json`` and, when ``bemerc compare`` wrote one into the server's report
+        folder, the comparison report (markdown)."""
+        run = next((r for r in list_runs(store) if r["run_id"] == run_id), None)
+        if run is None:
+            raise HTTPException(404, f"no run {run_id!r} in {store.path}")
+        metrics_file = Path(run["run_dir"] or "") / "metrics.json"
+        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else run["metrics"]
+        report = None
+        if report_dir is not None:
+            found = next((Path(report_dir) / f for f in REPORT_FILES if (Path(report_dir) / f).is_file()), None)
+            if found is not None:
+                report = {"file": found.name, "format": found.suffix.lstrip("."), "content": found.read_text()}
+        return {"run_id": run_id, "kind": run["kind"], "metrics": metrics, "report": report}
+
+    @app.get("/dialogues", summary="Dialogues of a split")
+    def dialogues(split: Annotated[str | None, Query(pattern=SPLIT_PATTERN)] = None) -> list[dict]:
+        """One row per dialogue: dataset, split, dialogue_id, utterance count, speakers, first line."""
+        return Q.to_records(Q.dialogues(store, split))
+
+    @app.get("/dialogues/{split}/{dialogue_id}", summary="One dialogue with predictions")
+    def dialogue(split: str, dialogue_id: str, dataset: Annotated[str | None, Query(max_length=100)] = None) -> dict:
+        """The dialogue's utterances in order with gold labels, behaviour descriptions and every run's
+        prediction (``probabilities`` as ``{class: p}``). ``dataset`` is needed only when several
+        datasets of the store have this split and dialogue id."""
+        df = Q.dialogue(store, split, dialogue_id, dataset)
+        rows = Q.to_records(df.drop("predictions"))
+        for row, preds in zip(rows, df["predictions"].to_list()):
+            row["predictions"] = Q.prediction_records(preds)
+        return {"split": split, "dialogue_id": dialogue_id, "utterances": rows}
+
+    @app.post(
+        "/predict",
+        summary="Predict the emotion of each utterance of a new dialogue",
+        openapi_extra={"requestBody": {"required": True, "content": {
+            "application/json": {"schema": PredictRequest.model_json_schema(ref_template="#/components/schemas/{model}")},
+            "multipart/form-data": {"schema": {
+                "type": "object", "required": ["dialogue"],
+                "properties": {
+                    "dialogue": {"type": "string", "description": "The JSON body above, as a string"},
+                    "audio_0": {"type": "string", "format": "binary", "description": "Audio of utterance 0 (any audio_<i>)"},
+                    "video_0": {"type": "string", "format": "binary", "description": "Video of utterance 0 (any video_<i>)"},
+                },
+            }},
+        }}},
+    )
+    async def predict(request: Request) -> dict:
+        """Runs the extractors of the run's feature sets and the run's model (default: the newest run).
+
+        Send JSON ``{"utterances": [{"speaker", "text"}], "run"}``, or the same JSON in the form field
+        ``dialogue`` of a multipart request with media files ``audio_<i>`` / ``video_<i>`` for
+        utterance ``i``. Returns label, probabilities, behaviour description and transcript per utterance.
+        """
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        with tempfile.TemporaryDirectory(prefix="bemerc-upload-") as tmp:
+            if ctype == "application/json":
+                body = _parse_request(await request.body(), limits)
+                uploads: dict[tuple[str, int], Path] = {}
+            elif ctype == "multipart/form-data":
+                max_files = 2 * limits.max_utterances
+                async with request.form(max_files=max_files, max_fields=max_files + 4) as form:
+                    dialogue_field = form.get("dialogue")
+                    if not isinstance(dialogue_field, str):
+                        raise HTTPException(422, "multipart requests need a form field 'dialogue' holding the JSON body")
+                    body = _parse_request(dialogue_field.encode(), limits)
+                    uploads = await _save_uploads(form, len(body.utterances), Path(tmp), limits)
+            else:
+                raise HTTPException(415, f"send application/json or multipart/form-data, not {ctype or 'no content type'!r}")
+            return await run_in_threadpool(predictor.predict, body, uploads)
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(PAGE_DIR / "index.html")
+
+    app.mount("/static", StaticFiles(directory=PAGE_DIR), name="static")
+    return app
+
+
+def _parse_request(raw: bytes, limits: UploadLimits) -> PredictRequest:
+    try:
+        body = PredictRequest.model_validate_json(raw)
+    except ValidationError as exc:
+        raise HTTPException(422, _validation_message(exc)) from None
+    if len(body.utterances) > limits.max_utterances:
+        raise HTTPException(422, f"at most {limits.max_utterances} utterances per request, got {len(body.utterances)}")
+    return body
+
+
+def _validation_message(exc: ValidationError) -> str:
+    """The first validation error as one line: where and what."""
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "body"
+    return f"{where}: {err['msg'].removeprefix('Value error, ')}"
+
+
+async def _save_uploads(form, n_utterances: int, folder: Path, limits: UploadLimits) -> dict[tuple[str, int], Path]:
+    """Write each uploaded file to ``folder`` under a server-chosen name and check it is real media."""
+    uploads: dict[tuple[str, int], Path] = {}
+    for name, value in form.multi_items():
+        if name == "dialogue":
+            continue
+        if not isinstance(value, UploadFile):
+            raise HTTPException(422, f"form field {name!r}: media must be uploaded as a file, not given as text or a path")
+        kind, index = upload_slot(name, n_utterances)
+        if (kind, index) in uploads:
+            raise HTTPException(422, f"upload {name!r} is given twice")
+        if value.size is not None and value.size > limits.max_upload_bytes:
+            raise HTTPException(413, f"upload {name!r} is {value.size:,} bytes, over the limit of {limits.max_upload_bytes:,}")
+        if value.size == 0:
+            raise HTTPException(422, f"upload {name!r} is empty")
+        path = folder / name
+        with open(path, "wb") as out:
+            while chunk := await value.read(1 << 20):
+                out.write(chunk)
+        await run_in_threadpool(check_media, path, kind, name)
+        uploads[(kind, index)] = path
+    return uploads
+

@@ -1,0 +1,365 @@
+"""``POST /predict``: a dialogue in, a label with probabilities per utterance out.
+
+The request names no server file: text comes as JSON, media only as uploaded bytes, which are
+checked (size, magic bytes, ffprobe with a demuxer whitelist) and written under a private temporary
+folder that is deleted after the request. The run decides everything else: its feature sets say
+which extractors to run (rebuilt from a profile and checked against the stored config hash), its
+kind which model scores the features.
+
+>>> predictor = Predictor(Store("store"))                                        # doctest: +SKIP
+>>> request = PredictRequest(utterances=[{"speaker": "Ross", "text": "Hi!"}])   # doctest: +SKIP
+>>> predictor.predict(request, {})["utterances"][0]["label"]                     # doctest: +SKIP
+'joy'
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from bemerc.store import Store, StoreError
+from bemerc.store import schema as S
+from bemerc.train.runs import list_runs
+from bemerc.train.tensors import Corpus, ModalityArrays
+
+MEDIA_KINDS = ("audio", "video")
+UPLOAD_NAME = re.compile(r"^(audio|video)_(\d{1,4})$")
+# Demuxers ffprobe may use on an upload: real containers only, never playlists or concat lists that
+# could make ffmpeg open other files or URLs.
+DEMUXERS = "wav,mp3,flac,ogg,aac,mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi"
+# Keys that would name a media file by path inside the JSON body: refused, media must be uploaded.
+PATH_KEYS = {"audio", "video", "audio_path", "video_path", "path", "file", "media", "url"}
+# Extraction order: audio first, so a transcript can stand in for a missing text.
+MODALITY_ORDER = ("audio", "text", "behavior", "visual")
+
+
+class PredictError(Exception):
+    """A request that cannot be served; ``status`` is the HTTP status, ``str()`` the message."""
+
+    def __init__(self, status: int, message: str):
+        self.status = status
+        super().__init__(message)
+
+
+class PredictUtterance(BaseModel):
+    """One turn of the dialogue. Media for turn ``i`` is uploaded as ``audio_i`` / ``video_i``."""
+
+    model_config = ConfigDict(extra="forbid")
+    speaker: str | None = Field(None, max_length=200)
+    text: str | None = Field(None, max_length=5000)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_paths(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            named = sorted(PATH_KEYS & set(data))
+            if named:
+                raise ValueError(
+                    f"field {named[0]!r} is not accepted: media is never read from a path or URL; upload it as a "
+                    "multipart file named audio_<index> or video_<index> with the JSON in the form field 'dialogue'"
+                )
+        return data
+
+
+class PredictRequest(BaseModel):
+    """``{"utterances": [{"speaker": ..., "text": ...}, ...], "run": RUN_ID}``; run defaults to the newest."""
+
+    model_config = ConfigDict(extra="forbid")
+    utterances: list[PredictUtterance] = Field(..., min_length=1)
+    run: str | None = Field(None, max_length=200)
+
+
+@dataclass(frozen=True)
+class UploadLimits:
+    max_upload_bytes: int = 50 * 1024 * 1024  # per file
+    max_request_bytes: int = 200 * 1024 * 1024  # the whole request body
+    max_utterances: int = 64
+
+
+# --- uploads -------------------------------------------------------------------------------------
+
+
+def upload_slot(name: str, n_utterances: int) -> tuple[str, int]:
+    """``"audio_3"`` -> ``("audio", 3)``; a :class:`PredictError` (422) for any other field name."""
+    match = UPLOAD_NAME.match(name)
+    if not match:
+        raise PredictError(422, f"unexpected upload field {name!r}: files must be named audio_<index> or video_<index>")
+    kind, index = match.group(1), int(match.group(2))
+    if index >= n_utterances:
+        raise PredictError(422, f"upload {name!r} refers to utterance {index}, but the dialogue has {n_utterances}")
+    return kind, index
+
+
+def sniff(head: bytes) -> str | None:
+    """Container type from a file's first bytes (``wav``, ``mp4``, ...), or None if unknown."""
+    if head[:4] == b"RIFF" and head[8:12] in (b"WAVE", b"AVI "):
+        return "wav" if head[8:12] == b"WAVE" else "avi"
+    if head[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide"):
+        return "mp4"
+    if head[:4] == b"\x1a\x45\xdf\xa3":
+        return "mkv"
+    if head[:4] == b"OggS":
+        return "ogg"
+    if head[:4] == b"fLaC":
+        return "flac"
+    if head[:3] == b"ID3" or (len(head) > 1 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0):
+        return "mp3"
+    return None
+
+
+def check_media(path: Path, kind: str, name: str) -> None:
+    """Raise :class:`PredictError` (415) unless ``path`` is a real audio/video file with a ``kind`` stream."""
+    with open(path, "rb") as handle:
+        head = handle.read(16)
+    container = sniff(head)
+    if container is None:
+        raise PredictError(415, f"upload {name!r} is not a supported media file (expected wav, mp3, flac, ogg, mp4/mov, "
+                                "mkv/webm or avi by content)")
+    exe = shutil.which("ffprobe")
+    if exe is None:
+        raise PredictError(503, "ffprobe is not installed on the server (install ffmpeg)")
+    cmd = [exe, "-v", "error", "-protocol_whitelist", "file", "-format_whitelist", DEMUXERS,
+           "-print_format", "json", "-show_streams", str(path)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        raise PredictError(415, f"upload {name!r}: probing the media took over 30 s") from None
+    streams = json.loads(proc.stdout or "{}").get("streams", []) if proc.returncode == 0 else []
+    if not streams:
+        raise PredictError(415, f"upload {name!r} looks like {container} but ffprobe cannot read it")
+    if not any(s.get("codec_type") == kind for s in streams):
+        found = ", ".join(sorted({str(s.get("codec_type")) for s in streams}))
+        raise PredictError(415, f"upload {name!r} has no {kind} stream (found: {found})")
+
+
+# --- extractors and models -----------------------------------------------------------------------
+
+
+class RunModel(Protocol):
+    """A trained run that scores a corpus: (N, C) probabilities in the run's class order."""
+
+    def predict_proba(self, corpus: Corpus) -> np.ndarray: ...
+
+
+def load_run_model(run: dict) -> RunModel:
+    """The model of a run, by its kind (a :class:`PredictError` 501 for kinds that cannot predict)."""
+    if run["kind"] == "baseline":
+        from bemerc.train.baseline import BaselineModel
+
+        try:
+            return BaselineModel.load(run["run_dir"])
+        except (FileNotFoundError, KeyError, ValueError) as exc:
+            raise PredictError(500, f"run {run['run_id']!r}: cannot load its saved model: {exc}") from None
+    if run["kind"] == "tune":
+        adapter = Path(run["run_dir"] or "") / "adapter"
+        if not (adapter / "tune.json").is_file():
+            raise PredictError(501, f"run {run['run_id']!r} saved no adapter (a zero-shot run?); /predict serves "
+                                    "tuned runs that have RUN_DIR/adapter")
+        return TunedModel(adapter)
+    raise PredictError(501, f"run {run['run_id']!r} is of kind {run['kind']!r}, which /predict does not serve; "
+                            "pick a baseline or tune run with \"run\"")
+
+
+class TunedModel:
+    """A LoRA-tuned LLM run: every label is scored after each utterance's MERC prompt (its previous
+    turns in the request as context), as the run's evaluation did."""
+
+    def __init__(self, adapter: Path, batch_size: int = 8):
+        from bemerc.train.tune.model import load_tuned
+
+        self.model, self.prompter, self.info = load_tuned(adapter)
+        self.batch_size = batch_size
+
+    def predict_proba(self, corpus: Corpus) -> np.ndarray:
+        from bemerc.train.tune.model import collate
+        from bemerc.train.tune.prompt import Turn
+        from bemerc.train.tune.score import label_probabilities, label_scores
+
+        u = corpus.utterances
+        n = u.height
+        turns = [Turn(s or "Speaker", t or "") for s, t in zip(u["speaker"].to_list(), u["text"].to_list())]
+        behavior = corpus.modalities.get("behavior")
+        descriptions = behavior.extras.get("description", [None] * n) if behavior else [None] * n
+        features = {}
+        for soft in self.model.soft.values():
+            arrays = corpus.modalities[soft.modality]
+            values = arrays.vectors
+            if soft.column != "vector":  # behaviour tokens: (N, K * D), zeros where absent
+                values = np.zeros((n, soft.n_tokens * soft.dim), dtype=np.float32)
+                for i, v in enumerate(arrays.extras[soft.column]):
+                    if v is not None:
+                        values[i] = v
+            features[soft.modality] = (values, arrays.present)
+        examples = [self.prompter.merc(turns[:i], turns[i], descriptions[i]) for i in range(n)]
+        label_ids = self.prompter.label_ids()
+        pad_id = self.prompter.tokenizer.pad_token_id
+        out = np.zeros((n, len(self.prompter.classes)), dtype=np.float32)
+        for start in range(0, n, self.batch_size):
+            rows = list(range(start, min(n, start + self.batch_size)))
+            batch = collate([examples[r] for r in rows], rows, features, pad_id, with_answer=False)
+            out[rows] = label_probabilities(label_scores(self.model, batch, label_ids, self.info.get("normalize_scores", False)))
+        return out
+
+
+class Predictor:
+    """Runs a trained run on new dialogues; extractors and models are loaded once and cached.
+
+    Inference is serialised (one request at a time): on a small CPU parallel requests only fight
+    over the same cores, and the models are not all safe to call from several threads.
+    """
+
+    def __init__(self, store: Store, profile: str = "offline"):
+        self.store = store
+        self.profile = profile
+        self._extractors: dict[str, Any] = {}
+        self._models: dict[str, RunModel] = {}
+        self._load_lock = threading.Lock()
+        self._run_lock = threading.Lock()
+
+    def run(self, run_id: str | None) -> dict:
+        """The runs row of ``run_id``, or the newest run when None."""
+        runs = list_runs(self.store)
+        if not runs:
+            raise PredictError(409, f"the store {self.store.path} has no trained run: train one with `bemerc baseline`")
+        if run_id is None:
+            return runs[-1]
+        for r in runs:
+            if r["run_id"] == run_id:
+                return r
+        raise PredictError(404, f"no run {run_id!r} in the store (runs: {', '.join(r['run_id'] for r in runs)})")
+
+    def extractor(self, feature_set: str):
+        """The cached extractor that reproduces ``feature_set`` (its config hash must match)."""
+        with self._load_lock:
+            if feature_set not in self._extractors:
+                from bemerc.extract.base import config_hash
+                from bemerc.extract.factory import build_extractor
+
+                try:
+                    fs = self.store.feature_set(feature_set)
+                except StoreError as exc:
+                    raise PredictError(409, f"the run's feature set is gone from the store: {exc}") from None
+                try:
+                    extractor = build_extractor(fs.modality, self.profile)
+                except ValueError as exc:  # ProfileError too: a missing weight package, a bad profile file
+                    raise PredictError(500, f"cannot build the {fs.modality} extractor of profile {self.profile!r}: {exc}") from None
+                got = config_hash(extractor)
+                if got != fs.config_hash:
+                    raise PredictError(
+                        409, f"the run was trained on {fs.id} but profile {self.profile!r} builds "
+                             f"{fs.modality}/{extractor.name}@{got}; serve with the profile the features were extracted with"
+                    )
+                self._extractors[feature_set] = (fs, extractor)
+            return self._extractors[feature_set]
+
+    def model(self, run: dict) -> RunModel:
+        with self._load_lock:
+            if run["run_id"] not in self._models:
+                self._models[run["run_id"]] = load_run_model(run)
+            return self._models[run["run_id"]]
+
+    def predict(self, request: PredictRequest, uploads: dict[tuple[str, int], Path]) -> dict:
+        """Labels and probabilities for every utterance of ``request``.
+
+        ``uploads`` maps ``(kind, index)`` to a checked media file on the server.
+        """
+        run = self.run(request.run)
+        n = len(request.utterances)
+        for i, u in enumerate(request.utterances):
+            if not (u.text or "").strip() and not any((k, i) in uploads for k in MEDIA_KINDS):
+                raise PredictError(422, f"utterance {i} has neither text nor an uploaded audio_{i}/video_{i}")
+        with self._run_lock:
+            sets = sorted((self.extractor(f) for f in run["feature_sets"]), key=lambda p: MODALITY_ORDER.index(p[0].modality))
+            model = self.model(run)
+            texts = [(u.text or "").strip() or None for u in request.utterances]
+            modalities: dict[str, ModalityArrays] = {}
+            errors: list[dict[str, str]] = [{} for _ in range(n)]
+            for fs, extractor in sets:
+                arrays = _extract(extractor, fs, texts, uploads, errors)
+                if fs.modality == "audio" and "transcript" in arrays.extras:
+                    texts = [t or s for t, s in zip(texts, arrays.extras["transcript"])]
+                modalities[fs.modality] = arrays
+            corpus = Corpus(_utterance_frame(request, texts, run.get("dataset")), modalities)
+            probabilities = np.asarray(model.predict_proba(corpus), dtype=np.float64)
+        classes = list(run["classes"])
+        if probabilities.shape != (n, len(classes)):
+            raise PredictError(500, f"run {run['run_id']} returned probabilities of shape {probabilities.shape}, "
+                                    f"expected {(n, len(classes))}")
+        extras = {m: a.extras for m, a in modalities.items()}
+        return {
+            "run": run["run_id"],
+            "kind": run["kind"],
+            "classes": classes,
+            "utterances": [
+                {
+                    "index": i,
+                    "speaker": u.speaker,
+                    "text": texts[i],
+                    "label": classes[int(probabilities[i].argmax())],
+                    "probabilities": {c: round(float(p), 4) for c, p in zip(classes, probabilities[i])},
+                    "description": extras.get("behavior", {}).get("description", [None] * n)[i],
+                    "transcript": extras.get("audio", {}).get("transcript", [None] * n)[i],
+                    "modalities": [m for m, a in modalities.items() if a.present[i]],
+                    "errors": errors[i],
+                }
+                for i, u in enumerate(request.utterances)
+            ],
+        }
+
+
+def _extract(extractor, fs, texts: list[str | None], uploads: dict[tuple[str, int], Path], errors: list[dict]) -> ModalityArrays:
+    """Run one extractor on the utterances that have its input; the rest are marked absent."""
+    from bemerc.extract.base import UtteranceMedia
+    from bemerc.extract.media import MediaError
+
+    n = len(texts)
+    items = [
+        UtteranceMedia(uid=f"request/{i}", text=texts[i],
+                       audio_path=str(uploads[("audio", i)]) if ("audio", i) in uploads else None,
+                       video_path=str(uploads[("video", i)]) if ("video", i) in uploads else None)
+        for i in range(n)
+    ]
+    wanted = [i for i, item in enumerate(items) if _has_input(fs.modality, item)]
+    vectors = np.zeros((n, fs.dim), dtype=np.float32)
+    present = np.zeros(n, dtype=bool)
+    extras: dict[str, list] = {f.name: [None] * n for f in extractor.fields() if f.name != "vector"}
+    results = extractor.extract([items[i] for i in wanted]) if wanted else []
+    for i, result in zip(wanted, results):
+        if isinstance(result, MediaError):
+            errors[i][fs.modality] = result.reason
+            continue
+        vectors[i] = np.asarray(result["vector"], dtype=np.float32)
+        present[i] = True
+        for key in extras:
+            value = result.get(key)
+            extras[key][i] = value.tolist() if isinstance(value, np.ndarray) else value
+    return ModalityArrays(fs, vectors, present, extras)
+
+
+def _has_input(modality: str, item) -> bool:
+    if modality == "text":
+        return bool(item.text)
+    if modality == "audio":
+        return bool(item.audio_path or item.video_path)
+    return bool(item.video_path)
+
+
+def _utterance_frame(request: PredictRequest, texts: list[str | None], dataset: str | None) -> pl.DataFrame:
+    """The request as one dialogue in the utterances schema (no labels)."""
+    rows = [
+        {"uid": f"request/{i}", "dataset": dataset or "request", "split": "predict", "dialogue_id": "request",
+         "turn": i, "speaker": u.speaker, "text": texts[i]}
+        for i, u in enumerate(request.utterances)
+    ]
+    return pl.from_arrow(pa.Table.from_pylist(rows, schema=S.UTTERANCES))  # type: ignore[return-value]

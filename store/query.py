@@ -1,0 +1,374 @@
+"""Read-side queries of the store: nearest neighbours, one utterance in full, filters and exports.
+
+Every function returns polars DataFrames (or plain data built from them) and imports no model
+library, so the CLI and the HTTP service share them.
+
+>>> store = Store("store")                                   # doctest: +SKIP
+>>> similar(store, "dev/dia0_utt0", modality="text", k=3)    # doctest: +SKIP
+shape: (3, 6)   uid | text | label | speaker | split | distance
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+from lancedb.index import IvfPq
+
+from bemerc.store.db import FeatureSet, Store, StoreError
+from bemerc.store.schema import BASE_TABLES
+
+# Above this many rows a vector search may use an IVF_PQ index (see :func:`create_vector_index`);
+# below it an exact scan is fast and an index would only lose recall.
+INDEX_MIN_ROWS = 10_000
+EXPORT_FORMATS = ("parquet", "csv")
+MODALITIES = ("text", "audio", "behavior", "visual")
+
+
+class QueryError(ValueError):
+    """A query that cannot be answered (unknown uid, table, modality, bad filter); one-line message."""
+
+
+def sql_str(value: str) -> str:
+    """``value`` as a quoted SQL string literal (single quotes doubled)."""
+    return "'" + value.replace("'", "''") + "'"
+
+
+def sql_list(values: list[str]) -> str:
+    return ", ".join(sql_str(v) for v in values)
+
+
+def _read(store: Store, table: str, columns: list[str] | None = None, where: str | None = None) -> pl.DataFrame:
+    """``store.read`` with filter errors turned into a :class:`QueryError` naming the filter."""
+    try:
+        return store.read(table, columns, where=where)
+    except StoreError:
+        raise
+    except Exception as exc:  # LanceDB reports SQL errors as several exception types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise QueryError(f"bad filter {where!r} on table {table!r}: {first}") from None
+
+
+def dialogue_order(df: pl.DataFrame) -> pl.DataFrame:
+    """Sort by dataset, split, dialogue (numeric ids as numbers) and turn, when those columns exist."""
+    if df.height == 0:
+        return df
+    keys = [c for c in ("dataset", "split") if c in df.columns] + ["_d", "dialogue_id"]
+    keys += ["turn"] if "turn" in df.columns else []
+    numeric = pl.col("dialogue_id").cast(pl.Int64, strict=False).alias("_d")
+    return df.with_columns(numeric).sort(keys, nulls_last=True).drop("_d")
+
+
+# --- similar -------------------------------------------------------------------------------------
+
+
+def _feature_set(store: Store, modality: str) -> FeatureSet:
+    try:
+        return store.feature_set(modality)
+    except StoreError:
+        present = sorted({f.modality for f in store.feature_sets()})
+        raise QueryError(
+            f"no {modality!r} features in {store.path} (modalities present: {', '.join(present) or 'none'}; "
+            "run `bemerc extract` first)"
+        ) from None
+
+
+def query_vector(store: Store, fs: FeatureSet, uid: str) -> list[float]:
+    """The stored ``vector`` of ``uid`` in feature set ``fs``."""
+    rows = store.table(fs.table_name).search().where(f"uid = {sql_str(uid)}").select(["vector"]).limit(1).to_arrow()
+    if rows.num_rows == 0:
+        if store.count("utterances", f"uid = {sql_str(uid)}") == 0:
+            raise QueryError(f"no utterance with uid {uid!r} in {store.path}")
+        raise QueryError(f"utterance {uid!r} has no row in feature set {fs.id} (see `bemerc query show {uid}`)")
+    return rows["vector"][0].as_py()
+
+
+def similar(
+    store: Store,
+    uid: str,
+    modality: str = "text",
+    k: int = 10,
+    where: str | None = None,
+) -> pl.DataFrame:
+    """The ``k`` utterances nearest to ``uid`` by cosine distance of the newest ``modality`` features.
+
+    ``where`` is an SQL filter on utterance columns (``"split = 'dev'"``). Feature tables hold only
+    uid and features, so the matching uids are found first and passed to the vector search as a
+    prefilter: ``uid IN (...)`` or, when most rows match, ``uid NOT IN (...)`` of the others. The
+    search uses an ANN index when one exists (:func:`create_vector_index`), else an exact scan.
+
+    Returns uid, text, label, speaker, split, distance; nearest first, ``uid`` itself excluded.
+
+    >>> similar(store, "dev/dia0_utt0", "text", k=5, where="split = 'train'")  # doctest: +SKIP
+    """
+    if k < 1:
+        raise QueryError(f"k must be at least 1, got {k}")
+    fs = _feature_set(store, modality)
+    vector = query_vector(store, fs, uid)
+    search = store.table(fs.table_name).search(vector, vector_column_name="vector").distance_type("cosine")
+    if where:
+        matching = set(_read(store, "utterances", ["uid"], where=where)["uid"].to_list())
+        matching.discard(uid)
+        if not matching:
+            return _similar_frame(store, [], [])
+        total = store.count("utterances")
+        if len(matching) <= total // 2:
+            search = search.where(f"uid IN ({sql_list(sorted(matching))})", prefilter=True)
+        else:
+            others = set(_read(store, "utterances", ["uid"])["uid"].to_list()) - matching
+            search = search.where(f"uid NOT IN ({sql_list(sorted(others | {uid}))})", prefilter=True)
+    # one more than asked: the query itself (or an identical vector) usually comes first
+    hits = search.select(["uid", "_distance"]).limit(k + 1).to_arrow()
+    pairs = [(u, d) for u, d in zip(hits["uid"].to_pylist(), hits["_distance"].to_pylist()) if u != uid][:k]
+    return _similar_frame(store, [u for u, _ in pairs], [max(0.0, float(d)) for _, d in pairs])
+
+
+def _similar_frame(store: Store, uids: list[str], distances: list[float]) -> pl.DataFrame:
+    hits = pl.DataFrame({"uid": uids, "distance": distances}, schema={"uid": pl.String, "distance": pl.Float64})
+    columns = ["uid", "text", "label", "speaker", "split"]
+    if uids:
+        info = store.read("utterances", columns, where=f"uid IN ({sql_list(uids)})")
+    else:
+        info = pl.DataFrame(schema={c: pl.String for c in columns})
+    return hits.join(info, on="uid", how="left", maintain_order="left").select([*columns, "distance"])
+
+
+def create_vector_index(store: Store, modality: str, min_rows: int = INDEX_MIN_ROWS, replace: bool = False) -> bool:
+    """Build an IVF_PQ cosine index on the newest ``modality`` feature table when it has at least
+    ``min_rows`` rows; returns whether an index was built. Small tables keep exact search.
+
+    Partitions ~ sqrt(rows); sub-vectors = dim / 8 (dim / 4 when 8 does not divide it).
+    """
+    fs = _feature_set(store, modality)
+    rows = store.count(fs.table_name)
+    if rows < min_rows:
+        return False
+    table = store.table(fs.table_name)
+    if not replace and any("vector" in idx.columns for idx in table.list_indices()):
+        return False
+    sub_vectors = fs.dim // 8 if fs.dim % 8 == 0 else max(1, fs.dim // 4) if fs.dim % 4 == 0 else 1
+    config = IvfPq(distance_type="cosine", num_partitions=max(1, int(rows**0.5)), num_sub_vectors=sub_vectors)
+    with store.lock:
+        table.create_index("vector", replace=True, config=config)
+    return True
+
+
+# --- show ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class UtteranceView:
+    """Everything the store knows about one utterance."""
+
+    utterance: dict  # the utterances row, meta_json decoded into "meta"
+    context: pl.DataFrame  # earlier turns of the dialogue: uid, turn, speaker, text, label
+    transcript: str | None  # from the newest audio feature set with a transcript column
+    description: str | None  # behaviour description from the newest behavior feature set
+    feature_sets: list[str]  # ids of the feature sets that have a row for the utterance
+    failures: pl.DataFrame  # feature_set, stage, reason, created_at
+    predictions: pl.DataFrame  # run_id, kind, label, correct, classes, probabilities
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able data (timestamps as ISO strings)."""
+        return _jsonable(
+            {
+                "utterance": self.utterance,
+                "context": self.context.to_dicts(),
+                "transcript": self.transcript,
+                "description": self.description,
+                "feature_sets": self.feature_sets,
+                "failures": self.failures.to_dicts(),
+                "predictions": prediction_records(self.predictions),
+            }
+        )
+
+
+def utterance(store: Store, uid: str) -> dict:
+    """The utterances row of ``uid`` as a dict (raises :class:`QueryError` when unknown)."""
+    rows = store.read("utterances", where=f"uid = {sql_str(uid)}").to_dicts()
+    if not rows:
+        raise QueryError(f"no utterance with uid {uid!r} in {store.path}")
+    row = rows[0]
+    row["meta"] = json.loads(row.pop("meta_json") or "{}")
+    return row
+
+
+def _feature_column(store: Store, modality: str, column: str, uids: list[str]) -> dict[str, Any]:
+    """uid -> ``column`` of the newest ``modality`` feature set that has that column."""
+    for fs in reversed(store.feature_sets(modality)):
+        if store.has_table(fs.table_name) and column in store.table(fs.table_name).schema.names:
+            table = store.read_arrow(fs.table_name, ["uid", column], where=f"uid IN ({sql_list(uids)})")
+            return dict(zip(table["uid"].to_pylist(), table[column].to_pylist()))
+    return {}
+
+
+def show(store: Store, uid: str) -> UtteranceView:
+    """The utterance ``uid`` with its dialogue context, transcript, behaviour description, feature
+    sets, failures and every run's prediction.
+
+    >>> view = show(store, "dev/dia0_utt3")      # doctest: +SKIP
+    >>> view.context["turn"].to_list()             # doctest: +SKIP
+    [0, 1, 2]
+    """
+    row = utterance(store, uid)
+    same_dialogue = (
+        f"dataset = {sql_str(row['dataset'])} AND split = {sql_str(row['split'])} "
+        f"AND dialogue_id = {sql_str(row['dialogue_id'])} AND turn < {int(row['turn'])}"
+    )
+    context = store.read("utterances", ["uid", "turn", "speaker", "text", "label"], where=same_dialogue).sort("turn")
+    present = [
+        fs.id for fs in store.feature_sets()
+        if store.has_table(fs.table_name) and store.count(fs.table_name, f"uid = {sql_str(uid)}") > 0
+    ]
+    failures = store.read("failures", ["feature_set", "stage", "reason", "created_at"], where=f"uid = {sql_str(uid)}")
+    return UtteranceView(
+        utterance=row,
+        context=context,
+        transcript=_feature_column(store, "audio", "transcript", [uid]).get(uid),
+        description=_feature_column(store, "behavior", "description", [uid]).get(uid),
+        feature_sets=present,
+        failures=failures.sort("feature_set"),
+        predictions=predictions(store, [uid]).drop("uid"),
+    )
+
+
+def predictions(store: Store, uids: list[str]) -> pl.DataFrame:
+    """Every run's prediction for ``uids``, runs oldest first: uid, run_id, kind, label, correct
+    (null without a gold label), classes and probabilities (in ``classes`` order)."""
+    schema = {"uid": pl.String, "run_id": pl.String, "kind": pl.String, "label": pl.String, "correct": pl.Boolean,
+              "classes": pl.List(pl.String), "probabilities": pl.List(pl.Float32)}
+    if not uids:
+        return pl.DataFrame(schema=schema)
+    preds = store.read("predictions", ["run_id", "uid", "label", "gold", "probabilities"], where=f"uid IN ({sql_list(uids)})")
+    runs = store.read("runs", ["run_id", "kind", "classes", "created_at"])
+    joined = preds.join(runs, on="run_id", how="inner").sort(["created_at", "uid"])
+    correct = pl.when(pl.col("gold").is_null()).then(None).otherwise(pl.col("gold") == pl.col("label"))
+    return joined.with_columns(correct.alias("correct")).select(list(schema)).cast(schema)  # type: ignore[arg-type]
+
+
+def prediction_records(rows: pl.DataFrame | list[dict] | None) -> list[dict]:
+    """Prediction rows (a :func:`predictions` frame or its dicts) with ``probabilities`` as
+    ``{class: p}`` rounded to 4 digits."""
+    records = []
+    for r in (rows.to_dicts() if isinstance(rows, pl.DataFrame) else rows or []):
+        r = dict(r)
+        classes = r.pop("classes")
+        r["probabilities"] = {c: round(float(p), 4) for c, p in zip(classes, r["probabilities"])}
+        records.append(r)
+    return records
+
+
+# --- dialogues -----------------------------------------------------------------------------------
+
+
+def dialogues(store: Store, split: str | None = None) -> pl.DataFrame:
+    """One row per dialogue, in dialogue order: dataset, split, dialogue_id, utterances (count),
+    speakers and first (the text of its first turn)."""
+    where = f"split = {sql_str(split)}" if split else None
+    utt = store.read("utterances", ["dataset", "split", "dialogue_id", "turn", "speaker", "text"], where=where)
+    grouped = utt.sort("turn").group_by(["dataset", "split", "dialogue_id"], maintain_order=True).agg(
+        pl.len().alias("utterances"),
+        pl.col("speaker").unique(maintain_order=True).alias("speakers"),
+        pl.col("text").first().alias("first"),
+    )
+    return dialogue_order(grouped)
+
+
+def dialogue(store: Store, split: str, dialogue_id: str, dataset: str | None = None) -> pl.DataFrame:
+    """The utterances of one dialogue in turn order with their behaviour description, transcript
+    and ``predictions``: a list of every run's prediction (as :func:`predictions`, without uid)."""
+    where = f"split = {sql_str(split)} AND dialogue_id = {sql_str(dialogue_id)}"
+    if dataset:
+        where += f" AND dataset = {sql_str(dataset)}"
+    utt = store.read("utterances", ["uid", "dataset", "turn", "speaker", "text", "label", "sentiment"], where=where).sort("turn")
+    if utt.height == 0:
+        raise QueryError(f"no dialogue {dialogue_id!r} in split {split!r} of {store.path}")
+    datasets = sorted(set(utt["dataset"].to_list()))
+    if len(datasets) > 1:
+        raise QueryError(f"dialogue {dialogue_id!r} of split {split!r} exists in datasets {', '.join(datasets)}: name one")
+    uids = utt["uid"].to_list()
+    descriptions = _feature_column(store, "behavior", "description", uids)
+    spoken = _feature_column(store, "audio", "transcript", uids)
+    preds = predictions(store, uids)
+    per_uid = preds.group_by("uid", maintain_order=True).agg(pl.struct(pl.exclude("uid")).alias("predictions"))
+    return utt.with_columns(
+        pl.Series("description", [descriptions.get(u) for u in uids], dtype=pl.String),
+        pl.Series("transcript", [spoken.get(u) for u in uids], dtype=pl.String),
+    ).join(per_uid, on="uid", how="left", maintain_order="left")
+
+
+# --- where / export ------------------------------------------------------------------------------
+
+
+def where(store: Store, sql: str, limit: int | None = None, columns: list[str] | None = None) -> pl.DataFrame:
+    """Utterances matching the SQL filter ``sql``, in dialogue order (at most ``limit``).
+
+    >>> where(store, "label = 'fear' AND split = 'dev'", limit=5)   # doctest: +SKIP
+    """
+    if not sql.strip():
+        raise QueryError("empty filter: give an SQL condition such as \"split = 'dev'\"")
+    df = dialogue_order(_read(store, "utterances", where=sql))
+    df = df.head(limit) if limit is not None else df
+    return df.select(columns) if columns else df
+
+
+def resolve_table(store: Store, table: str) -> str:
+    """A table name, or a feature-set reference (``text``, ``text/minilm-l6``, an id) -> its table."""
+    if store.has_table(table) or table in BASE_TABLES:
+        return table
+    try:
+        return store.feature_set(table).table_name
+    except StoreError:
+        raise QueryError(
+            f"no table or feature set {table!r} in {store.path} (tables: {', '.join(store.table_names()) or 'none'})"
+        ) from None
+
+
+def export(store: Store, table: str, out: str | Path, fmt: str = "parquet") -> int:
+    """Write a whole table (or a feature set's table) to ``out`` as parquet or csv; returns rows.
+
+    CSV has no list type, so list columns (vectors, probabilities) are written as JSON arrays.
+
+    >>> export(store, "utterances", "utterances.csv", "csv")   # doctest: +SKIP
+    11098
+    """
+    if fmt not in EXPORT_FORMATS:
+        raise QueryError(f"unknown export format {fmt!r}: expected one of {', '.join(EXPORT_FORMATS)}")
+    name = resolve_table(store, table)
+    data = store.read_arrow(name)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        pq.write_table(data, out)
+    else:
+        df = pl.from_arrow(data)
+        lists = [c for c, t in df.schema.items() if isinstance(t, (pl.List, pl.Array))]
+        df = df.with_columns(
+            pl.Series(c, [None if v is None else json.dumps(list(v)) for v in df[c].to_list()], dtype=pl.String)
+            for c in lists
+        )
+        df.write_csv(out)
+    return data.num_rows
+
+
+def to_records(rows: pl.DataFrame | list[dict]) -> list[dict]:
+    """Rows as JSON-able dicts (timestamps as ISO strings)."""
+    return _jsonable(rows.to_dicts() if isinstance(rows, pl.DataFrame) else rows)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, pa.Scalar):
+        return _jsonable(value.as_py())
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return value

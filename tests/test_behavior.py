@@ -1,0 +1,174 @@
+"""Behaviour extractor on real media: the RAVDESS face video, scikit-image's astronaut photo, and
+scenes composed from both with ffmpeg."""
+
+from __future__ import annotations
+
+import subprocess
+
+import cv2
+import numpy as np
+import pytest
+import skimage.data
+
+from bemerc.extract.base import UtteranceMedia
+from bemerc.extract.behavior import BehaviorExtractor, DescriptionRules
+from bemerc.extract.behavior.expression import EXPRESSIONS, FerExpression, write_random_feat_checkpoint
+from bemerc.extract.behavior.extractor import STATS, temporal_tokens
+from bemerc.extract.behavior.face import FACE_MEASURES, FaceFinder, face_measures
+from bemerc.extract.media import MediaError, sample_frames
+
+SMILE = FACE_MEASURES.index("smile")
+
+
+@pytest.fixture(scope="module")
+def extractor() -> BehaviorExtractor:
+    return BehaviorExtractor(fps=4.0, tokens_k=8)
+
+
+@pytest.fixture(scope="module")
+def finder() -> FaceFinder:
+    return FaceFinder()
+
+
+@pytest.fixture(scope="module")
+def ravdess_video(ravdess_dir):
+    return ravdess_dir / "video" / "01-01-01-01-01-01-01.mp4"
+
+
+@pytest.fixture(scope="module")
+def ravdess_frames(ravdess_video):
+    return sample_frames(ravdess_video, fps=4.0)
+
+
+def _write_video(path, frames: np.ndarray, fps: float = 4.0) -> str:
+    """Encode RGB frames (T, H, W, 3) as an H.264 mp4 with the ffmpeg command line."""
+    height, width = frames.shape[1:3]
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}",
+                    "-r", str(fps), "-i", "-", "-pix_fmt", "yuv420p", "-c:v", "libx264", str(path)],
+                   input=frames.tobytes(), check=True)
+    return str(path)
+
+
+def test_ravdess_clip_gives_a_full_row(extractor, ravdess_video):
+    [row] = extractor.extract([UtteranceMedia("ravdess-01", None, str(ravdess_video), None, None, None)])
+    assert isinstance(row, dict), row
+    dim = len(extractor.names)
+    fields = {field.name: field for field in extractor.fields()}
+    assert fields["vector"].type.list_size == len(STATS) * dim == row["vector"].shape[0]
+    assert fields["tokens"].type.list_size == 8 * dim == row["tokens"].shape[0]
+    assert np.isfinite(row["vector"]).all() and np.isfinite(row["tokens"]).all()
+    assert row["frames"] == 13  # 3.35 s at 4 fps
+    assert row["face_frames"] >= 0.8 * row["frames"]
+    assert row["pose_frames"] >= 0.8 * row["frames"]
+    assert row["description"].startswith("The speaker ") and row["description"].endswith(".")
+    config = extractor.config()
+    assert (config["tokens_k"], config["tokens_d"]) == (8, dim)
+
+
+def test_span_of_the_clip_samples_fewer_frames(extractor, ravdess_video):
+    [row] = extractor.extract([UtteranceMedia("span", None, str(ravdess_video), None, 1.0, 2.0)])
+    assert row["frames"] == 4
+
+
+def test_expression_probabilities_sum_to_one(finder, ravdess_frames):
+    frames, _ = ravdess_frames
+    [face] = finder.find(frames[0])
+    probabilities = FerExpression().measure(frames[0], face.box)
+    assert probabilities.shape == (len(EXPRESSIONS),)
+    assert probabilities.min() >= 0 and probabilities.sum() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_smiling_photo_measures_and_reads_as_a_smile(extractor, finder, ravdess_frames):
+    astronaut = skimage.data.astronaut()
+    measures = extractor.measure_frames(astronaut[None], np.array([0.0]))
+    assert measures.face_frames == 1
+    # The RAVDESS actor reads a neutral statement: his smile measure stays below the astronaut's.
+    frames, _ = ravdess_frames
+    neutral = [face_measures(faces[0].landmarks)[SMILE] for faces in map(finder.find, frames) if faces]
+    assert measures.column("smile")[0] > max(neutral) + 0.05
+    assert measures.column("p_happy")[0] > 0.5
+    description = extractor.features(measures)["description"]
+    assert "smiles" in description and "looks happy" in description
+
+
+def test_speaker_is_the_face_whose_lips_move(extractor, ravdess_frames, tmp_path):
+    """Left: the (smaller) RAVDESS actor; right: the (larger) astronaut photo. When the actor speaks,
+    his lips move and he is the speaker; when his frame is frozen, the larger face wins the tie."""
+    frames, _ = ravdess_frames
+    astronaut = cv2.resize(skimage.data.astronaut()[40:240, 130:330], (320, 320))
+
+    def scene(actor: np.ndarray) -> np.ndarray:
+        canvas = np.full((400, 720, 3), 128, np.uint8)
+        canvas[70:322, 40:264] = cv2.resize(actor[:, 160:480], (224, 252))
+        canvas[40:360, 360:680] = astronaut
+        return canvas
+
+    for name, actor_frames, speaker_on_left in (("talking", frames, True), ("frozen", frames[:1].repeat(8, 0), False)):
+        video = _write_video(tmp_path / f"{name}.mp4", np.stack([scene(f) for f in actor_frames]))
+        scene_frames, times_s = sample_frames(video, fps=4.0)
+        measures = extractor.measure_frames(scene_frames, times_s)
+        assert measures.face_tracks == 2
+        centre_x = np.nanmean(measures.speaker_boxes[:, [0, 2]])
+        assert (centre_x < scene_frames.shape[2] / 2) == speaker_on_left, name
+
+
+def test_bad_media_become_media_errors(extractor, ravdess_dir, tmp_path):
+    corrupt = tmp_path / "corrupt.mp4"
+    corrupt.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    audio_only = ravdess_dir / "audio" / "01-01-01-01-01-01-01_audio.wav"
+    blank = _write_video(tmp_path / "blank.mp4", np.zeros((6, 120, 160, 3), np.uint8))
+    items = [UtteranceMedia(uid, None, path, None, None, None) for uid, path in
+             (("corrupt", str(corrupt)), ("audio", str(audio_only)), ("blank", blank), ("none", None))]
+    results = extractor.extract(items)
+    assert all(isinstance(result, MediaError) for result in results), results
+    assert "no video stream" in str(results[1])
+    assert "no face or body found in 6 frames" in str(results[2])
+    assert str(results[0]).startswith(str(corrupt))
+
+
+def test_tokens_cover_clips_shorter_than_k():
+    values = np.array([[1.0, np.nan], [3.0, np.nan], [5.0, 2.0]], dtype=np.float32)  # T=3, D=2
+    tokens = temporal_tokens(values, k=4).reshape(4, 2)
+    assert np.isfinite(tokens).all()
+    assert tokens[:, 0].tolist() == [1.0, 1.0, 3.0, 5.0]
+    assert tokens[:, 1].tolist() == [0.0, 0.0, 0.0, 2.0]
+
+
+def test_rules_pick_the_first_holding_phrase_of_each_group(tmp_path):
+    rules_file = tmp_path / "rules.toml"
+    rules_file.write_text("""
+[[rule]]
+group = "smile"
+stat = "smile.mean"
+above = 0.2
+phrase = "grins"
+[[rule]]
+group = "smile"
+stat = "smile.mean"
+above = 0.05
+phrase = "smiles"
+[[rule]]
+group = "lean"
+stat = "lean.mean"
+above = 0.4
+phrase = "leans forward"
+""")
+    rules = DescriptionRules.load(rules_file)
+    assert rules.describe({"smile.mean": 0.3, "lean.mean": 0.5}) == "The speaker grins and leans forward."
+    assert rules.describe({"smile.mean": 0.1, "lean.mean": float("nan")}) == "The speaker smiles."
+    rules_file.write_text('[[rule]]\ngroup = "g"\nstat = "smile.mean"\nphrase = "smiles"\n')
+    with pytest.raises(ValueError, match="needs `above` or `below`"):
+        DescriptionRules.load(rules_file)
+
+
+@pytest.mark.slow
+def test_py_feat_path_runs_with_a_random_checkpoint(ravdess_frames, tmp_path):
+    weights = write_random_feat_checkpoint(tmp_path / "multitask.safetensors")
+    extractor = BehaviorExtractor(expression="feat", expression_weights=weights, expression_random_weights=True)
+    frames, times_s = ravdess_frames
+    row = extractor.features(extractor.measure_frames(frames[:3], times_s[:3]))
+    assert extractor.random_weights and extractor.name == "mediapipe-feat"
+    assert "au12" in extractor.names and len(extractor.names) == len(BehaviorExtractor().names) + 20
+    assert row["vector"].shape == (len(STATS) * len(extractor.names),) and np.isfinite(row["vector"]).all()
+    happy_to_neutral = [extractor.names.index(f"p_{label}") for label in EXPRESSIONS]
+    assert row["vector"][happy_to_neutral].sum() == pytest.approx(1.0, abs=1e-4)  # mean probabilities

