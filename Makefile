@@ -74,10 +74,13 @@ test: setup  ## run the test suite
 	$(PY) -m pytest -q
 
 bench: setup  ## speed benchmarks (ratios against baselines measured in the same run)
-	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+	$(PY) bench/extract.py
+	$(PY) bench/extract_behavior.py
+	$(PY) bench/serve.py
+	@echo "LLM tuning: $(PY) bench/tune.py --store STORE --model DIR (see its --help)"
 
 serve: setup  ## HTTP API and browse page on 127.0.0.1:8000
-	$(BEMERC) serve
+	$(BEMERC) serve --report-dir $(OUT)/report
 
 clean:  ## remove generated stores, demo media and reports (keeps .venv)
 	rm -rf $(OUT) runs reports

@@ -9,6 +9,8 @@ are then pooled over exactly the utterance, with nothing from the padding in the
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import json
 import os
 
@@ -52,7 +54,6 @@ class AudioExtractor:
         num_threads: int | None = None,
     ):
         import opensmile
-        import whisper
 
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")
@@ -66,14 +67,25 @@ class AudioExtractor:
         self.min_duration_s = min_duration_s
         self.language = language
         self.num_threads = num_threads or os.cpu_count() or 1
-        path = model_path(profile, "speech")
+        self.path = model_path(profile, "speech")
         try:
-            self.model = whisper.load_model(str(path), device="cpu").eval()
-        except Exception as exc:  # torch.load and load_state_dict raise many types
-            raise ProfileError(f"{self.entry.label}: cannot load a whisper checkpoint from {path}: {exc}") from exc
-        self.dim = self.model.dims.n_audio_state * (2 if pooling == "mean+std" else 1)
+            # Only the checkpoint's dims here (memory-mapped): the model loads on first use, so a
+            # re-run with nothing to do is cheap.
+            dims = torch.load(self.path, map_location="cpu", mmap=True, weights_only=True)["dims"]
+        except Exception as exc:  # torch.load raises many types
+            raise ProfileError(f"{self.entry.label}: cannot load a whisper checkpoint from {self.path}: {exc}") from exc
+        self.dim = int(dims["n_audio_state"]) * (2 if pooling == "mean+std" else 1)
         self.smile = opensmile.Smile(feature_set=opensmile.FeatureSet.eGeMAPSv02,
                                      feature_level=opensmile.FeatureLevel.Functionals)
+
+    @cached_property
+    def model(self):
+        import whisper
+
+        try:
+            return whisper.load_model(str(self.path), device="cpu").eval()
+        except Exception as exc:  # torch.load and load_state_dict raise many types
+            raise ProfileError(f"{self.entry.label}: cannot load a whisper checkpoint from {self.path}: {exc}") from exc
 
     def config(self) -> dict:
         return {

@@ -7,6 +7,8 @@ mean Pooling -> Normalize), done with plain ``transformers`` so the model loads 
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import json
 import os
 from pathlib import Path
@@ -38,7 +40,7 @@ class TextExtractor:
         max_length: int | None = None,
         num_threads: int | None = None,
     ):
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoConfig
 
         profile = load_profile(profile) if isinstance(profile, str) else profile
         self.entry = profile.stage("text")
@@ -48,13 +50,28 @@ class TextExtractor:
         self.num_threads = num_threads or os.cpu_count() or 1
         path = model_path(profile, "text")
         _check_mean_pooling(path, self.entry.label)
+        self.path = path
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(path)
-            self.model = AutoModel.from_pretrained(path).eval()
+            # Only the config here: the weights load on first use, so a re-run with nothing to do is cheap.
+            self.dim = int(AutoConfig.from_pretrained(path).hidden_size)
         except (OSError, ValueError) as exc:
             raise ProfileError(f"{self.entry.label}: cannot load a text encoder from {path}: {exc}") from exc
-        self.dim = int(self.model.config.hidden_size)
         self.max_length = max_length or _max_seq_length(path) or min(self.tokenizer.model_max_length, 512)
+
+    @cached_property
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.path)
+
+    @cached_property
+    def model(self):
+        from transformers import AutoModel
+
+        try:
+            return AutoModel.from_pretrained(self.path).eval()
+        except (OSError, ValueError) as exc:
+            raise ProfileError(f"{self.entry.label}: cannot load a text encoder from {self.path}: {exc}") from exc
 
     def config(self) -> dict:
         return {

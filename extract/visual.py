@@ -86,11 +86,27 @@ class ClipVisualExtractor:
         }
 
     def _weights_sha256(self) -> str:
-        """sha256 of the image tower's parameters (names and bytes), so a changed download is a new feature set."""
+        """sha256 of the image tower's parameters (names and bytes), so a changed download is a new feature set.
+
+        Cached in the models folder by everything that decides the weights, so that asking for the
+        config (to find what is already stored) does not build the model each time.
+        """
+        import open_clip
+        import torch
+
+        from bemerc.extract.profiles import models_dir
+
+        key = f"{self.model_name}-{self.pretrained}-{self.seed}-oc{open_clip.__version__}-torch{torch.__version__}"
+        cache = models_dir() / "visual-weights-sha256" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.txt"
+        if cache.is_file():
+            return cache.read_text().strip()
         digest = hashlib.sha256()
         for name, tensor in self._model[0].state_dict().items():
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.with_suffix(".tmp").write_text(digest.hexdigest())
+        cache.with_suffix(".tmp").replace(cache)
         return digest.hexdigest()
 
     def fields(self) -> list[pa.Field]:
