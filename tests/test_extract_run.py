@@ -1,0 +1,124 @@
+"""`bemerc extract` over a store: every modality on real clips, failures as rows, idempotent and
+resumable runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from bemerc.cli import app
+from bemerc.store import Store
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def ravdess_store(tmp_path_factory, ravdess_dir) -> Path:
+    """A manifest of the real RAVDESS video (no text: it gets transcribed), two real wavs, a corrupt
+    mp4, an empty wav and a video without an audio stream, extracted with `--modality all`."""
+    root = tmp_path_factory.mktemp("ravdess")
+    video = next((ravdess_dir / "video").glob("*.mp4"))
+    wavs = sorted((ravdess_dir / "audio").glob("*.wav"))
+    (root / "corrupt.mp4").write_bytes(video.read_bytes()[:4000])
+    (root / "empty.wav").write_bytes(b"")
+    subprocess.run(["ffmpeg", "-v", "error", "-i", str(video), "-an", "-c:v", "copy", str(root / "mute.mp4")], check=True)
+    rows = [
+        {"dialogue_id": "a", "turn": 0, "speaker": "actor01", "text": "", "label": "neutral", "video": str(video), "audio": ""},
+        {"dialogue_id": "a", "turn": 1, "speaker": "actor01", "text": "I am so happy today!", "label": "joy", "video": "", "audio": str(wavs[2])},
+        {"dialogue_id": "a", "turn": 2, "speaker": "actor01", "text": "Leave me alone.", "label": "anger", "video": "", "audio": str(wavs[4])},
+        {"dialogue_id": "b", "turn": 0, "speaker": "x", "text": "Broken clip.", "label": "fear", "video": "corrupt.mp4", "audio": ""},
+        {"dialogue_id": "b", "turn": 1, "speaker": "x", "text": "Nothing to hear.", "label": "sadness", "video": "", "audio": "empty.wav"},
+        {"dialogue_id": "b", "turn": 2, "speaker": "x", "text": "Silent film.", "label": "surprise", "video": "mute.mp4", "audio": ""},
+    ]
+    with open(root / "manifest.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    store = root / "store"
+    assert runner.invoke(app, ["ingest", "manifest", str(root / "manifest.csv"), "--store", str(store)]).exit_code == 0
+    result = runner.invoke(app, ["extract", "--modality", "all", "--store", str(store)])
+    assert result.exit_code == 0, result.output
+    return store
+
+
+def test_every_modality_is_stored_and_reported(ravdess_store):
+    result = runner.invoke(app, ["store", "info", "--json", "--store", str(ravdess_store)])
+    info = json.loads(result.output)
+    features = info["features"]
+    assert {key.split("/")[0] for key in features} == {"text", "audio", "behavior", "visual"}
+    by_modality = {key.split("/")[0]: f for key, f in features.items()}
+    assert by_modality["visual"]["random_weights"] is True  # no CLIP weights offline: marked, never mistaken
+    assert by_modality["text"]["random_weights"] is False
+    assert by_modality["audio"]["rows"] == 3  # the video and the two real wavs
+    assert by_modality["behavior"]["rows"] == 2  # the real video, and the mute copy has the same face
+    assert by_modality["text"]["rows"] == 6  # five texts + the transcript of the video
+    assert info["failures"]["audio"] == 3  # corrupt, empty, no audio stream
+
+
+def test_failures_name_the_problem(ravdess_store):
+    failures = {(r["uid"], r["stage"]): r["reason"] for r in Store(ravdess_store).read("failures").to_dicts()}
+    assert "empty" in failures[("train/b_1", "audio")]
+    assert "no audio stream" in failures[("train/b_2", "audio")]
+    assert ("train/b_0", "behavior") in failures and ("train/b_0", "audio") in failures
+
+
+def test_text_of_an_utterance_without_text_is_its_transcript(ravdess_store):
+    store = Store(ravdess_store)
+    audio = store.read_features("audio", ["uid", "transcript"]).to_pylist()
+    transcript = next(r["transcript"] for r in audio if r["uid"] == "train/a_0")
+    assert "door" in transcript.lower()
+    assert "train/a_0" in store.read_features("text", ["uid"])["uid"].to_pylist()
+
+
+def test_rerun_does_no_model_work(ravdess_store):
+    store = Store(ravdess_store)
+    versions = {name: store.version(name) for name in store.table_names()}
+    result = runner.invoke(app, ["extract", "--modality", "all", "--store", str(ravdess_store)])
+    assert result.exit_code == 0
+    assert result.output.count(" 0 extracted") == 4
+    assert {name: store.version(name) for name in store.table_names()} == versions
+
+
+def test_strict_exits_non_zero_on_failures(ravdess_store):
+    result = runner.invoke(app, ["extract", "--modality", "audio", "--strict", "--retry-failures", "--store", str(ravdess_store)])
+    assert result.exit_code == 1
+
+
+def test_killed_run_resumes_without_duplicates(tmp_path, meld_dir):
+    store = tmp_path / "store"
+    assert runner.invoke(app, ["ingest", "meld", str(meld_dir), "--store", str(store)]).exit_code == 0
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "bemerc", "extract", "--modality", "text", "--limit", "3000", "--batch-size", "32",
+           "--store", str(store)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    written = 0
+    while time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+        try:
+            fs = Store(store).feature_sets("text")
+            written = Store(store).count(fs[0].table_name) if fs else 0
+        except Exception:  # the table may be mid-creation
+            continue
+        if written:
+            break
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = Store(store).count(Store(store).feature_sets("text")[0].table_name)
+    assert 0 < partial < 3000
+    result = runner.invoke(app, ["extract", "--modality", "text", "--limit", "3000", "--store", str(store)])
+    assert result.exit_code == 0, result.output
+    assert f"{3000 - partial} extracted, {partial} already stored" in result.output
+    uids = Store(store).read_features("text", ["uid"])["uid"].to_pylist()
+    assert len(uids) == 3000 == len(set(uids))
