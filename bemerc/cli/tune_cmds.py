@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from bemerc.cli.common import DEFAULT_STORE, JsonOption, StoreOption, console, fail
+from bemerc.cli.common import DEFAULT_STORE, JsonOption, StoreOption, console, err_console, fail
 
 
 class Stage(str, Enum):
@@ -20,13 +20,16 @@ class Stage(str, Enum):
 
 
 def _default_model(profile: str) -> str:
-    """The profile's LLM as a local folder (the offline profile's GGUF is converted on first use)."""
-    from bemerc.extract.profiles import ProfileError, load_profile, model_path
+    """The profile's LLM as a local folder (the offline profile's GGUF is converted once, on first use)."""
+    from bemerc.extract.profiles import ProfileError, load_profile, prepare_stage
 
     try:
-        return str(model_path(load_profile(profile), "llm"))
+        path = prepare_stage(load_profile(profile).stage("llm"), lambda stage, message: err_console.print(f"{stage}: {message}"))
     except ProfileError as exc:
         fail(f"cannot prepare the {profile!r} profile's LLM: {exc}; or pass --model DIR_OR_HUB_ID")
+    if path is None:
+        fail(f"the {profile!r} profile's llm stage has no local weights; pass --model DIR_OR_HUB_ID")
+    return str(path)
 
 
 def register(app: typer.Typer) -> None:
@@ -44,12 +47,12 @@ def register(app: typer.Typer) -> None:
         eval_limit: Annotated[int | None, typer.Option(help="Evaluate on the first N dev utterances (whole dialogues).")] = None,
         epochs: Annotated[int, typer.Option(help="Epochs of the merc stage.")] = 1,
         align_epochs: Annotated[int, typer.Option(help="Epochs of the align stage.")] = 1,
-        lr: Annotated[float, typer.Option(help="Peak learning rate of the merc stage.")] = 5e-4,
+        lr: Annotated[float, typer.Option(help="Peak learning rate of the merc stage.")] = 1e-3,
         align_lr: Annotated[float, typer.Option(help="Peak learning rate of the align stage.")] = 1e-3,
-        batch_size: Annotated[int, typer.Option(help="Utterances per optimiser step (per device).")] = 8,
-        balance: Annotated[float, typer.Option(help="Class-balanced loss: weight examples by (class share) ** -BALANCE (0 = off, 0.5 = inverse square root, 1 = inverse frequency).")] = 0.0,
+        batch_size: Annotated[int, typer.Option(help="Utterances per optimiser step (per device).")] = 4,
+        balance: Annotated[float, typer.Option(help="Class-balanced loss: weight examples by (class share) ** -BALANCE (0 = off, 0.5 = inverse square root, 1 = inverse frequency).")] = 0.5,
         lora_r: Annotated[int, typer.Option(help="LoRA rank (alpha = 2 * rank).")] = 8,
-        lora_layers: Annotated[int | None, typer.Option(help="LoRA on the top N decoder blocks only (faster on a CPU). Default: all.")] = None,
+        lora_layers: Annotated[int | None, typer.Option(help="LoRA on the top N decoder blocks only (faster, but learns much less). Default: all.")] = None,
         normalize_scores: Annotated[bool, typer.Option(help="Score a label by its mean token log-probability instead of the sum.")] = False,
         zero_shot: Annotated[bool, typer.Option(help="No training: evaluate the base model by label scoring (no LoRA, no soft tokens).")] = False,
         seed: Annotated[int, typer.Option(help="Seed of initialisation, data order and dropout.")] = 0,
@@ -68,7 +71,7 @@ def register(app: typer.Typer) -> None:
         The adapter (peft format, plus projectors and prompt templates) goes to RUN_DIR/adapter, the
         metrics to RUN_DIR/metrics.json and the predictions to the store (see `bemerc compare`).
 
-        Example: `bemerc tune --store store --train-limit 1500 --eval-limit 300 --lora-layers 8`
+        Example: `bemerc tune --store store --train-limit 1500 --eval-limit 300 --context 2`
         """
         from bemerc.store import Store, StoreError, StoreLockedError
         from bemerc.train.tune.loop import TuneConfig, TuneError, show_prompt as render_prompt, tune as run_tune

@@ -63,12 +63,12 @@ class TuneConfig:
     eval_split: str = "dev"
     epochs: int = 1
     align_epochs: int = 1
-    batch_size: int = 8
-    lr: float = 5e-4
+    batch_size: int = 4
+    lr: float = 1e-3
     align_lr: float = 1e-3
     warmup: float = 0.05  # share of the steps with a linear warm-up, then cosine decay to 10%
     weight_decay: float = 0.0
-    balance: float = 0.0  # class-balanced loss: example weight (class share / uniform share) ** -balance
+    balance: float = 0.5  # class-balanced loss: example weight (class share * n_classes) ** -balance
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.05
@@ -384,7 +384,7 @@ def train_stage(stage: str, model: MercModel, examples: list[Encoded], rows: np.
 def evaluate(model: MercModel, prompter: Prompter, data: Data, rows: np.ndarray, config: TuneConfig,
              accelerator, bar: Bar) -> tuple[np.ndarray, dict]:
     """(N, C) label probabilities of ``rows`` and timing; prompts are scored shortest first (less
-    padding) and put back in order."""
+    padding), twice the training batch size at a time, and put back in order."""
     examples = merc_examples(prompter, data, rows, labelled=False)
     label_ids = prompter.label_ids()
     order = np.argsort([len(e) for e in examples], kind="stable")
@@ -392,8 +392,8 @@ def evaluate(model: MercModel, prompter: Prompter, data: Data, rows: np.ndarray,
     model.eval()
     task = bar.task("eval", len(rows))
     tokens, start = 0, time.perf_counter()
-    for i in range(0, len(order), config.batch_size):
-        index = order[i: i + config.batch_size]
+    for i in range(0, len(order), 2 * config.batch_size):
+        index = order[i: i + 2 * config.batch_size]
         batch = collate([examples[j] for j in index], rows[index].tolist(), data.features,
                         prompter.tokenizer.pad_token_id, with_answer=False).to(accelerator.device)
         with accelerator.autocast():

@@ -189,7 +189,7 @@ class MercModel(nn.Module):
         return {k: v for k, v in self.state_dict().items() if "lora_" in k or k.startswith("projectors.")}
 
     def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
-        missing, unexpected = self.load_state_dict(state, strict=False)
+        _, unexpected = self.load_state_dict(state, strict=False)
         expected = set(self.adapter_state())
         if unexpected or expected - set(state):
             raise ValueError(f"adapter weights do not fit the model: missing {sorted(expected - set(state))[:3]}, "
