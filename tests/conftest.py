@@ -30,3 +30,14 @@ def ravdess_dir() -> Path:
     if not (RAVDESS_DIR / "video").is_dir():
         pytest.fail(f"real RAVDESS clips expected in {RAVDESS_DIR} (../shared/data beside the repo)")
     return RAVDESS_DIR
+
+
+@pytest.fixture(scope="session")
+def models_cache(tmp_path_factory):
+    """The prepared-models cache: $BEMERC_MODELS when set (CI shares it), else one per test session."""
+    previous = os.environ.get("BEMERC_MODELS")
+    if not previous:
+        os.environ["BEMERC_MODELS"] = str(tmp_path_factory.getbasetemp() / "bemerc-models")
+    yield Path(os.environ["BEMERC_MODELS"])
+    if not previous:
+        del os.environ["BEMERC_MODELS"]

@@ -27,16 +27,6 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 RAVDESS_VIDEO = DATA / "ravdess" / "video" / "01-01-01-01-01-01-01.mp4"
 
 
-@pytest.fixture(scope="session")
-def models_cache(tmp_path_factory):
-    """The prepared-models cache: $BEMERC_MODELS when set (CI shares it), else one per test session."""
-    previous = os.environ.get("BEMERC_MODELS")
-    if not previous:
-        os.environ["BEMERC_MODELS"] = str(tmp_path_factory.getbasetemp() / "bemerc-models")
-    yield Path(os.environ["BEMERC_MODELS"])
-    if not previous:
-        del os.environ["BEMERC_MODELS"]
-
 
 def word_error_rate(reference: str, hypothesis: str) -> float:
     """Word-level Levenshtein distance / reference length, ignoring case and punctuation."""

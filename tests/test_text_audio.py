@@ -25,16 +25,6 @@ RAVDESS_WAVS = sorted((DATA / "ravdess" / "audio").glob("*.wav"))
 RAVDESS_VIDEO = DATA / "ravdess" / "video" / "01-01-01-01-01-01-01.mp4"
 
 
-@pytest.fixture(scope="session")
-def models_cache(tmp_path_factory):
-    """The prepared-models cache: $BEMERC_MODELS when set (CI shares it), else one per test session."""
-    previous = os.environ.get("BEMERC_MODELS")
-    if not previous:
-        os.environ["BEMERC_MODELS"] = str(tmp_path_factory.getbasetemp() / "bemerc-models")
-    yield Path(os.environ["BEMERC_MODELS"])
-    if not previous:
-        del os.environ["BEMERC_MODELS"]
-
 
 @pytest.fixture(scope="module")
 def text_extractor(models_cache):

@@ -37,6 +37,17 @@ class IngestReport:
         return dict(Counter(r["split"] for r in self.rows))
 
 
+def read_utf8(path: Path) -> str:
+    """A text file's contents; a byte that is not UTF-8 is an :class:`IngestError` naming its line."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise IngestError(path, f"not UTF-8 (byte {e.start}, line {line}): re-save the file as UTF-8") from None
+    except OSError as e:
+        raise IngestError(path, f"cannot read ({e.strerror or e})") from None
+
+
 def file_sha256(path: str | Path) -> str:
     """sha256 of a file's bytes, read in 1 MiB chunks."""
     digest = hashlib.sha256()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from bemerc.store.ingest.common import IngestError, IngestReport, check_rows
+from bemerc.store.ingest.common import IngestError, IngestReport, check_rows, read_utf8
 from bemerc.store.schema import LABEL_SETS
 
 REQUIRED = ("dialogue_id", "turn")
@@ -24,18 +24,13 @@ OPTIONAL = ("speaker", "text", "label", "split", "video", "audio", "start", "end
 def _load(path: Path) -> tuple[list[str], list[tuple[int, dict]]]:
     """(columns, [(row number as a person counts it, row)]) of a CSV, JSONL or Parquet file."""
     suffix = path.suffix.lower()
-    try:
-        if suffix == ".parquet":
+    if suffix == ".parquet":
+        try:
             table = pq.read_table(path)
-            return table.column_names, list(enumerate(table.to_pylist(), start=1))
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = path.read_bytes()[: e.start].count(b"\n") + 1
-        raise IngestError(path, f"not UTF-8 (byte {e.start}, line {line}): re-save the file as UTF-8") from None
-    except OSError as e:
-        raise IngestError(path, f"cannot read ({e.strerror or e})") from None
-    except Exception as e:  # pyarrow's errors for a broken parquet file
-        raise IngestError(path, f"unreadable parquet ({str(e).splitlines()[0]})") from None
+        except Exception as e:  # pyarrow's errors for a broken parquet file
+            raise IngestError(path, f"unreadable parquet ({str(e).splitlines()[0]})") from None
+        return table.column_names, list(enumerate(table.to_pylist(), start=1))
+    text = read_utf8(path)
     if suffix in (".jsonl", ".ndjson"):
         rows, columns = [], []
         for n, line in enumerate(text.splitlines(), start=1):

@@ -12,7 +12,7 @@ import json
 import re
 from pathlib import Path
 
-from bemerc.store.ingest.common import IngestError, IngestReport, check_rows
+from bemerc.store.ingest.common import IngestError, IngestReport, check_rows, read_utf8
 from bemerc.store.schema import MELD_LABELS
 
 CSV_NAMES = {"train": "train_sent_emo.csv", "dev": "dev_sent_emo.csv", "test": "test_sent_emo.csv"}
@@ -47,14 +47,7 @@ def _find_clip_dir(root: Path, split: str) -> Path | None:
 
 
 def _read_csv(path: Path, split: str) -> list[tuple[int, dict]]:
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = path.read_bytes()[: e.start].count(b"\n") + 1
-        raise IngestError(path, f"not UTF-8 (byte {e.start}, line {line}): re-save the file as UTF-8") from None
-    except OSError as e:
-        raise IngestError(path, f"cannot read ({e.strerror})") from None
-    reader = csv.DictReader(text.splitlines(keepends=True))
+    reader = csv.DictReader(read_utf8(path).splitlines(keepends=True))
     missing = [c for c in REQUIRED if c not in (reader.fieldnames or [])]
     if missing:
         raise IngestError(path, f"missing column(s) {', '.join(missing)}; found {', '.join(reader.fieldnames or [])}")
