@@ -18,6 +18,7 @@ import statistics
 import time
 from pathlib import Path
 
+import bemerc  # noqa: F401  (first: it sets the OpenMP wait policy before torch loads)
 import torch
 
 from bemerc.extract.audio import AudioExtractor

@@ -8,6 +8,8 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import bemerc  # noqa: E402,F401  (sets the OpenMP wait policy before any test imports torch)
+
 from pathlib import Path
 
 import pytest
