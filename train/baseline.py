@@ -19,7 +19,6 @@ weighted average. Model selection (early stopping, fusion weights) uses dev only
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -27,11 +26,7 @@ from typing import Callable
 
 import numpy as np
 import polars as pl
-
-# XGBoost's OpenMP threads spin while waiting by default; on a busy 2-core machine that makes
-# nthread=2 several times slower than nthread=1. Set before xgboost loads its libgomp.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-import xgboost as xgb  # noqa: E402
+import xgboost as xgb  # bemerc/__init__.py has set OMP_WAIT_POLICY=PASSIVE: nthread=2 stays fast on a busy machine
 
 from bemerc.store import Store, StoreError
 from bemerc.store.schema import LABEL_SETS
@@ -66,6 +61,7 @@ class BaselineConfig:
     logistic: bool = True  # also fit a logistic-regression head per modality as a fusion member
     logistic_c: float = 1.0
     fusion_steps: int = 25  # greedy fusion-weight selection: weights are multiples of 1/steps
+    fusion_objective: str = "log_loss"  # what the fusion weights optimise on dev (or "weighted_f1")
     nthread: int = 2
     seed: int = 0
     bootstrap_resamples: int = 1000
@@ -84,8 +80,6 @@ class Dialogues:
     start: np.ndarray  # (N,) row of the first utterance of each row's dialogue
     features: np.ndarray  # (N, 4) relative position, turn, dialogue length, same speaker as previous (NaN: unknown)
     group: np.ndarray  # (N,) dialogue number, for bootstrapping whole dialogues
-
-    FEATURE_NAMES = ("position", "turn", "dialogue_length", "same_speaker")
 
 
 def dialogue_layout(utterances: pl.DataFrame) -> Dialogues:
@@ -290,19 +284,33 @@ def fuse(probabilities: dict[str, np.ndarray], weights: dict[str, float], prior:
     return out.astype(np.float32)
 
 
-def select_weights(probabilities: dict[str, np.ndarray], y: np.ndarray, prior: np.ndarray, steps: int) -> dict[str, float]:
-    """Fusion weights maximising weighted F1 on (dev) labels ``y`` by greedy ensemble selection
-    (Caruana et al., 2004): start from the best member, add one member at a time (repeats allowed)
-    and keep the best of the ``steps`` mixtures. Weights are multiples of 1/steps and sum to 1.
+def select_weights(probabilities: dict[str, np.ndarray], y: np.ndarray, prior: np.ndarray, steps: int,
+                   objective: str = "log_loss") -> dict[str, float]:
+    """Fusion weights fit on (dev) labels ``y`` by greedy ensemble selection (Caruana et al., 2004):
+    start from the best member, add one member at a time (repeats allowed) and keep the best of the
+    ``steps`` mixtures. Weights are multiples of 1/steps and sum to 1.
+
+    ``objective`` is ``"log_loss"`` (the default: smooth, so a member that only adds noise does not
+    win weight by chance) or ``"weighted_f1"`` (the reported metric itself, which overfits dev more:
+    on MELD it gave random stand-in modalities weight).
+
+    >>> p = {"good": np.array([[0.9, 0.1], [0.2, 0.8]]), "noise": np.array([[0.5, 0.5], [0.5, 0.5]])}
+    >>> select_weights(p, np.array([0, 1]), np.array([0.5, 0.5]), steps=4)
+    {'good': 1.0, 'noise': 0.0}
     """
+    if objective not in ("log_loss", "weighted_f1"):
+        raise ValueError(f"fusion objective must be 'log_loss' or 'weighted_f1', found {objective!r}")
     names = list(probabilities)
     n_classes = len(prior)
     counts = dict.fromkeys(names, 0)
 
-    def score(candidate: dict[str, int]) -> float:
-        return weighted_f1(y, fuse(probabilities, candidate, prior).argmax(axis=1), n_classes)
+    def score(candidate: dict[str, int]) -> float:  # higher is better
+        fused = fuse(probabilities, candidate, prior)
+        if objective == "weighted_f1":
+            return weighted_f1(y, fused.argmax(axis=1), n_classes)
+        return float(np.log(np.clip(fused[np.arange(len(y)), y], 1e-7, 1)).mean())
 
-    best_counts, best_score = None, -1.0
+    best_counts, best_score = None, -np.inf
     for _ in range(steps):
         trials = {name: score({**counts, name: counts[name] + 1}) for name in names}
         chosen = max(names, key=lambda name: trials[name])  # first of ties: members keep their order
@@ -470,6 +478,127 @@ def ablation_sets(modalities: list[str]) -> dict[str, list[str]]:
     return sets
 
 
+@dataclass
+class BaselineFit:
+    """A fitted baseline and its scores, before anything is written."""
+
+    model: BaselineModel
+    metrics: dict  # the metrics.json layout
+    probabilities: np.ndarray  # (N, C) late fusion of every utterance of the corpus
+
+
+def fit_baseline(corpus: Corpus, config: BaselineConfig = BaselineConfig(),
+                 log: Callable[[str], None] = lambda message: None) -> BaselineFit:
+    """Fit the modality models, the early-fusion model and the fusion weights on one dataset's
+    corpus, then score them on dev and test (nothing is written).
+
+    Train rows fit the models; labelled dev rows stop the boosting, choose the fusion weights and
+    the ablation's weights; test rows are only scored.
+    """
+    started = time.perf_counter()
+    u = corpus.utterances
+    datasets = u["dataset"].unique().to_list()
+    if len(datasets) != 1:
+        raise StoreError(f"the baseline trains on one dataset at a time; found {', '.join(sorted(datasets)) or 'no utterances'}")
+    if not corpus.modalities:
+        raise StoreError("no feature sets in the store; run `bemerc extract` first")
+    dataset = datasets[0]
+    classes = class_labels(corpus, dataset)
+    index = {c: i for i, c in enumerate(classes)}
+    y = np.array([index.get(label, -1) if label is not None else -1 for label in u["label"].to_list()])
+    split = u["split"].to_numpy()
+    labelled = {s: (split == s) & (y >= 0) for s in ("train", *EVAL_SPLITS)}
+    for s in ("train", "dev"):
+        if not labelled[s].any():
+            raise StoreError(f"the baseline needs labelled {s} utterances of {dataset!r} (found none with labels in {', '.join(classes)})")
+    modalities = sorted(corpus.modalities, key=lambda m: (MODALITY_ORDER.index(m) if m in MODALITY_ORDER else len(MODALITY_ORDER), m))
+    n_classes = len(classes)
+    prior = np.bincount(y[labelled["train"]], minlength=n_classes) / labelled["train"].sum()
+
+    model = BaselineModel(
+        classes=classes,
+        config=config,
+        feature_sets={m: corpus.modalities[m].feature_set.id for m in modalities},
+        projections={},
+        boosters={},
+        logistic={},
+        prior=prior,
+    )
+    for m in modalities:
+        arrays = corpus.modalities[m]
+        fit_rows = labelled["train"] & arrays.present
+        if not fit_rows.any():
+            raise StoreError(f"feature set {arrays.feature_set.id} has no labelled train utterance")
+        model.projections[m] = Projection.fit(arrays.vectors[fit_rows], config.max_dim)
+    inputs, present, dialogues = model.inputs(corpus)
+
+    def matrix(parts: list[np.ndarray], rows: np.ndarray) -> np.ndarray:
+        return model_inputs([p[rows] for p in parts], _rows(dialogues, rows))
+
+    for m in modalities:
+        tr, dv = labelled["train"] & present[m], labelled["dev"] & present[m]
+        if not dv.any():
+            log(f"{m}: no labelled dev utterance has this modality; it is left out")
+            continue
+        t = time.perf_counter()
+        model.boosters[m] = fit_xgboost(matrix([inputs[m]], tr), y[tr], matrix([inputs[m]], dv), y[dv], n_classes, config)
+        log(f"{m}: XGBoost, {model.boosters[m].num_boosted_rounds()} rounds on {tr.sum():,} utterances ({time.perf_counter() - t:.1f} s)")
+        if config.logistic:
+            t = time.perf_counter()
+            model.logistic[m] = LogisticHead.fit(matrix([inputs[m]], tr), y[tr], n_classes, config)
+            log(f"{m}: logistic regression ({time.perf_counter() - t:.1f} s)")
+    fitted = [m for m in modalities if m in model.boosters]
+    if not fitted:
+        raise StoreError("no modality has labelled dev utterances to select the models on")
+    if len(fitted) > 1:  # with one modality early fusion would be that modality's model again
+        anything = np.logical_or.reduce([present[m] for m in fitted])
+        tr, dv = labelled["train"] & anything, labelled["dev"] & anything
+        all_inputs = [inputs[m] for m in fitted]
+        t = time.perf_counter()
+        model.boosters["early_fusion"] = fit_xgboost(matrix(all_inputs, tr), y[tr], matrix(all_inputs, dv), y[dv], n_classes, config)
+        log(f"early fusion: XGBoost, {model.boosters['early_fusion'].num_boosted_rounds()} rounds ({time.perf_counter() - t:.1f} s)")
+
+    probabilities = model._member_probabilities(inputs, present, dialogues)
+    members = {k: v for k, v in probabilities.items() if k != "early_fusion"}
+    dev = labelled["dev"]
+
+    def fit_fusion(names: list[str]) -> dict[str, float]:
+        return select_weights({k: members[k][dev] for k in names}, y[dev], prior, config.fusion_steps, config.fusion_objective)
+
+    def scores(p: np.ndarray) -> dict:
+        out = {}
+        for s in EVAL_SPLITS:
+            rows = labelled[s] & ~np.isnan(p[:, 0])  # a member scores the utterances it speaks for
+            if rows.any():
+                m = classification_metrics(y[rows], p[rows].argmax(axis=1), classes)
+                out[s] = {k: m[k] for k in ("n", "weighted_f1", "accuracy", "macro_f1")}
+        return out
+
+    model.weights = fit_fusion(list(members))
+    fused = fuse(members, model.weights, prior)
+    log("late fusion weights: " + ", ".join(f"{k} {w:.2f}" for k, w in model.weights.items() if w > 0))
+    ablation = {}
+    for name, subset in ablation_sets(fitted).items():
+        names = [k for k in members if k.partition(":")[0] in subset]
+        weights = fit_fusion(names)
+        ablation[name] = {"modalities": subset, "weights": weights, **scores(fuse({k: members[k] for k in names}, weights, prior))}
+
+    metrics = {}
+    for s in EVAL_SPLITS:
+        rows = labelled[s]
+        if rows.any():
+            predicted = fused[rows].argmax(axis=1)
+            metrics[s] = classification_metrics(y[rows], predicted, classes)
+            metrics[s]["ci"] = bootstrap_intervals(y[rows], predicted, n_classes, config.bootstrap_resamples,
+                                                   groups=dialogues.group[rows], seed=config.seed)
+    metrics = split_metrics(metrics)
+    metrics["models"] = {**{name: scores(p) for name, p in probabilities.items()}, "late_fusion": scores(fused)}
+    metrics["fusion_weights"] = model.weights
+    metrics["ablation"] = ablation
+    metrics["fit_seconds"] = round(time.perf_counter() - started, 1)
+    return BaselineFit(model=model, metrics=metrics, probabilities=fused)
+
+
 def train_baseline(
     store: Store,
     *,
@@ -489,129 +618,34 @@ def train_baseline(
     """
     started = time.perf_counter()
     corpus = load_corpus(store, feature_sets, dataset=dataset)
-    u = corpus.utterances
-    datasets = u["dataset"].unique().to_list()
+    datasets = corpus.utterances["dataset"].unique().to_list()
     if not datasets:
         raise StoreError(f"{store.path}: no utterances{f' of dataset {dataset!r}' if dataset else ''}; run `bemerc ingest` first")
     if len(datasets) > 1:
         raise StoreError(f"{store.path}: utterances of several datasets ({', '.join(sorted(datasets))}); choose one with --dataset")
-    if not corpus.modalities:
-        raise StoreError(f"{store.path}: no feature sets; run `bemerc extract` first")
-    dataset = datasets[0]
-    classes = class_labels(corpus, dataset)
-    index = {c: i for i, c in enumerate(classes)}
-    y = np.array([index.get(label, -1) if label is not None else -1 for label in u["label"].to_list()])
-    split = u["split"].to_numpy()
-    labelled = {s: (split == s) & (y >= 0) for s in ("train", *EVAL_SPLITS)}
-    for s in ("train", "dev"):
-        if not labelled[s].any():
-            raise StoreError(f"{store.path}: the baseline needs labelled {s} utterances (found none with labels in {classes})")
-    modalities = sorted(corpus.modalities, key=lambda m: (MODALITY_ORDER.index(m) if m in MODALITY_ORDER else len(MODALITY_ORDER), m))
-    n_classes = len(classes)
-    prior = np.bincount(y[labelled["train"]], minlength=n_classes) / labelled["train"].sum()
-
-    model = BaselineModel(
-        classes=classes,
-        config=config,
-        feature_sets={m: corpus.modalities[m].feature_set.id for m in modalities},
-        projections={},
-        boosters={},
-        logistic={},
-        prior=prior,
-    )
-    for m in modalities:
-        arrays = corpus.modalities[m]
-        fit_rows = labelled["train"] & arrays.present
-        if not fit_rows.any():
-            raise StoreError(f"{store.path}: feature set {arrays.feature_set.id} has no labelled train utterance")
-        model.projections[m] = Projection.fit(arrays.vectors[fit_rows], config.max_dim)
-    inputs, present, dialogues = model.inputs(corpus)
-
-    def matrix(parts: list[np.ndarray], rows: np.ndarray) -> np.ndarray:
-        return model_inputs([p[rows] for p in parts], _rows(dialogues, rows))
-
-    for m in modalities:
-        tr, dv = labelled["train"] & present[m], labelled["dev"] & present[m]
-        if not dv.any():
-            log(f"{m}: no dev utterance has this modality; it is left out")
-            continue
-        t = time.perf_counter()
-        model.boosters[m] = fit_xgboost(matrix([inputs[m]], tr), y[tr], matrix([inputs[m]], dv), y[dv], n_classes, config)
-        log(f"{m}: XGBoost, {model.boosters[m].num_boosted_rounds()} rounds on {tr.sum():,} utterances ({time.perf_counter() - t:.1f} s)")
-        if config.logistic:
-            t = time.perf_counter()
-            model.logistic[m] = LogisticHead.fit(matrix([inputs[m]], tr), y[tr], n_classes, config)
-            log(f"{m}: logistic regression ({time.perf_counter() - t:.1f} s)")
-    if not model.boosters:
-        raise StoreError(f"{store.path}: no modality has labelled dev utterances to select the models on")
-    fitted = [m for m in modalities if m in model.boosters]
-    if len(fitted) > 1:  # with one modality early fusion would be that modality's model again
-        anything = np.logical_or.reduce([present[m] for m in fitted])
-        tr, dv = labelled["train"] & anything, labelled["dev"] & anything
-        all_inputs = [inputs[m] for m in fitted]
-        t = time.perf_counter()
-        model.boosters["early_fusion"] = fit_xgboost(matrix(all_inputs, tr), y[tr], matrix(all_inputs, dv), y[dv], n_classes, config)
-        log(f"early fusion: XGBoost, {model.boosters['early_fusion'].num_boosted_rounds()} rounds ({time.perf_counter() - t:.1f} s)")
-
-    probabilities = model._member_probabilities(inputs, present, dialogues)
-    members = {k: v for k, v in probabilities.items() if k != "early_fusion"}
-    dev = labelled["dev"]
-
-    def fit_fusion(names: list[str]) -> dict[str, float]:
-        chosen = {k: members[k][dev] for k in names}
-        return select_weights(chosen, y[dev], prior, config.fusion_steps)
-
-    model.weights = fit_fusion(list(members))
-    fused = fuse(members, model.weights, prior)
-    log("late fusion weights: " + ", ".join(f"{k} {w:.2f}" for k, w in model.weights.items() if w > 0))
-
-    def scores(p: np.ndarray) -> dict:
-        out = {}
-        for s in EVAL_SPLITS:
-            rows = labelled[s] & ~np.isnan(p[:, 0])  # a member scores the utterances it speaks for
-            if rows.any():
-                m = classification_metrics(y[rows], p[rows].argmax(axis=1), classes)
-                out[s] = {k: m[k] for k in ("n", "weighted_f1", "accuracy", "macro_f1")}
-        return out
-
-    ablation = {}
-    for name, subset in ablation_sets(fitted).items():
-        names = [k for k in members if k.partition(":")[0] in subset]
-        weights = fit_fusion(names)
-        ablation[name] = {"modalities": subset, "weights": weights, **scores(fuse({k: members[k] for k in names}, weights, prior))}
-
-    metrics = {}
-    for s in EVAL_SPLITS:
-        rows = labelled[s]
-        if rows.any():
-            m = classification_metrics(y[rows], fused[rows].argmax(axis=1), classes)
-            m["ci"] = bootstrap_intervals(y[rows], fused[rows].argmax(axis=1), n_classes, config.bootstrap_resamples,
-                                          groups=dialogues.group[rows], seed=config.seed)
-            metrics[s] = m
-    metrics = split_metrics(metrics)
-    metrics["models"] = {name: scores(p) for name, p in probabilities.items()}
-    metrics["models"]["late_fusion"] = scores(fused)
-    metrics["fusion_weights"] = model.weights
-    metrics["ablation"] = ablation
-    metrics["train_seconds"] = round(time.perf_counter() - started, 1)
-
+    try:
+        fit = fit_baseline(corpus, config, log)
+    except StoreError as e:
+        raise StoreError(f"{store.path}: {e}") from None
     run_id = run_id or new_run_id("baseline")
     run_dir = Path(run_dir) if run_dir else Path("runs") / run_id
-    files = model.save(run_dir)
-    evaluated = np.isin(split, EVAL_SPLITS)
+    files = fit.model.save(run_dir)
+    u = corpus.utterances
+    evaluated = u["split"].is_in(list(EVAL_SPLITS)).to_numpy()
+    fit.metrics["train_seconds"] = round(time.perf_counter() - started, 1)
     save_run(
         store,
         run_id=run_id,
         kind="baseline",
         run_dir=run_dir,
-        classes=classes,
-        feature_sets=list(model.feature_sets.values()),
-        config={**asdict(config), "files": files, "modalities": modalities},
-        metrics=metrics,
+        classes=fit.model.classes,
+        feature_sets=list(fit.model.feature_sets.values()),
+        config={**asdict(config), "files": files, "modalities": fit.model.modalities},
+        metrics=fit.metrics,
         uids=u["uid"].filter(evaluated).to_list(),
-        splits=split[evaluated].tolist(),
-        gold=[label for label, e in zip(u["label"].to_list(), evaluated) if e],
-        probabilities=fused[evaluated],
-        dataset=dataset,
+        splits=u["split"].filter(evaluated).to_list(),
+        gold=u["label"].filter(evaluated).to_list(),
+        probabilities=fit.probabilities[evaluated],
+        dataset=datasets[0],
     )
-    return BaselineResult(run_id=run_id, run_dir=run_dir, metrics=metrics, seconds=time.perf_counter() - started)
+    return BaselineResult(run_id=run_id, run_dir=run_dir, metrics=fit.metrics, seconds=time.perf_counter() - started)

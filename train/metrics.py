@@ -1,5 +1,6 @@
 """Classification metrics of MERC: accuracy, weighted F1 (the MELD/IEMOCAP standard), macro F1,
-per-class precision/recall/F1 and the confusion matrix; bootstrap intervals; a paired test."""
+per-class precision/recall/F1 and the confusion matrix. Bootstrap intervals and the paired test
+between runs are in :mod:`bemerc.train.evaluate`."""
 
 from __future__ import annotations
 
