@@ -59,8 +59,8 @@ def _needs(modality: str, row: dict) -> bool:
 def transcripts(store: Store) -> dict[str, str]:
     """uid -> transcript from the newest audio feature set that has a ``transcript`` column."""
     for fs in reversed(store.feature_sets("audio")):
-        table = store.read_features(fs)
-        if "transcript" in table.column_names:
+        if "transcript" in store.table(fs.table_name).schema.names:
+            table = store.read_features(fs, ["uid", "transcript"])  # not the vectors
             return {u: t for u, t in zip(table["uid"].to_pylist(), table["transcript"].to_pylist()) if t}
     return {}
 
@@ -93,7 +93,7 @@ def run_extractor(
     ``limit`` takes the first N utterances in dialogue order (whole store order, before skipping).
     Text uses the utterance's text, or the transcript stored by the audio extractor when it has none.
 
-    >>> run_extractor(Store("store"), TextExtractor.from_profile(load_profile()))   # doctest: +SKIP
+    >>> run_extractor(Store("store"), build_extractor("text"))   # doctest: +SKIP
     """
     t0 = time.perf_counter()
     batch_size = batch_size or DEFAULT_BATCH.get(extractor.modality, 8)

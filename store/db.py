@@ -127,10 +127,13 @@ class Store:
         """
         return pl.from_arrow(self.read_arrow(name, columns, where))  # type: ignore[return-value]
 
-    def utterances(self, split: str | None = None) -> pl.DataFrame:
-        """Utterances in dialogue order (dataset, split, dialogue_id, turn)."""
-        where = f"split = '{split}'" if split else None
-        df = self.read("utterances", where=where)
+    def utterances(self, split: str | None = None, dataset: str | None = None) -> pl.DataFrame:
+        """Utterances in dialogue order (dataset, split, dialogue_id, turn); dialogue ids that are all
+        numbers (MELD) sort as numbers, so "the first N utterances" means the first dialogues."""
+        clauses = [f"{column} = '{value}'" for column, value in (("split", split), ("dataset", dataset)) if value]
+        df = self.read("utterances", where=" AND ".join(clauses) or None)
+        if df.height and df["dialogue_id"].str.contains(r"^\d+$").all():
+            return df.sort([pl.col("dataset"), pl.col("split"), pl.col("dialogue_id").cast(pl.Int64), pl.col("turn")])
         return df.sort(["dataset", "split", "dialogue_id", "turn"])
 
     # -- writing ------------------------------------------------------------------------------
@@ -239,8 +242,7 @@ class Store:
         tbl_schema = self.table(fs.table_name).schema
         written = self.upsert(fs.table_name, rows, tbl_schema)
         if written:
-            with self.lock:
-                self.delete("failures", f"feature_set = '{fs.id}' AND uid IN ({_sql_list(rows['uid'].to_pylist())})")
+            self.delete("failures", f"feature_set = '{fs.id}' AND uid IN ({_sql_list(rows['uid'].to_pylist())})")
         return written
 
     def stored_uids(self, fs: FeatureSet) -> set[str]:

@@ -61,15 +61,7 @@ def load_corpus(
     >>> corpus.modalities["text"].vectors.shape                        # doctest: +SKIP
     (11098, 384)
     """
-    utterances = store.read("utterances")
-    if dataset:
-        utterances = utterances.filter(pl.col("dataset") == dataset)
-    utterances = utterances.sort(["dataset", "split", "dialogue_id", "turn"])
-    # dialogue ids sort as strings; sort numerically when they all are numbers (MELD)
-    if utterances.height and utterances["dialogue_id"].str.contains(r"^\d+$").all():
-        utterances = utterances.with_columns(pl.col("dialogue_id").cast(pl.Int64).alias("_d")).sort(
-            ["dataset", "split", "_d", "turn"]
-        ).drop("_d")
+    utterances = store.utterances(dataset=dataset)
     if feature_sets is None:
         newest: dict[str, FeatureSet] = {}
         for fs in store.feature_sets():
