@@ -21,6 +21,7 @@ import typer
 from bemerc.cli import (
     demo_cmds,
     extract_cmds,
+    fuse_cmds,
     ingest_cmds,
     models_cmds,
     query_cmds,
@@ -35,7 +36,7 @@ app = typer.Typer(
     help=(
         "Multimodal emotion recognition in conversation.\n\n"
         "Typical session: `bemerc ingest meld DATA/MELD`, `bemerc extract --modality all`, "
-        "`bemerc baseline`, `bemerc tune`, `bemerc compare`. Every command that touches the "
+        "`bemerc baseline`, `bemerc tune`, `bemerc fuse baseline:latest tune:latest`, `bemerc compare`. Every command that touches the "
         "feature store takes --store (or the BEMERC_STORE environment variable)."
     ),
     no_args_is_help=True,
@@ -43,7 +44,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for module in (store_cmds, ingest_cmds, models_cmds, extract_cmds, train_cmds, tune_cmds, query_cmds, serve_cmds, demo_cmds):
+for module in (store_cmds, ingest_cmds, models_cmds, extract_cmds, train_cmds, tune_cmds, fuse_cmds, query_cmds, serve_cmds, demo_cmds):
     module.register(app)
 
 
