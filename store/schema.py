@@ -1,4 +1,5 @@
-"""Arrow schemas of the store's tables, one per table, and the label sets.
+"""Arrow schemas of the store's tables, one per table, and the vocabulary every stage shares: the
+modalities, the label sets and the class list of a run.
 
 Feature tables have one schema per extractor (``uid`` plus the extractor's own columns), so they are
 built by :func:`feature_schema` from the fields an extractor declares.
@@ -6,12 +7,32 @@ built by :func:`feature_schema` from the fields an extractor declares.
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import pyarrow as pa
 
+# The feature modalities, in the order reports and the baseline's ablation list them (the first is
+# the ablation's anchor). Extraction runs audio first because its transcripts feed text.
+MODALITIES = ("text", "audio", "behavior", "visual")
 MELD_LABELS = ("neutral", "joy", "surprise", "anger", "sadness", "disgust", "fear")
 IEMOCAP_LABELS = ("happy", "sad", "neutral", "angry", "excited", "frustrated")
 LABEL_SETS: dict[str, tuple[str, ...]] = {"meld": MELD_LABELS, "iemocap": IEMOCAP_LABELS}
 SPLITS = ("train", "dev", "test")
+
+
+def run_classes(dataset: str | None, labels: Iterable[str | None]) -> list[str]:
+    """The classes of a run, in the order of its probabilities: the corpus's fixed label set for
+    MELD and IEMOCAP, otherwise every label present in ``labels`` (all splits, so that every model
+    trained on a corpus scores the same labelled utterances), sorted.
+
+    >>> run_classes("meld", [])[:3]
+    ['neutral', 'joy', 'surprise']
+    >>> run_classes("my_corpus", ["sad", None, "happy", "sad"])
+    ['happy', 'sad']
+    """
+    if dataset in LABEL_SETS:
+        return list(LABEL_SETS[dataset])
+    return sorted({label for label in labels if label is not None})
 
 UTTERANCES = pa.schema(
     [

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from bemerc.store import Store
 from bemerc.store.schema import MELD_LABELS
 from bemerc.train.baseline import BaselineModel, context_mean, dialogue_layout
-from bemerc.train.tensors import load_corpus
+from bemerc.train.tensors import Corpus, load_corpus
 
 SPLIT_OF_DIALOGUE = ("train", "train", "train", "train", "dev", "test")  # by dialogue index mod 6
 
@@ -173,7 +173,7 @@ def test_context_mean_skips_absent_neighbours_and_dialogue_starts():
 
     u = pl.DataFrame({"dataset": ["m"] * 5, "split": ["dev"] * 5, "dialogue_id": ["1", "1", "1", "1", "2"],
                       "turn": [0, 1, 2, 3, 0], "speaker": ["A", "B", "B", None, "A"]})
-    dialogues = dialogue_layout(u)
+    dialogues = dialogue_layout(Corpus(u, {}))
     vectors = np.array([[1.0], [5.0], [3.0], [7.0], [9.0]], dtype=np.float32)
     present = np.array([True, False, True, True, True])
     ctx = context_mean(vectors, present, dialogues, k=2)

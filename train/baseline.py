@@ -29,14 +29,12 @@ import polars as pl
 import xgboost as xgb  # bemerc/__init__.py has set OMP_WAIT_POLICY=PASSIVE: nthread=2 stays fast on a busy machine
 
 from bemerc.store import Store, StoreError
-from bemerc.store.schema import LABEL_SETS
+from bemerc.store.schema import MODALITIES, run_classes
 from bemerc.train.evaluate import bootstrap_intervals
 from bemerc.train.metrics import classification_metrics, weighted_f1
 from bemerc.train.runs import new_run_id, save_run, split_metrics
 from bemerc.train.tensors import Corpus, load_corpus
 
-# The order of the ablation after the first modality; other modalities follow alphabetically.
-MODALITY_ORDER = ("text", "audio", "behavior", "visual")
 EVAL_SPLITS = ("dev", "test")
 
 
@@ -82,22 +80,19 @@ class Dialogues:
     group: np.ndarray  # (N,) dialogue number, for bootstrapping whole dialogues
 
 
-def dialogue_layout(utterances: pl.DataFrame) -> Dialogues:
-    """Dialogue starts and features of utterances already in dialogue order.
+def dialogue_layout(corpus: Corpus) -> Dialogues:
+    """Dialogue starts (:attr:`Corpus.dialogue_start`) and features of a corpus in dialogue order.
 
     >>> u = pl.DataFrame({"dataset": ["m"] * 3, "split": ["dev"] * 3, "dialogue_id": ["0", "0", "1"],
     ...                   "turn": [0, 1, 0], "speaker": ["A", "A", "B"]})
-    >>> d = dialogue_layout(u); d.start.tolist(), d.features[:, 3].tolist()
+    >>> d = dialogue_layout(Corpus(u, {})); d.start.tolist(), d.features[:, 3].tolist()
     ([0, 0, 2], [nan, 1.0, nan])
     """
-    key = (utterances["dataset"] + "\x1f" + utterances["split"] + "\x1f" + utterances["dialogue_id"]).to_numpy()
-    n = len(key)
-    new = np.ones(n, dtype=bool)
-    new[1:] = key[1:] != key[:-1]
+    utterances, start = corpus.utterances, corpus.dialogue_start
+    n = len(start)
+    new = start == np.arange(n)
     group = np.cumsum(new) - 1
-    starts = np.flatnonzero(new)
-    lengths = np.diff(np.append(starts, n))
-    start = starts[group]
+    lengths = np.diff(np.append(np.flatnonzero(new), n))
     index_in_dialogue = np.arange(n) - start
     length = lengths[group].astype(np.float32)
     speaker = utterances["speaker"].fill_null("").to_numpy()
@@ -343,7 +338,7 @@ class BaselineModel:
 
     def inputs(self, corpus: Corpus) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], Dialogues]:
         """Per-modality inputs (N, d + c) and presence masks (N,) of a corpus, plus its dialogues."""
-        dialogues = dialogue_layout(corpus.utterances)
+        dialogues = dialogue_layout(corpus)
         inputs, present = {}, {}
         for m in self.modalities:
             if m not in corpus.modalities:
@@ -454,15 +449,6 @@ class BaselineResult:
     seconds: float
 
 
-def class_labels(corpus: Corpus, dataset: str | None) -> list[str]:
-    """MELD's/IEMOCAP's label set in its fixed order; otherwise the sorted labels present in train."""
-    name = dataset or corpus.utterances["dataset"][0]
-    if name in LABEL_SETS:
-        return list(LABEL_SETS[name])
-    train = corpus.utterances.filter(pl.col("split") == "train")["label"].drop_nulls()
-    return sorted(set(train.to_list()))
-
-
 def ablation_sets(modalities: list[str]) -> dict[str, list[str]]:
     """Modality combinations of the ablation: the first alone, the first plus each other, all.
 
@@ -503,7 +489,7 @@ def fit_baseline(corpus: Corpus, config: BaselineConfig = BaselineConfig(),
     if not corpus.modalities:
         raise StoreError("no feature sets in the store; run `bemerc extract` first")
     dataset = datasets[0]
-    classes = class_labels(corpus, dataset)
+    classes = run_classes(dataset, u["label"])
     index = {c: i for i, c in enumerate(classes)}
     y = np.array([index.get(label, -1) if label is not None else -1 for label in u["label"].to_list()])
     split = u["split"].to_numpy()
@@ -511,7 +497,7 @@ def fit_baseline(corpus: Corpus, config: BaselineConfig = BaselineConfig(),
     for s in ("train", "dev"):
         if not labelled[s].any():
             raise StoreError(f"the baseline needs labelled {s} utterances of {dataset!r} (found none with labels in {', '.join(classes)})")
-    modalities = sorted(corpus.modalities, key=lambda m: (MODALITY_ORDER.index(m) if m in MODALITY_ORDER else len(MODALITY_ORDER), m))
+    modalities = sorted(corpus.modalities, key=lambda m: (MODALITIES.index(m) if m in MODALITIES else len(MODALITIES), m))
     n_classes = len(classes)
     prior = np.bincount(y[labelled["train"]], minlength=n_classes) / labelled["train"].sum()
 

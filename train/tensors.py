@@ -7,6 +7,7 @@ array reshaped), and torch tensors share that memory through ``torch.from_numpy`
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import polars as pl
@@ -21,6 +22,20 @@ def vectors_of(table: pa.Table, column: str = "vector") -> np.ndarray:
     width = col.type.list_size
     flat = col.flatten() if col.offset else col.values
     return flat.to_numpy(zero_copy_only=False).reshape(len(col), width)
+
+
+def dialogue_starts(utterances: pl.DataFrame) -> np.ndarray:
+    """(N,) int64: for each utterance (rows already in dialogue order, as :func:`load_corpus` gives
+    them), the row of the first utterance of its dialogue (same dataset, split and dialogue_id).
+
+    >>> u = pl.DataFrame({"dataset": ["m"] * 4, "split": ["dev"] * 4, "dialogue_id": ["0", "0", "1", "1"]})
+    >>> dialogue_starts(u).tolist()
+    [0, 0, 2, 2]
+    """
+    key = (utterances["dataset"] + "\x1f" + utterances["split"] + "\x1f" + utterances["dialogue_id"]).to_numpy()
+    new = np.ones(len(key), dtype=bool)
+    new[1:] = key[1:] != key[:-1]
+    return np.flatnonzero(new)[np.cumsum(new) - 1].astype(np.int64)
 
 
 @dataclass
@@ -43,6 +58,11 @@ class Corpus:
 
     def split_mask(self, split: str) -> np.ndarray:
         return (self.utterances["split"] == split).to_numpy()
+
+    @cached_property
+    def dialogue_start(self) -> np.ndarray:
+        """(N,) int64 row of the first utterance of each utterance's dialogue (see :func:`dialogue_starts`)."""
+        return dialogue_starts(self.utterances)
 
 
 def load_corpus(
