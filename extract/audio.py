@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from bemerc.extract.base import UtteranceMedia, vector_field
 from bemerc.extract.media import SAMPLE_RATE, MediaError, decode_audio
-from bemerc.extract.profiles import Profile, ProfileError, load_profile, model_path
+from bemerc.models.profiles import Profile, ProfileError, load_profile, model_path
 
 HOP = 160  # samples per mel frame at 16 kHz (10 ms), as in whisper.audio
 MAX_FRAMES = 3000  # Whisper's context: 30 s of mel frames; longer audio is encoded in 30 s windows

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Callable
 
 from bemerc.extract.base import Extractor
-from bemerc.extract.profiles import Profile, load_profile
+from bemerc.models.profiles import Profile, load_profile
 
 
 def _text(profile: Profile) -> Extractor:

@@ -19,7 +19,7 @@ import torch
 
 from bemerc.extract.base import UtteranceMedia, vector_field
 from bemerc.extract.media import MediaError
-from bemerc.extract.profiles import Profile, ProfileError, load_profile, model_path
+from bemerc.models.profiles import Profile, ProfileError, load_profile, model_path
 
 
 class TextExtractor:

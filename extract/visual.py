@@ -17,7 +17,7 @@ import pyarrow as pa
 from bemerc.extract.base import UtteranceMedia, vector_field
 from bemerc.extract.behavior.extractor import rows_from_video
 from bemerc.extract.media import MediaError
-from bemerc.extract.profiles import Profile
+from bemerc.models.profiles import Profile
 
 
 class ClipVisualExtractor:
@@ -94,7 +94,7 @@ class ClipVisualExtractor:
         import open_clip
         import torch
 
-        from bemerc.extract.profiles import models_dir
+        from bemerc.models.profiles import models_dir
 
         key = f"{self.model_name}-{self.pretrained}-{self.seed}-oc{open_clip.__version__}-torch{torch.__version__}"
         cache = models_dir() / "visual-weights-sha256" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.txt"

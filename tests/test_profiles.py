@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bemerc.extract.profiles import (
+from bemerc.models.profiles import (
     ChecksumError,
     ProfileError,
     load_profile,
@@ -21,7 +21,7 @@ from bemerc.extract.profiles import (
     prepare,
     stage_files,
 )
-from bemerc.extract.weights import ConversionError, read_ct2_model
+from bemerc.models.weights import ConversionError, read_ct2_model
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 RAVDESS_VIDEO = DATA / "ravdess" / "video" / "01-01-01-01-01-01-01.mp4"

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from bemerc.cli.common import DEFAULT_STORE, StoreOption, console, err_console, fail
+from bemerc.cli.common import DEFAULT_STORE, StoreOption, console, err_console, fail, open_store
 
 
 class Modality(str, Enum):
@@ -45,12 +45,12 @@ def register(app: typer.Typer) -> None:
         import torch
 
         from bemerc.extract.factory import build_extractor
-        from bemerc.extract.profiles import ProfileError, load_profile
+        from bemerc.models.profiles import ProfileError, load_profile
         from bemerc.extract.run import MODALITY_ORDER, run_extractor
-        from bemerc.store import Store, StoreLockedError
+        from bemerc.store import StoreLockedError
 
         torch.set_num_threads(threads or os.cpu_count() or 1)
-        db = Store(store)
+        db = open_store(store)
         if db.count("utterances") == 0:
             fail(f"{store}: no utterances yet; ingest first (`bemerc ingest manifest FILE`, `bemerc ingest meld DIR`, or `make features`)")
         modalities = MODALITY_ORDER if modality == Modality.all else (modality.value,)

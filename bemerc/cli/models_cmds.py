@@ -35,8 +35,8 @@ def prepare(
     LLM weights (about a minute on two cores) and stores them in $BEMERC_MODELS (default
     ~/.cache/bemerc/models). A second run finds them ready and returns at once.
     """
-    from bemerc.extract.profiles import ProfileError, clear_stage, load_profile
-    from bemerc.extract.profiles import prepare as prepare_profile
+    from bemerc.models.profiles import ProfileError, clear_stage, load_profile
+    from bemerc.models.profiles import prepare as prepare_profile
 
     start = time.perf_counter()
 
@@ -63,7 +63,7 @@ def prepare(
 @models_app.command("list")
 def list_models(profile: ProfileOption = "offline", as_json: JsonOption = False) -> None:
     """Show each stage of a profile: its kind, model, source and whether it is prepared."""
-    from bemerc.extract.profiles import ProfileError, list_profiles, load_profile, nothing_to_prepare, prepared_path
+    from bemerc.models.profiles import ProfileError, list_profiles, load_profile, nothing_to_prepare, prepared_path
 
     try:
         loaded = load_profile(profile)

@@ -21,7 +21,7 @@ class Stage(str, Enum):
 
 def _default_model(profile: str) -> str:
     """The profile's LLM as a local folder (the offline profile's GGUF is converted once, on first use)."""
-    from bemerc.extract.profiles import ProfileError, load_profile, prepare_stage
+    from bemerc.models.profiles import ProfileError, load_profile, prepare_stage
 
     try:
         path = prepare_stage(load_profile(profile).stage("llm"), lambda stage, message: err_console.print(f"{stage}: {message}"))
@@ -90,9 +90,9 @@ def register(app: typer.Typer) -> None:
                 checkpoint_every=checkpoint_every, stop_after=stop_after, progress=not as_json,
             )
             if show_prompt:
-                console.print(render_prompt(Store(store), config, show_prompt), highlight=False, markup=False)
+                console.print(render_prompt(Store(store, create=False), config, show_prompt), highlight=False, markup=False)
                 return
-            result = run_tune(Store(store), config, resume=resume)
+            result = run_tune(Store(store, create=False), config, resume=resume)
         except (TuneError, PromptError, StoreError, StoreLockedError, OSError) as exc:
             fail(str(exc))
         result.pop("probabilities", None)

@@ -321,7 +321,7 @@ def _prepare_whisper(entry: StageEntry, folder: Path, say: Callable[[str], None]
 
 
 def _prepare_whisper_ct2(entry: StageEntry, folder: Path, say: Callable[[str], None]) -> Path:
-    from bemerc.extract.weights import ConversionError, convert_ct2_whisper
+    from bemerc.models.weights import ConversionError, convert_ct2_whisper
 
     parts = _checked_files(entry).get("model.bin") or [source_path(entry) / "model.bin"]
     say(f"converting CTranslate2 Whisper ({sum(p.stat().st_size for p in parts) / 1e6:.0f} MB) to openai-whisper")
@@ -332,7 +332,7 @@ def _prepare_whisper_ct2(entry: StageEntry, folder: Path, say: Callable[[str], N
 
 
 def _prepare_gguf(entry: StageEntry, folder: Path, say: Callable[[str], None]) -> Path:
-    from bemerc.extract.weights import ConversionError, convert_gguf_causal_lm
+    from bemerc.models.weights import ConversionError, convert_gguf_causal_lm
 
     if "file" not in entry.options:
         raise ProfileError(f"{entry.label}: a gguf stage needs the option `file` (the .gguf file name)")

@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 
 from bemerc.extract.behavior.face import square_crop
-from bemerc.extract.profiles import file_sha256
+from bemerc.models.profiles import file_sha256
 
 EXPRESSION_MODELS = ("fer", "feat")
 

@@ -43,7 +43,7 @@ from bemerc.extract.behavior.face import (
     FACE_MEASURES, FaceFinder, inter_ocular_distance, face_measures, pick_speaker, track_faces,
 )
 from bemerc.extract.media import MediaError, sample_frames
-from bemerc.extract.profiles import Profile, ProfileError, file_sha256, prepare_stage, resolve_ref, stage_files
+from bemerc.models.profiles import Profile, ProfileError, file_sha256, prepare_stage, resolve_ref, stage_files
 
 NOSE_TIP = 1  # face-mesh vertex followed for head movement
 MOTION_MEASURES = ("head_motion", "body_motion", "hand_motion")  # per second, in face / shoulder widths
