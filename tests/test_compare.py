@@ -17,14 +17,12 @@ from bemerc.train.evaluate import bootstrap_interval, bootstrap_intervals, paire
 from test_baseline import SPLIT_OF_DIALOGUE, _ngrams, _vectors
 
 
-@pytest.fixture(scope="module")
-def two_runs(tmp_path_factory, meld_dir):
-    """(store, [run ids]) of two baselines (dialogue context 0 and 3) on 24 MELD dev dialogues with
-    two cheap real feature sets: character n-grams of every utterance and word n-grams of two in
-    three (the MiniLM store is built in test_baseline)."""
+def ngram_store(folder, meld_dir, dataset: str = "meld", n_dialogues: int = 24) -> Store:
+    """A store of the first ``n_dialogues`` MELD dev dialogues (splits by dialogue), ingested as
+    ``dataset``, with two cheap real feature sets: character n-grams of every utterance (``text``)
+    and word n-grams of two in three (``lexical``); the MiniLM store is built in test_baseline."""
     from bemerc.cli import app
 
-    folder = tmp_path_factory.mktemp("compare")
     dialogues: dict[str, list[dict]] = defaultdict(list)
     with open(meld_dir / "dev_sent_emo.csv", encoding="utf-8") as fh:
         for row in csv.DictReader(fh):
@@ -33,12 +31,12 @@ def two_runs(tmp_path_factory, meld_dir):
     with open(manifest, "w", encoding="utf-8", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["dialogue_id", "turn", "speaker", "text", "label", "split"])
-        for i, d in enumerate(sorted(dialogues, key=int)[:24]):
+        for i, d in enumerate(sorted(dialogues, key=int)[:n_dialogues]):
             for turn, row in enumerate(sorted(dialogues[d], key=lambda r: int(r["Utterance_ID"]))):
                 writer.writerow([d, turn, row["Speaker"], row["Utterance"], row["Emotion"], SPLIT_OF_DIALOGUE[i % 6]])
-    runner = CliRunner()
     store_dir = str(folder / "store")
-    assert runner.invoke(app, ["ingest", "manifest", str(manifest), "--dataset", "meld", "--store", store_dir]).exit_code == 0
+    result = CliRunner().invoke(app, ["ingest", "manifest", str(manifest), "--dataset", dataset, "--store", store_dir])
+    assert result.exit_code == 0, result.output
     store = Store(store_dir)
     u = store.utterances()
     uids, texts = np.array(u["uid"].to_list()), u["text"].fill_null("").to_list()
@@ -46,9 +44,20 @@ def two_runs(tmp_path_factory, meld_dir):
                                             ("lexical", "word-ngrams", _ngrams(texts, "word", (1, 2)), np.arange(len(uids)) % 3 != 0)):
         fs = store.register_feature_set(modality, extractor, "test0001", {"dim": 24}, [pa.field("vector", pa.list_(pa.float32(), 24))])
         store.write_features(fs, pa.table({"uid": uids[rows].tolist(), "vector": _vectors(view[rows])}))
+    return store
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory, meld_dir):
+    """(store, [run ids]) of two baselines (dialogue context 0 and 3) on :func:`ngram_store`."""
+    from bemerc.cli import app
+
+    folder = tmp_path_factory.mktemp("compare")
+    store = ngram_store(folder, meld_dir)
+    runner = CliRunner()
     run_ids = []
     for context in ("0", "3"):
-        result = runner.invoke(app, ["baseline", "--store", store_dir, "--context", context, "--run-dir", str(folder / f"run{context}"), "--json"])
+        result = runner.invoke(app, ["baseline", "--store", str(store.path), "--context", context, "--run-dir", str(folder / f"run{context}"), "--json"])
         assert result.exit_code == 0, result.output
         run_ids.append(json.loads(result.output)["run_id"])
     return store, run_ids

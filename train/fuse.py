@@ -28,6 +28,7 @@ import numpy as np
 import polars as pl
 
 from bemerc.store import Store
+from bemerc.store.schema import sql_in
 from bemerc.train.baseline import EVAL_SPLITS, fuse, select_weights
 from bemerc.train.evaluate import bootstrap_intervals
 from bemerc.train.metrics import classification_metrics, weighted_f1
@@ -108,8 +109,8 @@ class _Inputs:
 
 def _load(store: Store, runs: list[dict]) -> _Inputs:
     n_classes = len(runs[0]["classes"])
-    ids = ", ".join("'" + r["run_id"].replace("'", "''") + "'" for r in runs)
-    rows = store.read("predictions", ["run_id", "uid", "split", "gold", "probabilities"], where=f"run_id IN ({ids})")
+    rows = store.read("predictions", ["run_id", "uid", "split", "gold", "probabilities"],
+                      where=f"run_id IN ({sql_in(r['run_id'] for r in runs)})")
     inputs = _Inputs({}, {}, {}, {})
     for split in EVAL_SPLITS:
         part = rows.filter(pl.col("split") == split)
@@ -236,8 +237,6 @@ def fuse_runs(
     }
     if out_of_fold is None:
         summary["notes"] = [f"no cross-fitted dev estimate: fewer than {config.folds} dev dialogues"]
-    else:
-        log(f"cross-fitted dev weighted F1 ({config.folds} folds of dev dialogues): {summary['cross_fit_dev_weighted_f1']:.4f}")
 
     fused = {s: fuse(inputs.probabilities[s], weights, prior) for s in inputs.uids}
     metrics, models = {}, {m: {} for m in members}

@@ -26,6 +26,11 @@ from bemerc.train.evaluate import bootstrap_intervals, paired_test
 from bemerc.train.metrics import classification_metrics
 from bemerc.train.runs import list_runs
 
+# The dataset name of the embedded synthetic demo (`make demo` ingests it as `--dataset demo`).
+DEMO_DATASET = "demo"
+DEMO_NOTE = ("These runs were trained and scored on bemerc's small synthetic demo: the scores show that the "
+             "pipeline runs, not how well anything recognises emotion.")
+
 
 # -- the comparison as data ---------------------------------------------------------------------
 def comparison(store: Store, run_ids: list[str] | None = None, split: str = "dev", n_resamples: int = 1000,
@@ -34,9 +39,10 @@ def comparison(store: Store, run_ids: list[str] | None = None, split: str = "dev
 
     Returns ``{"store", "split", "runs": [{"run_id", "kind", "created_at", "dataset", "feature_sets",
     "n", "weighted_f1", "ci", "accuracy", "macro_f1", "per_class", "classes", "confusion"}], "skipped":
-    [{"run_id", "reason"}], "paired_test": {...} | None, "ablation": {run_id: {...}}}``. Runs are
-    listed in the order asked (default: oldest first); ``ci`` holds 95% bootstrap intervals over
-    dialogues.
+    [{"run_id", "reason"}], "paired_test": {...} | None, "ablation": {run_id: {...}}, "fusion": {run_id:
+    {"weights", "models", "cross_fit_dev_weighted_f1"}}, "demo": bool}``. Runs of every kind (baseline,
+    tune, fusion) are listed in the order asked (default: oldest first); ``ci`` holds 95% bootstrap
+    intervals over dialogues; ``demo`` says that every scored run is of the synthetic demo.
     """
     runs = list_runs(store)
     if not runs:
@@ -85,13 +91,20 @@ def comparison(store: Store, run_ids: list[str] | None = None, split: str = "dev
                       "fusion_weights": r["metrics"].get("fusion_weights", {})}
         for r in runs if r["kind"] == "baseline" and r["metrics"].get("ablation")
     }
+    fusion = {
+        r["run_id"]: {"weights": r["config"].get("weights", {}), "models": r["metrics"].get("models", {}),
+                      "cross_fit_dev_weighted_f1": r["config"].get("summary", {}).get("cross_fit_dev_weighted_f1")}
+        for r in runs if r["kind"] == "fusion"
+    }
     return {
         "store": str(store.path),
         "split": split,
+        "demo": bool(scored) and all(r["dataset"] == DEMO_DATASET for r in scored),
         "runs": scored,
         "skipped": skipped,
         "paired_test": _best_two_test(scored, outcomes, dialogue_of, seed),
         "ablation": ablation,
+        "fusion": fusion,
     }
 
 
@@ -220,6 +233,7 @@ def _blocks(data: dict, out_dir: Path) -> list[Block]:
     runs, split = data["runs"], data["split"]
     blocks = [
         Block("h1", f"bemerc comparison ({split})"),
+        *([Block("p", DEMO_NOTE)] if data.get("demo") else []),
         Block("p", f"Store `{data['store']}`; {len(runs)} run(s) scored on their labelled {split} utterances. "
                    "Intervals are 95% bootstrap intervals over dialogues (1,000 resamples)."),
         Block("h2", "Runs"),
@@ -270,6 +284,17 @@ def _blocks(data: dict, out_dir: Path) -> list[Block]:
             Block("table", headers=("model", "dev weighted F1", "test weighted F1", "fusion weight"), rows=tuple(
                 (name, _score(v, "dev"), _score(v, "test"), f"{entry['fusion_weights'][name]:.2f}" if name in entry["fusion_weights"] else "-")
                 for name, v in models.items())),
+        ]
+    for run_id, entry in data.get("fusion", {}).items():
+        honest = entry["cross_fit_dev_weighted_f1"]
+        blocks += [
+            Block("h2", f"Fusion {run_id}"),
+            Block("p", "Late fusion of the runs' stored probabilities, weights fit on dev; the dev score of the fused "
+                       "run is therefore optimistic. Cross-fitted dev weighted F1 (weights fit on one half of the dev "
+                       f"dialogues, scored on the other): {f'{honest:.4f}' if honest is not None else 'not available'}."),
+            Block("table", headers=("member run", "dev weighted F1", "test weighted F1", "fusion weight"), rows=tuple(
+                (member, _score(entry["models"].get(member, {}), "dev"), _score(entry["models"].get(member, {}), "test"), f"{w:.2f}")
+                for member, w in entry["weights"].items())),
         ]
     return blocks
 
