@@ -1,5 +1,5 @@
 # bemerc: every target runs `setup` first when .venv is missing.
-#   make demo        the whole pipeline on the embedded demo (ingest -> features -> baseline -> tune -> compare)
+#   make demo        the whole pipeline on the embedded demo (ingest -> features -> baseline -> tune -> fuse -> compare)
 #   make test        the test suite (what CI runs)
 #   make features    ingest CORPUS (default: the demo) and extract every modality into STORE
 # Variables: CORPUS=demo|meld|PATH/TO/manifest.{csv,jsonl,parquet}  MELD_DIR=...  STORE=out/store  PROFILE=offline
@@ -60,14 +60,15 @@ baseline: setup  ## XGBoost late-fusion baseline on STORE
 tune: setup  ## LoRA instruction tuning of the LLM on STORE
 	$(BEMERC) tune $(TUNE_ARGS)
 
-compare: setup  ## report comparing every run in STORE
+compare: setup  ## fuse the newest baseline and tune runs (when both exist), then report every run in STORE
+	$(BEMERC) fuse baseline:latest tune:latest --skip-missing
 	$(BEMERC) compare --out $(OUT)/report
 
 demo: setup  ## the whole pipeline on the embedded demo; prints where the report is
 	$(MAKE) features CORPUS=demo
 	$(BEMERC) baseline
 	$(BEMERC) tune --epochs 2
-	$(BEMERC) compare --out $(OUT)/report
+	$(MAKE) compare
 	@echo "demo report: $(OUT)/report/report.html (and report.md)"
 
 test: setup  ## run the test suite
