@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from bemerc.extract.base import UtteranceMedia, vector_field
 from bemerc.extract.behavior.extractor import rows_from_video
-from bemerc.extract.media import MediaError
+from bemerc.extract.media import FRAME_SAMPLING, MediaError
 from bemerc.models.profiles import Profile
 
 
@@ -82,7 +82,7 @@ class ClipVisualExtractor:
         """Model, weights and sampling: everything that changes the vectors."""
         return {
             "model": self.model_name, "pretrained": self.pretrained, "seed": self.seed if self.random_weights else None,
-            "weights_sha256": self._weights_sha256(), "fps": self.fps, "max_frames": self.max_frames, "dim": self.dim,
+            "weights_sha256": self._weights_sha256(), "fps": self.fps, "frame_sampling": FRAME_SAMPLING, "max_frames": self.max_frames, "dim": self.dim,
         }
 
     def _weights_sha256(self) -> str:

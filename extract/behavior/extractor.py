@@ -42,7 +42,7 @@ from bemerc.extract.behavior.expression import EXPRESSION_MODELS, ExpressionMode
 from bemerc.extract.behavior.face import (
     FACE_MEASURES, FaceFinder, inter_ocular_distance, face_measures, pick_speaker, track_faces,
 )
-from bemerc.extract.media import MediaError, sample_frames
+from bemerc.extract.media import FRAME_SAMPLING, MediaError, decode_ahead, sample_frames
 from bemerc.models.profiles import Profile, ProfileError, file_sha256, prepare_stage, resolve_ref, stage_files
 
 NOSE_TIP = 1  # face-mesh vertex followed for head movement
@@ -130,16 +130,22 @@ def rows_from_video(
     items: list[UtteranceMedia], fps: float, max_side: int, row: Callable[[np.ndarray, np.ndarray, str], dict]
 ) -> list[dict | MediaError]:
     """Sample each item's video span and turn it into a row with ``row(frames, times_s, video_path)``;
-    a MediaError (no video, unreadable file, or raised by ``row``) takes the place of a failed row."""
+    a MediaError (no video, unreadable file, or raised by ``row``) takes the place of a failed row.
+    The next item is decoded while ``row`` works on this one (:func:`~bemerc.extract.media.decode_ahead`)."""
+
+    def frames_of(item: UtteranceMedia) -> tuple[np.ndarray, np.ndarray]:
+        if not item.video_path:
+            raise MediaError(item.uid, "utterance has no video file")
+        return sample_frames(item.video_path, fps, max_side, item.start_s, item.end_s)
+
     results: list[dict | MediaError] = []
-    for item in items:
-        try:
-            if not item.video_path:
-                raise MediaError(item.uid, "utterance has no video file")
-            frames, times_s = sample_frames(item.video_path, fps, max_side, item.start_s, item.end_s)
-            results.append(row(frames, times_s, item.video_path))
-        except MediaError as error:
-            results.append(error)
+    for item, sampled in decode_ahead(items, frames_of):
+        if not isinstance(sampled, MediaError):
+            try:
+                sampled = row(*sampled, item.video_path)
+            except MediaError as error:
+                sampled = error
+        results.append(sampled)
     return results
 
 
@@ -237,7 +243,7 @@ class BehaviorExtractor:
         graphs = ("face_detection/face_detection_full_range_sparse.tflite", "face_landmark/face_landmark_with_attention.tflite",
                   "pose_detection/pose_detection.tflite", "pose_landmark/pose_landmark_full.tflite")
         return {
-            "version": VERSION, "fps": self.fps, "max_side": self.max_side, "max_faces": self.max_faces,
+            "version": VERSION, "fps": self.fps, "frame_sampling": FRAME_SAMPLING, "max_side": self.max_side, "max_faces": self.max_faces,
             "tokens_k": self.tokens_k, "tokens_d": len(self.names), "measures": list(self.names),
             "stats": list(STATS), "speaker_rule": "mouth-motion-then-area",
             "mediapipe": mp.__version__, "mediapipe_models": {g: file_sha256([modules / g]) for g in graphs},
