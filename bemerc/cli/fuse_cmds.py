@@ -41,7 +41,8 @@ def fuse(
         db = Store(store)
         run_ids = resolve_runs(db, runs, skip_missing=skip_missing)
         if skip_missing and len(run_ids) < 2:
-            message = f"nothing to fuse: {len(run_ids)} of {', '.join(runs)} found"
+            missing = [ref for ref in runs if not resolve_runs(db, [ref], skip_missing=True)]
+            message = f"nothing to fuse: no run matches {', '.join(missing)}"
             if as_json:
                 print(json.dumps({"run_id": None, "reason": message}))
             else:
