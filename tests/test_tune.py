@@ -16,10 +16,11 @@ from typer.testing import CliRunner
 from bemerc.store import Store
 from bemerc.store.ingest import read_meld, write_utterances
 from bemerc.train.runs import list_runs
-from bemerc.train.tune.loop import TuneConfig, TuneError, load_data, merc_examples, tune
-from bemerc.train.tune.model import LoraSettings, build_model, collate, load_llm, load_tuned
-from bemerc.train.tune.prompt import Prompter, Turn, load_template
-from bemerc.train.tune.score import label_probabilities, label_scores
+from bemerc.train.tune.infer import TunedModel, dialogue_windows, merc_examples
+from bemerc.train.tune.loop import TuneConfig, TuneError, load_data, tune
+from bemerc.train.tune.model import LoraSettings, build_model, collate, collate_windows, load_llm, load_tuned
+from bemerc.train.tune.prompt import DialogueTurn, Prompter, Turn, load_template
+from bemerc.train.tune.score import answer_scores, label_probabilities, label_scores
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 K, D = 4, 6  # behaviour tokens of the test feature set
@@ -76,6 +77,9 @@ def store(tmp_path_factory) -> Store:
         "description": [f"{r['speaker']} says {len(r['text'].split())} words" + (" loudly" if "!" in r["text"] else " calmly")
                         for r in with_behavior]}, schema=s.table(behavior.table_name).schema))
     with_audio = rows[::2]
+    # a labelled test split: dev dialogue 3 again under split "test" (the real MELD test split is not here)
+    write_utterances(s, [{**r, "split": "test", "uid": r["uid"].replace("dev/", "test/", 1)}
+                         for r in rows if r["split"] == "dev" and r["dialogue_id"] == "3"])
     s.write_features(audio, pa.table({"uid": [r["uid"] for r in with_audio],
                                       "vector": [np.resize(_text_measures(r["text"]).reshape(-1), 8).tolist() for r in with_audio]},
                                      schema=s.table(audio.table_name).schema))
@@ -83,7 +87,7 @@ def store(tmp_path_factory) -> Store:
 
 
 def _config(tiny_llm: Path, run_dir: Path, **overrides) -> TuneConfig:
-    settings = dict(model=str(tiny_llm), stage="all", run_dir=str(run_dir), context=2, epochs=2, align_epochs=1,
+    settings = dict(model=str(tiny_llm), stage="all", run_dir=str(run_dir), layout="utterance", context=2, epochs=2, align_epochs=1,
                     batch_size=4, lr=1e-2, align_lr=1e-2, balance=0.5, checkpoint_every=100, progress=False)
     return TuneConfig(**{**settings, **overrides})
 
@@ -118,8 +122,8 @@ def test_label_scores_equal_full_sequence_likelihoods_and_give_a_distribution(ti
         if "lora_B" in name:
             p.data.normal_(std=0.5)
     prompter = Prompter(tokenizer, data.classes, 2, {s.modality: s.n_tokens for s in data.soft})
-    rows = data.eval_rows[:5]
-    examples = merc_examples(prompter, data, rows, labelled=False)
+    rows = data.eval_rows["dev"][:5]
+    examples = merc_examples(prompter, data.inputs, rows)
     batch = collate(examples, rows.tolist(), data.features, tokenizer.pad_token_id, with_answer=False)
     scores = label_scores(model, batch, prompter.label_ids())
 
@@ -149,25 +153,24 @@ def test_all_stages_train_evaluate_and_record_the_run(tiny_llm, store, tmp_path)
     assert last < first  # the answer is learned
 
     data = load_data(store, _config(tiny_llm, run_dir))
-    assert result["eval_utterances"] == len(data.eval_rows) == 11
-    assert json.loads((run_dir / "metrics.json").read_text())["dev"]["n"] == len(data.eval_rows)
+    rows = data.eval_rows["dev"]
+    assert result["eval_utterances"] == len(rows) == 11
+    assert json.loads((run_dir / "metrics.json").read_text())["dev"]["n"] == len(rows)
     run = next(r for r in list_runs(store) if r["run_id"] == result["run_id"])
     assert run["kind"] == "tune" and sorted(run["feature_sets"]) == sorted(s.feature_set for s in data.soft)
     predictions = store.read("predictions", where=f"run_id = '{result['run_id']}'")
-    assert predictions.height == len(data.eval_rows)
+    assert predictions.height == len(rows) + len(data.eval_rows["test"])  # dev and the labelled test split
     assert set(predictions["label"]) <= set(data.classes)
     assert np.allclose([sum(p) for p in predictions["probabilities"].to_list()], 1, atol=1e-5)
 
     # The saved adapter reproduces the run's probabilities, and loads with peft alone
     from peft import PeftModel
 
-    model, prompter, info = load_tuned(run_dir / "adapter")
-    assert info["classes"] == data.classes and prompter.merc_template.source == load_template("merc").source
-    rows = data.eval_rows
-    batch = collate(merc_examples(prompter, data, rows, labelled=False), rows.tolist(), data.features,
-                    prompter.tokenizer.pad_token_id, with_answer=False)
-    again = label_probabilities(label_scores(model, batch, prompter.label_ids()))
-    assert np.allclose(again, result["probabilities"], atol=1e-4)
+    tuned = TunedModel.load(run_dir / "adapter")
+    assert tuned.info.classes == data.classes and tuned.info.layout == "utterance"
+    assert tuned.prompter.merc_template.source == load_template("merc").source
+    again = tuned.predict_proba(data.corpus, rows)
+    assert np.allclose(again, result["probabilities_by_split"]["dev"], atol=1e-4)
     base, _ = load_llm(tiny_llm)
     peft_model = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
     lora = {k: v for k, v in peft_model.state_dict().items() if "lora_B" in k}
@@ -216,10 +219,15 @@ def test_cli_shows_the_prompt_and_runs_zero_shot(tiny_llm, store, tmp_path):
     from bemerc.cli import app
 
     runner = CliRunner()
-    shown = runner.invoke(app, ["tune", "--store", str(store.path), "--model", str(tiny_llm), "--show-prompt", "dev/dia0_utt1"])
+    shown = runner.invoke(app, ["tune", "--store", str(store.path), "--model", str(tiny_llm), "--layout", "utterance",
+                                "--show-prompt", "dev/dia0_utt1"])
     assert shown.exit_code == 0, shown.output
     assert "Phoebe: Oh my God" in shown.output and 'Now Monica says: "What?"' in shown.output
     assert f"<behavior x{K}>" in shown.output and "<audio x1>" in shown.output and "surprise<|im_end|>" in shown.output
+    window = runner.invoke(app, ["tune", "--store", str(store.path), "--model", str(tiny_llm), "--show-prompt", "dev/dia0_utt1"])
+    assert window.exit_code == 0, window.output  # dialogue layout: every turn answered, label by its first token
+    assert window.output.count("<|im_start|>system") == 1 and window.output.count("[-> ") >= 2
+    assert "[-> surprise (first token 'sur')]" in window.output and "a label's probability is that of its first token" in window.output
     missing = runner.invoke(app, ["tune", "--store", str(store.path), "--model", str(tiny_llm), "--show-prompt", "dev/nope"])
     assert missing.exit_code == 1 and "no utterance 'dev/nope'" in missing.output
     zero = runner.invoke(app, ["tune", "--store", str(store.path), "--model", str(tiny_llm), "--zero-shot", "--eval-limit", "8",
@@ -227,3 +235,87 @@ def test_cli_shows_the_prompt_and_runs_zero_shot(tiny_llm, store, tmp_path):
     assert zero.exit_code == 0, zero.output
     result = json.loads(zero.output)
     assert result["metrics"]["dev"]["n"] == result["eval_utterances"] and not (tmp_path / "zs" / "adapter").exists()
+
+
+def _dialogue_model(tiny_llm, store, **overrides):
+    config = _config(tiny_llm, Path("unused"), layout="dialogue", **overrides)
+    data = load_data(store, config)
+    llm, tokenizer = load_llm(tiny_llm)
+    torch.manual_seed(1)
+    model = build_model(llm, data.soft, LoraSettings(r=4)).eval()
+    for name, p in model.named_parameters():  # make LoRA and the projectors matter
+        if "lora_B" in name:
+            p.data.normal_(std=0.5)
+    prompter = Prompter(tokenizer, data.classes, 2, {s.modality: s.n_tokens for s in data.soft}, "dialogue",
+                        max_len=config.max_len)
+    return config, data, model, prompter
+
+
+def test_one_pass_over_a_dialogue_equals_scoring_each_answer_on_its_own_prefix(tiny_llm, store):
+    config, data, model, prompter = _dialogue_model(tiny_llm, store)
+    rows = data.eval_rows["dev"]
+    windows = dialogue_windows(prompter, data.inputs, rows, overlap=2)
+    first_ids = prompter.answer_first_ids()
+    batch = collate_windows(windows, data.features, prompter.tokenizer.pad_token_id)
+    scores, answered = answer_scores(model, batch, windows, first_ids)
+    assert sorted(answered) == sorted(rows.tolist()) and len({len(w) for w in windows}) > 1  # padding exercised
+    probabilities = label_probabilities(scores)
+    assert np.allclose(probabilities.sum(1), 1, atol=1e-5)
+    by_row = dict(zip(answered, scores))
+    for w in windows:
+        for row, position in zip(w.rows, w.answer_positions):
+            prefix = type(w)(w.ids[: position + 1], {m: [(r, p) for r, p in e if p[-1] <= position] for m, e in w.soft.items()},
+                             [row], [position], [True])
+            alone = collate_windows([prefix], data.features, prompter.tokenizer.pad_token_id)
+            one, _ = answer_scores(model, alone, [prefix], first_ids)
+            assert torch.allclose(one[0], by_row[row], atol=1e-4)
+
+
+def test_long_dialogues_are_split_into_overlapping_windows_and_each_turn_is_scored_once(tiny_llm, store):
+    config, data, model, prompter = _dialogue_model(tiny_llm, store, max_len=200)
+    rows = data.train_rows
+    windows = dialogue_windows(prompter, data.inputs, rows, overlap=2)
+    assert max(len(w) for w in windows) <= 200 or all(sum(w.new) == 1 for w in windows if len(w) > 200)
+    assert any(not all(w.new) for w in windows)  # some windows repeat earlier turns as context
+    new = [r for w in windows for r, n in zip(w.rows, w.new) if n]
+    assert sorted(new) == rows.tolist()  # every turn answered exactly once
+    for w in windows:  # context turns come first, and are the previous window's last turns
+        assert w.new == sorted(w.new) and w.rows == list(range(w.rows[0], w.rows[-1] + 1))
+    tuned = TunedModel(model, prompter, TuneInfo_from(data, config))
+    p = tuned.predict_proba(data.inputs, rows)
+    assert p.shape == (len(rows), len(data.classes)) and np.allclose(p.sum(1), 1, atol=1e-5)
+
+
+def TuneInfo_from(data, config):
+    from bemerc.train.tune.model import TuneInfo
+
+    return TuneInfo(base_model=config.model, classes=data.classes, layout="dialogue", overlap=config.overlap,
+                    max_len=config.max_len, soft=data.soft)
+
+
+def test_dialogue_layout_trains_scores_dev_and_test_and_logs_progress_off_a_terminal(tiny_llm, store, tmp_path):
+    from bemerc.cli import app
+
+    run_dir = tmp_path / "dialogue"
+    result = CliRunner().invoke(app, ["tune", "--store", str(store.path), "--model", str(tiny_llm), "--run-dir", str(run_dir),
+                                      "--stage", "merc", "--epochs", "3", "--lr", "1e-2", "--batch-size", "2"])
+    assert result.exit_code == 0, result.output
+    assert "merc: " in result.output and "utt/s" in result.output and "ETA" in result.output  # plain progress lines
+    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    first, last = (np.mean([h["loss"] for h in log if h["epoch"] == e]) for e in (0, 2))
+    assert last < first
+    data = load_data(store, _config(tiny_llm, run_dir, layout="dialogue"))
+    assert sum(h["utterances"] for h in log if h["epoch"] == 0) == len(data.train_rows)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert set(metrics) == {"dev", "test"} and metrics["test"]["n"] == len(data.eval_rows["test"]) > 0
+    run = next(r for r in list_runs(store) if r["run_dir"] == str(run_dir.resolve()))
+    predictions = store.read("predictions", where=f"run_id = '{run['run_id']}'")
+    assert sorted(set(predictions["split"])) == ["dev", "test"]
+    # the saved adapter (tune.json says which layout) reproduces the stored dev probabilities
+    tuned = TunedModel.load(run_dir / "adapter")
+    assert tuned.info.layout == "dialogue" and [s.modality for s in tuned.info.soft] == ["audio", "behavior"]
+    dev = data.eval_rows["dev"]
+    stored = dict(zip(predictions["uid"].to_list(), predictions["probabilities"].to_list()))
+    again = tuned.predict_proba(data.corpus, dev)
+    expected = np.array([stored[u] for u in data.corpus.utterances["uid"].gather(dev).to_list()])
+    assert np.allclose(again, expected, atol=1e-4)

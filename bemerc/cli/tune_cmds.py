@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from bemerc.cli.common import DEFAULT_STORE, JsonOption, StoreOption, console, err_console, fail
+from bemerc.cli.common import DEFAULT_STORE, JsonOption, StoreOption, console, err_console, fail, open_store
 
 
 class Stage(str, Enum):
@@ -32,70 +32,87 @@ def _default_model(profile: str) -> str:
     return str(path)
 
 
+class Layout(str, Enum):
+    dialogue = "dialogue"
+    utterance = "utterance"
+
+
 def register(app: typer.Typer) -> None:
     @app.command("tune")
     def tune(
         store: StoreOption = DEFAULT_STORE,
         model: Annotated[str | None, typer.Option(help="Hugging Face causal LM: a local folder or a hub id. Default: the LLM of --profile.")] = None,
-        profile: Annotated[str, typer.Option(help="Profile whose `llm` stage gives the default --model.")] = "offline",
+        profile: Annotated[str, typer.Option(envvar="BEMERC_PROFILE", help="Profile whose `llm` stage gives the default --model.")] = "offline",
         stage: Annotated[Stage, typer.Option(help="align: behaviour projector learns to describe behaviour; merc: emotion instruction tuning; all: both (align is skipped without behaviour descriptions).")] = Stage.all,
-        run_dir: Annotated[Path | None, typer.Option(help="Output folder (default runs/<run_id>).")] = None,
+        layout: Annotated[Layout | None, typer.Option(help="dialogue: one sequence per dialogue, every turn answered in one pass (labels scored by their first token); utterance: one prompt per utterance with its last --context turns. [default: dialogue]")] = None,
+        run_dir: Annotated[Path | None, typer.Option(help="Output folder (default: runs/<run_id> inside the store).")] = None,
         dataset: Annotated[str | None, typer.Option(help="Dataset to use when the store holds several.")] = None,
-        modalities: Annotated[str | None, typer.Option(help="Comma-separated modalities projected to soft tokens, or 'none'. Default: audio and behavior when stored.")] = None,
-        context: Annotated[int, typer.Option(help="Previous utterances shown in the prompt.")] = 3,
+        modalities: Annotated[str | None, typer.Option(help="Comma-separated modalities projected to soft tokens, or 'none'. Default: text, audio and behavior when stored.")] = None,
+        context: Annotated[int | None, typer.Option(help="utterance layout: previous utterances shown in the prompt. [default: 3]")] = None,
+        overlap: Annotated[int | None, typer.Option(help="dialogue layout: turns repeated as context when a long dialogue is split into windows. [default: 2]")] = None,
+        demos: Annotated[int | None, typer.Option(help="Show the K nearest labelled train utterances (by stored text embedding, never the same dialogue) before each dialogue. [default: 0]")] = None,
+        max_len: Annotated[int | None, typer.Option(help="Tokens of a prompt (utterance layout, 512) or a window (dialogue layout, 1024).")] = None,
         train_limit: Annotated[int | None, typer.Option(help="Train on the first N train utterances (whole dialogues, store order).")] = None,
-        eval_limit: Annotated[int | None, typer.Option(help="Evaluate on the first N dev utterances (whole dialogues).")] = None,
-        epochs: Annotated[int, typer.Option(help="Epochs of the merc stage.")] = 1,
-        align_epochs: Annotated[int, typer.Option(help="Epochs of the align stage.")] = 1,
-        lr: Annotated[float, typer.Option(help="Peak learning rate of the merc stage.")] = 1e-3,
-        align_lr: Annotated[float, typer.Option(help="Peak learning rate of the align stage.")] = 1e-3,
-        batch_size: Annotated[int, typer.Option(help="Utterances per optimiser step (per device).")] = 4,
-        balance: Annotated[float, typer.Option(help="Class-balanced loss: weight examples by (class share) ** -BALANCE (0 = off, 0.5 = inverse square root, 1 = inverse frequency).")] = 0.5,
-        lora_r: Annotated[int, typer.Option(help="LoRA rank (alpha = 2 * rank).")] = 8,
+        eval_limit: Annotated[int | None, typer.Option(help="Evaluate on the first N utterances of each labelled eval split, dev and test (whole dialogues).")] = None,
+        epochs: Annotated[int | None, typer.Option(help="Epochs of the merc stage. [default: 1]")] = None,
+        align_epochs: Annotated[int | None, typer.Option(help="Epochs of the align stage. [default: 1]")] = None,
+        lr: Annotated[float | None, typer.Option(help="Peak learning rate of the merc stage. [default: 1e-3]")] = None,
+        align_lr: Annotated[float | None, typer.Option(help="Peak learning rate of the align stage. [default: 1e-3]")] = None,
+        batch_size: Annotated[int | None, typer.Option(help="Utterances (utterance layout) or dialogue windows (dialogue layout) per optimiser step and device. [default: 4]")] = None,
+        balance: Annotated[float | None, typer.Option(help="Class-balanced loss: weight examples by (class share) ** -BALANCE (0 = off, 0.5 = inverse square root, 1 = inverse frequency). [default: 0.5]")] = None,
+        lora_r: Annotated[int | None, typer.Option(help="LoRA rank (alpha = 2 * rank). [default: 8]")] = None,
         lora_layers: Annotated[int | None, typer.Option(help="LoRA on the top N decoder blocks only (faster, but learns much less). Default: all.")] = None,
-        normalize_scores: Annotated[bool, typer.Option(help="Score a label by its mean token log-probability instead of the sum.")] = False,
+        normalize_scores: Annotated[bool | None, typer.Option("--normalize-scores", help="utterance layout: score a label by its mean token log-probability instead of the sum.")] = None,
         zero_shot: Annotated[bool, typer.Option(help="No training: evaluate the base model by label scoring (no LoRA, no soft tokens).")] = False,
-        seed: Annotated[int, typer.Option(help="Seed of initialisation, data order and dropout.")] = 0,
-        threads: Annotated[int, typer.Option(help="Torch CPU threads (one is fastest for small LLMs).")] = 1,
-        checkpoint_every: Annotated[int, typer.Option(help="Write RUN_DIR/checkpoint.pt every N optimiser steps.")] = 50,
+        seed: Annotated[int | None, typer.Option(help="Seed of initialisation, data order and dropout. [default: 0]")] = None,
+        threads: Annotated[int | None, typer.Option(help="Torch CPU threads. [default: 2]")] = None,
+        checkpoint_every: Annotated[int | None, typer.Option(help="Write RUN_DIR/checkpoint.pt every N optimiser steps. [default: 50]")] = None,
         stop_after: Annotated[int | None, typer.Option(help="Stop after N optimiser steps with a checkpoint (continue with --resume).")] = None,
         resume: Annotated[bool, typer.Option(help="Continue the run in --run-dir from its checkpoint (its saved settings are used).")] = False,
         show_prompt: Annotated[str | None, typer.Option(help="Print the prompt of utterance UID (e.g. dev/dia0_utt1) and exit.")] = None,
         as_json: JsonOption = False,
     ) -> None:
-        """Instruction-tune an LLM with LoRA on the store (BeMERC's model) and evaluate it on dev.
+        """Instruction-tune an LLM with LoRA on the store (BeMERC's model) and evaluate it on dev (and test).
 
-        The prompt holds the dialogue context, the target utterance, its speaker's behaviour
-        description and soft tokens projected from the audio and behaviour features; every label is
-        scored by log-likelihood, so each answer is a valid label with a probability per class.
-        The adapter (peft format, plus projectors and prompt templates) goes to RUN_DIR/adapter, the
-        metrics to RUN_DIR/metrics.json and the predictions to the store (see `bemerc compare`).
+        By default each dialogue is one causal sequence: the system prompt once, then every turn
+        (speaker, text, its behaviour description, soft tokens projected from its stored text, audio
+        and behaviour features) followed by its emotion; one pass answers every turn from all earlier
+        ones. Every label is scored, so each answer is a valid label with a probability per class.
+        The adapter (peft format, plus projectors, prompt templates and tune.json) goes to
+        RUN_DIR/adapter, the metrics to RUN_DIR/metrics.json and the predictions to the store (see
+        `bemerc compare`). Off a terminal, progress is printed as a line every 30 s.
 
-        Example: `bemerc tune --store store --train-limit 1500 --eval-limit 300 --context 2`
+        Example: `bemerc tune --store store --train-limit 2000 --eval-limit 600`
         """
-        from bemerc.store import Store, StoreError, StoreLockedError
+        from bemerc.store import StoreError, StoreLockedError
         from bemerc.train.tune.loop import TuneConfig, TuneError, show_prompt as render_prompt, tune as run_tune
         from bemerc.train.tune.prompt import PromptError
 
         if resume and run_dir is None:
             fail("--resume needs --run-dir (the folder of the interrupted run)")
         chosen = None if modalities is None else [m.strip() for m in modalities.split(",") if m.strip() and m.strip() != "none"]
+        given = {  # only what the user gave: TuneConfig holds the defaults
+            "layout": layout.value if layout else None, "context": context, "overlap": overlap, "demos": demos,
+            "max_len": max_len, "epochs": epochs, "align_epochs": align_epochs, "lr": lr, "align_lr": align_lr,
+            "batch_size": batch_size, "balance": balance, "lora_r": lora_r, "lora_alpha": 2 * lora_r if lora_r else None,
+            "normalize_scores": normalize_scores, "seed": seed, "threads": threads, "checkpoint_every": checkpoint_every,
+        }
         try:
             config = TuneConfig(
                 model=model or ("" if resume else _default_model(profile)), stage=stage.value,
-                run_dir=str(run_dir) if run_dir else None, dataset=dataset, modalities=chosen, context=context,
-                train_limit=train_limit, eval_limit=eval_limit, epochs=epochs, align_epochs=align_epochs, lr=lr,
-                align_lr=align_lr, batch_size=batch_size, balance=balance, lora_r=lora_r, lora_alpha=2 * lora_r, lora_layers=lora_layers,
-                normalize_scores=normalize_scores, zero_shot=zero_shot, seed=seed, threads=threads,
-                checkpoint_every=checkpoint_every, stop_after=stop_after, progress=not as_json,
+                run_dir=str(run_dir) if run_dir else None, dataset=dataset, modalities=chosen,
+                train_limit=train_limit, eval_limit=eval_limit, lora_layers=lora_layers, zero_shot=zero_shot,
+                stop_after=stop_after, progress=not as_json, **{k: v for k, v in given.items() if v is not None},
             )
+            opened = open_store(store)
             if show_prompt:
-                console.print(render_prompt(Store(store, create=False), config, show_prompt), highlight=False, markup=False)
+                console.print(render_prompt(opened, config, show_prompt), highlight=False, markup=False)
                 return
-            result = run_tune(Store(store, create=False), config, resume=resume)
+            result = run_tune(opened, config, resume=resume)
         except (TuneError, PromptError, StoreError, StoreLockedError, OSError) as exc:
             fail(str(exc))
         result.pop("probabilities", None)
+        result.pop("probabilities_by_split", None)
         if as_json:
             print(json.dumps(result, indent=2, default=str))
             return
@@ -107,14 +124,16 @@ def register(app: typer.Typer) -> None:
             console.print(f"[yellow]{note}[/]")
         timing = result.get("timing", {})
         table = Table(title=f"run {result['run_id']} ({result['run_dir']})")
-        for col in ("split", "utterances", "weighted F1", "accuracy", "majority weighted F1"):
+        for col in ("split", "utterances", "weighted F1", "accuracy", "majority weighted F1 (dev)"):
             table.add_column(col, justify="right")
         for split, m in result.get("metrics", {}).items():
             table.add_row(split, f"{m['n']:,}", f"{m['weighted_f1']:.3f}", f"{m['accuracy']:.3f}",
-                          f"{result['majority']['weighted_f1']:.3f}")
+                          f"{result['majority']['weighted_f1']:.3f}" if split == "dev" else "")
         console.print(table)
         if timing.get("steps"):
-            console.print(f"train: {result.get('train_utterances', 0):,} utterances, {timing['steps']} steps, "
-                          f"{timing['step_s_median']:.2f} s/step, {timing['train_tokens_per_s']:.0f} tokens/s")
+            console.print(f"train ({result.get('layout')} layout): {result.get('train_utterances', 0):,} utterances, "
+                          f"{timing['steps']} steps, {timing['step_s_median']:.2f} s/step, "
+                          f"{timing['train_utterances_per_s']:.1f} utterances/s, {timing['train_tokens_per_s']:.0f} tokens/s")
         if "eval" in timing:
-            console.print(f"eval: {timing['eval']['seconds']:.0f} s, {timing['eval']['tokens_per_s']:.0f} prompt tokens/s")
+            console.print(f"eval (dev): {timing['eval']['seconds']:.0f} s, {timing['eval']['utterances_per_s']:.1f} utterances/s, "
+                          f"{timing['eval']['tokens_per_s']:.0f} tokens/s")

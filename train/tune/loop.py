@@ -3,9 +3,12 @@ loop, checkpoint/resume, evaluation, saving.
 
 Stage 1 (``align``) trains the behaviour projector (LoRA too with ``align_lora``) to make the LLM
 generate an utterance's stored behaviour description from its behaviour tokens. Stage 2 (``merc``)
-trains LoRA and every projector on the emotion answer, with the loss on the answer tokens only.
-Evaluation scores every label (see :mod:`bemerc.train.tune.score`), and the run is recorded like the
-baseline's (:func:`bemerc.train.runs.save_run`, kind ``tune``).
+trains LoRA and every projector on the emotion answer, with the loss on the answer tokens only, in
+one of two layouts (:mod:`bemerc.train.tune.prompt`): ``dialogue`` (default: one causal sequence per
+dialogue, every turn answered, the system prompt once) or ``utterance`` (one prompt per utterance
+with its last N turns). Evaluation scores every label of every labelled evaluation split (dev, and
+test when the store has it) through :class:`~bemerc.train.tune.infer.TunedModel`, and the run is
+recorded like the baseline's (:func:`bemerc.train.runs.save_run`, kind ``tune``).
 
 A checkpoint (``RUN_DIR/checkpoint.pt``: adapter and projector weights, optimiser, scheduler, RNG
 state, position in the data) is written every ``checkpoint_every`` steps; resuming from it gives the
@@ -22,25 +25,32 @@ import json
 import math
 import os
 import statistics
+import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 from bemerc.store import Store
-from bemerc.store.schema import LABEL_SETS
+from bemerc.store.schema import run_classes, sql_quote
 from bemerc.train.metrics import classification_metrics
 from bemerc.train.runs import default_run_dir, new_run_id, save_run
 from bemerc.train.tensors import Corpus, load_corpus
-from bemerc.train.tune.model import LoraSettings, MercModel, SoftInput, build_model, collate, load_llm, save_adapter
-from bemerc.train.tune.prompt import Encoded, Prompter, Turn
-from bemerc.train.tune.score import label_probabilities, label_scores
+from bemerc.train.tune.infer import Inputs, TunedModel, corpus_inputs, dialogue_windows, merc_examples
+from bemerc.train.tune.model import (Batch, LoraSettings, MercModel, SoftInput, TuneInfo, build_model, collate,
+                                     collate_windows, load_llm, save_adapter)
+from bemerc.train.tune.prompt import Prompter
 
 STAGES = {"align": ["align"], "merc": ["merc"], "all": ["align", "merc"]}
-SOFT_MODALITIES = ("audio", "behavior")  # projected by default when the store has them
+LAYOUTS = ("dialogue", "utterance")
+SOFT_MODALITIES = ("text", "audio", "behavior")  # projected by default when the store has them
+EVAL_SPLITS = ("dev", "test")  # scored when labelled; model selection uses dev only
+DEFAULT_MAX_LEN = {"utterance": 512, "dialogue": 1024}
+LOG_EVERY_S = 30.0  # progress lines when the output is not a terminal
 
 
 class TuneError(ValueError):
@@ -54,16 +64,18 @@ class TuneConfig:
 
     model: str  # a local Hugging Face folder or a hub id
     stage: str = "merc"  # align | merc | all
-    run_dir: str | None = None  # default runs/<run_id>
+    run_dir: str | None = None  # default: inside the store (see bemerc.train.runs.default_run_dir)
     dataset: str | None = None  # needed when the store holds several datasets
-    modalities: list[str] | None = None  # projected to soft tokens; None = audio and behavior when stored
-    context: int = 3  # previous utterances shown in the prompt
+    modalities: list[str] | None = None  # projected to soft tokens; None = text, audio and behavior when stored
+    layout: str = "dialogue"  # dialogue: one sequence per dialogue; utterance: one prompt per utterance
+    context: int = 3  # utterance layout: previous utterances shown in the prompt
+    overlap: int = 2  # dialogue layout: turns repeated as context when a dialogue needs several windows
+    demos: int = 0  # K retrieved labelled train utterances shown before each dialogue (0 = none)
     train_limit: int | None = None  # first N train utterances (whole dialogues)
-    eval_limit: int | None = None  # first N utterances of the eval split (whole dialogues)
-    eval_split: str = "dev"
+    eval_limit: int | None = None  # first N utterances of each eval split (whole dialogues)
     epochs: int = 1
     align_epochs: int = 1
-    batch_size: int = 4
+    batch_size: int = 4  # utterances (utterance layout) or dialogue windows (dialogue layout) per step
     lr: float = 1e-3
     align_lr: float = 1e-3
     warmup: float = 0.05  # share of the steps with a linear warm-up, then cosine decay to 10%
@@ -74,51 +86,57 @@ class TuneConfig:
     lora_dropout: float = 0.05
     lora_layers: int | None = None  # LoRA on the top N decoder blocks only (None = all)
     align_lora: bool = False
-    max_len: int = 512  # prompt tokens; context turns are dropped, oldest first, beyond it
+    max_len: int | None = None  # tokens of a prompt (512; context dropped beyond it) or a window (1024)
     normalize_scores: bool = False  # label score = mean instead of sum of token log-probs
     zero_shot: bool = False  # no training: score labels with the base model (no LoRA, no soft tokens)
     seed: int = 0
-    threads: int = 1  # torch CPU threads (one is fastest for small LLMs)
+    threads: int = 2  # torch CPU threads
     gradient_checkpointing: bool | None = None  # None = on when a GPU is used
     checkpoint_every: int = 50
     stop_after: int | None = None  # stop (with a checkpoint) after this many optimiser steps of the run
     progress: bool = True
-    merc_prompt: str = "merc"
+    merc_prompt: str | None = None  # template name or .toml path; default: the layout's (dialogue or merc)
     align_prompt: str = "align"
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
             raise TuneError(f"--stage must be one of {', '.join(STAGES)}, found {self.stage!r}")
+        if self.layout not in LAYOUTS:
+            raise TuneError(f"--layout must be one of {', '.join(LAYOUTS)}, found {self.layout!r}")
+        if self.max_len is None:
+            self.max_len = DEFAULT_MAX_LEN[self.layout]
+        if self.merc_prompt is None:
+            self.merc_prompt = "dialogue" if self.layout == "dialogue" else "merc"
+        for name in ("demos", "overlap", "context"):
+            if getattr(self, name) < 0:
+                raise TuneError(f"{name} must be 0 or more, found {getattr(self, name)}")
         for name in ("epochs", "align_epochs", "batch_size", "lora_r", "checkpoint_every"):
             if getattr(self, name) < (0 if "epochs" in name else 1):
                 raise TuneError(f"{name} must be positive, found {getattr(self, name)}")
 
 
-# -- data --------------------------------------------------------------------------------------
+# -- data ---------------------------------------------------------------------------------------
 @dataclass
 class Data:
-    """The corpus with what the prompts need: classes, soft inputs and their (N, K*D) features,
-    behaviour descriptions, the first row of each utterance's dialogue, and the selected rows."""
+    """The corpus with what the prompts need (:class:`~bemerc.train.tune.infer.Inputs`), its classes
+    and soft inputs, and the selected rows: train, and each labelled evaluation split's."""
 
     corpus: Corpus
     dataset: str | None
     classes: list[str]
-    speakers: list[str]
-    texts: list[str]
     labels: list[str | None]
     soft: list[SoftInput]
-    features: dict[str, tuple[np.ndarray, np.ndarray]]
-    descriptions: list[str | None]
-    dialogue_start: np.ndarray
+    inputs: Inputs
     train_rows: np.ndarray
-    eval_rows: np.ndarray
+    eval_rows: dict[str, np.ndarray]  # split -> rows, dev first
 
-    def context(self, row: int, n: int) -> list[Turn]:
-        start = max(self.dialogue_start[row], row - n)
-        return [self.turn(r) for r in range(start, row)]
+    @property
+    def features(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        return self.inputs.features
 
-    def turn(self, row: int) -> Turn:
-        return Turn(self.speakers[row] or "Speaker", self.texts[row] or "")
+    @property
+    def descriptions(self) -> list[str | None]:
+        return self.inputs.descriptions
 
     def label(self, row: int) -> str:
         return self.labels[row]
@@ -167,10 +185,13 @@ def load_data(store: Store, config: TuneConfig) -> Data:
     if unknown:
         raise TuneError(f"{store.path}: no feature set for modality {', '.join(unknown)} "
                         f"(stored: {', '.join(sorted(stored)) or 'none'}); run `bemerc extract` or change --modalities")
+    if config.demos and "text" not in stored:
+        raise TuneError(f"{store.path}: --demos needs a text feature set to retrieve by; run `bemerc extract --modality text`")
     soft = [_soft_input(store, stored[m], m) for m in modalities]
     behavior = stored.get("behavior")
     has_description = behavior is not None and "description" in store.table(behavior.table_name).schema.names
-    refs = sorted({s.feature_set for s in soft} | ({behavior.id} if has_description else set()))
+    refs = sorted({s.feature_set for s in soft} | ({behavior.id} if has_description else set())
+                  | ({stored["text"].id} if config.demos else set()))
     extra: dict[str, list[str]] = {}
     for s in soft:
         if s.column != "vector":
@@ -179,41 +200,49 @@ def load_data(store: Store, config: TuneConfig) -> Data:
         extra.setdefault(behavior.id, []).append("description")
     corpus = load_corpus(store, refs, extra, dataset)
 
-    features = {}
-    for s in soft:
-        arrays = corpus.modalities[s.modality]
-        if s.column == "vector":
-            values = arrays.vectors
-        else:
-            values = np.zeros((corpus.utterances.height, s.n_tokens * s.dim), dtype=np.float32)
-            for i, v in enumerate(arrays.extras[s.column]):
-                if v is not None:
-                    values[i] = v
-        features[s.modality] = (values, arrays.present)
-    descriptions = corpus.modalities["behavior"].extras["description"] if has_description else [None] * corpus.utterances.height
-
     u = corpus.utterances
-    key = (u["split"] + "\x00" + u["dialogue_id"]).to_list()
-    dialogue_start = np.zeros(u.height, dtype=np.int64)
-    for i in range(1, u.height):
-        dialogue_start[i] = dialogue_start[i - 1] if key[i] == key[i - 1] else i
     labelled = u["label"].is_not_null().to_numpy()
     train = np.flatnonzero(corpus.split_mask("train") & labelled)
-    evaluation = np.flatnonzero(corpus.split_mask(config.eval_split) & labelled)
-    if len(evaluation) == 0:
-        raise TuneError(f"{store.path}: dataset {dataset!r} has no labelled {config.eval_split!r} utterances")
+    evaluation = {split: np.flatnonzero(corpus.split_mask(split) & labelled) for split in EVAL_SPLITS}
+    evaluation = {split: first_dialogues(rows, corpus.dialogue_start, config.eval_limit)
+                  for split, rows in evaluation.items() if len(rows)}
+    if "dev" not in evaluation:
+        raise TuneError(f"{store.path}: dataset {dataset!r} has no labelled 'dev' utterances (needed to evaluate and select)")
     if len(train) == 0 and not config.zero_shot:
         raise TuneError(f"{store.path}: dataset {dataset!r} has no labelled train utterances")
-    classes = list(LABEL_SETS.get(dataset) or sorted(set(u["label"].drop_nulls().to_list())))
-    return Data(corpus, dataset, classes, u["speaker"].to_list(), u["text"].to_list(), u["label"].to_list(),
-                soft, features, descriptions, dialogue_start,
-                first_dialogues(train, dialogue_start, config.train_limit),
-                first_dialogues(evaluation, dialogue_start, config.eval_limit))
+    labels = u["label"].to_list()
+    return Data(corpus, dataset, run_classes(dataset, labels), labels, soft, corpus_inputs(corpus, soft),
+                first_dialogues(train, corpus.dialogue_start, config.train_limit), evaluation)
 
 
-def merc_examples(prompter: Prompter, data: Data, rows: np.ndarray, labelled: bool) -> list[Encoded]:
-    return [prompter.merc(data.context(r, prompter.context), data.turn(r), data.descriptions[r],
-                          data.label(r) if labelled else None) for r in rows]
+def demonstrations(store: Store, data: Data, k: int) -> Callable[[list[int]], list[tuple[str, str]]]:
+    """The demonstrations of a dialogue: for each of its turns the nearest labelled train utterances
+    by stored text embedding (a LanceDB vector search on the store; never an evaluation split, never
+    the same dialogue), the K closest of them overall, as ``(text, label)``."""
+    fs = data.corpus.modalities["text"].feature_set
+    table = store.table(fs.table_name)
+    u = data.corpus.utterances
+    uids = u["uid"].to_list()
+    row_of = {uid: i for i, uid in enumerate(uids)}
+    vectors, present = data.corpus.modalities["text"].vectors, data.corpus.modalities["text"].present
+    train = set(data.train_rows.tolist())
+    where = "uid LIKE " + sql_quote("train/%")
+
+    def pick(rows: list[int]) -> list[tuple[str, str]]:
+        own = int(data.inputs.dialogue_start[rows[0]])
+        found: dict[int, float] = {}
+        for r in rows:
+            if not present[r]:
+                continue
+            hits = table.search(vectors[r]).where(where, prefilter=True).limit(k + 32).select(["uid"]).to_list()
+            for hit in hits:
+                row = row_of.get(hit["uid"], -1)
+                if row in train and int(data.inputs.dialogue_start[row]) != own:
+                    found[row] = min(found.get(row, math.inf), hit["_distance"])
+        best = sorted(found, key=found.get)[:k]
+        return [(data.inputs.texts[r], data.label(r)) for r in best]
+
+    return pick
 
 
 def class_weights(labels: list[str], balance: float) -> np.ndarray:
@@ -289,33 +318,53 @@ def load_checkpoint(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-# -- training ----------------------------------------------------------------------------------
-class Bar:
-    """A rich progress bar with loss and tokens/s (nothing when disabled)."""
+# -- training ---------------------------------------------------------------------------------
+class Progress:
+    """Progress of the stages: a rich bar on a terminal; otherwise (output to a file or a pipe) a
+    plain line every ``LOG_EVERY_S`` seconds and at the end of each task: stage, step/total, loss,
+    utterances/s and the time left. Nothing when disabled."""
 
-    def __init__(self, enabled: bool):
-        self.progress = None
-        if enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    def __init__(self, enabled: bool, log_every_s: float = LOG_EVERY_S):
+        self.enabled, self.bar, self.log_every_s = enabled, None, log_every_s
+        self.tasks: dict[str, dict] = {}
+        if enabled and sys.stdout.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-            self.progress = Progress(TextColumn("{task.description:<6}"), BarColumn(), MofNCompleteColumn(),
-                                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn())
+            self.bar = Bar(TextColumn("{task.description:<6}"), BarColumn(), MofNCompleteColumn(),
+                           TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn())
 
-    def __enter__(self) -> "Bar":
-        if self.progress:
-            self.progress.start()
+    def __enter__(self) -> "Progress":
+        if self.bar:
+            self.bar.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.progress:
-            self.progress.stop()
+        if self.bar:
+            self.bar.stop()
 
-    def task(self, name: str, total: int, done: int = 0):
-        return self.progress.add_task(name, total=total, completed=done, info="") if self.progress else None
+    def task(self, name: str, total: int, done: int = 0) -> str:
+        now = time.perf_counter()
+        self.tasks[name] = {"total": total, "done": done, "start_done": done, "start": now, "logged": now,
+                            "utterances": 0, "id": self.bar.add_task(name, total=total, completed=done, info="") if self.bar else None}
+        return name
 
-    def advance(self, task, info: str = "", n: int = 1) -> None:
-        if self.progress:
-            self.progress.update(task, advance=n, info=info)
+    def advance(self, name: str, loss: float | None = None, utterances: int = 0, n: int = 1) -> None:
+        if not self.enabled:
+            return
+        t = self.tasks[name]
+        t["done"] += n
+        t["utterances"] += utterances
+        now = time.perf_counter()
+        rate = t["utterances"] / max(now - t["start"], 1e-9)
+        info = (f"loss {loss:.3f}  " if loss is not None else "") + f"{rate:.1f} utt/s"
+        if self.bar:
+            self.bar.update(t["id"], advance=n, info=info)
+        elif now - t["logged"] >= self.log_every_s or t["done"] >= t["total"]:
+            t["logged"] = now
+            steps = t["done"] - t["start_done"]
+            left = (t["total"] - t["done"]) * (now - t["start"]) / max(steps, 1)
+            print(f"{name}: {t['done']}/{t['total']}  {info}  {now - t['start']:.0f} s elapsed, "
+                  f"ETA {left // 60:.0f} min {left % 60:02.0f} s", flush=True)
 
 
 def _trainable(model: MercModel, stage: str, config: TuneConfig) -> list[torch.nn.Parameter]:
@@ -328,15 +377,49 @@ def _trainable(model: MercModel, stage: str, config: TuneConfig) -> list[torch.n
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def train_stage(stage: str, model: MercModel, examples: list[Encoded], rows: np.ndarray, weights: np.ndarray,
-                data: Data, pad_id: int, config: TuneConfig, accelerator, run_dir: Path, progress: dict,
-                resume: dict | None, bar: Bar) -> bool:
-    """Run (or finish) one stage on ``examples`` (of corpus ``rows``, with loss ``weights``); False
-    when ``stop_after`` interrupted it (a checkpoint was written)."""
+@dataclass
+class Examples:
+    """What one stage trains on: ``lengths[i]`` tokens and ``utterances[i]`` answered utterances of
+    item i (a prompt or a dialogue window), and ``batch(items)`` that collates a list of items."""
+
+    lengths: list[int]
+    utterances: list[int]
+    batch: Callable[[list[int]], Batch]
+
+
+def stage_examples(stage: str, prompter: Prompter, data: Data, config: TuneConfig, demos=None) -> Examples:
+    """The items of ``stage``: align prompts, or the MERC prompts/windows of the train rows, with
+    class-balanced loss weights (see :func:`class_weights`)."""
+    pad_id = prompter.tokenizer.pad_token_id
+    if stage == "align":
+        rows = np.array([r for r in data.train_rows if data.descriptions[r]], dtype=np.int64)
+        prompts = [prompter.align(data.descriptions[r]) for r in rows]
+        return Examples([len(e) for e in prompts], [1] * len(prompts),
+                        lambda items: collate([prompts[i] for i in items], rows[items].tolist(), data.features, pad_id))
+    rows = data.train_rows
+    weights = class_weights([data.label(r) for r in rows], config.balance)
+    if config.layout == "utterance":
+        prompts = merc_examples(prompter, data.inputs, rows, [data.label(r) for r in rows])
+        return Examples([len(e) for e in prompts], [1] * len(prompts), lambda items: collate(
+            [prompts[i] for i in items], rows[items].tolist(), data.features, pad_id, weights=weights[items].tolist()))
+    first_ids = dict(zip(data.classes, prompter.answer_first_ids()))
+    answers = {int(r): first_ids[data.label(r)] for r in rows}
+    weight_of = dict(zip(rows.tolist(), weights.tolist()))
+    windows = [w for w in dialogue_windows(prompter, data.inputs, rows, config.overlap, demos)
+               if any(new and r in answers for r, new in zip(w.rows, w.new))]
+    return Examples([len(w) for w in windows], [sum(new and r in answers for r, new in zip(w.rows, w.new)) for w in windows],
+                    lambda items: collate_windows([windows[i] for i in items], data.features, pad_id, answers, weight_of))
+
+
+def train_stage(stage: str, model: MercModel, examples: Examples, config: TuneConfig, accelerator, run_dir: Path,
+                progress: dict, resume: dict | None, bar: Progress) -> bool:
+    """Run (or finish) one stage on ``examples``; False when ``stop_after`` interrupted it (a
+    checkpoint was written). Batches are sharded across processes (``accelerate launch``): each
+    takes every world-th item of a global batch, gradients are averaged by DDP."""
     epochs = config.align_epochs if stage == "align" else config.epochs
-    lengths = [len(e) for e in examples]
     world, rank = accelerator.num_processes, accelerator.process_index
-    per_epoch = len(examples) // (config.batch_size * world) + bool(len(examples) % (config.batch_size * world))
+    n = len(examples.lengths)
+    per_epoch = n // (config.batch_size * world) + bool(n % (config.batch_size * world))
     total = max(1, per_epoch * epochs)
     params = _trainable(model, stage, config)
     optimizer = torch.optim.AdamW(params, lr=config.align_lr if stage == "align" else config.lr,
@@ -352,12 +435,11 @@ def train_stage(stage: str, model: MercModel, examples: list[Encoded], rows: np.
     task = bar.task(stage, per_epoch * epochs, progress["epoch"] * per_epoch + progress["batch"])
     wrapped.train()
     for epoch in range(progress["epoch"], epochs):
-        batches = epoch_batches(lengths, config.batch_size * world, config.seed * 1000 + 10 * epoch + seed_offset)
+        batches = epoch_batches(examples.lengths, config.batch_size * world, config.seed * 1000 + 10 * epoch + seed_offset)
         for b in range(progress["batch"], len(batches)):
             index = batches[b][rank::world]
             start = time.perf_counter()
-            batch = collate([examples[i] for i in index], rows[index].tolist(), data.features, pad_id,
-                            weights=weights[index].tolist()).to(accelerator.device)
+            batch = examples.batch(index.tolist()).to(accelerator.device)
             with accelerator.autocast():
                 loss = wrapped(batch)
             accelerator.backward(loss)
@@ -366,10 +448,11 @@ def train_stage(stage: str, model: MercModel, examples: list[Encoded], rows: np.
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             seconds, value = time.perf_counter() - start, loss.item()
-            progress["history"].append({"stage": stage, "epoch": epoch, "batch": b, "loss": value,
-                                        "lr": scheduler.get_last_lr()[0], "tokens": batch.tokens, "seconds": seconds})
+            answered = sum(examples.utterances[i] for i in index)
+            progress["history"].append({"stage": stage, "epoch": epoch, "batch": b, "loss": value, "lr": scheduler.get_last_lr()[0],
+                                        "tokens": batch.tokens, "utterances": answered, "seconds": seconds})
             progress["batch"] = b + 1
-            bar.advance(task, f"loss {value:.3f}  {batch.tokens / seconds:.0f} tok/s")
+            bar.advance(task, value, answered * world)
             stop = config.stop_after is not None and len(progress["history"]) >= config.stop_after
             if (len(progress["history"]) % config.checkpoint_every == 0 or stop) and accelerator.is_main_process:
                 save_checkpoint(checkpoint, model, progress, config, optimizer, scheduler)
@@ -381,28 +464,20 @@ def train_stage(stage: str, model: MercModel, examples: list[Encoded], rows: np.
 
 
 # -- evaluation --------------------------------------------------------------------------------
-def evaluate(model: MercModel, prompter: Prompter, data: Data, rows: np.ndarray, config: TuneConfig,
-             accelerator, bar: Bar) -> tuple[np.ndarray, dict]:
-    """(N, C) label probabilities of ``rows`` and timing; prompts are scored shortest first (less
-    padding), twice the training batch size at a time, and put back in order."""
-    examples = merc_examples(prompter, data, rows, labelled=False)
-    label_ids = prompter.label_ids()
-    order = np.argsort([len(e) for e in examples], kind="stable")
-    probabilities = np.zeros((len(rows), len(data.classes)), dtype=np.float32)
-    model.eval()
-    task = bar.task("eval", len(rows))
+def evaluate(tuned: TunedModel, data: Data, rows: np.ndarray, bar: Progress, name: str = "eval") -> tuple[np.ndarray, dict]:
+    """(N, C) label probabilities of ``rows`` and timing (see :meth:`TunedModel.predict_proba`)."""
+    task = bar.task(name, len(rows))
     tokens, start = 0, time.perf_counter()
-    for i in range(0, len(order), 2 * config.batch_size):
-        index = order[i: i + 2 * config.batch_size]
-        batch = collate([examples[j] for j in index], rows[index].tolist(), data.features,
-                        prompter.tokenizer.pad_token_id, with_answer=False).to(accelerator.device)
-        with accelerator.autocast():
-            scores = label_scores(model, batch, label_ids, config.normalize_scores)
-        probabilities[index] = label_probabilities(scores)
-        tokens += batch.tokens
-        bar.advance(task, f"{tokens / (time.perf_counter() - start):.0f} tok/s", len(index))
+
+    def advance(done: int, batch_tokens: int) -> None:
+        nonlocal tokens
+        tokens += batch_tokens
+        bar.advance(task, None, done, done)
+
+    probabilities = tuned.predict_proba(data.inputs, rows, advance)
     seconds = time.perf_counter() - start
-    return probabilities, {"seconds": seconds, "prompt_tokens": tokens, "tokens_per_s": tokens / max(seconds, 1e-9)}
+    return probabilities, {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / max(seconds, 1e-9),
+                           "utterances_per_s": len(rows) / max(seconds, 1e-9)}
 
 
 def majority_metrics(data: Data, rows: np.ndarray) -> dict:
@@ -419,8 +494,11 @@ def _timing(history: list[dict]) -> dict:
     if not merc:
         return {}
     seconds = sum(h["seconds"] for h in merc)
+    utterances = sum(h.get("utterances", 0) for h in merc)
     return {"steps": len(merc), "step_s_median": statistics.median(h["seconds"] for h in merc),
             "train_seconds": seconds, "train_tokens_per_s": sum(h["tokens"] for h in merc) / max(seconds, 1e-9),
+            "train_utterances_per_s": utterances / max(seconds, 1e-9),
+            "train_tokens_per_utterance": sum(h["tokens"] for h in merc) / max(utterances, 1),
             "final_loss": statistics.fmean(h["loss"] for h in merc[-10:])}
 
 
@@ -442,7 +520,7 @@ def tune(store: Store, config: TuneConfig, resume: bool = False) -> dict:
     if not cuda:
         torch.set_num_threads(config.threads)
     run_id = (checkpoint or {}).get("progress", {}).get("run_id") or new_run_id("tune")
-    run_dir = Path(config.run_dir) if config.run_dir else default_run_dir(run_id)
+    run_dir = Path(config.run_dir) if config.run_dir else default_run_dir(store, run_id)
     config = replace(config, run_dir=str(run_dir))
     accelerator = Accelerator(mixed_precision="bf16" if cuda else "no", cpu=not cuda)
 
@@ -456,6 +534,13 @@ def tune(store: Store, config: TuneConfig, resume: bool = False) -> dict:
     model.to(accelerator.device)
     prompter = Prompter(tokenizer, data.classes, config.context, {s.modality: s.n_tokens for s in data.soft},
                         config.merc_prompt, config.align_prompt, config.max_len)
+    if config.layout == "dialogue":
+        prompter.answer_first_ids()  # fails early, in one line, when two labels share a first token
+    demos = demonstrations(store, data, config.demos) if config.demos else None
+    info = TuneInfo(base_model=str(config.model), classes=data.classes, layout=config.layout, context=config.context,
+                    max_len=config.max_len, overlap=config.overlap, demos=config.demos,
+                    demo_feature_set=data.corpus.modalities["text"].feature_set.id if config.demos else None,
+                    normalize_scores=config.normalize_scores, dataset=data.dataset, soft=data.soft)
 
     progress = {"run_id": run_id, "done": [], "stage": None, "epoch": 0, "batch": 0, "history": []}
     if checkpoint is not None:
@@ -465,8 +550,8 @@ def tune(store: Store, config: TuneConfig, resume: bool = False) -> dict:
 
     stages = [] if config.zero_shot else list(STAGES[config.stage])
     notes = []
-    align_rows = np.array([r for r in data.train_rows if data.descriptions[r]], dtype=np.int64)
-    if "align" in stages and ("behavior" not in model.soft or len(align_rows) == 0):
+    has_description = any(data.descriptions[r] for r in data.train_rows)
+    if "align" in stages and ("behavior" not in model.soft or not has_description):
         reason = ("the model has no behaviour projector (no behavior feature set)" if "behavior" not in model.soft
                   else "no training utterance has a behaviour description")
         if config.stage == "align":
@@ -475,54 +560,57 @@ def tune(store: Store, config: TuneConfig, resume: bool = False) -> dict:
         notes.append(f"align stage skipped: {reason}")
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    with Bar(config.progress and accelerator.is_main_process) as bar:
+    with Progress(config.progress and accelerator.is_main_process) as bar:
         for stage in stages:
             if stage in progress["done"]:
                 continue
-            if stage == "align":
-                rows = align_rows
-                examples = [prompter.align(data.descriptions[r]) for r in rows]
-                weights = np.ones(len(rows))
-            else:
-                rows = data.train_rows
-                examples = merc_examples(prompter, data, rows, labelled=True)
-                weights = class_weights([data.label(r) for r in rows], config.balance)
+            examples = stage_examples(stage, prompter, data, config, demos)
             mid_stage = checkpoint is not None and progress["stage"] == stage and checkpoint["optimizer"] is not None
             progress["stage"] = stage
-            if not train_stage(stage, model, examples, rows, weights, data, tokenizer.pad_token_id, config, accelerator, run_dir, progress,
+            if not train_stage(stage, model, examples, config, accelerator, run_dir, progress,
                                checkpoint if mid_stage else None, bar):
                 return {"stopped": True, "run_id": run_id, "run_dir": str(run_dir), "steps": len(progress["history"])}
             progress.update(done=progress["done"] + [stage], stage=None, epoch=0, batch=0)
             if accelerator.is_main_process:
                 save_checkpoint(run_dir / "checkpoint.pt", model, progress, config)
-        _write_log(run_dir, progress["history"])
+        if accelerator.is_main_process:
+            _write_log(run_dir, progress["history"])
 
-        meta = {"base_model": str(config.model), "classes": data.classes, "context": config.context,
-                "max_len": config.max_len, "normalize_scores": config.normalize_scores, "dataset": data.dataset}
         templates = {"merc": prompter.merc_template.source, "align": prompter.align_template.source}
         if stages and accelerator.is_main_process:
-            save_adapter(model, run_dir / "adapter", meta, templates)
+            save_adapter(accelerator.unwrap_model(model), run_dir / "adapter", info, templates)
         if "merc" not in stages and not config.zero_shot:
             return {"run_id": run_id, "run_dir": str(run_dir), "notes": notes, "timing": _timing(progress["history"])}
 
-        probabilities, eval_timing = evaluate(model, prompter, data, data.eval_rows, config, accelerator, bar)
+        tuned = TunedModel(model, prompter, info, batch_size=2 * config.batch_size, device=accelerator.device,
+                           autocast=accelerator.autocast, demos=demos)
+        scored = {split: evaluate(tuned, data, rows, bar, split) for split, rows in data.eval_rows.items()}
 
-    rows = data.eval_rows
-    gold = [data.label(r) for r in rows]
-    metrics = {config.eval_split: classification_metrics(np.array([data.classes.index(g) for g in gold]),
-                                                         probabilities.argmax(1), data.classes)}
-    majority = majority_metrics(data, rows)
-    timing = {**_timing(progress["history"]), "eval": eval_timing}
-    summary = {"train_utterances": len(data.train_rows), "eval_utterances": len(rows), "notes": notes,
+    uids, splits, gold, metrics, eval_timing = [], [], [], {}, {}
+    u = data.corpus.utterances
+    for split, rows in data.eval_rows.items():
+        labels = [data.label(r) for r in rows]
+        metrics[split] = classification_metrics(np.array([data.classes.index(g) for g in labels]),
+                                                scored[split][0].argmax(1), data.classes)
+        uids += u["uid"].gather(rows).to_list()
+        splits += [split] * len(rows)
+        gold += labels
+        eval_timing[split] = scored[split][1]
+    probabilities = np.concatenate([scored[split][0] for split in data.eval_rows])
+    dev = data.eval_rows["dev"]
+    majority = majority_metrics(data, dev)
+    train_rows = len(data.train_rows) if stages else 0
+    timing = {**_timing(progress["history"]), "eval": eval_timing["dev"], "eval_by_split": eval_timing}
+    summary = {"train_utterances": train_rows, "eval_utterances": len(dev), "layout": config.layout,
+               "eval_splits": {split: len(rows) for split, rows in data.eval_rows.items()}, "notes": notes,
                "majority": {"weighted_f1": majority["weighted_f1"], "accuracy": majority["accuracy"]}, "timing": timing}
     if accelerator.is_main_process:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        u = data.corpus.utterances
         save_run(store, run_id=run_id, kind="tune", run_dir=run_dir, classes=data.classes,
                  feature_sets=[s.feature_set for s in data.soft], config={**asdict(config), "summary": summary},
-                 metrics=metrics, uids=u["uid"].gather(rows).to_list(), splits=u["split"].gather(rows).to_list(),
-                 gold=gold, probabilities=probabilities, dataset=data.dataset)
-    return {"run_id": run_id, "run_dir": str(run_dir), "metrics": metrics, "probabilities": probabilities, **summary}
+                 metrics=metrics, uids=uids, splits=splits, gold=gold, probabilities=probabilities, dataset=data.dataset)
+    return {"run_id": run_id, "run_dir": str(run_dir), "metrics": metrics, "probabilities": probabilities,
+            "probabilities_by_split": {split: p for split, (p, _) in scored.items()}, **summary}
 
 
 def _write_log(run_dir: Path, history: list[dict]) -> None:
@@ -531,7 +619,9 @@ def _write_log(run_dir: Path, history: list[dict]) -> None:
 
 
 def show_prompt(store: Store, config: TuneConfig, uid: str) -> str:
-    """The MERC prompt (and expected answer) of utterance ``uid`` as the model sees it."""
+    """The MERC prompt of utterance ``uid`` as the model sees it: its prompt and expected answer
+    (``utterance`` layout), or the window of its dialogue that answers it, every answer slot marked
+    with its label and the first token that stands for it (``dialogue`` layout)."""
     data = load_data(store, config)
     uids = data.corpus.utterances["uid"].to_list()
     if uid not in uids:
@@ -542,5 +632,14 @@ def show_prompt(store: Store, config: TuneConfig, uid: str) -> str:
     prompter = Prompter(tokenizer, data.classes, config.context, {s.modality: s.n_tokens for s in data.soft},
                         config.merc_prompt, config.align_prompt, config.max_len)
     row = uids.index(uid)
-    encoded = prompter.merc(data.context(row, config.context), data.turn(row), data.descriptions[row], data.label(row))
-    return prompter.show(encoded) + f"\n[{len(encoded.prompt_ids)} prompt tokens, {len(encoded.answer_ids)} answer tokens]"
+    if config.layout == "utterance":
+        encoded = merc_examples(prompter, data.inputs, [row], [data.label(row)])[0]
+        return prompter.show(encoded) + f"\n[{len(encoded.prompt_ids)} prompt tokens, {len(encoded.answer_ids)} answer tokens]"
+    demos = demonstrations(store, data, config.demos) if config.demos else None
+    window = next(w for w in dialogue_windows(prompter, data.inputs, [row], config.overlap, demos)
+                  if row in w.rows and w.new[w.rows.index(row)])
+    firsts = ", ".join(f"{c}={tokenizer.decode([t])!r}" for c, t in zip(data.classes, prompter.answer_first_ids()))
+    answered = sum(window.new)
+    return (prompter.show_window(window, [data.label(r) for r in window.rows])
+            + f"\n[{len(window)} tokens, {answered} answers ({len(window.ids) / max(answered, 1):.0f} tokens per utterance); "
+              f"a label's probability is that of its first token: {firsts}]")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bemerc.train.tune.prompt import Encoded, Prompter, load_template
+from bemerc.train.tune.prompt import Encoded, Prompter, Window, load_template
 
 IGNORE = -100  # target value of positions without a loss
 
@@ -75,26 +75,49 @@ class Projector(nn.Module):
 
 @dataclass
 class Batch:
-    """Right-padded examples as tensors.
+    """Right-padded sequences as tensors.
 
-    input_ids, attention_mask, targets: (B, T); targets hold the answer ids at their positions and
-    IGNORE elsewhere. soft: modality -> (features (B, K*D), present (B,), positions (B, K)).
-    prompt_lengths: (B,). weights: (B,) loss weight of each example. tokens: the number of real
-    (unpadded) tokens.
+    input_ids, attention_mask: (B, T). targets: (B, T), the token that the hidden state at each
+    position must predict (IGNORE where there is no loss); weights: (B, T) its loss weight.
+    soft: modality -> (features (M, K*D), present (M,), sequence (M,), positions (M, K)): M runs of K
+    soft tokens, run m written into sequence ``sequence[m]`` at ``positions[m]``.
+    prompt_lengths: (B,) (``utterance`` layout). tokens: the number of real (unpadded) tokens.
     """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     targets: torch.Tensor
-    soft: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-    prompt_lengths: torch.Tensor
     weights: torch.Tensor
+    soft: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+    prompt_lengths: torch.Tensor
     tokens: int
 
     def to(self, device: torch.device | str) -> "Batch":
         return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.targets.to(device),
-                     {m: tuple(t.to(device) for t in v) for m, v in self.soft.items()},  # type: ignore[misc]
-                     self.prompt_lengths.to(device), self.weights.to(device), self.tokens)
+                     self.weights.to(device), {m: tuple(t.to(device) for t in v) for m, v in self.soft.items()},  # type: ignore[misc]
+                     self.prompt_lengths.to(device), self.tokens)
+
+
+def _pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, seqs))
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, seq in enumerate(seqs):
+        input_ids[i, : len(seq)] = torch.tensor(seq)
+        mask[i, : len(seq)] = 1
+    return input_ids, mask
+
+
+def _soft(runs: dict[str, list[tuple[int, int, list[int]]]], features: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict:
+    """modality -> [(sequence, corpus row, K positions)] as the tensors of :attr:`Batch.soft`."""
+    soft = {}
+    for modality, entries in runs.items():
+        values, present = features[modality]
+        rows = [row for _, row, _ in entries]
+        soft[modality] = (torch.from_numpy(values[rows]), torch.from_numpy(present[rows]),
+                          torch.tensor([b for b, _, _ in entries], dtype=torch.long),
+                          torch.tensor([where for _, _, where in entries], dtype=torch.long))
+    return soft
 
 
 def collate(
@@ -105,33 +128,51 @@ def collate(
     with_answer: bool = True,
     weights: list[float] | None = None,
 ) -> Batch:
-    """Pad ``examples`` (of corpus rows ``rows``) into a :class:`Batch`.
+    """Pad ``utterance``-layout ``examples`` (of corpus rows ``rows``) into a :class:`Batch`.
 
     ``features`` maps a modality to its (N, K*D) values and (N,) present mask over the corpus;
     only the modalities that have positions in the examples are gathered. ``weights``: the loss
     weight of each example (default 1).
     """
     seqs = [e.prompt_ids + (e.answer_ids if with_answer else []) for e in examples]
-    width = max(map(len, seqs))
-    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    targets = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
-    for i, (e, seq) in enumerate(zip(examples, seqs)):
-        input_ids[i, : len(seq)] = torch.tensor(seq)
-        mask[i, : len(seq)] = 1
-        if with_answer and e.answer_ids:
-            targets[i, len(e.prompt_ids): len(seq)] = torch.tensor(e.answer_ids)
-    soft = {}
-    for modality in examples[0].soft_positions:
-        values, present = features[modality]
-        soft[modality] = (
-            torch.from_numpy(values[rows]),
-            torch.from_numpy(present[rows]),
-            torch.tensor([e.soft_positions[modality] for e in examples], dtype=torch.long),
-        )
+    input_ids, mask = _pad(seqs, pad_id)
+    targets = torch.full_like(input_ids, IGNORE)
+    weight = torch.zeros(input_ids.shape, dtype=torch.float32)
+    for i, e in enumerate(examples):
+        if with_answer and e.answer_ids:  # position n - 1 + j predicts answer token j
+            n = len(e.prompt_ids)
+            targets[i, n - 1: n - 1 + len(e.answer_ids)] = torch.tensor(e.answer_ids)
+            weight[i, n - 1: n - 1 + len(e.answer_ids)] = 1.0 if weights is None else weights[i]
+    runs = {m: [(i, row, e.soft_positions[m]) for i, (e, row) in enumerate(zip(examples, rows))]
+            for m in examples[0].soft_positions}
     lengths = torch.tensor([len(e.prompt_ids) for e in examples])
-    weight = torch.tensor(weights if weights is not None else [1.0] * len(examples), dtype=torch.float32)
-    return Batch(input_ids, mask, targets, soft, lengths, weight, int(mask.sum()))
+    return Batch(input_ids, mask, targets, weight, _soft(runs, features), lengths, int(mask.sum()))
+
+
+def collate_windows(
+    windows: list[Window],
+    features: dict[str, tuple[np.ndarray, np.ndarray]],
+    pad_id: int,
+    answers: dict[int, int] | None = None,
+    weights: dict[int, float] | None = None,
+) -> Batch:
+    """Pad ``dialogue``-layout windows into a :class:`Batch`. ``answers`` maps a corpus row to its
+    answer's token id (training: the target at the row's answer position when the row is new in its
+    window); ``weights`` a row to its loss weight (default 1)."""
+    input_ids, mask = _pad([w.ids for w in windows], pad_id)
+    targets = torch.full_like(input_ids, IGNORE)
+    weight = torch.zeros(input_ids.shape, dtype=torch.float32)
+    for b, w in enumerate(windows):
+        for row, position, new in zip(w.rows, w.answer_positions, w.new):
+            if new and answers is not None and row in answers:
+                targets[b, position] = answers[row]
+                weight[b, position] = 1.0 if weights is None else weights[row]
+    runs: dict[str, list] = {}
+    for b, w in enumerate(windows):
+        for modality, entries in w.soft.items():
+            runs.setdefault(modality, []).extend((b, row, where) for row, where in entries)
+    lengths = torch.tensor([len(w) for w in windows])
+    return Batch(input_ids, mask, targets, weight, _soft(runs, features), lengths, int(mask.sum()))
 
 
 class MercModel(nn.Module):
@@ -162,10 +203,9 @@ class MercModel(nn.Module):
         """(B, T) ids -> (B, T, H) input embeddings with each modality's K soft tokens written at its
         positions."""
         embeds = self.llm.get_input_embeddings()(input_ids)
-        rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None]
-        for modality, (values, present, positions) in soft.items():
-            tokens = self.projectors[modality](values, present).to(embeds.dtype)
-            embeds = embeds.index_put((rows.expand_as(positions), positions), tokens)
+        for modality, (values, present, sequence, positions) in soft.items():
+            tokens = self.projectors[modality](values, present).to(embeds.dtype)  # (M, K, H)
+            embeds = embeds.index_put((sequence[:, None].expand_as(positions), positions), tokens)
         return embeds
 
     def hidden(self, batch: Batch) -> torch.Tensor:
@@ -174,15 +214,14 @@ class MercModel(nn.Module):
         return self.decoder(inputs_embeds=embeds, attention_mask=batch.attention_mask).last_hidden_state
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        """Cross-entropy of the answer tokens (every other position is left out), averaged with the
-        examples' weights."""
+        """Cross-entropy of the answer tokens (every other position is left out), averaged with their
+        weights."""
         hidden = self.hidden(batch)
-        targets = batch.targets[:, 1:]
-        where = targets != IGNORE
-        logits = self.lm_head(hidden[:, :-1][where])  # (n_answer_tokens, V)
-        losses = F.cross_entropy(logits.float(), targets[where], reduction="none")
-        weights = batch.weights[:, None].expand_as(targets)[where]
-        return (losses * weights).sum() / weights.sum()
+        where = batch.targets != IGNORE
+        logits = self.lm_head(hidden[where])  # (n_answer_tokens, V)
+        losses = F.cross_entropy(logits.float(), batch.targets[where], reduction="none")
+        weights = batch.weights[where]
+        return (losses * weights).sum() / weights.sum().clamp_min(1e-8)
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """What training changes: LoRA and projector weights (the frozen base is left out)."""
@@ -207,7 +246,7 @@ def load_llm(path: str | Path, dtype: torch.dtype = torch.float32):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa")
     return model, tokenizer
 
 
@@ -236,10 +275,37 @@ def build_model(llm: nn.Module, soft: list[SoftInput], lora: LoraSettings | None
     return MercModel(llm, soft)
 
 
-def save_adapter(model: MercModel, folder: Path, meta: dict, templates: dict[str, str]) -> Path:
+@dataclass
+class TuneInfo:
+    """What a saved adapter needs besides its weights to be used again (``tune.json``): the base
+    model, the label set and its order, the prompt layout and its settings, and the soft inputs the
+    projectors expect. Saved beside the weights, as whisper keeps ``ModelDimensions`` in its
+    checkpoint, so an adapter folder explains itself."""
+
+    base_model: str
+    classes: list[str]
+    layout: str = "utterance"  # utterance | dialogue (see bemerc.train.tune.prompt)
+    context: int = 3  # utterance layout: previous turns in each prompt
+    max_len: int = 512  # tokens of a prompt (utterance) or a window (dialogue)
+    overlap: int = 2  # dialogue layout: turns repeated as context at the start of the next window
+    demos: int = 0  # retrieved labelled train utterances shown before the dialogue
+    demo_feature_set: str | None = None  # the text feature set the demonstrations are retrieved by
+    normalize_scores: bool = False
+    dataset: str | None = None
+    soft: list[SoftInput] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TuneInfo":
+        known = {f.name for f in fields(cls)}
+        info = cls(**{k: v for k, v in values.items() if k in known})
+        info.soft = [s if isinstance(s, SoftInput) else SoftInput(**s) for s in info.soft]
+        return info
+
+
+def save_adapter(model: MercModel, folder: Path, info: TuneInfo, templates: dict[str, str]) -> Path:
     """Write the LoRA adapter in peft's format (``adapter_config.json``, ``adapter_model.safetensors``)
-    plus ``projectors.safetensors``, ``tune.json`` (soft inputs, classes, ...) and the prompt
-    templates, so ``PeftModel.from_pretrained(base, folder)`` and :func:`load_tuned` both work."""
+    plus ``projectors.safetensors``, ``tune.json`` (:class:`TuneInfo`) and the prompt templates, so
+    ``PeftModel.from_pretrained(base, folder)`` and :func:`load_tuned` both work."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -248,21 +314,21 @@ def save_adapter(model: MercModel, folder: Path, meta: dict, templates: dict[str
     projectors = {k: v.contiguous() for k, v in model.projectors.state_dict().items()}
     if projectors:
         save_file(projectors, str(folder / "projectors.safetensors"))
-    info = {**meta, "soft": [asdict(s) for s in model.soft.values()]}
-    (folder / "tune.json").write_text(json.dumps(info, indent=2))
+    (folder / "tune.json").write_text(json.dumps(asdict(info), indent=2))
     (folder / "prompts").mkdir(exist_ok=True)
     for name, text in templates.items():
         (folder / "prompts" / f"{name}.toml").write_text(text)
     return folder
 
 
-def load_tuned(folder: str | Path, base: str | Path | None = None) -> tuple[MercModel, Prompter, dict]:
-    """(model, prompter, tune.json contents) of an adapter saved by :func:`save_adapter`: the
-    prompter has the run's templates, classes, context and soft tokens. ``base`` defaults to the
-    base model the adapter was trained on.
+def load_tuned(folder: str | Path, base: str | Path | None = None) -> tuple[MercModel, Prompter, TuneInfo]:
+    """(model, prompter, info) of an adapter saved by :func:`save_adapter`: the prompter has the
+    run's templates, classes, context and soft tokens. ``base`` defaults to the base model the
+    adapter was trained on.
 
-    >>> model, prompter, info = load_tuned("runs/tune-20261122-031500-4f2a/adapter")   # doctest: +SKIP
-    >>> scores = label_scores(model, batch, prompter.label_ids())                       # doctest: +SKIP
+    >>> model, prompter, info = load_tuned("store/runs/tune-20261122-031500-4f2a/adapter")   # doctest: +SKIP
+    >>> info.layout, info.classes[:2]                                                         # doctest: +SKIP
+    ('dialogue', ['neutral', 'surprise'])
     """
     from peft import PeftModel
     from safetensors.torch import load_file
@@ -270,13 +336,13 @@ def load_tuned(folder: str | Path, base: str | Path | None = None) -> tuple[Merc
     folder = Path(folder)
     if not (folder / "tune.json").is_file():
         raise FileNotFoundError(f"{folder}: not a bemerc adapter folder (no tune.json)")
-    info = json.loads((folder / "tune.json").read_text())
-    llm, tokenizer = load_llm(base or info["base_model"])
+    info = TuneInfo.from_dict(json.loads((folder / "tune.json").read_text()))
+    llm, tokenizer = load_llm(base or info.base_model)
     llm = PeftModel.from_pretrained(llm, str(folder))
-    model = MercModel(llm, [SoftInput(**s) for s in info["soft"]])
+    model = MercModel(llm, info.soft)
     if (folder / "projectors.safetensors").is_file():
         model.projectors.load_state_dict(load_file(str(folder / "projectors.safetensors")))
-    prompter = Prompter(tokenizer, info["classes"], info["context"], {s.modality: s.n_tokens for s in model.soft.values()},
+    prompter = Prompter(tokenizer, info.classes, info.context, {s.modality: s.n_tokens for s in model.soft.values()},
                         load_template(folder / "prompts" / "merc.toml"), load_template(folder / "prompts" / "align.toml"),
-                        info["max_len"])
+                        info.max_len)
     return model.eval(), prompter, info

@@ -1,5 +1,13 @@
 """Prompt templates as data (``configs/prompts/*.toml``) and their encoding into token ids with
-soft-token slots.
+soft-token slots, in two layouts:
+
+- ``utterance``: one prompt per utterance (system, the last N turns as context, the target turn), the
+  answer is the label followed by the end-of-turn token, scored with its exact log-likelihood;
+- ``dialogue``: one causal sequence per dialogue (split into overlapping windows when long): the system
+  prompt once, then every turn as a user message followed by an assistant message whose first token
+  is the emotion. The label is never part of the input, so one forward pass predicts every turn from
+  all earlier turns, and a label's probability is that of its first token (labels must start with
+  distinct tokens: exact log-likelihood of a one-token answer).
 
 A template renders one chat turn (system + user) whose text may hold markers ``<<soft:MODALITY>>``.
 :meth:`Prompter.encode` renders it with the tokenizer's chat template, splits the text at the
@@ -54,6 +62,36 @@ class Turn:
 
     speaker: str
     text: str
+
+
+@dataclass(frozen=True)
+class DialogueTurn:
+    """One turn of a dialogue for the ``dialogue`` layout: what the prompt shows and its corpus row
+    (where its soft-token features are read)."""
+
+    speaker: str
+    text: str
+    description: str | None
+    row: int
+
+
+@dataclass
+class Window:
+    """One causal sequence of the ``dialogue`` layout: turns ``first..end-1`` of a dialogue.
+
+    ``answer_positions[j]``: the position whose hidden state predicts the answer of turn
+    ``first + j``; ``new[j]``: False for the turns repeated from the previous window as context (they
+    are neither trained on nor scored twice). ``soft``: modality -> [(corpus row, K positions)].
+    """
+
+    ids: list[int]
+    soft: dict[str, list[tuple[int, list[int]]]]
+    rows: list[int]
+    answer_positions: list[int]
+    new: list[bool]
+
+    def __len__(self) -> int:
+        return len(self.ids)
 
 
 @dataclass
@@ -208,6 +246,125 @@ class Prompter:
         user = _format(t, "user", t.user, {"tokens": MARKER.format(modality)})
         ids, positions = self.encode_text(self.chat_text(t, user))
         return Encoded(ids, positions, self.answer_ids(t, description=description))
+
+    # -- dialogue layout ----------------------------------------------------------------------
+    def answer_first_ids(self) -> list[int]:
+        """The first token id of every class's answer (``dialogue`` layout), in ``classes`` order; a
+        :class:`PromptError` when two classes start with the same token."""
+        prefix = "" if getattr(self.tokenizer, "chat_template", None) else " "
+        firsts = [self.tokenizer(prefix + label, add_special_tokens=False)["input_ids"][0] for label in self.classes]
+        if len(set(firsts)) < len(firsts):
+            clash = [c for c, f in zip(self.classes, firsts) if firsts.count(f) > 1]
+            raise PromptError(f"labels {', '.join(clash)} start with the same token for this tokenizer, so the dialogue "
+                              "layout cannot tell them apart; rename a label or use --layout utterance")
+        return firsts
+
+    def _dialogue_glue(self, system: str) -> tuple[str, str, str]:
+        """(head, user_to_answer, answer_to_user): the text before the first turn (the system
+        message), between a turn and its answer, and between an answer and the next turn, from the
+        tokenizer's chat template (or the template's ``plain`` layout)."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            return system + "\n\n", "\nEmotion:", "\n\n"
+        u, a = "\ue000U{}\ue000", "\ue000A{}\ue000"
+        messages = [{"role": "system", "content": "\ue000S\ue000"}]
+        for i in range(2):
+            messages += [{"role": "user", "content": u.format(i)}, {"role": "assistant", "content": a.format(i)}]
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False)
+        head = text[: text.index(u.format(0))].replace("\ue000S\ue000", system)
+        user_to_answer = text[text.index(u.format(0)) + len(u.format(0)): text.index(a.format(0))]
+        answer_to_user = text[text.index(a.format(0)) + len(a.format(0)): text.index(u.format(1))]
+        return head, user_to_answer, answer_to_user
+
+    def dialogue_user(self, turn: DialogueTurn) -> str:
+        """One turn's user message (soft-token markers included)."""
+        t = self.merc_template
+        names = t.options.get("modality_names", {})
+        cues = ""
+        if turn.description:
+            cues += _format(t, "description_line", t.option("description_line"),
+                            {"speaker": turn.speaker, "description": turn.description})
+        for modality in self.soft_tokens:
+            cues += _format(t, "soft_line", t.option("soft_line"), {
+                "speaker": turn.speaker, "name": names.get(modality, modality), "tokens": MARKER.format(modality)})
+        return _format(t, "turn", t.option("turn"), {"speaker": turn.speaker, "text": turn.text, "cues": cues}).rstrip("\n")
+
+    def dialogue_system(self, demos: list[tuple[str, str]] = ()) -> str:
+        """The system message: the instruction with the label list, then any retrieved
+        demonstrations ``(text, label)``."""
+        t = self.merc_template
+        system = _format(t, "system", t.system, {"labels": ", ".join(self.classes)})
+        if demos:
+            system += t.option("demos_header") + "".join(
+                _format(t, "demo_line", t.option("demo_line"), {"text": text, "label": label}) for text, label in demos)
+        return system
+
+    def dialogue(self, turns: list[DialogueTurn], demos: list[tuple[str, str]] = (), overlap: int = 2) -> list[Window]:
+        """The windows of one dialogue: as many turns as fit in ``max_len`` tokens each (at least one
+        new turn), each window after the first repeating up to ``overlap`` previous turns as context.
+        Every turn is new in exactly one window."""
+        head, to_answer, to_user = self._dialogue_glue(self.dialogue_system(demos))
+        head_ids, _ = self.encode_text(head)
+        to_answer_ids = self.tokenizer(to_answer, add_special_tokens=False)["input_ids"]
+        to_user_ids = self.tokenizer(to_user, add_special_tokens=False)["input_ids"]
+        pieces = [self.encode_text(self.dialogue_user(turn)) for turn in turns]
+        # turn i costs its glue from the previous answer (none for a window's first turn), its
+        # message and the glue to its answer
+        cost = [len(ids) + len(to_answer_ids) for ids, _ in pieces]
+
+        def fits(first: int, end: int) -> bool:
+            return len(head_ids) + sum(cost[first:end]) + len(to_user_ids) * (end - first - 1) <= self.max_len
+
+        windows, start = [], 0
+        while start < len(turns):
+            first = max(0, start - overlap)
+            while first < start and not fits(first, start + 1):
+                first += 1
+            end = start + 1
+            while end < len(turns) and fits(first, end + 1):
+                end += 1
+            ids, soft, answers = list(head_ids), {}, []
+            for i in range(first, end):
+                if i > first:
+                    ids += to_user_ids
+                message, positions = pieces[i]
+                for modality, where in positions.items():
+                    soft.setdefault(modality, []).append((turns[i].row, [len(ids) + p for p in where]))
+                ids += message + to_answer_ids
+                answers.append(len(ids) - 1)
+            windows.append(Window(ids, soft, [t.row for t in turns[first:end]], answers,
+                                  [i >= start for i in range(first, end)]))
+            start = end
+        return windows
+
+    def show_window(self, window: Window, labels: list[str | None] | None = None) -> str:
+        """Readable text of a window: soft tokens as ``<MODALITY xK>``, and after each turn the
+        answer slot ``[-> label]`` (``[-> ?]`` unlabelled; ``(context)`` marks repeated turns)."""
+        marks = {p: m for m, entries in window.soft.items() for _, where in entries for p in where}
+        firsts = self.answer_first_ids()
+        out, run = [], []
+        answer_at = {p: j for j, p in enumerate(window.answer_positions)}
+        i = 0
+        while i < len(window.ids):
+            if i in marks:
+                out.append(self.tokenizer.decode(run))
+                run = []
+                k = i
+                while k in marks and marks[k] == marks[i]:
+                    k += 1
+                out.append(f"<{marks[i]} x{k - i}>")
+                i = k
+                continue
+            run.append(window.ids[i])
+            if i in answer_at:
+                j = answer_at[i]
+                label = (labels or [None] * len(window.rows))[j]
+                token = self.tokenizer.decode([firsts[self.classes.index(label)]]) if label in self.classes else "?"
+                out.append(self.tokenizer.decode(run) + f"[-> {label or '?'} (first token {token!r})"
+                           + ("" if window.new[j] else ", context") + "]")
+                run = []
+            i += 1
+        out.append(self.tokenizer.decode(run))
+        return "".join(out)
 
     def show(self, encoded: Encoded) -> str:
         """Readable text of an example, each run of soft tokens shown as ``<MODALITY x K>``."""

@@ -1,8 +1,11 @@
-"""Label scoring: the log-likelihood of every label's answer after a prompt, for all labels at once.
+"""Label scoring: the log-likelihood of every label's answer, for all labels at once.
 
-The prompt goes through the LLM once (keeping its key/value cache); the cache is repeated once per
-label and all label continuations run in one batched pass. So the answer is always a valid label and
-a softmax over the C label scores gives a probability per class.
+``utterance`` layout (:func:`label_scores`): the prompt goes through the LLM once (keeping its
+key/value cache); the cache is repeated once per label and all label continuations run in one
+batched pass. ``dialogue`` layout (:func:`answer_scores`): one pass over each window; at every answer
+position the log-probability of each label's first token (the whole answer of that layout).
+Either way the answer is always a valid label and a softmax over the C label scores gives a
+probability per class.
 
 >>> scores = label_scores(model, batch, label_ids)        # doctest: +SKIP
 >>> scores.shape                                          # (B, C)
@@ -66,3 +69,15 @@ def label_scores(model: MercModel, batch: Batch, label_ids: list[list[int]], nor
 def label_probabilities(scores: torch.Tensor) -> np.ndarray:
     """(B, C) scores -> (B, C) float32 probabilities (softmax over the labels; rows sum to 1)."""
     return F.softmax(scores.float(), dim=-1).cpu().numpy().astype(np.float32)
+
+
+@torch.no_grad()
+def answer_scores(model: MercModel, batch: Batch, windows: list, first_ids: list[int]) -> tuple[torch.Tensor, list[int]]:
+    """(M, C) log-probabilities of each label's first token at the answer positions of the turns
+    that are new in ``windows`` (the ``dialogue`` layout), and their M corpus rows, in window order."""
+    hidden = model.hidden(batch)
+    where = [(b, p, row) for b, w in enumerate(windows) for row, p, new in zip(w.rows, w.answer_positions, w.new) if new]
+    index = torch.tensor([[b, p] for b, p, _ in where], device=hidden.device)
+    logits = model.lm_head(hidden[index[:, 0], index[:, 1]]).float()  # (M, V)
+    labels = torch.tensor(first_ids, device=hidden.device)
+    return F.log_softmax(logits, dim=-1)[:, labels], [row for _, _, row in where]

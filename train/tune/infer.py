@@ -1,0 +1,164 @@
+"""The tuned model's inference, one home for the training loop's evaluation, ``/predict`` and any
+caller from Python: a :class:`TunedModel` scores every label of every utterance of a
+:class:`~bemerc.train.tensors.Corpus`, in the layout the run was trained with.
+
+>>> tuned = TunedModel.load("store/runs/tune-20261130-190000-ab12/adapter")      # doctest: +SKIP
+>>> probabilities = tuned.predict_proba(load_corpus(store, tuned.feature_sets))   # doctest: +SKIP
+>>> probabilities.shape                                                           # (N, C)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from bemerc.train.tensors import Corpus
+from bemerc.train.tune.model import MercModel, SoftInput, TuneInfo, collate, collate_windows, load_tuned
+from bemerc.train.tune.prompt import DialogueTurn, Encoded, Prompter, Turn, Window
+from bemerc.train.tune.score import answer_scores, label_probabilities, label_scores
+
+# corpus rows of one dialogue -> the (text, label) demonstrations shown before it
+Demos = Callable[[list[int]], list[tuple[str, str]]]
+
+
+@dataclass
+class Inputs:
+    """What the prompts read from a corpus, one entry per utterance: speakers, texts, behaviour
+    descriptions, the (N, K*D) features and (N,) present mask of each soft modality, and the first
+    row of each utterance's dialogue."""
+
+    speakers: list[str]
+    texts: list[str]
+    descriptions: list[str | None]
+    features: dict[str, tuple[np.ndarray, np.ndarray]]
+    dialogue_start: np.ndarray
+
+    def turn(self, row: int) -> Turn:
+        return Turn(self.speakers[row], self.texts[row])
+
+    def dialogue_turn(self, row: int) -> DialogueTurn:
+        return DialogueTurn(self.speakers[row], self.texts[row], self.descriptions[row], row)
+
+    def context(self, row: int, n: int) -> list[Turn]:
+        start = max(int(self.dialogue_start[row]), row - n)
+        return [self.turn(r) for r in range(start, row)]
+
+    def dialogues(self, rows: np.ndarray) -> list[list[int]]:
+        """``rows`` grouped by dialogue, each group extended to its whole dialogue from its start
+        (so context turns are present), in order."""
+        groups: dict[int, int] = {}
+        for r in rows:
+            start = int(self.dialogue_start[r])
+            groups[start] = max(groups.get(start, start), int(r))
+        return [list(range(start, last + 1)) for start, last in sorted(groups.items())]
+
+
+def corpus_inputs(corpus: Corpus, soft: list[SoftInput]) -> Inputs:
+    """:class:`Inputs` of a corpus for a model projecting ``soft`` (a modality the corpus lacks is
+    absent for every utterance: the model's learned "missing" tokens stand in)."""
+    u = corpus.utterances
+    n = u.height
+    features = {}
+    for s in soft:
+        arrays = corpus.modalities.get(s.modality)
+        values = np.zeros((n, s.n_tokens * s.dim), dtype=np.float32)
+        present = np.zeros(n, dtype=bool)
+        if arrays is not None:
+            present = arrays.present
+            if s.column == "vector":
+                values = arrays.vectors
+            else:  # e.g. behaviour tokens: (N, K * D), zeros where absent
+                for i, v in enumerate(arrays.extras[s.column]):
+                    if v is not None:
+                        values[i] = v
+        features[s.modality] = (values, present)
+    behavior = corpus.modalities.get("behavior")
+    descriptions = (behavior.extras.get("description") if behavior else None) or [None] * n
+    return Inputs([s or "Speaker" for s in u["speaker"].to_list()], [t or "" for t in u["text"].to_list()],
+                  list(descriptions), features, corpus.dialogue_start)
+
+
+def merc_examples(prompter: Prompter, inputs: Inputs, rows, labels: list[str | None] | None = None) -> list[Encoded]:
+    """``utterance`` layout: one prompt per row (its last ``prompter.context`` turns as context)."""
+    labels = labels or [None] * len(rows)
+    return [prompter.merc(inputs.context(r, prompter.context), inputs.turn(r), inputs.descriptions[r], label)
+            for r, label in zip(rows, labels)]
+
+
+def dialogue_windows(prompter: Prompter, inputs: Inputs, rows, overlap: int, demos: Demos | None = None) -> list[Window]:
+    """``dialogue`` layout: the windows of the dialogues holding ``rows`` (whole dialogues, from
+    their first turn), each dialogue preceded by its retrieved demonstrations when ``demos`` is given."""
+    windows = []
+    for dialogue in inputs.dialogues(np.asarray(rows)):
+        shown = demos(dialogue) if demos is not None else []
+        windows += prompter.dialogue([inputs.dialogue_turn(r) for r in dialogue], shown, overlap)
+    return windows
+
+
+class TunedModel:
+    """A tuned (or zero-shot) MERC model: the LLM with its LoRA and projectors, its prompter and its
+    :class:`TuneInfo`. :meth:`predict_proba` scores every label of the requested rows in the run's
+    layout, in batches sorted by length (less padding), and puts them back in order."""
+
+    def __init__(self, model: MercModel, prompter: Prompter, info: TuneInfo, batch_size: int = 8,
+                 device: torch.device | str = "cpu", autocast: Callable | None = None, demos: Demos | None = None):
+        self.model, self.prompter, self.info = model, prompter, info
+        self.batch_size, self.device = batch_size, torch.device(device)
+        self.autocast = autocast
+        self.demos = demos
+
+    @classmethod
+    def load(cls, folder: str | Path, base: str | Path | None = None, **kwargs) -> "TunedModel":
+        """A saved adapter folder (``RUN_DIR/adapter``) as a ready model (CPU)."""
+        model, prompter, info = load_tuned(folder, base)
+        return cls(model, prompter, info, **kwargs)
+
+    @property
+    def feature_sets(self) -> list[str]:
+        return [s.feature_set for s in self.info.soft]
+
+    def predict_proba(self, corpus: Corpus | Inputs, rows=None, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+        """(len(rows), C) label probabilities (all rows of ``corpus`` by default), in ``classes``
+        order; ``progress(n_done, n_tokens)`` is called after every batch."""
+        inputs = corpus if isinstance(corpus, Inputs) else corpus_inputs(corpus, self.info.soft)
+        rows = np.arange(len(inputs.texts)) if rows is None else np.asarray(rows)
+        self.model.eval()
+        scored: dict[int, np.ndarray] = {}
+        if self.info.layout == "dialogue":
+            windows = dialogue_windows(self.prompter, inputs, rows, self.info.overlap, self.demos)
+            first_ids = self.prompter.answer_first_ids()
+            for chunk in self._chunks(windows):
+                batch = collate_windows(chunk, inputs.features, self.prompter.tokenizer.pad_token_id).to(self.device)
+                with self._autocast():
+                    scores, answered = answer_scores(self.model, batch, chunk, first_ids)
+                scored.update(zip(answered, label_probabilities(scores)))
+                if progress:
+                    progress(sum(w.new.count(True) for w in chunk), batch.tokens)
+        else:
+            examples = merc_examples(self.prompter, inputs, rows)
+            order = np.argsort([len(e) for e in examples], kind="stable")
+            label_ids = self.prompter.label_ids()
+            for i in range(0, len(order), self.batch_size):
+                index = order[i: i + self.batch_size]
+                batch = collate([examples[j] for j in index], rows[index].tolist(), inputs.features,
+                                self.prompter.tokenizer.pad_token_id, with_answer=False).to(self.device)
+                with self._autocast():
+                    scores = label_scores(self.model, batch, label_ids, self.info.normalize_scores)
+                scored.update(zip(rows[index].tolist(), label_probabilities(scores)))
+                if progress:
+                    progress(len(index), batch.tokens)
+        return np.stack([scored[int(r)] for r in rows]) if len(rows) else np.zeros((0, len(self.info.classes)), np.float32)
+
+    def _chunks(self, windows: list[Window]) -> list[list[Window]]:
+        order = np.argsort([len(w) for w in windows], kind="stable")
+        size = max(1, self.batch_size // 4)  # a window holds several utterances
+        return [[windows[j] for j in order[i: i + size]] for i in range(0, len(order), size)]
+
+    def _autocast(self):
+        if self.autocast is not None:
+            return self.autocast()
+        return torch.autocast(self.device.type, enabled=False)
