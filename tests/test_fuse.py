@@ -121,6 +121,22 @@ def test_a_member_confidently_wrong_on_dev_gets_no_weight(runs, tmp_path):
     assert result.summary["cross_fit_weights"] and all(w[noise] == 0 for w in result.summary["cross_fit_weights"])
 
 
+def test_dev_utterances_are_intersected_and_counted(runs, tmp_path):
+    store, _, (text, lexical), _ = runs
+    run = next(r for r in list_runs(store) if r["run_id"] == lexical)
+    uids, splits, gold, probabilities = _predictions(store, lexical)
+    half = np.array([s != "dev" or i % 2 == 0 for i, s in enumerate(splits)])
+    save_run(store, run_id="baseline-half-dev", kind="edited", run_dir=tmp_path / "half", classes=run["classes"],
+             feature_sets=run["feature_sets"], config={}, metrics={}, uids=np.array(uids)[half].tolist(),
+             splits=np.array(splits)[half].tolist(), gold=np.array(gold, dtype=object)[half].tolist(),
+             probabilities=probabilities[half], dataset="meld")
+    n_dev, n_half = splits.count("dev"), int((half & (np.array(splits) == "dev")).sum())
+    result = CliRunner().invoke(app, ["fuse", text, "baseline-half-dev", "--store", str(store.path), "--run-dir", str(tmp_path / "fused")])
+    assert result.exit_code == 0, result.output
+    assert f"dev: {n_half} utterances predicted by every run are fused ({text} {n_dev}, baseline-half-dev {n_half})" in result.output
+    assert f"(n={n_half})" in result.output and "  test: " not in result.output  # both predicted all of test
+
+
 def test_runs_with_different_classes_are_refused_in_one_line(runs, tmp_path):
     store, _, (text, _), _ = runs
     run = next(r for r in list_runs(store) if r["run_id"] == text)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -50,11 +50,6 @@ class FusionConfig:
     folds: int = 2  # cross-fitting folds over dev dialogues for the honest dev estimate
     seed: int = 0  # assignment of dev dialogues to folds, bootstrap resamples
     bootstrap_resamples: int = 1000
-
-    @classmethod
-    def from_dict(cls, values: dict) -> FusionConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
 
 
 @dataclass
@@ -213,7 +208,7 @@ def fuse_runs(
     for r in by_id.values():
         c = r["config"]
         if (r["kind"] == "fusion" and c.get("members") == members and c.get("inputs_sha256") == digest
-                and FusionConfig.from_dict(c) == config):
+                and all(c.get(k) == v for k, v in asdict(config).items())):
             log(f"already fused as {r['run_id']}: reused")
             return FusionResult(r["run_id"], Path(r["run_dir"]), members, c["weights"], r["metrics"], c.get("summary", {}), reused=True)
 
