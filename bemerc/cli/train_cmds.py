@@ -35,7 +35,7 @@ def baseline(
 
     try:
         result = train_baseline(
-            Store(store),
+            Store(store, create=False),
             feature_sets=feature_set or None,
             dataset=dataset,
             config=BaselineConfig(context=context),
@@ -74,10 +74,12 @@ def compare(
 ) -> None:
     """Compare runs side by side in a report.
 
-    Scores each run from its stored predictions on one split: weighted F1 with a 95% bootstrap
-    interval, accuracy, macro F1, F1 per class and the row-normalised confusion matrix; a paired
-    permutation test between the best two runs; the baseline's modality ablation. Writes
-    OUT/report.md with PNG plots beside it and OUT/report.html (one page, plots embedded).
+    Scores each run of any kind (baseline, tune, fusion) from its stored predictions on one split:
+    weighted F1 with a 95% bootstrap interval, accuracy, macro F1, F1 per class and the
+    row-normalised confusion matrix; a paired permutation test between the best two runs; the
+    baseline's modality ablation; each fusion run's members, weights and cross-fitted dev score.
+    On the synthetic demo the report says first that its scores only show that the pipeline runs.
+    Writes OUT/report.md with PNG plots beside it and OUT/report.html (one page, plots embedded).
 
     Example: `bemerc compare --split dev --out reports`
     """
@@ -86,7 +88,7 @@ def compare(
     if split not in ("dev", "test"):
         fail(f"--split must be dev or test, got {split!r}")
     try:
-        data = comparison(Store(store), runs or None, split)
+        data = comparison(Store(store, create=False), runs or None, split)
     except StoreError as e:
         fail(str(e))
     if as_json:
