@@ -8,33 +8,49 @@ Nothing a client sends names a server file or is executed: store reads take only
 string literals), report files come from paths the server was started with, and uploads go through
 :mod:`bemerc.serve.predict`.
 
+Other web pages cannot drive the server: a request whose ``Host`` is not the bound address or a
+configured name is refused (400, against DNS rebinding), a POST whose ``Origin`` is another site is
+refused (403, against cross-site requests), and with an access token every request must carry it
+(``Authorization: Bearer TOKEN``, or the cookie set by opening ``/?token=TOKEN``; 401 otherwise).
+``/predict`` is bounded: media duration per utterance, requests waiting (503 with ``Retry-After``)
+and time per request.
+
 >>> app = create_app("store")                                 # doctest: +SKIP
 >>> uvicorn.run(app, host="127.0.0.1", port=8000)             # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import json
 import tempfile
+import time
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
-from bemerc.serve.predict import PredictError, Predictor, PredictRequest, UploadLimits, check_media, upload_slot
+from bemerc.serve.predict import PredictError, Predictor, PredictRequest, ServeLimits, check_media, upload_slot
 from bemerc.store import Store, StoreError
 from bemerc.store import query as Q
+from bemerc.store.schema import sql_quote
 from bemerc.train.runs import list_runs
 
 PAGE_DIR = Path(__file__).parent / "page"
 SPLIT_PATTERN = r"^[A-Za-z0-9_-]{1,40}$"
 REPORT_FILES = ("report.md", "report.html")
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+TOKEN_COOKIE = "bemerc_token"
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 
 
 Modality = Enum("Modality", {m: m for m in Q.MODALITIES}, type=str)
@@ -45,19 +61,24 @@ def create_app(
     *,
     profile: str = "offline",
     report_dir: str | Path | None = None,
-    limits: UploadLimits = UploadLimits(),
+    limits: ServeLimits = ServeLimits(),
+    host: str = "127.0.0.1",
+    allow_hosts: tuple[str, ...] = (),
+    token: str | None = None,
 ) -> FastAPI:
     """The app serving ``store_path``.
 
     ``profile`` rebuilds the extractors a run was trained with for ``/predict``; ``report_dir`` is
     where ``bemerc compare --out`` wrote its report (served with each run's metrics); ``limits``
-    bounds uploads (50 MB per file, 200 MB per request, 64 utterances by default).
+    bounds uploads and work (50 MB per file, 200 MB per request, 64 utterances, 60 s of media per
+    utterance, 16 waiting requests by default). ``host`` is the address the server binds and, with
+    ``allow_hosts``, the names a request's ``Host`` may carry; ``token``, when given, is required on
+    every request.
     """
-    store_path = Path(store_path)
-    if not store_path.is_dir():
-        raise FileNotFoundError(f"{store_path}: no store here (create one with `bemerc ingest ...`)")
-    store = Store(store_path)
-    predictor = Predictor(store, profile)
+    store = Store(store_path, create=False)  # a StoreError when there is no store there
+    predictor = Predictor(store, profile, retry_after_s=limits.retry_after_s)
+    hosts = HostCheck(host, allow_hosts)
+    admission = Admission(limits)
     app = FastAPI(
         title="bemerc",
         version="0.1.0",
@@ -77,10 +98,25 @@ def create_app(
 
     @app.exception_handler(PredictError)
     async def _predict_error(request: Request, exc: PredictError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+        headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s else None
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status, headers=headers)
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+        # an answer with a reason instead of a dropped connection; the server keeps serving
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        return JSONResponse({"detail": f"internal error: {type(exc).__name__}: {first}"}, status_code=500)
 
     @app.middleware("http")
     async def _headers(request: Request, call_next):
+        refused = hosts.refuse(request) or _foreign_origin(request) or _missing_token(request, token)
+        if refused is not None:
+            return refused
+        if token and request.url.path == "/" and request.query_params.get("token") is not None:
+            # the browse page: the token given once in the address becomes a same-site-only cookie
+            response = RedirectResponse("/", status_code=303)
+            response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict")
+            return response
         response = await call_next(request)
         response.headers["X-Content-Type-Options"] = "nosniff"
         if not request.url.path.startswith(("/docs", "/redoc")):  # their UIs load scripts from a CDN
@@ -115,7 +151,7 @@ def create_app(
         split: Annotated[str | None, Query(pattern=SPLIT_PATTERN, description="Only neighbours from this split")] = None,
     ) -> list[dict]:
         """The ``k`` utterances nearest to ``uid`` by cosine distance of the newest ``modality`` features."""
-        where = f"split = {Q.sql_str(split)}" if split else None
+        where = f"split = {sql_quote(split)}" if split else None
         return Q.to_records(Q.similar(store, uid, modality.value, k=k, where=where))
 
     @app.get("/runs", summary="Trained runs")
@@ -179,7 +215,8 @@ def create_app(
         utterance ``i``. Returns label, probabilities, behaviour description and transcript per utterance.
         """
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        with tempfile.TemporaryDirectory(prefix="bemerc-upload-") as tmp:
+        deadline = time.monotonic() + limits.request_timeout_s
+        with admission.enter(media=ctype == "multipart/form-data"), tempfile.TemporaryDirectory(prefix="bemerc-upload-") as tmp:
             if ctype == "application/json":
                 body = _parse_request(await request.body(), limits)
                 uploads: dict[tuple[str, int], Path] = {}
@@ -193,7 +230,7 @@ def create_app(
                     uploads = await _save_uploads(form, len(body.utterances), Path(tmp), limits)
             else:
                 raise HTTPException(415, f"send application/json or multipart/form-data, not {ctype or 'no content type'!r}")
-            return await run_in_threadpool(predictor.predict, body, uploads)
+            return await run_in_threadpool(predictor.predict, body, uploads, deadline)
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
@@ -203,7 +240,110 @@ def create_app(
     return app
 
 
-def _parse_request(raw: bytes, limits: UploadLimits) -> PredictRequest:
+class HostCheck:
+    """Which ``Host`` headers the server answers: the bound address, the loopback names and
+    ``allow_hosts``; when bound to every interface (``0.0.0.0``), also any IP address, since DNS
+    rebinding needs a name. Anything else is a 400, so a page of another site that rebinds its name
+    to this machine cannot reach the API."""
+
+    def __init__(self, host: str, allow_hosts: tuple[str, ...] = ()):
+        self.names = {_host_name(h) for h in (*LOOPBACK_NAMES, *allow_hosts)}
+        self.any_ip = host in WILDCARD_HOSTS
+        if not self.any_ip:
+            self.names.add(_host_name(host))
+
+    def allows(self, header: str) -> bool:
+        name = _host_name(header)
+        if name in self.names:
+            return True
+        if self.any_ip:
+            try:
+                ipaddress.ip_address(name)
+                return True
+            except ValueError:
+                return False
+        return False
+
+    def refuse(self, request: Request) -> JSONResponse | None:
+        header = request.headers.get("host", "")
+        if self.allows(header):
+            return None
+        return JSONResponse({"detail": f"Host {header!r} is not a name of this server (start it with --allow-host NAME "
+                                       "to answer that name)"}, status_code=400)
+
+
+def _host_name(value: str) -> str:
+    """``"[::1]:8000"`` -> ``"::1"``; ``"Example.COM.:80"`` -> ``"example.com"``."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1:].split("]", 1)[0]
+    if value.count(":") == 1:
+        value = value.split(":", 1)[0]
+    return value.rstrip(".")
+
+
+def _foreign_origin(request: Request) -> JSONResponse | None:
+    """A 403 for a state-changing or costly request (any method but GET/HEAD/OPTIONS) sent by a page
+    of another origin: its ``Origin`` is not this server's scheme and Host, or the browser says
+    ``Sec-Fetch-Site: cross-site``/``same-site``. Clients that are not browsers send neither."""
+    if request.method in SAFE_METHODS:
+        return None
+    origin = request.headers.get("origin")
+    site = request.headers.get("sec-fetch-site", "").lower()
+    own = f"{request.url.scheme}://{request.headers.get('host', '')}".lower()
+    if origin is not None and origin.rstrip("/").lower() != own:
+        return JSONResponse({"detail": f"cross-site request refused: Origin {origin!r} is not this server ({own})"}, status_code=403)
+    if site in ("cross-site", "same-site"):
+        return JSONResponse({"detail": f"cross-site request refused (Sec-Fetch-Site: {site})"}, status_code=403)
+    return None
+
+
+def _missing_token(request: Request, token: str | None) -> JSONResponse | None:
+    """A 401 unless the request carries ``token`` (Bearer header, the page's cookie, or ``?token=`` on
+    ``/``), compared in constant time."""
+    if not token:
+        return None
+    auth = request.headers.get("authorization", "")
+    candidates = [auth[7:].strip() if auth[:7].lower() == "bearer " else "", request.cookies.get(TOKEN_COOKIE, "")]
+    if request.url.path == "/":
+        candidates.append(request.query_params.get("token", ""))
+    expected = token.encode()
+    if any(hmac.compare_digest(c.encode(), expected) for c in candidates if c):
+        return None
+    return JSONResponse({"detail": "this server needs its access token: send 'Authorization: Bearer TOKEN' "
+                                   "(or open /?token=TOKEN in the browser)"}, status_code=401,
+                        headers={"WWW-Authenticate": "Bearer"})
+
+
+class Admission:
+    """The bounded queue of ``/predict``: at most ``max_pending`` requests inside the server (running
+    or waiting), of which at most ``max_media_pending`` upload media; one more is a 503 with
+    ``Retry-After`` at once instead of a wait behind long work. Used from the event loop only."""
+
+    def __init__(self, limits: ServeLimits):
+        self.limits = limits
+        self.pending = 0
+        self.media_pending = 0
+
+    @contextmanager
+    def enter(self, media: bool):
+        full = self.pending >= self.limits.max_pending
+        if media and self.media_pending >= self.limits.max_media_pending:
+            full = True
+        if full:
+            what = "requests with media" if media and not self.pending >= self.limits.max_pending else "requests"
+            raise PredictError(503, f"the server is busy: the queue of /predict {what} is full; try again shortly",
+                               self.limits.retry_after_s)
+        self.pending += 1
+        self.media_pending += media
+        try:
+            yield
+        finally:
+            self.pending -= 1
+            self.media_pending -= media
+
+
+def _parse_request(raw: bytes, limits: ServeLimits) -> PredictRequest:
     try:
         body = PredictRequest.model_validate_json(raw)
     except ValidationError as exc:
@@ -220,7 +360,7 @@ def _validation_message(exc: ValidationError) -> str:
     return f"{where}: {err['msg'].removeprefix('Value error, ')}"
 
 
-async def _save_uploads(form, n_utterances: int, folder: Path, limits: UploadLimits) -> dict[tuple[str, int], Path]:
+async def _save_uploads(form, n_utterances: int, folder: Path, limits: ServeLimits) -> dict[tuple[str, int], Path]:
     """Write each uploaded file to ``folder`` under a server-chosen name and check it is real media."""
     uploads: dict[tuple[str, int], Path] = {}
     for name, value in form.multi_items():
@@ -239,7 +379,7 @@ async def _save_uploads(form, n_utterances: int, folder: Path, limits: UploadLim
         with open(path, "wb") as out:
             while chunk := await value.read(1 << 20):
                 out.write(chunk)
-        await run_in_threadpool(check_media, path, kind, name)
+        await run_in_threadpool(check_media, path, kind, name, limits.max_media_s)
         uploads[(kind, index)] = path
     return uploads
 

@@ -1,10 +1,14 @@
 """``POST /predict``: a dialogue in, a label with probabilities per utterance out.
 
 The request names no server file: text comes as JSON, media only as uploaded bytes, which are
-checked (size, magic bytes, ffprobe with a demuxer whitelist) and written under a private temporary
-folder that is deleted after the request. The run decides everything else: its feature sets say
-which extractors to run (rebuilt from a profile and checked against the stored config hash), its
-kind which model scores the features.
+checked (size, magic bytes, ffprobe with a demuxer whitelist, duration) and written under a private
+temporary folder that is deleted after the request. The run decides everything else: its feature
+sets say which extractors to run (rebuilt from a profile and checked against the stored config
+hash), its kind which model scores the features.
+
+A modality that an utterance lacks, or whose upload cannot be decoded, is left out of that
+utterance's prediction (the run fuses the others, as in training) and named in its ``errors``; an
+utterance left with no usable input at all is a 422 naming the part.
 
 >>> predictor = Predictor(Store("store"))                                        # doctest: +SKIP
 >>> request = PredictRequest(utterances=[{"speaker": "Ross", "text": "Hi!"}])   # doctest: +SKIP
@@ -14,11 +18,13 @@ kind which model scores the features.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
 import subprocess
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from bemerc.store import Store, StoreError
 from bemerc.store import schema as S
+from bemerc.store.ingest.common import sniff_container
 from bemerc.train.runs import list_runs
 from bemerc.train.tensors import Corpus, ModalityArrays
 
@@ -37,7 +44,7 @@ MEDIA_KINDS = ("audio", "video")
 UPLOAD_NAME = re.compile(r"^(audio|video)_(\d{1,4})$")
 # Demuxers ffprobe may use on an upload: real containers only, never playlists or concat lists that
 # could make ffmpeg open other files or URLs.
-DEMUXERS = "wav,mp3,flac,ogg,aac,mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi"
+DEMUXERS = "wav,mp3,flac,ogg,aac,mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi,flv"
 # Keys that would name a media file by path inside the JSON body: refused, media must be uploaded.
 PATH_KEYS = {"audio", "video", "audio_path", "video_path", "path", "file", "media", "url"}
 # Extraction order: audio first, so a transcript can stand in for a missing text.
@@ -45,10 +52,12 @@ MODALITY_ORDER = ("audio", "text", "behavior", "visual")
 
 
 class PredictError(Exception):
-    """A request that cannot be served; ``status`` is the HTTP status, ``str()`` the message."""
+    """A request that cannot be served; ``status`` is the HTTP status, ``str()`` the message and
+    ``retry_after_s`` (503 only) when to try again."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, retry_after_s: int | None = None):
         self.status = status
+        self.retry_after_s = retry_after_s
         super().__init__(message)
 
 
@@ -81,10 +90,23 @@ class PredictRequest(BaseModel):
 
 
 @dataclass(frozen=True)
-class UploadLimits:
+class ServeLimits:
+    """What one ``/predict`` request may ask for, and how many may wait.
+
+    Sizes bound the upload; ``max_media_s`` bounds the work (probed before anything is decoded);
+    ``max_pending`` / ``max_media_pending`` bound the queue (more gets 503 with ``Retry-After``);
+    ``request_timeout_s`` bounds one request's wall time, waiting included (503 when it could not
+    start in time, 504 when its own work ran over).
+    """
+
     max_upload_bytes: int = 50 * 1024 * 1024  # per file
     max_request_bytes: int = 200 * 1024 * 1024  # the whole request body
     max_utterances: int = 64
+    max_media_s: float = 60.0  # duration of one uploaded file (one utterance)
+    max_pending: int = 16  # /predict requests in the server at once, running or waiting
+    max_media_pending: int = 2  # of those, requests that upload media (their work is long)
+    request_timeout_s: float = 120.0
+    retry_after_s: int = 10  # what a 503 tells the client
 
 
 # --- uploads -------------------------------------------------------------------------------------
@@ -101,46 +123,57 @@ def upload_slot(name: str, n_utterances: int) -> tuple[str, int]:
     return kind, index
 
 
-def sniff(head: bytes) -> str | None:
-    """Container type from a file's first bytes (``wav``, ``mp4``, ...), or None if unknown."""
-    if head[:4] == b"RIFF" and head[8:12] in (b"WAVE", b"AVI "):
-        return "wav" if head[8:12] == b"WAVE" else "avi"
-    if head[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide"):
-        return "mp4"
-    if head[:4] == b"\x1a\x45\xdf\xa3":
-        return "mkv"
-    if head[:4] == b"OggS":
-        return "ogg"
-    if head[:4] == b"fLaC":
-        return "flac"
-    if head[:3] == b"ID3" or (len(head) > 1 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0):
-        return "mp3"
-    return None
-
-
-def check_media(path: Path, kind: str, name: str) -> None:
-    """Raise :class:`PredictError` (415) unless ``path`` is a real audio/video file with a ``kind`` stream."""
+def check_media(path: Path, kind: str, name: str, max_media_s: float | None = None) -> float:
+    """The duration in seconds of ``path``, a real audio/video file with a ``kind`` stream; else a
+    :class:`PredictError`: 415 for what is not such media, 413 when it lasts over ``max_media_s``
+    (read from the container by ffprobe, before anything is decoded)."""
     with open(path, "rb") as handle:
         head = handle.read(16)
-    container = sniff(head)
+    container = sniff_container(head)
     if container is None:
         raise PredictError(415, f"upload {name!r} is not a supported media file (expected wav, mp3, flac, ogg, mp4/mov, "
-                                "mkv/webm or avi by content)")
+                                "mkv/webm, avi or flv by content)")
     exe = shutil.which("ffprobe")
     if exe is None:
         raise PredictError(503, "ffprobe is not installed on the server (install ffmpeg)")
     cmd = [exe, "-v", "error", "-protocol_whitelist", "file", "-format_whitelist", DEMUXERS,
-           "-print_format", "json", "-show_streams", str(path)]
+           "-print_format", "json", "-show_streams", "-show_format", str(path)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
     except subprocess.TimeoutExpired:
         raise PredictError(415, f"upload {name!r}: probing the media took over 30 s") from None
-    streams = json.loads(proc.stdout or "{}").get("streams", []) if proc.returncode == 0 else []
+    probe = json.loads(proc.stdout or "{}") if proc.returncode == 0 else {}
+    streams = probe.get("streams", [])
     if not streams:
         raise PredictError(415, f"upload {name!r} looks like {container} but ffprobe cannot read it")
     if not any(s.get("codec_type") == kind for s in streams):
         found = ", ".join(sorted({str(s.get("codec_type")) for s in streams}))
         raise PredictError(415, f"upload {name!r} has no {kind} stream (found: {found})")
+    duration = media_duration_s(probe)
+    if duration is None:
+        raise PredictError(415, f"upload {name!r}: its container does not say how long it is, so it is not decoded")
+    if max_media_s is not None and duration > max_media_s:
+        raise PredictError(413, f"upload {name!r} lasts {duration:.1f} s, over the limit of {max_media_s:g} s per utterance")
+    return duration
+
+
+def media_duration_s(probe: dict) -> float | None:
+    """The longest duration ffprobe's JSON (``-show_format -show_streams``) gives, or None.
+
+    >>> media_duration_s({"format": {"duration": "3.34"}, "streams": [{"duration": "3.37"}]})
+    3.37
+    >>> media_duration_s({"format": {}, "streams": [{"codec_type": "audio"}]}) is None
+    True
+    """
+    values = [probe.get("format", {}).get("duration"), *(s.get("duration") for s in probe.get("streams", []))]
+    seconds = []
+    for value in values:
+        try:
+            seconds.append(float(value))
+        except (TypeError, ValueError):
+            continue
+    finite = [s for s in seconds if s == s and s not in (float("inf"), float("-inf"))]
+    return max(finite) if finite else None
 
 
 # --- extractors and models -----------------------------------------------------------------------
@@ -215,17 +248,32 @@ class TunedModel:
 class Predictor:
     """Runs a trained run on new dialogues; extractors and models are loaded once and cached.
 
-    Inference is serialised (one request at a time): on a small CPU parallel requests only fight
-    over the same cores, and the models are not all safe to call from several threads.
+    Each extractor and each run's model is used by one request at a time (they are not all safe to
+    call from several threads), but different ones run side by side: a text-only request does not
+    wait while another request's long audio goes through Whisper.
     """
 
-    def __init__(self, store: Store, profile: str = "offline"):
+    def __init__(self, store: Store, profile: str = "offline", retry_after_s: int = 10):
         self.store = store
         self.profile = profile
+        self.retry_after_s = retry_after_s
         self._extractors: dict[str, Any] = {}
         self._models: dict[str, RunModel] = {}
         self._load_lock = threading.Lock()
-        self._run_lock = threading.Lock()
+        self._busy_locks: dict[str, threading.Lock] = {}
+
+    @contextlib.contextmanager
+    def _using(self, key: str, deadline: float | None):
+        """Hold the lock of one extractor or model; a 503 when it is not free before ``deadline``."""
+        with self._load_lock:
+            lock = self._busy_locks.setdefault(key, threading.Lock())
+        timeout = -1 if deadline is None else max(0.0, deadline - time.monotonic())
+        if not lock.acquire(timeout=timeout):
+            raise PredictError(503, "the server is busy with other predictions; try again shortly", self.retry_after_s)
+        try:
+            yield
+        finally:
+            lock.release()
 
     def run(self, run_id: str | None) -> dict:
         """The runs row of ``run_id``, or the newest run when None."""
@@ -269,28 +317,35 @@ class Predictor:
                 self._models[run["run_id"]] = load_run_model(run)
             return self._models[run["run_id"]]
 
-    def predict(self, request: PredictRequest, uploads: dict[tuple[str, int], Path]) -> dict:
+    def predict(self, request: PredictRequest, uploads: dict[tuple[str, int], Path], deadline: float | None = None) -> dict:
         """Labels and probabilities for every utterance of ``request``.
 
-        ``uploads`` maps ``(kind, index)`` to a checked media file on the server.
+        ``uploads`` maps ``(kind, index)`` to a checked media file on the server; ``deadline`` (a
+        ``time.monotonic()`` value) ends the request: 503 when it is still waiting for an extractor,
+        504 when its own extraction runs past it.
         """
         run = self.run(request.run)
         n = len(request.utterances)
         for i, u in enumerate(request.utterances):
             if not (u.text or "").strip() and not any((k, i) in uploads for k in MEDIA_KINDS):
                 raise PredictError(422, f"utterance {i} has neither text nor an uploaded audio_{i}/video_{i}")
-        with self._run_lock:
-            sets = sorted((self.extractor(f) for f in run["feature_sets"]), key=lambda p: MODALITY_ORDER.index(p[0].modality))
-            model = self.model(run)
-            texts = [(u.text or "").strip() or None for u in request.utterances]
-            modalities: dict[str, ModalityArrays] = {}
-            errors: list[dict[str, str]] = [{} for _ in range(n)]
-            for fs, extractor in sets:
-                arrays = _extract(extractor, fs, texts, uploads, errors)
-                if fs.modality == "audio" and "transcript" in arrays.extras:
-                    texts = [t or s for t, s in zip(texts, arrays.extras["transcript"])]
-                modalities[fs.modality] = arrays
-            corpus = Corpus(_utterance_frame(request, texts, run.get("dataset")), modalities)
+        sets = sorted((self.extractor(f) for f in run["feature_sets"]), key=lambda p: MODALITY_ORDER.index(p[0].modality))
+        model = self.model(run)
+        texts = [(u.text or "").strip() or None for u in request.utterances]
+        modalities: dict[str, ModalityArrays] = {}
+        errors: list[dict[str, str]] = [{} for _ in range(n)]
+        for fs, extractor in sets:
+            arrays = _extract(extractor, fs, texts, uploads, errors, deadline, hold=lambda: self._using(fs.id, deadline))
+            if fs.modality == "audio" and "transcript" in arrays.extras:
+                texts = [t or s for t, s in zip(texts, arrays.extras["transcript"])]
+            modalities[fs.modality] = arrays
+        for i in range(n):
+            if modalities and not any(a.present[i] for a in modalities.values()):
+                problems = "; ".join(f"{_part(m, i, uploads)}: {reason}" for m, reason in errors[i].items())
+                raise PredictError(422, f"utterance {i} has no usable input for run {run['run_id']} "
+                                        f"(modalities {', '.join(modalities)}){': ' + problems if problems else ''}")
+        corpus = Corpus(_utterance_frame(request, texts, run.get("dataset")), modalities)
+        with self._using(f"run:{run['run_id']}", deadline):
             probabilities = np.asarray(model.predict_proba(corpus), dtype=np.float64)
         classes = list(run["classes"])
         if probabilities.shape != (n, len(classes)):
@@ -318,8 +373,22 @@ class Predictor:
         }
 
 
-def _extract(extractor, fs, texts: list[str | None], uploads: dict[tuple[str, int], Path], errors: list[dict]) -> ModalityArrays:
-    """Run one extractor on the utterances that have its input; the rest are marked absent."""
+def _part(modality: str, index: int, uploads: dict[tuple[str, int], Path]) -> str:
+    """The part of the request a modality of utterance ``index`` came from: ``audio_0``, ``text``, ..."""
+    if modality == "text":
+        return f"utterances.{index}.text"
+    kinds = ("audio", "video") if modality == "audio" else ("video",)
+    return next((f"{k}_{index}" for k in kinds if (k, index) in uploads), f"{modality} of utterance {index}")
+
+
+def _extract(extractor, fs, texts: list[str | None], uploads: dict[tuple[str, int], Path], errors: list[dict],
+             deadline: float | None = None, hold=contextlib.nullcontext) -> ModalityArrays:
+    """Run one extractor on the utterances that have its input; the rest are marked absent.
+
+    The extractor is used inside ``hold()`` (its lock), and only when some utterance has its input.
+    Media is extracted one utterance at a time so that ``deadline`` is checked between them (a 504
+    once it has passed); an utterance whose media fails to decode gets the reason in ``errors``.
+    """
     from bemerc.extract.base import UtteranceMedia
     from bemerc.extract.media import MediaError
 
@@ -334,7 +403,20 @@ def _extract(extractor, fs, texts: list[str | None], uploads: dict[tuple[str, in
     vectors = np.zeros((n, fs.dim), dtype=np.float32)
     present = np.zeros(n, dtype=bool)
     extras: dict[str, list] = {f.name: [None] * n for f in extractor.fields() if f.name != "vector"}
-    results = extractor.extract([items[i] for i in wanted]) if wanted else []
+    step = max(1, len(wanted)) if fs.modality == "text" else 1
+    results: list = []
+    with hold() if wanted else contextlib.nullcontext():
+        for start in range(0, len(wanted), step):
+            if deadline is not None and time.monotonic() > deadline:
+                raise PredictError(504, f"the request ran over the server's time limit while extracting {fs.modality} "
+                                        "features; send shorter media or fewer utterances")
+            chunk = [items[i] for i in wanted[start : start + step]]
+            try:
+                results += extractor.extract(chunk)
+            except Exception as exc:  # a decoder or model failing on one odd upload must not end the request
+                if fs.modality == "text":
+                    raise
+                results += [MediaError(chunk[0].uid, f"{fs.modality} extraction failed ({type(exc).__name__}: {exc})")]
     for i, result in zip(wanted, results):
         if isinstance(result, MediaError):
             errors[i][fs.modality] = result.reason

@@ -48,6 +48,29 @@ def now_utc() -> datetime:
     return datetime.now(timezone.utc).replace(microsecond=0)
 
 
+def is_uri(path: str | Path) -> bool:
+    """Whether ``path`` names object storage (``s3://bucket/store``) rather than a local folder."""
+    return "://" in str(path)
+
+
+def check_store_path(path: Path, create: bool) -> None:
+    """Make sure ``path`` is a store folder: created when ``create``, else it must exist.
+
+    >>> check_store_path(Path("/no/such/store"), create=False)
+    Traceback (most recent call last):
+    bemerc.store.db.StoreError: /no/such/store: no store here (create one with `bemerc ingest ...`)
+    """
+    if path.exists() and not path.is_dir():
+        raise StoreError(f"{path}: is a file, not a store (--store names the folder holding the store's tables)")
+    if not path.exists():
+        if not create:
+            raise StoreError(f"{path}: no store here (create one with `bemerc ingest ...`)")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"{path}: cannot create the store folder ({e.strerror or e})") from None
+
+
 def _table_name(modality: str, extractor: str, config_hash: str) -> str:
     safe = re.sub(r"[^A-Za-z0-9_-]+", "_", extractor)
     return f"features_{modality}_{safe}_{config_hash}"
@@ -65,9 +88,13 @@ class Store:
     1109
     """
 
-    def __init__(self, path: str | Path, lock_timeout_s: float | None = None):
+    def __init__(self, path: str | Path, lock_timeout_s: float | None = None, *, create: bool = True):
+        """Open the store at ``path``; ``create=False`` (read-only commands) never makes a folder and
+        raises :class:`StoreError` when there is no store there. A path naming a file is a
+        :class:`StoreError` either way."""
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        if not is_uri(path):
+            check_store_path(self.path, create)
         self.db = lancedb.connect(str(self.path))
         self.lock = WriteLock(self.path, lock_timeout_s)
 
@@ -130,7 +157,7 @@ class Store:
     def utterances(self, split: str | None = None, dataset: str | None = None) -> pl.DataFrame:
         """Utterances in dialogue order (dataset, split, dialogue_id, turn); dialogue ids that are all
         numbers (MELD) sort as numbers, so "the first N utterances" means the first dialogues."""
-        clauses = [f"{column} = '{value}'" for column, value in (("split", split), ("dataset", dataset)) if value]
+        clauses = [f"{column} = {S.sql_quote(value)}" for column, value in (("split", split), ("dataset", dataset)) if value]
         df = self.read("utterances", where=" AND ".join(clauses) or None)
         if df.height and df["dialogue_id"].str.contains(r"^\d+$").all():
             return df.sort([pl.col("dataset"), pl.col("split"), pl.col("dialogue_id").cast(pl.Int64), pl.col("turn")])
@@ -242,7 +269,7 @@ class Store:
         tbl_schema = self.table(fs.table_name).schema
         written = self.upsert(fs.table_name, rows, tbl_schema)
         if written:
-            self.delete("failures", f"feature_set = '{fs.id}' AND uid IN ({_sql_list(rows['uid'].to_pylist())})")
+            self.delete("failures", f"feature_set = {S.sql_quote(fs.id)} AND uid IN ({S.sql_in(rows['uid'].to_pylist())})")
         return written
 
     def stored_uids(self, fs: FeatureSet) -> set[str]:
@@ -291,6 +318,3 @@ class Store:
                 failures[row[0]] = int(row[1])
         return {"path": str(self.path), "tables": tables, "features": features, "failures": failures}
 
-
-def _sql_list(values: list[str]) -> str:
-    return ", ".join("'" + v.replace("'", "''") + "'" for v in values)

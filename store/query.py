@@ -11,6 +11,7 @@ shape: (3, 6)   uid | text | label | speaker | split | distance
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import pyarrow as pa
 from lancedb.index import IvfPq
 
 from bemerc.store.db import FeatureSet, Store, StoreError
-from bemerc.store.schema import BASE_TABLES
+from bemerc.store.schema import BASE_TABLES, sql_in, sql_quote
 
 # Above this many rows a vector search may use an IVF_PQ index (see :func:`create_vector_index`);
 # below it an exact scan is fast and an index would only lose recall.
@@ -33,24 +34,71 @@ class QueryError(ValueError):
     """A query that cannot be answered (unknown uid, table, modality, bad filter); one-line message."""
 
 
-def sql_str(value: str) -> str:
-    """``value`` as a quoted SQL string literal (single quotes doubled)."""
-    return "'" + value.replace("'", "''") + "'"
+def whole_filter(sql: str) -> str:
+    """A user's SQL filter wrapped so that the store must parse all of it.
 
+    LanceDB parses a filter's first complete expression and ignores the rest, so
+    ``label = 'joy' ADN speaker = 'Ross'`` would match every joy row. Inside parentheses the parser
+    has to reach the closing one, so trailing text becomes a parse error. The parentheses of the
+    filter itself must balance (outside quotes and comments), or it could close the wrapper early.
 
-def sql_list(values: list[str]) -> str:
-    return ", ".join(sql_str(v) for v in values)
+    >>> whole_filter("label = 'joy' -- a comment")
+    "(label = 'joy' -- a comment\n)"
+    >>> whole_filter("label = 'joy') OR (1 = 1")
+    Traceback (most recent call last):
+    bemerc.store.query.QueryError: bad filter "label = 'joy') OR (1 = 1": ')' at character 14 closes nothing
+    """
+    depth, i, n = 0, 0, len(sql)
+    while i < n:
+        c = sql[i]
+        if c in "'\"`":  # string literal or quoted identifier; a doubled quote is an escaped one
+            j = i + 1
+            while j < n and not (sql[j] == c and sql[j + 1 : j + 2] != c):
+                j += 2 if sql[j] == c else 1
+            if j >= n:
+                raise QueryError(f"bad filter {sql!r}: the quote at character {i + 1} is never closed")
+            i = j
+        elif sql.startswith("--", i):
+            i = sql.find("\n", i) if "\n" in sql[i:] else n
+        elif sql.startswith("/*", i):
+            end = sql.find("*/", i + 2)
+            if end < 0:
+                raise QueryError(f"bad filter {sql!r}: the comment at character {i + 1} is never closed")
+            i = end + 1
+        elif c == "(":
+            depth += 1
+        elif c == ")":
+            depth -= 1
+            if depth < 0:
+                raise QueryError(f"bad filter {sql!r}: ')' at character {i + 1} closes nothing")
+        i += 1
+    if depth:
+        raise QueryError(f"bad filter {sql!r}: {depth} '(' never closed")
+    return f"({sql}\n)"
 
 
 def _read(store: Store, table: str, columns: list[str] | None = None, where: str | None = None) -> pl.DataFrame:
-    """``store.read`` with filter errors turned into a :class:`QueryError` naming the filter."""
+    """``store.read`` of a user's filter (parsed whole, see :func:`whole_filter`); errors become a
+    :class:`QueryError` naming the filter."""
+    wrapped = whole_filter(where) if where is not None else None
     try:
-        return store.read(table, columns, where=where)
+        return store.read(table, columns, where=wrapped)
     except StoreError:
         raise
     except Exception as exc:  # LanceDB reports SQL errors as several exception types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise QueryError(f"bad filter {where!r} on table {table!r}: {first}") from None
+        raise QueryError(f"bad filter {where!r} on table {table!r}: {_filter_problem(exc)}") from None
+
+
+def _filter_problem(exc: Exception) -> str:
+    """LanceDB's error about a filter as one short line, without the statement it was pasted into."""
+    message = str(exc).strip().removeprefix("Invalid input, ")
+    parser = re.search(r"sql parser error: (.*)\)\s*$", message, re.S)
+    if parser:
+        found = re.fullmatch(r"Expected: \), found: (.*)", parser.group(1).strip(), re.S)
+        if found:
+            return f"cannot parse it whole: {found.group(1)!r} follows a complete condition (join conditions with AND / OR)"
+        return f"cannot parse it: {parser.group(1).strip()}"
+    return message.splitlines()[0] if message else type(exc).__name__
 
 
 def dialogue_order(df: pl.DataFrame) -> pl.DataFrame:
@@ -79,9 +127,9 @@ def _feature_set(store: Store, modality: str) -> FeatureSet:
 
 def query_vector(store: Store, fs: FeatureSet, uid: str) -> list[float]:
     """The stored ``vector`` of ``uid`` in feature set ``fs``."""
-    rows = store.table(fs.table_name).search().where(f"uid = {sql_str(uid)}").select(["vector"]).limit(1).to_arrow()
+    rows = store.table(fs.table_name).search().where(f"uid = {sql_quote(uid)}").select(["vector"]).limit(1).to_arrow()
     if rows.num_rows == 0:
-        if store.count("utterances", f"uid = {sql_str(uid)}") == 0:
+        if store.count("utterances", f"uid = {sql_quote(uid)}") == 0:
             raise QueryError(f"no utterance with uid {uid!r} in {store.path}")
         raise QueryError(f"utterance {uid!r} has no row in feature set {fs.id} (see `bemerc query show {uid}`)")
     return rows["vector"][0].as_py()
@@ -117,10 +165,10 @@ def similar(
             return _similar_frame(store, [], [])
         total = store.count("utterances")
         if len(matching) <= total // 2:
-            search = search.where(f"uid IN ({sql_list(sorted(matching))})", prefilter=True)
+            search = search.where(f"uid IN ({sql_in(sorted(matching))})", prefilter=True)
         else:
             others = set(_read(store, "utterances", ["uid"])["uid"].to_list()) - matching
-            search = search.where(f"uid NOT IN ({sql_list(sorted(others | {uid}))})", prefilter=True)
+            search = search.where(f"uid NOT IN ({sql_in(sorted(others | {uid}))})", prefilter=True)
     # one more than asked: the query itself (or an identical vector) usually comes first
     hits = search.select(["uid", "_distance"]).limit(k + 1).to_arrow()
     pairs = [(u, d) for u, d in zip(hits["uid"].to_pylist(), hits["_distance"].to_pylist()) if u != uid][:k]
@@ -131,7 +179,7 @@ def _similar_frame(store: Store, uids: list[str], distances: list[float]) -> pl.
     hits = pl.DataFrame({"uid": uids, "distance": distances}, schema={"uid": pl.String, "distance": pl.Float64})
     columns = ["uid", "text", "label", "speaker", "split"]
     if uids:
-        info = store.read("utterances", columns, where=f"uid IN ({sql_list(uids)})")
+        info = store.read("utterances", columns, where=f"uid IN ({sql_in(uids)})")
     else:
         info = pl.DataFrame(schema={c: pl.String for c in columns})
     return hits.join(info, on="uid", how="left", maintain_order="left").select([*columns, "distance"])
@@ -189,7 +237,7 @@ class UtteranceView:
 
 def utterance(store: Store, uid: str) -> dict:
     """The utterances row of ``uid`` as a dict (raises :class:`QueryError` when unknown)."""
-    rows = store.read("utterances", where=f"uid = {sql_str(uid)}").to_dicts()
+    rows = store.read("utterances", where=f"uid = {sql_quote(uid)}").to_dicts()
     if not rows:
         raise QueryError(f"no utterance with uid {uid!r} in {store.path}")
     row = rows[0]
@@ -201,7 +249,7 @@ def _feature_column(store: Store, modality: str, column: str, uids: list[str]) -
     """uid -> ``column`` of the newest ``modality`` feature set that has that column."""
     for fs in reversed(store.feature_sets(modality)):
         if store.has_table(fs.table_name) and column in store.table(fs.table_name).schema.names:
-            table = store.read_arrow(fs.table_name, ["uid", column], where=f"uid IN ({sql_list(uids)})")
+            table = store.read_arrow(fs.table_name, ["uid", column], where=f"uid IN ({sql_in(uids)})")
             return dict(zip(table["uid"].to_pylist(), table[column].to_pylist()))
     return {}
 
@@ -216,15 +264,15 @@ def show(store: Store, uid: str) -> UtteranceView:
     """
     row = utterance(store, uid)
     same_dialogue = (
-        f"dataset = {sql_str(row['dataset'])} AND split = {sql_str(row['split'])} "
-        f"AND dialogue_id = {sql_str(row['dialogue_id'])} AND turn < {int(row['turn'])}"
+        f"dataset = {sql_quote(row['dataset'])} AND split = {sql_quote(row['split'])} "
+        f"AND dialogue_id = {sql_quote(row['dialogue_id'])} AND turn < {int(row['turn'])}"
     )
     context = store.read("utterances", ["uid", "turn", "speaker", "text", "label"], where=same_dialogue).sort("turn")
     present = [
         fs.id for fs in store.feature_sets()
-        if store.has_table(fs.table_name) and store.count(fs.table_name, f"uid = {sql_str(uid)}") > 0
+        if store.has_table(fs.table_name) and store.count(fs.table_name, f"uid = {sql_quote(uid)}") > 0
     ]
-    failures = store.read("failures", ["feature_set", "stage", "reason", "created_at"], where=f"uid = {sql_str(uid)}")
+    failures = store.read("failures", ["feature_set", "stage", "reason", "created_at"], where=f"uid = {sql_quote(uid)}")
     return UtteranceView(
         utterance=row,
         context=context,
@@ -243,7 +291,7 @@ def predictions(store: Store, uids: list[str]) -> pl.DataFrame:
               "classes": pl.List(pl.String), "probabilities": pl.List(pl.Float32)}
     if not uids:
         return pl.DataFrame(schema=schema)
-    preds = store.read("predictions", ["run_id", "uid", "label", "gold", "probabilities"], where=f"uid IN ({sql_list(uids)})")
+    preds = store.read("predictions", ["run_id", "uid", "label", "gold", "probabilities"], where=f"uid IN ({sql_in(uids)})")
     runs = store.read("runs", ["run_id", "kind", "classes", "created_at"])
     joined = preds.join(runs, on="run_id", how="inner").sort(["created_at", "uid"])
     correct = pl.when(pl.col("gold").is_null()).then(None).otherwise(pl.col("gold") == pl.col("label"))
@@ -268,7 +316,7 @@ def prediction_records(rows: pl.DataFrame | list[dict] | None) -> list[dict]:
 def dialogues(store: Store, split: str | None = None) -> pl.DataFrame:
     """One row per dialogue, in dialogue order: dataset, split, dialogue_id, utterances (count),
     speakers and first (the text of its first turn)."""
-    where = f"split = {sql_str(split)}" if split else None
+    where = f"split = {sql_quote(split)}" if split else None
     utt = store.read("utterances", ["dataset", "split", "dialogue_id", "turn", "speaker", "text"], where=where)
     grouped = utt.sort("turn").group_by(["dataset", "split", "dialogue_id"], maintain_order=True).agg(
         pl.len().alias("utterances"),
@@ -281,9 +329,9 @@ def dialogues(store: Store, split: str | None = None) -> pl.DataFrame:
 def dialogue(store: Store, split: str, dialogue_id: str, dataset: str | None = None) -> pl.DataFrame:
     """The utterances of one dialogue in turn order with their behaviour description, transcript
     and ``predictions``: a list of every run's prediction (as :func:`predictions`, without uid)."""
-    where = f"split = {sql_str(split)} AND dialogue_id = {sql_str(dialogue_id)}"
+    where = f"split = {sql_quote(split)} AND dialogue_id = {sql_quote(dialogue_id)}"
     if dataset:
-        where += f" AND dataset = {sql_str(dataset)}"
+        where += f" AND dataset = {sql_quote(dataset)}"
     utt = store.read("utterances", ["uid", "dataset", "turn", "speaker", "text", "label", "sentiment"], where=where).sort("turn")
     if utt.height == 0:
         raise QueryError(f"no dialogue {dialogue_id!r} in split {split!r} of {store.path}")

@@ -140,3 +140,26 @@ def vector_dim(schema: pa.Schema, column: str = "vector") -> int:
     if not pa.types.is_fixed_size_list(field_type):
         raise ValueError(f"column {column!r} must be a fixed_size_list of float32, found {field_type}")
     return field_type.list_size
+
+
+def sql_quote(value: object) -> str:
+    """``value`` as one SQL string literal: single quotes doubled, the whole wrapped in quotes.
+
+    Every value that enters a store filter goes through this function (or :func:`sql_in`), so a
+    name such as ``o'brien`` is matched literally and can never end the literal early.
+
+    >>> sql_quote("o'brien ds")
+    "'o''brien ds'"
+    >>> f"dataset = {sql_quote(\"x' OR '1'='1\")}"
+    "dataset = 'x'' OR ''1''=''1'"
+    """
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def sql_in(values: Iterable[object]) -> str:
+    """The inside of an SQL ``IN (...)`` list: every value quoted by :func:`sql_quote`.
+
+    >>> f"uid IN ({sql_in(['dev/a_0', \"it's\"])})"
+    "uid IN ('dev/a_0', 'it''s')"
+    """
+    return ", ".join(sql_quote(v) for v in values)

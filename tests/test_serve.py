@@ -22,10 +22,14 @@ from test_query import small_store
 from test_tune import tiny_llm  # noqa: F401  (a fixture: a 2-block random Llama with SmolLM2's tokenizer)
 
 from bemerc.serve import create_app
-from bemerc.serve.predict import PredictError, UploadLimits, check_media, sniff
+from bemerc.serve.predict import PredictError, ServeLimits, check_media
 from bemerc.store import Store
 from bemerc.store import query as Q
+from bemerc.store.ingest.common import sniff_container
 from bemerc.train.runs import list_runs
+
+
+LOCAL = "http://127.0.0.1"  # TestClient's base URL: the Host a local server answers (not "testserver")
 
 
 def served_store(root: Path, meld_dir: Path) -> Store:
@@ -70,7 +74,7 @@ def store(tmp_path_factory, meld_dir) -> Store:
 
 @pytest.fixture(scope="module")
 def client(store) -> TestClient:
-    return TestClient(create_app(store.path, limits=UploadLimits(max_upload_bytes=200_000, max_request_bytes=2_000_000)))
+    return TestClient(create_app(store.path, limits=ServeLimits(max_upload_bytes=200_000, max_request_bytes=2_000_000)), base_url=LOCAL)
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +121,7 @@ def test_runs_and_report(client, run, tmp_path, store):
     saved = json.loads((Path(run["run_dir"]) / "metrics.json").read_text())
     assert report["metrics"]["dev"]["weighted_f1"] == saved["dev"]["weighted_f1"] and report["report"] is None
     (tmp_path / "report.md").write_text("# runs compared\n")
-    with_report = TestClient(create_app(store.path, report_dir=tmp_path)).get(f"/runs/{run['run_id']}/report").json()
+    with_report = TestClient(create_app(store.path, report_dir=tmp_path), base_url=LOCAL).get(f"/runs/{run['run_id']}/report").json()
     assert with_report["report"] == {"file": "report.md", "format": "md", "content": "# runs compared\n"}
     assert client.get("/runs/no-such-run/report").status_code == 404
 
@@ -217,7 +221,7 @@ def test_predict_non_media_upload_is_415(client, name, content):
 def test_media_check_on_real_files(ravdess_dir):
     video = ravdess_dir / "video" / "01-01-01-01-01-01-01.mp4"
     wav = next((ravdess_dir / "audio").glob("*.wav"))
-    assert sniff(video.read_bytes()[:16]) == "mp4" and sniff(wav.read_bytes()[:16]) == "wav"
+    assert sniff_container(video.read_bytes()[:16]) == "mp4" and sniff_container(wav.read_bytes()[:16]) == "wav"
     check_media(video, "video", "video_0")
     check_media(video, "audio", "audio_0")  # its audio track
     check_media(wav, "audio", "audio_0")
@@ -261,7 +265,7 @@ def test_predict_with_a_tuned_run_matches_its_stored_predictions(store, tiny_llm
     config = TuneConfig(model=str(tiny_llm), stage="merc", run_dir=str(tmp_path / "tune"), modalities=[], context=3,
                         epochs=1, batch_size=8, lr=1e-2, train_limit=80, progress=False)
     run_id = tune(copy, config)["run_id"]
-    client = TestClient(create_app(copy.path))
+    client = TestClient(create_app(copy.path), base_url=LOCAL)
     turns = client.get("/dialogues/dev/1").json()["utterances"]
     r = client.post("/predict", json={"utterances": [{"speaker": u["speaker"], "text": u["text"]} for u in turns], "run": run_id})
     assert r.status_code == 200, r.text

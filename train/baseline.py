@@ -215,8 +215,11 @@ def fit_xgboost(x: np.ndarray, y: np.ndarray, x_dev: np.ndarray, y_dev: np.ndarr
 
 
 def xgboost_proba(booster: xgb.Booster, x: np.ndarray) -> np.ndarray:
-    """(N, C) class probabilities."""
-    return booster.predict(xgb.DMatrix(x, missing=np.nan))
+    """(N, C) class probabilities; (0, C) for no rows (XGBoost itself answers shape (0,) then)."""
+    if len(x) == 0:
+        n_classes = int(json.loads(booster.save_config())["learner"]["learner_model_param"]["num_class"])
+        return np.zeros((0, n_classes), dtype=np.float32)
+    return booster.predict(xgb.DMatrix(x, missing=np.nan)).reshape(len(x), -1)
 
 
 @dataclass

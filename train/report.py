@@ -22,6 +22,7 @@ import numpy as np
 import polars as pl
 
 from bemerc.store import Store, StoreError
+from bemerc.store.schema import sql_quote
 from bemerc.train.evaluate import bootstrap_intervals, paired_test
 from bemerc.train.metrics import classification_metrics
 from bemerc.train.runs import list_runs
@@ -58,7 +59,7 @@ def comparison(store: Store, run_ids: list[str] | None = None, split: str = "dev
                            (utterances["dataset"] + "/" + utterances["split"] + "/" + utterances["dialogue_id"]).to_list()))
     scored, skipped, outcomes = [], [], {}
     for run in runs:
-        preds = store.read("predictions", ["uid", "label", "gold"], where=f"run_id = '{_sql(run['run_id'])}' AND split = '{_sql(split)}'")
+        preds = store.read("predictions", ["uid", "label", "gold"], where=f"run_id = {sql_quote(run['run_id'])} AND split = {sql_quote(split)}")
         preds = preds.filter(pl.col("gold").is_not_null() & pl.col("gold").is_in(run["classes"])).sort("uid")
         if preds.height == 0:
             skipped.append({"run_id": run["run_id"], "reason": f"no labelled {split} predictions"})
@@ -124,10 +125,6 @@ def _best_two_test(scored: list[dict], outcomes: dict, dialogue_of: dict, seed: 
     pred_b = np.array([index[outcomes[b["run_id"]][u][1]] for u in shared])
     test = paired_test(gold, pred_a, pred_b, len(labels), seed=seed)
     return {"run_a": a["run_id"], "run_b": b["run_id"], **test}
-
-
-def _sql(value: str) -> str:
-    return value.replace("'", "''")
 
 
 # -- plots ----------------------------------------------------------------------------------------

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from bemerc.store import Store
 
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True)
@@ -30,6 +33,17 @@ def fail(message: str, code: int = 1) -> NoReturn:
     """Print a one-line error to stderr and exit with ``code``."""
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+def open_store(path: Path) -> Store:
+    """The existing store at ``path`` for a command that only reads it (or adds to what ingest made):
+    never creates a folder; a missing store or a file in its place is a one-line error."""
+    from bemerc.store import Store, StoreError
+
+    try:
+        return Store(path, create=False)
+    except StoreError as e:
+        fail(str(e))
 
 
 def not_built(what: str) -> NoReturn:

@@ -46,7 +46,7 @@ def register(app: typer.Typer) -> None:
 
         from bemerc.extract.factory import build_extractor
         from bemerc.models.profiles import ProfileError, load_profile
-        from bemerc.extract.run import MODALITY_ORDER, run_extractor
+        from bemerc.extract.run import MODALITY_ORDER, Terminated, run_extractor
         from bemerc.store import StoreLockedError
 
         torch.set_num_threads(threads or os.cpu_count() or 1)
@@ -68,6 +68,8 @@ def register(app: typer.Typer) -> None:
                 summary = run_extractor(db, extractor, limit=limit, batch_size=batch_size, retry_failures=retry_failures, console=console)
             except StoreLockedError as e:
                 fail(str(e))
+            except Terminated:
+                fail("stopped by SIGTERM; what was extracted is stored: run the same command to do the rest", code=143)
             summaries.append(summary)
             console.print(summary.line())
             if summary.reasons:

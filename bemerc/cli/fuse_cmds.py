@@ -38,7 +38,7 @@ def fuse(
 
     log = (lambda message: None) if as_json else (lambda message: console.print(f"  {message}", highlight=False))
     try:
-        db = Store(store)
+        db = Store(store, create=False)
         run_ids = resolve_runs(db, runs, skip_missing=skip_missing)
         if skip_missing and len(run_ids) < 2:
             missing = [ref for ref in runs if not resolve_runs(db, [ref], skip_missing=True)]

@@ -9,7 +9,7 @@ import typer
 from rich.progress import Progress
 
 from bemerc.cli.common import DEFAULT_STORE, StoreOption, console, fail
-from bemerc.store import Store, StoreLockedError
+from bemerc.store import Store, StoreError, StoreLockedError
 from bemerc.store.ingest import IngestError, IngestReport, read_iemocap, read_manifest, read_meld, write_utterances
 from bemerc.store.ingest.common import add_checksums
 
@@ -32,7 +32,7 @@ def _write(store_path: Path, read: "callable[[], IngestReport]", name: str) -> N
                 task = progress.add_task("checksumming media", total=len(media_rows))
                 add_checksums(media_rows, lambda n: progress.advance(task, n))
         inserted, updated, unchanged = write_utterances(Store(store_path), report.rows)
-    except (IngestError, StoreLockedError) as e:
+    except (IngestError, StoreError, StoreLockedError) as e:
         fail(str(e))
     splits = ", ".join(f"{split} {n:,}" for split, n in report.counts().items())
     console.print(f"{name}: {len(report.rows):,} utterances ({splits}); {inserted:,} new, {updated:,} updated, {unchanged:,} unchanged")

@@ -11,7 +11,7 @@ import polars as pl
 import typer
 from rich.table import Table
 
-from bemerc.cli.common import DEFAULT_STORE, JsonOption, StoreOption, console, fail
+from bemerc.cli.common import DEFAULT_STORE, JsonOption, StoreOption, console, fail, open_store
 from bemerc.store import Store, StoreError
 from bemerc.store import query as Q
 
@@ -27,9 +27,7 @@ class Format(str, Enum):
 
 
 def _open(path: Path) -> Store:
-    if not path.is_dir():
-        fail(f"{path}: no store here (create one with `bemerc ingest ...`)")
-    return Store(path)
+    return open_store(path)
 
 
 def _print_frame(df: pl.DataFrame, title: str | None = None, wide: tuple[str, ...] = ("text",)) -> None:

@@ -35,7 +35,7 @@ def baseline(
 
     try:
         result = train_baseline(
-            Store(store),
+            Store(store, create=False),
             feature_sets=feature_set or None,
             dataset=dataset,
             config=BaselineConfig(context=context),
@@ -88,7 +88,7 @@ def compare(
     if split not in ("dev", "test"):
         fail(f"--split must be dev or test, got {split!r}")
     try:
-        data = comparison(Store(store), runs or None, split)
+        data = comparison(Store(store, create=False), runs or None, split)
     except StoreError as e:
         fail(str(e))
     if as_json:

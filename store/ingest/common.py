@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import math
+import stat
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +14,8 @@ import pyarrow as pa
 
 from bemerc.store import schema as S
 from bemerc.store.db import Store
+
+MAX_TURN = 2**31 - 1  # the utterances table's int32 turn column
 
 
 class IngestError(ValueError):
@@ -72,13 +76,78 @@ def media_checksum(paths: Iterable[str | None], cache: dict[str, str] | None = N
     return digests[0] if len(digests) == 1 else hashlib.sha256("".join(digests).encode()).hexdigest()
 
 
+def sniff_container(head: bytes) -> str | None:
+    """The media container a file's first 16 bytes announce (``wav``, ``mp4``, ``mkv``, ...), or None.
+
+    Covers mp4/mov/m4a, mkv/webm, avi, flv, wav, flac, mp3 and ogg: enough to refuse a text file, a
+    device or a playlist before anything tries to decode it.
+
+    >>> sniff_container(b"RIFF\x24\x00\x00\x00WAVEfmt "), sniff_container(b"root:x:0:0:root:/root")
+    ('wav', None)
+    """
+    if head[:4] == b"RIFF" and head[8:12] in (b"WAVE", b"AVI "):
+        return "wav" if head[8:12] == b"WAVE" else "avi"
+    if head[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide"):
+        return "mp4"
+    if head[:4] == b"\x1a\x45\xdf\xa3":
+        return "mkv"
+    if head[:3] == b"FLV":
+        return "flv"
+    if head[:4] == b"OggS":
+        return "ogg"
+    if head[:4] == b"fLaC":
+        return "flac"
+    if head[:3] == b"ID3" or (len(head) > 1 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0):
+        return "mp3"
+    return None
+
+
+def check_media_file(path: Path, source: str | Path, row: int | None, column: str) -> str:
+    """``path`` resolved, when it is a regular, non-empty file whose first bytes are a known media
+    container; otherwise an :class:`IngestError` naming ``source``, ``row`` and ``column``.
+
+    Devices (``/dev/zero``), folders, FIFOs and text files are refused before anything reads them
+    whole, so ingest never hangs on or hashes what is not media.
+    """
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise IngestError(source, f"{column} file not found: {path}", row) from None
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
+        raise IngestError(source, f"{column} file {path}: cannot read ({getattr(e, 'strerror', None) or e})", row) from None
+    if stat.S_ISDIR(info.st_mode):
+        raise IngestError(source, f"{column} {path} is a folder, not a media file", row)
+    if not stat.S_ISREG(info.st_mode):
+        raise IngestError(source, f"{column} {path} is not a regular file (a device, pipe or socket)", row)
+    if info.st_size == 0:
+        raise IngestError(source, f"{column} file {path} is empty", row)
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(16)
+    except OSError as e:
+        raise IngestError(source, f"{column} file {path}: cannot read ({e.strerror or e})", row) from None
+    if sniff_container(head) is None:
+        raise IngestError(source, f"{column} file {path} is not audio or video (expected mp4/mov, mkv/webm, avi, flv, "
+                                  "wav, flac, mp3, ogg or m4a by content)", row)
+    return str(path.resolve())
+
+
 def check_rows(rows: list[dict], source: str | Path, row_numbers: list[int] | None = None) -> None:
-    """Raise :class:`IngestError` for duplicate uids or an unknown split."""
+    """Raise :class:`IngestError` for duplicate uids, an unknown split, a turn that does not fit its
+    column or a span that is not finite, is negative or ends before it starts."""
     seen: dict[str, int] = {}
     for i, r in enumerate(rows):
         n = row_numbers[i] if row_numbers else i + 1
         if r["split"] not in S.SPLITS:
             raise IngestError(source, f"unknown split {r['split']!r} (expected one of {', '.join(S.SPLITS)})", n)
+        if not 0 <= r["turn"] <= MAX_TURN:
+            raise IngestError(source, f"turn {r['turn']} is out of range (0 to {MAX_TURN})", n)
+        start, end = r.get("start_s"), r.get("end_s")
+        for column, value in (("start", start), ("end", end)):
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise IngestError(source, f"{column} must be a finite number of seconds >= 0, found {value!r}", n)
+        if start is not None and end is not None and end <= start:
+            raise IngestError(source, f"the span must end after it starts (start {start} s, end {end} s)", n)
         if r["uid"] in seen:
             raise IngestError(source, f"duplicate uid {r['uid']!r} (first at row {seen[r['uid']]})", n)
         seen[r["uid"]] = n

@@ -8,16 +8,19 @@ Columns: ``dialogue_id, turn`` (required) and ``speaker, text, label, split, vid
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
+import re
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from bemerc.store.ingest.common import IngestError, IngestReport, check_rows, read_utf8
+from bemerc.store.ingest.common import MAX_TURN, IngestError, IngestReport, check_media_file, check_rows, read_utf8
 from bemerc.store.schema import LABEL_SETS
 
 REQUIRED = ("dialogue_id", "turn")
+WHOLE_NUMBER = re.compile(r"\s*\+?[0-9]{1,12}(\.0*)?\s*")
 OPTIONAL = ("speaker", "text", "label", "split", "video", "audio", "start", "end", "sentiment")
 
 
@@ -46,8 +49,12 @@ def _load(path: Path) -> tuple[list[str], list[tuple[int, dict]]]:
             rows.append((n, obj))
         return columns, rows
     if suffix in (".csv", ".tsv"):
-        reader = csv.DictReader(text.splitlines(keepends=True), delimiter="\t" if suffix == ".tsv" else ",")
-        rows = [(reader.line_num, row) for row in reader]
+        # newline="" as the csv module wants: a line break inside a quoted field stays in the field
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ",")
+        try:
+            rows = [(reader.line_num, row) for row in reader]
+        except csv.Error as e:
+            raise IngestError(path, f"unreadable CSV ({e})", reader.line_num) from None
         return list(reader.fieldnames or []), rows
     raise IngestError(path, f"unknown manifest format {suffix!r} (expected .csv, .jsonl or .parquet)")
 
@@ -60,9 +67,41 @@ def _number(value: object, path: Path, n: int, column: str) -> float | None:
     if _blank(value):
         return None
     try:
+        if isinstance(value, bool):
+            raise TypeError
         return float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise IngestError(path, f"column {column!r} must be a number of seconds, found {value!r}", n) from None
+
+
+def _turn(value: object, path: Path, n: int) -> int:
+    """A turn as an int: ``3``, ``3.0`` or ``"3"``; anything else, or a turn outside the int32 column,
+    is an :class:`IngestError`."""
+    turn = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        turn = value
+    elif isinstance(value, float) and value.is_integer():
+        turn = int(value)
+    elif isinstance(value, str) and WHOLE_NUMBER.fullmatch(value):
+        turn = int(value.strip().split(".")[0])
+    if turn is None or not 0 <= turn <= MAX_TURN:
+        raise IngestError(path, f"turn must be a whole number from 0 to {MAX_TURN}, found {value!r}", n)
+    return turn
+
+
+def _text(value: object, path: Path, n: int, column: str) -> str | None:
+    """A text cell stripped (None when blank); lists, objects, bytes and text that cannot be stored as
+    UTF-8 (lone surrogates from JSON escapes) are an :class:`IngestError`."""
+    if _blank(value):
+        return None
+    if not isinstance(value, (str, int, float)):
+        raise IngestError(path, f"column {column!r} must be text, found {type(value).__name__} {str(value)[:40]!r}", n)
+    text = str(value).strip()
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise IngestError(path, f"column {column!r} holds characters that are not valid Unicode ({text[:40]!r})", n) from None
+    return text
 
 
 def read_manifest(path: str | Path, labels: str | list[str] = "meld", dataset: str | None = None) -> IngestReport:
@@ -87,28 +126,23 @@ def read_manifest(path: str | Path, labels: str | list[str] = "meld", dataset: s
     report = IngestReport(rows=[])
     numbers = []
     for n, row in raw:
-        if _blank(row.get("dialogue_id")):
+        cells = {c: _text(row.get(c), path, n, c) for c in ("dialogue_id", "speaker", "text", "label", "split", "sentiment", "video", "audio")}
+        if cells["dialogue_id"] is None:
             raise IngestError(path, "empty dialogue_id", n)
-        try:
-            turn = int(float(row["turn"]))
-        except (TypeError, ValueError):
-            raise IngestError(path, f"turn must be an integer, found {row['turn']!r}", n) from None
-        label = None if _blank(row.get("label")) else str(row["label"]).strip().lower()
+        turn = _turn(row.get("turn"), path, n)
+        label = None if cells["label"] is None else cells["label"].lower()
         if label is not None and label not in label_set:
             raise IngestError(path, f"unknown label {row['label']!r} (expected one of {', '.join(label_set)})", n)
         media = {}
         for column in ("video", "audio"):
-            value = row.get(column)
-            if _blank(value):
+            if cells[column] is None:
                 media[column] = None
                 continue
-            media_path = Path(str(value))
+            media_path = Path(cells[column])
             media_path = media_path if media_path.is_absolute() else path.parent / media_path
-            if not media_path.exists():
-                raise IngestError(path, f"{column} file not found: {media_path}", n)
-            media[column] = str(media_path.resolve())
-        split = "train" if _blank(row.get("split")) else str(row["split"]).strip().lower()
-        dialogue_id = str(row["dialogue_id"]).strip()
+            media[column] = check_media_file(media_path, path, n, column)
+        split = "train" if cells["split"] is None else cells["split"].lower()
+        dialogue_id = cells["dialogue_id"]
         report.rows.append(
             {
                 "uid": f"{split}/{dialogue_id}_{turn}",
@@ -116,10 +150,10 @@ def read_manifest(path: str | Path, labels: str | list[str] = "meld", dataset: s
                 "split": split,
                 "dialogue_id": dialogue_id,
                 "turn": turn,
-                "speaker": None if _blank(row.get("speaker")) else str(row["speaker"]).strip(),
-                "text": None if _blank(row.get("text")) else str(row["text"]).strip(),
+                "speaker": cells["speaker"],
+                "text": cells["text"],
                 "label": label,
-                "sentiment": None if _blank(row.get("sentiment")) else str(row["sentiment"]).strip().lower(),
+                "sentiment": None if cells["sentiment"] is None else cells["sentiment"].lower(),
                 "start_s": _number(row.get("start"), path, n, "start"),
                 "end_s": _number(row.get("end"), path, n, "end"),
                 "video_path": media["video"],

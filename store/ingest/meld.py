@@ -95,7 +95,7 @@ def read_meld(root: str | Path) -> IngestReport:
         ranks = {dia: {u: i for i, u in enumerate(sorted(set(us)))} for dia, us in by_dialogue.items()}
         for line, dia, utt, label, sentiment, row in parsed:
             clip = clip_dir / f"dia{dia}_utt{utt}.mp4" if clip_dir else None
-            has_clip = clip is not None and clip.exists()
+            has_clip = clip is not None and clip.is_file() and clip.stat().st_size > 0  # an empty clip counts as missing
             uid = f"{split}/dia{dia}_utt{utt}"
             if clip_dir is not None and not has_clip:
                 report.missing_media.append(uid)
