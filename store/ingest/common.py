@@ -16,6 +16,8 @@ from bemerc.store import schema as S
 from bemerc.store.db import Store
 
 MAX_TURN = 2**31 - 1  # the utterances table's int32 turn column
+# Every character str.splitlines() breaks at, escaped: an error names a value from the file and stays one line.
+ONE_LINE = {ord(c): repr(c)[1:-1] for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"}
 
 
 class IngestError(ValueError):
@@ -23,7 +25,7 @@ class IngestError(ValueError):
 
     def __init__(self, path: str | Path, problem: str, row: int | None = None):
         where = f"{path}: row {row}" if row is not None else f"{path}"
-        super().__init__(f"{where}: {problem}")
+        super().__init__(f"{where}: {problem}".translate(ONE_LINE))
 
 
 @dataclass

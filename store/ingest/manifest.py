@@ -119,6 +119,11 @@ def read_manifest(path: str | Path, labels: str | list[str] = "meld", dataset: s
     label_set = LABEL_SETS[labels] if isinstance(labels, str) and labels in LABEL_SETS else labels
     if isinstance(label_set, str):
         label_set = [x.strip() for x in label_set.split(",") if x.strip()]
+    if dataset:
+        try:
+            dataset.encode("utf-8")
+        except UnicodeEncodeError:
+            raise IngestError(path, f"the dataset name {dataset!r} holds characters that are not valid Unicode") from None
     columns, raw = _load(path)
     missing = [c for c in REQUIRED if c not in columns]
     if missing:
