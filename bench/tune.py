@@ -1,14 +1,17 @@
-"""MERC instruction tuning on a MELD subset against the same LLM zero-shot and the majority class.
+"""MERC instruction tuning: speed of the two prompt layouts, then accuracy against zero-shot and the
+majority class, in one run.
 
-Trains LoRA (and the soft-token projectors of any audio/behaviour features stored) on the first
-``--train-limit`` train utterances for one epoch, then scores the first ``--eval-limit`` dev
-utterances; the zero-shot run scores the same dev utterances with the untouched model. Prints dev
-weighted F1 of all three, step time and tokens per second, and writes them as JSON.
+Speed: for each layout (``utterance``: one prompt per utterance with its last --context turns, the
+layout before whole-dialogue tuning; ``dialogue``: one sequence per dialogue) and each thread count,
+``--speed-steps`` optimiser steps on the whole train split; prints train tokens per utterance,
+utterances per second and the projected wall time of one epoch of all train utterances.
+Accuracy (unless ``--speed-only``): trains the chosen layouts on the first ``--train-limit`` train
+utterances (default: all) and scores dev with each, with the untouched model (zero-shot) and the
+majority class. Everything goes to ``OUT/bench.json``.
 
-    python -m bemerc ingest meld ../shared/data/meld --store /tmp/tune_store
-    python bench/tune.py --store /tmp/tune_store --model /path/to/smollm2 --train-limit 1500 --eval-limit 300
-
-On 2 shared CPU cores this takes about 35-45 minutes (one torch thread).
+    python -m bemerc ingest meld ../shared/data/meld --store /tmp/meld && python -m bemerc extract --modality text --store /tmp/meld
+    python bench/tune.py --store /tmp/meld --model ~/.cache/bemerc/models/llm-*/model --speed-only
+    python bench/tune.py --store /tmp/meld --model DIR --layouts dialogue --train-limit 2000 --eval-limit 600
 """
 
 from __future__ import annotations
@@ -16,8 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import time
 from pathlib import Path
+
+import bemerc  # noqa: F401  (OpenMP wait policy before torch)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -25,48 +31,79 @@ from bemerc.store import Store  # noqa: E402
 from bemerc.train.tune.loop import TuneConfig, tune  # noqa: E402
 
 
+def speed(store: Store, out: Path, common: dict, layout: str, threads: int, steps: int, n_train: int) -> dict:
+    """Tokens per utterance and utterances/s over ``steps`` steps (the first, warm-up, left out)."""
+    run_dir = out / f"speed-{layout}-{threads}t"
+    tune(store, TuneConfig(**common, stage="merc", layout=layout, threads=threads, stop_after=steps,
+                           checkpoint_every=10_000, run_dir=str(run_dir), progress=False))
+    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()][1:]
+    seconds, utterances, tokens = (sum(h[k] for h in log) for k in ("seconds", "utterances", "tokens"))
+    rate = utterances / seconds
+    return {"layout": layout, "threads": threads, "steps": len(log), "tokens_per_utterance": tokens / utterances,
+            "utterances_per_s": rate, "tokens_per_s": tokens / seconds, "step_s_median": statistics.median(h["seconds"] for h in log),
+            "epoch_minutes": n_train / rate / 60}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", required=True)
     parser.add_argument("--model", required=True, help="local Hugging Face folder of the LLM")
-    parser.add_argument("--out", default="runs/bench-tune", help="folder of the two runs and bench.json")
-    parser.add_argument("--train-limit", type=int, default=1500)
-    parser.add_argument("--eval-limit", type=int, default=300)
-    parser.add_argument("--context", type=int, default=2)
-    parser.add_argument("--lora-layers", type=int, default=None, help="LoRA on the top N blocks only (default all)")
+    parser.add_argument("--out", default="runs/bench-tune", help="folder of the runs and bench.json")
+    parser.add_argument("--layouts", default="utterance,dialogue")
+    parser.add_argument("--threads", default="1,2", help="thread counts to time")
+    parser.add_argument("--speed-steps", type=int, default=12)
+    parser.add_argument("--speed-only", action="store_true")
+    parser.add_argument("--train-limit", type=int, default=None)
+    parser.add_argument("--eval-limit", type=int, default=None)
+    parser.add_argument("--context", type=int, default=3, help="utterance layout: context turns")
+    parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--balance", type=float, default=0.5)
+    parser.add_argument("--demos", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
     store, out = Store(args.store), Path(args.out)
-    common = dict(model=args.model, train_limit=args.train_limit, eval_limit=args.eval_limit, context=args.context,
-                  batch_size=args.batch_size, seed=args.seed)
-    start = time.perf_counter()
-    zero = tune(store, TuneConfig(**common, zero_shot=True, run_dir=str(out / "zero-shot")))
-    tuned = tune(store, TuneConfig(**common, stage="all", lr=args.lr, lora_layers=args.lora_layers,
-                                  balance=args.balance, run_dir=str(out / "tuned")))
-    timing = tuned["timing"]
-    report = {
-        "train_utterances": tuned["train_utterances"],
-        "eval_utterances": tuned["eval_utterances"],
-        "dev_weighted_f1": {"tuned": tuned["metrics"]["dev"]["weighted_f1"], "zero_shot": zero["metrics"]["dev"]["weighted_f1"],
-                            "majority": tuned["majority"]["weighted_f1"]},
-        "dev_accuracy": {"tuned": tuned["metrics"]["dev"]["accuracy"], "zero_shot": zero["metrics"]["dev"]["accuracy"],
-                         "majority": tuned["majority"]["accuracy"]},
-        "train": {k: timing[k] for k in ("steps", "step_s_median", "train_seconds", "train_tokens_per_s", "final_loss")},
-        "eval_tokens_per_s": timing["eval"]["tokens_per_s"],
-        "wall_seconds": time.perf_counter() - start,
-        "runs": {"tuned": tuned["run_id"], "zero_shot": zero["run_id"]},
-    }
+    out.mkdir(parents=True, exist_ok=True)
+    layouts, thread_counts = args.layouts.split(","), [int(t) for t in args.threads.split(",")]
+    common = dict(model=args.model, context=args.context, batch_size=args.batch_size, seed=args.seed, lr=args.lr)
+    n_train = store.count("utterances", "split = 'train' AND label IS NOT NULL")
+    report: dict = {"train_utterances_total": n_train, "speed": []}
+    for layout in layouts:
+        for threads in thread_counts:
+            row = speed(store, out, common, layout, threads, args.speed_steps, n_train)
+            report["speed"].append(row)
+            print(f"{layout:9s} {threads} thread(s): {row['tokens_per_utterance']:.0f} train tokens/utterance, "
+                  f"{row['utterances_per_s']:.2f} utterances/s, {row['tokens_per_s']:.0f} tokens/s -> one epoch of "
+                  f"{n_train:,} train utterances in {row['epoch_minutes']:.0f} min", flush=True)
+    by = {(r["layout"], r["threads"]): r for r in report["speed"]}
+    if ("utterance", thread_counts[0]) in by and ("dialogue", thread_counts[0]) in by:
+        for t in thread_counts:
+            ratio = by[("dialogue", t)]["utterances_per_s"] / by[("utterance", t)]["utterances_per_s"]
+            print(f"dialogue / utterance layout, {t} thread(s): {ratio:.1f}x utterances/s")
+    if not args.speed_only:
+        fastest = max(thread_counts, key=lambda t: by.get((layouts[-1], t), {}).get("utterances_per_s", 0))
+        accuracy = {}
+        start = time.perf_counter()
+        zero = tune(store, TuneConfig(**common, layout=layouts[-1], zero_shot=True, eval_limit=args.eval_limit,
+                                      threads=fastest, run_dir=str(out / "zero-shot"), progress=False))
+        accuracy["zero_shot"] = zero["metrics"]["dev"]["weighted_f1"]
+        accuracy["majority"] = zero["majority"]["weighted_f1"]
+        for layout in layouts:
+            t0 = time.perf_counter()
+            run = tune(store, TuneConfig(**common, stage="all", layout=layout, threads=fastest, epochs=args.epochs,
+                                         train_limit=args.train_limit, eval_limit=args.eval_limit, demos=args.demos,
+                                         run_dir=str(out / f"tuned-{layout}"), progress=False))
+            accuracy[layout] = run["metrics"]["dev"]["weighted_f1"]
+            report[f"run_{layout}"] = {"run_id": run["run_id"], "train_utterances": run["train_utterances"],
+                                       "eval_utterances": run["eval_utterances"], "wall_minutes": (time.perf_counter() - t0) / 60,
+                                       "timing": run["timing"]}
+            print(f"{layout}: dev weighted F1 {accuracy[layout]:.3f} ({run['eval_utterances']} dev utterances, trained on "
+                  f"{run['train_utterances']}), {report[f'run_{layout}']['wall_minutes']:.1f} min", flush=True)
+        report["dev_weighted_f1"] = accuracy
+        report["wall_seconds"] = time.perf_counter() - start
+        print("dev weighted F1: " + ", ".join(f"{k} {v:.3f}" for k, v in accuracy.items()))
     (out / "bench.json").write_text(json.dumps(report, indent=2))
-    f1 = report["dev_weighted_f1"]
-    print(f"dev weighted F1 ({report['eval_utterances']} utterances; trained on {report['train_utterances']}): "
-          f"tuned {f1['tuned']:.3f}, zero-shot {f1['zero_shot']:.3f}, majority {f1['majority']:.3f}")
-    print(f"train: {timing['steps']} steps, {timing['step_s_median']:.2f} s/step (median), "
-          f"{timing['train_tokens_per_s']:.0f} tokens/s; eval {report['eval_tokens_per_s']:.0f} prompt tokens/s; "
-          f"wall {report['wall_seconds'] / 60:.1f} min")
 
 
 if __name__ == "__main__":

@@ -71,6 +71,22 @@ def check_store_path(path: Path, create: bool) -> None:
             raise StoreError(f"{path}: cannot create the store folder ({e.strerror or e})") from None
 
 
+def dialogue_order(df: pl.DataFrame) -> pl.DataFrame:
+    """Rows sorted by dataset, split, dialogue and turn (the columns of those present); dialogue ids
+    that are numbers sort as numbers and before the others, which sort as text.
+
+    >>> ids = pl.DataFrame({"dialogue_id": ["b", "10", "2", "a"], "turn": [0, 0, 1, 0]})
+    >>> dialogue_order(ids)["dialogue_id"].to_list()
+    ['2', '10', 'a', 'b']
+    """
+    if df.height == 0:
+        return df
+    keys = [c for c in ("dataset", "split") if c in df.columns] + ["_d", "dialogue_id"]
+    keys += ["turn"] if "turn" in df.columns else []
+    numeric = pl.col("dialogue_id").cast(pl.Int64, strict=False).alias("_d")
+    return df.with_columns(numeric).sort(keys, nulls_last=True).drop("_d")
+
+
 def _table_name(modality: str, extractor: str, config_hash: str) -> str:
     safe = re.sub(r"[^A-Za-z0-9_-]+", "_", extractor)
     return f"features_{modality}_{safe}_{config_hash}"
@@ -155,13 +171,10 @@ class Store:
         return pl.from_arrow(self.read_arrow(name, columns, where))  # type: ignore[return-value]
 
     def utterances(self, split: str | None = None, dataset: str | None = None) -> pl.DataFrame:
-        """Utterances in dialogue order (dataset, split, dialogue_id, turn); dialogue ids that are all
-        numbers (MELD) sort as numbers, so "the first N utterances" means the first dialogues."""
+        """Utterances in dialogue order (:func:`dialogue_order`), so "the first N utterances" means
+        the first dialogues."""
         clauses = [f"{column} = {S.sql_quote(value)}" for column, value in (("split", split), ("dataset", dataset)) if value]
-        df = self.read("utterances", where=" AND ".join(clauses) or None)
-        if df.height and df["dialogue_id"].str.contains(r"^\d+$").all():
-            return df.sort([pl.col("dataset"), pl.col("split"), pl.col("dialogue_id").cast(pl.Int64), pl.col("turn")])
-        return df.sort(["dataset", "split", "dialogue_id", "turn"])
+        return dialogue_order(self.read("utterances", where=" AND ".join(clauses) or None))
 
     # -- writing ------------------------------------------------------------------------------
     def upsert(self, name: str, rows: pa.Table, schema: pa.Schema | None = None) -> int:

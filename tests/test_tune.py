@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from bemerc.store import Store
 from bemerc.store.ingest import read_meld, write_utterances
-from bemerc.train.runs import list_runs
+from bemerc.store.runs import list_runs
 from bemerc.train.tune.infer import TunedModel, dialogue_windows, merc_examples
 from bemerc.train.tune.loop import TuneConfig, TuneError, load_data, tune
 from bemerc.train.tune.model import LoraSettings, build_model, collate, collate_windows, load_llm, load_tuned
@@ -319,3 +319,42 @@ def test_dialogue_layout_trains_scores_dev_and_test_and_logs_progress_off_a_term
     again = tuned.predict_proba(data.corpus, dev)
     expected = np.array([stored[u] for u in data.corpus.utterances["uid"].gather(dev).to_list()])
     assert np.allclose(again, expected, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def text_store(tmp_path_factory) -> Store:
+    """Train dialogues 0-5 and dev dialogue 0 of MELD with a text feature set (a small stand-in embedding)."""
+    rows = [r for r in read_meld(DATA / "meld").rows
+            if (r["split"] == "train" and int(r["dialogue_id"]) < 6) or (r["split"] == "dev" and r["dialogue_id"] == "0")]
+    s = Store(tmp_path_factory.mktemp("text-store"))
+    write_utterances(s, rows)
+    text = s.register_feature_set("text", "text-stand-in", "x0001", {}, [pa.field("vector", pa.list_(pa.float32(), K * D))])
+    s.write_features(text, pa.table({"uid": [r["uid"] for r in rows],
+                                     "vector": [_text_measures(r["text"]).reshape(-1).tolist() for r in rows]},
+                                    schema=s.table(text.table_name).schema))
+    return s
+
+
+def test_retrieved_demonstrations_come_from_other_train_dialogues(tiny_llm, text_store):
+    from bemerc.train.tune.infer import DemoRetriever
+
+    config = _config(tiny_llm, Path("unused"), layout="dialogue", demos=3)
+    data = load_data(text_store, config)
+    assert [s.modality for s in data.soft] == ["text"]  # text soft tokens by default when stored
+    retriever = DemoRetriever(text_store, data.soft[0].feature_set, 3, data.dataset)
+    demos = retriever.for_inputs(data.inputs)
+    uids = data.corpus.utterances["uid"].to_list()
+    by_text = {}
+    for r, uid in enumerate(uids):
+        by_text.setdefault((data.inputs.texts[r], data.label(r)), set()).add(uid)
+    for rows in data.inputs.dialogues(np.concatenate([data.train_rows[:1], data.eval_rows["dev"]])):
+        shown = demos(rows)
+        assert len(shown) == 3
+        own = data.inputs.dialogue_keys[rows[0]]
+        for demo in shown:  # a labelled train utterance of another dialogue
+            assert any(u.startswith("train/") and not u.startswith(own.replace("train/", "train/dia") + "_") for u in by_text[demo])
+    _, tokenizer = load_llm(tiny_llm)
+    prompter = Prompter(tokenizer, data.classes, soft_tokens={"text": 1}, merc="dialogue")
+    window = dialogue_windows(prompter, data.inputs, data.eval_rows["dev"], 2, demos)[0]
+    text = prompter.show_window(window)
+    assert "Labelled examples of similar utterances:" in text and "Meaning: <text x1>" in text

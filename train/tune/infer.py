@@ -36,6 +36,8 @@ class Inputs:
     descriptions: list[str | None]
     features: dict[str, tuple[np.ndarray, np.ndarray]]
     dialogue_start: np.ndarray
+    dialogue_keys: list[str]  # "split/dialogue_id" of each utterance
+    text_vectors: tuple[np.ndarray, np.ndarray] | None = None  # stored text embeddings and present mask (demo retrieval)
 
     def turn(self, row: int) -> Turn:
         return Turn(self.speakers[row], self.texts[row])
@@ -78,8 +80,54 @@ def corpus_inputs(corpus: Corpus, soft: list[SoftInput]) -> Inputs:
         features[s.modality] = (values, present)
     behavior = corpus.modalities.get("behavior")
     descriptions = (behavior.extras.get("description") if behavior else None) or [None] * n
+    text = corpus.modalities.get("text")
     return Inputs([s or "Speaker" for s in u["speaker"].to_list()], [t or "" for t in u["text"].to_list()],
-                  list(descriptions), features, corpus.dialogue_start)
+                  list(descriptions), features, corpus.dialogue_start, (u["split"] + "/" + u["dialogue_id"]).to_list(),
+                  (text.vectors, text.present) if text is not None else None)
+
+
+class DemoRetriever:
+    """Retrieved demonstrations: for each turn of a dialogue the nearest labelled *train* utterances
+    of ``dataset`` by the stored text embedding (a LanceDB vector search on the feature set's
+    table; never an evaluation split, never the dialogue itself), the ``k`` closest overall, as
+    ``(text, label)``.
+
+    >>> retriever = DemoRetriever(store, "text/minilm-l6@ea2f1d25add8", k=4, dataset="meld")  # doctest: +SKIP
+    >>> retriever(vectors, exclude="train/12")[:1]                                           # doctest: +SKIP
+    [('Oh my God!', 'surprise')]
+    """
+
+    def __init__(self, store, feature_set: str, k: int, dataset: str | None):
+        from bemerc.store.schema import sql_quote
+
+        self.k = k
+        self.table = store.table(store.feature_set(feature_set).table_name)
+        where = "split = 'train' AND label IS NOT NULL" + (f" AND dataset = {sql_quote(dataset)}" if dataset else "")
+        u = store.read("utterances", ["uid", "split", "dialogue_id", "text", "label"], where=where)
+        self.train = {uid: (f"{split}/{d}", text or "", label) for uid, split, d, text, label in
+                      zip(u["uid"], u["split"], u["dialogue_id"], u["text"], u["label"])}
+        self.where = "uid LIKE " + sql_quote("train/%")
+
+    def __call__(self, vectors: np.ndarray, exclude: str | None = None) -> list[tuple[str, str]]:
+        found: dict[str, float] = {}
+        for vector in vectors:
+            hits = self.table.search(vector).where(self.where, prefilter=True).limit(self.k + 32).select(["uid"]).to_list()
+            for hit in hits:
+                known = self.train.get(hit["uid"])
+                if known is not None and known[0] != exclude:
+                    found[hit["uid"]] = min(found.get(hit["uid"], np.inf), hit["_distance"])
+        return [self.train[uid][1:] for uid in sorted(found, key=found.get)[: self.k]]
+
+    def for_inputs(self, inputs: Inputs) -> Demos:
+        """The demonstrations of a dialogue of ``inputs`` given its corpus rows."""
+        if inputs.text_vectors is None:
+            raise ValueError("demonstrations need the utterances' text embeddings (a text feature set)")
+        vectors, present = inputs.text_vectors
+
+        def demos(rows: list[int]) -> list[tuple[str, str]]:
+            return self(vectors[[r for r in rows if present[r]]], exclude=inputs.dialogue_keys[rows[0]])
+
+        return demos
 
 
 def merc_examples(prompter: Prompter, inputs: Inputs, rows, labels: list[str | None] | None = None) -> list[Encoded]:
@@ -105,16 +153,22 @@ class TunedModel:
     layout, in batches sorted by length (less padding), and puts them back in order."""
 
     def __init__(self, model: MercModel, prompter: Prompter, info: TuneInfo, batch_size: int = 8,
-                 device: torch.device | str = "cpu", autocast: Callable | None = None, demos: Demos | None = None):
+                 device: torch.device | str = "cpu", autocast: Callable | None = None, retriever: DemoRetriever | None = None):
+        if info.demos and retriever is None:
+            raise ValueError(f"the model was trained with {info.demos} retrieved demonstrations: pass a DemoRetriever "
+                             f"(a store holding {info.demo_feature_set})")
         self.model, self.prompter, self.info = model, prompter, info
         self.batch_size, self.device = batch_size, torch.device(device)
         self.autocast = autocast
-        self.demos = demos
+        self.retriever = retriever
 
     @classmethod
-    def load(cls, folder: str | Path, base: str | Path | None = None, **kwargs) -> "TunedModel":
-        """A saved adapter folder (``RUN_DIR/adapter``) as a ready model (CPU)."""
+    def load(cls, folder: str | Path, base: str | Path | None = None, store=None, **kwargs) -> "TunedModel":
+        """A saved adapter folder (``RUN_DIR/adapter``) as a ready model (CPU); ``store`` is needed
+        when the run shows retrieved demonstrations (they come from its train split)."""
         model, prompter, info = load_tuned(folder, base)
+        if info.demos and store is not None:
+            kwargs["retriever"] = DemoRetriever(store, info.demo_feature_set, info.demos, info.dataset)
         return cls(model, prompter, info, **kwargs)
 
     @property
@@ -129,7 +183,8 @@ class TunedModel:
         self.model.eval()
         scored: dict[int, np.ndarray] = {}
         if self.info.layout == "dialogue":
-            windows = dialogue_windows(self.prompter, inputs, rows, self.info.overlap, self.demos)
+            demos = self.retriever.for_inputs(inputs) if self.retriever is not None else None
+            windows = dialogue_windows(self.prompter, inputs, rows, self.info.overlap, demos)
             first_ids = self.prompter.answer_first_ids()
             for chunk in self._chunks(windows):
                 batch = collate_windows(chunk, inputs.features, self.prompter.tokenizer.pad_token_id).to(self.device)

@@ -36,11 +36,12 @@ import numpy as np
 import torch
 
 from bemerc.store import Store
-from bemerc.store.schema import run_classes, sql_quote
+from bemerc.store.schema import run_classes
 from bemerc.train.metrics import classification_metrics
-from bemerc.train.runs import default_run_dir, new_run_id, save_run
+from bemerc.store.runs import default_run_dir
+from bemerc.train.runs import new_run_id, save_run
 from bemerc.train.tensors import Corpus, load_corpus
-from bemerc.train.tune.infer import Inputs, TunedModel, corpus_inputs, dialogue_windows, merc_examples
+from bemerc.train.tune.infer import DemoRetriever, Inputs, TunedModel, corpus_inputs, dialogue_windows, merc_examples
 from bemerc.train.tune.model import (Batch, LoraSettings, MercModel, SoftInput, TuneInfo, build_model, collate,
                                      collate_windows, load_llm, save_adapter)
 from bemerc.train.tune.prompt import Prompter
@@ -64,7 +65,7 @@ class TuneConfig:
 
     model: str  # a local Hugging Face folder or a hub id
     stage: str = "merc"  # align | merc | all
-    run_dir: str | None = None  # default: inside the store (see bemerc.train.runs.default_run_dir)
+    run_dir: str | None = None  # default: inside the store (see bemerc.store.runs.default_run_dir)
     dataset: str | None = None  # needed when the store holds several datasets
     modalities: list[str] | None = None  # projected to soft tokens; None = text, audio and behavior when stored
     layout: str = "dialogue"  # dialogue: one sequence per dialogue; utterance: one prompt per utterance
@@ -213,36 +214,6 @@ def load_data(store: Store, config: TuneConfig) -> Data:
     labels = u["label"].to_list()
     return Data(corpus, dataset, run_classes(dataset, labels), labels, soft, corpus_inputs(corpus, soft),
                 first_dialogues(train, corpus.dialogue_start, config.train_limit), evaluation)
-
-
-def demonstrations(store: Store, data: Data, k: int) -> Callable[[list[int]], list[tuple[str, str]]]:
-    """The demonstrations of a dialogue: for each of its turns the nearest labelled train utterances
-    by stored text embedding (a LanceDB vector search on the store; never an evaluation split, never
-    the same dialogue), the K closest of them overall, as ``(text, label)``."""
-    fs = data.corpus.modalities["text"].feature_set
-    table = store.table(fs.table_name)
-    u = data.corpus.utterances
-    uids = u["uid"].to_list()
-    row_of = {uid: i for i, uid in enumerate(uids)}
-    vectors, present = data.corpus.modalities["text"].vectors, data.corpus.modalities["text"].present
-    train = set(data.train_rows.tolist())
-    where = "uid LIKE " + sql_quote("train/%")
-
-    def pick(rows: list[int]) -> list[tuple[str, str]]:
-        own = int(data.inputs.dialogue_start[rows[0]])
-        found: dict[int, float] = {}
-        for r in rows:
-            if not present[r]:
-                continue
-            hits = table.search(vectors[r]).where(where, prefilter=True).limit(k + 32).select(["uid"]).to_list()
-            for hit in hits:
-                row = row_of.get(hit["uid"], -1)
-                if row in train and int(data.inputs.dialogue_start[row]) != own:
-                    found[row] = min(found.get(row, math.inf), hit["_distance"])
-        best = sorted(found, key=found.get)[:k]
-        return [(data.inputs.texts[r], data.label(r)) for r in best]
-
-    return pick
 
 
 def class_weights(labels: list[str], balance: float) -> np.ndarray:
@@ -536,7 +507,8 @@ def tune(store: Store, config: TuneConfig, resume: bool = False) -> dict:
                         config.merc_prompt, config.align_prompt, config.max_len)
     if config.layout == "dialogue":
         prompter.answer_first_ids()  # fails early, in one line, when two labels share a first token
-    demos = demonstrations(store, data, config.demos) if config.demos else None
+    retriever = DemoRetriever(store, data.corpus.modalities["text"].feature_set.id, config.demos, data.dataset) if config.demos else None
+    demos = retriever.for_inputs(data.inputs) if retriever else None
     info = TuneInfo(base_model=str(config.model), classes=data.classes, layout=config.layout, context=config.context,
                     max_len=config.max_len, overlap=config.overlap, demos=config.demos,
                     demo_feature_set=data.corpus.modalities["text"].feature_set.id if config.demos else None,
@@ -569,6 +541,8 @@ def tune(store: Store, config: TuneConfig, resume: bool = False) -> dict:
             progress["stage"] = stage
             if not train_stage(stage, model, examples, config, accelerator, run_dir, progress,
                                checkpoint if mid_stage else None, bar):
+                if accelerator.is_main_process:
+                    _write_log(run_dir, progress["history"])
                 return {"stopped": True, "run_id": run_id, "run_dir": str(run_dir), "steps": len(progress["history"])}
             progress.update(done=progress["done"] + [stage], stage=None, epoch=0, batch=0)
             if accelerator.is_main_process:
@@ -583,7 +557,7 @@ def tune(store: Store, config: TuneConfig, resume: bool = False) -> dict:
             return {"run_id": run_id, "run_dir": str(run_dir), "notes": notes, "timing": _timing(progress["history"])}
 
         tuned = TunedModel(model, prompter, info, batch_size=2 * config.batch_size, device=accelerator.device,
-                           autocast=accelerator.autocast, demos=demos)
+                           autocast=accelerator.autocast, retriever=retriever)
         scored = {split: evaluate(tuned, data, rows, bar, split) for split, rows in data.eval_rows.items()}
 
     uids, splits, gold, metrics, eval_timing = [], [], [], {}, {}
@@ -635,7 +609,7 @@ def show_prompt(store: Store, config: TuneConfig, uid: str) -> str:
     if config.layout == "utterance":
         encoded = merc_examples(prompter, data.inputs, [row], [data.label(row)])[0]
         return prompter.show(encoded) + f"\n[{len(encoded.prompt_ids)} prompt tokens, {len(encoded.answer_ids)} answer tokens]"
-    demos = demonstrations(store, data, config.demos) if config.demos else None
+    demos = DemoRetriever(store, data.corpus.modalities["text"].feature_set.id, config.demos, data.dataset).for_inputs(data.inputs) if config.demos else None
     window = next(w for w in dialogue_windows(prompter, data.inputs, [row], config.overlap, demos)
                   if row in w.rows and w.new[w.rows.index(row)])
     firsts = ", ".join(f"{c}={tokenizer.decode([t])!r}" for c, t in zip(data.classes, prompter.answer_first_ids()))
