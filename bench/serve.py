@@ -31,7 +31,7 @@ import httpx
 import numpy as np
 
 from bemerc.store import Store
-from bemerc.train.runs import list_runs
+from bemerc.store.runs import list_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 MELD_DIR = ROOT.parent / "shared" / "data" / "meld"

@@ -16,8 +16,6 @@ import os
 
 import numpy as np
 import pyarrow as pa
-import torch
-import torch.nn.functional as F
 
 from bemerc.extract.base import UtteranceMedia, vector_field
 from bemerc.extract.media import SAMPLE_RATE, MediaError, decode_audio
@@ -53,8 +51,6 @@ class AudioExtractor:
         language: str = "en",
         num_threads: int | None = None,
     ):
-        import opensmile
-
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")
         profile = load_profile(profile) if isinstance(profile, str) else profile
@@ -68,15 +64,27 @@ class AudioExtractor:
         self.language = language
         self.num_threads = num_threads or os.cpu_count() or 1
         self.path = model_path(profile, "speech")
+        # torch, whisper and opensmile load on first use (dims, smile, model), so a re-run with
+        # nothing to do imports none of them.
+
+    @cached_property
+    def dim(self) -> int:
+        """Width of ``vector``: the encoder width, twice for mean+std pooling."""
+        import torch
+
         try:
-            # Only the checkpoint's dims here (memory-mapped): the model loads on first use, so a
-            # re-run with nothing to do is cheap.
+            # Only the checkpoint's dims here (memory-mapped): the weights load with the model.
             dims = torch.load(self.path, map_location="cpu", mmap=True, weights_only=True)["dims"]
         except Exception as exc:  # torch.load raises many types
             raise ProfileError(f"{self.entry.label}: cannot load a whisper checkpoint from {self.path}: {exc}") from exc
-        self.dim = int(dims["n_audio_state"]) * (2 if pooling == "mean+std" else 1)
-        self.smile = opensmile.Smile(feature_set=opensmile.FeatureSet.eGeMAPSv02,
-                                     feature_level=opensmile.FeatureLevel.Functionals)
+        return int(dims["n_audio_state"]) * (2 if self.pooling == "mean+std" else 1)
+
+    @cached_property
+    def smile(self):
+        import opensmile
+
+        return opensmile.Smile(feature_set=opensmile.FeatureSet.eGeMAPSv02,
+                               feature_level=opensmile.FeatureLevel.Functionals)
 
     @cached_property
     def model(self):
@@ -114,6 +122,8 @@ class AudioExtractor:
 
         Audio longer than 30 s is encoded in consecutive 30 s windows, as Whisper's context allows.
         """
+        import torch
+        import torch.nn.functional as F
         import whisper
 
         encoder = self.model.encoder
@@ -132,12 +142,16 @@ class AudioExtractor:
 
     def pool(self, states: torch.Tensor) -> np.ndarray:
         """Pool (T', n_state) states into one float32 vector of size ``dim``."""
+        import torch
+
         parts = [states.mean(0)]
         if self.pooling == "mean+std":
             parts.append(states.std(0, unbiased=False))
         return torch.cat(parts).numpy().astype(np.float32)
 
     def extract(self, items: list[UtteranceMedia]) -> list[dict | MediaError]:
+        import torch
+
         torch.set_num_threads(self.num_threads)
         return [self._extract_one(item) for item in items]
 

@@ -41,13 +41,13 @@ EXTRACTORS: dict[str, Callable[[Profile], Extractor]] = {
 }
 
 
-def build_extractor(modality: str, profile: Profile | str = "offline") -> Extractor:
-    """The extractor of ``modality`` configured by ``profile`` (a name or a TOML path).
+def build_extractor(modality: str, profile: Profile | str | None = None) -> Extractor:
+    """The extractor of ``modality`` configured by ``profile`` (a name or a TOML path; None: the default).
 
     >>> build_extractor("text").name   # doctest: +SKIP
     'all-MiniLM-L6-v2'
     """
     if modality not in EXTRACTORS:
         raise ValueError(f"unknown modality {modality!r}: expected one of {', '.join(EXTRACTORS)}")
-    profile = load_profile(profile) if isinstance(profile, str) else profile
+    profile = profile if isinstance(profile, Profile) else load_profile(profile)
     return EXTRACTORS[modality](profile)

@@ -23,9 +23,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from bemerc.extract.base import Extractor, UtteranceMedia, config_hash
 from bemerc.extract.media import MediaError
 from bemerc.store import FeatureSet, Store
-from bemerc.store.schema import feature_schema
+from bemerc.store.schema import MODALITIES, feature_schema
 
-MODALITY_ORDER = ("audio", "text", "behavior", "visual")  # audio first: its transcripts feed text
+MODALITY_ORDER = ("audio", *(m for m in MODALITIES if m != "audio"))  # audio first: its transcripts feed text
 # Utterances per extract() call: text batches sort by length inside the call, so bigger is faster;
 # media extractors decode per item, so small batches keep progress and flushes frequent.
 DEFAULT_BATCH = {"text": 256, "audio": 8, "behavior": 8, "visual": 8}
@@ -93,11 +93,17 @@ def transcripts(store: Store) -> dict[str, str]:
 
 
 def register(store: Store, extractor: Extractor) -> FeatureSet:
-    """The extractor's feature set in ``store`` (created on first use)."""
+    """The extractor's feature set in ``store`` (created on first use). A feature set already
+    recorded is found by its config alone: the extractor's output fields (which may need its model
+    library) are asked for only to create the table."""
+    digest = config_hash(extractor)
+    for fs in store.feature_sets(extractor.modality):
+        if fs.extractor == extractor.name and fs.config_hash == digest and store.has_table(fs.table_name):
+            return fs
     return store.register_feature_set(
         modality=extractor.modality,
         extractor=extractor.name,
-        config_hash=config_hash(extractor),
+        config_hash=digest,
         config=extractor.config(),
         fields=extractor.fields(),
         random_weights=extractor.random_weights,
@@ -152,7 +158,7 @@ def run_extractor(
             summary.skipped_failed += 1
         else:
             todo.append(r)
-    schema = feature_schema(extractor.fields())
+    schema = feature_schema(extractor.fields()) if todo else None  # no work: the model library stays unloaded
     pending: list[dict] = []
     pending_failures: list[tuple[str, str]] = []
     last_flush = time.monotonic()

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from bemerc.extract.base import UtteranceMedia, vector_field
 from bemerc.extract.media import MediaError
@@ -40,8 +39,6 @@ class TextExtractor:
         max_length: int | None = None,
         num_threads: int | None = None,
     ):
-        from transformers import AutoConfig
-
         profile = load_profile(profile) if isinstance(profile, str) else profile
         self.entry = profile.stage("text")
         self.name = self.entry.model_id
@@ -51,11 +48,9 @@ class TextExtractor:
         path = model_path(profile, "text")
         _check_mean_pooling(path, self.entry.label)
         self.path = path
-        try:
-            # Only the config here: the weights load on first use, so a re-run with nothing to do is cheap.
-            self.dim = int(AutoConfig.from_pretrained(path).hidden_size)
-        except (OSError, ValueError) as exc:
-            raise ProfileError(f"{self.entry.label}: cannot load a text encoder from {path}: {exc}") from exc
+        # Only the model folder's config.json here, read without transformers: the library and the
+        # weights load on first use, so a re-run with nothing to do imports neither.
+        self.dim = _hidden_size(path, self.entry.label)
         self.max_length = max_length or _max_seq_length(path) or min(self.tokenizer.model_max_length, 512)
 
     @cached_property
@@ -88,6 +83,8 @@ class TextExtractor:
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """Unit-length embeddings, float32 array of shape (len(texts), dim), in input order."""
+        import torch
+
         torch.set_num_threads(self.num_threads)
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
@@ -110,6 +107,14 @@ class TextExtractor:
         for row, i in enumerate(keep):
             results[i] = {"vector": vectors[row]}
         return results
+
+
+def _hidden_size(path: Path, label: str) -> int:
+    """Width of the encoder's hidden states, from the model folder's ``config.json``."""
+    try:
+        return int(json.loads((path / "config.json").read_text())["hidden_size"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ProfileError(f"{label}: cannot load a text encoder from {path}: no hidden_size in its config.json ({exc})") from exc
 
 
 def _max_seq_length(path: Path) -> int | None:

@@ -9,6 +9,10 @@ network, pass a pretrained tag, e.g. ``ClipVisualExtractor("ViT-B-32", "laion2b_
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
+import importlib.util
+import json
+from pathlib import Path
 from functools import cached_property
 
 import numpy as np
@@ -18,6 +22,20 @@ from bemerc.extract.base import UtteranceMedia, vector_field
 from bemerc.extract.behavior.extractor import rows_from_video
 from bemerc.extract.media import FRAME_SAMPLING, MediaError
 from bemerc.models.profiles import Profile
+
+
+def open_clip_config(model_name: str) -> dict | None:
+    """open_clip's architecture config of ``model_name`` (its ``model_configs/NAME.json``), read
+    without importing open_clip, so asking for the extractor's config stays cheap; None if unknown.
+
+    >>> open_clip_config("ViT-S-32")["embed_dim"]
+    384
+    """
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("open_clip is not installed: run `make setup`")
+    path = Path(list(spec.submodule_search_locations)[0]) / "model_configs" / f"{model_name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 class ClipVisualExtractor:
@@ -45,9 +63,8 @@ class ClipVisualExtractor:
         num_threads: int = 2,
         device: str = "cpu",
     ):
-        import open_clip
-
-        if open_clip.get_model_config(model_name) is None:
+        model_config = open_clip_config(model_name)
+        if model_config is None:
             raise ValueError(f"unknown open_clip model {model_name!r}; expected one of open_clip.list_models()")
         self.model_name = model_name
         self.pretrained = None if pretrained in (None, "", "none") else pretrained
@@ -58,7 +75,7 @@ class ClipVisualExtractor:
         self.device = device
         self.random_weights = self.pretrained is None
         self.name = f"openclip-{model_name}" + (f"-{self.pretrained}" if self.pretrained else "-random")
-        self.dim = int(open_clip.get_model_config(model_name)["embed_dim"])
+        self.dim = int(model_config["embed_dim"])
 
     @classmethod
     def from_profile(cls, profile: Profile, **options) -> "ClipVisualExtractor":
@@ -91,12 +108,10 @@ class ClipVisualExtractor:
         Cached in the models folder by everything that decides the weights, so that asking for the
         config (to find what is already stored) does not build the model each time.
         """
-        import open_clip
-        import torch
-
         from bemerc.models.profiles import models_dir
 
-        key = f"{self.model_name}-{self.pretrained}-{self.seed}-oc{open_clip.__version__}-torch{torch.__version__}"
+        versions = f"oc{importlib.metadata.version('open_clip_torch')}-torch{importlib.metadata.version('torch')}"
+        key = f"{self.model_name}-{self.pretrained}-{self.seed}-{versions}"
         cache = models_dir() / "visual-weights-sha256" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.txt"
         if cache.is_file():
             return cache.read_text().strip()

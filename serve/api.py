@@ -42,7 +42,7 @@ from bemerc.serve.predict import PredictError, Predictor, PredictRequest, ServeL
 from bemerc.store import Store, StoreError
 from bemerc.store import query as Q
 from bemerc.store.schema import sql_quote
-from bemerc.train.runs import list_runs
+from bemerc.store.runs import list_runs
 
 PAGE_DIR = Path(__file__).parent / "page"
 SPLIT_PATTERN = r"^[A-Za-z0-9_-]{1,40}$"

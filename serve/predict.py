@@ -34,10 +34,11 @@ import polars as pl
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from bemerc.extract.run import MODALITY_ORDER  # audio first: a transcript can stand in for a missing text
 from bemerc.store import Store, StoreError
 from bemerc.store import schema as S
 from bemerc.store.ingest.common import sniff_container
-from bemerc.train.runs import list_runs
+from bemerc.store.runs import list_runs
 from bemerc.train.tensors import Corpus, ModalityArrays
 
 MEDIA_KINDS = ("audio", "video")
@@ -47,8 +48,6 @@ UPLOAD_NAME = re.compile(r"^(audio|video)_(\d{1,4})$")
 DEMUXERS = "wav,mp3,flac,ogg,aac,mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi,flv"
 # Keys that would name a media file by path inside the JSON body: refused, media must be uploaded.
 PATH_KEYS = {"audio", "video", "audio_path", "video_path", "path", "file", "media", "url"}
-# Extraction order: audio first, so a transcript can stand in for a missing text.
-MODALITY_ORDER = ("audio", "text", "behavior", "visual")
 
 
 class PredictError(Exception):

@@ -20,14 +20,13 @@ import polars as pl
 import pyarrow as pa
 from lancedb.index import IvfPq
 
-from bemerc.store.db import FeatureSet, Store, StoreError
-from bemerc.store.schema import BASE_TABLES, sql_in, sql_quote
+from bemerc.store.db import FeatureSet, Store, StoreError, dialogue_order
+from bemerc.store.schema import BASE_TABLES, MODALITIES, sql_in, sql_quote
 
 # Above this many rows a vector search may use an IVF_PQ index (see :func:`create_vector_index`);
 # below it an exact scan is fast and an index would only lose recall.
 INDEX_MIN_ROWS = 10_000
 EXPORT_FORMATS = ("parquet", "csv")
-MODALITIES = ("text", "audio", "behavior", "visual")
 
 
 class QueryError(ValueError):
@@ -99,16 +98,6 @@ def _filter_problem(exc: Exception) -> str:
             return f"cannot parse it whole: {found.group(1)!r} follows a complete condition (join conditions with AND / OR)"
         return f"cannot parse it: {parser.group(1).strip()}"
     return message.splitlines()[0] if message else type(exc).__name__
-
-
-def dialogue_order(df: pl.DataFrame) -> pl.DataFrame:
-    """Sort by dataset, split, dialogue (numeric ids as numbers) and turn, when those columns exist."""
-    if df.height == 0:
-        return df
-    keys = [c for c in ("dataset", "split") if c in df.columns] + ["_d", "dialogue_id"]
-    keys += ["turn"] if "turn" in df.columns else []
-    numeric = pl.col("dialogue_id").cast(pl.Int64, strict=False).alias("_d")
-    return df.with_columns(numeric).sort(keys, nulls_last=True).drop("_d")
 
 
 # --- similar -------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from bemerc.serve import create_app
 from bemerc.serve.api import Admission
 from bemerc.serve.predict import PredictError, ServeLimits
 from bemerc.store import Store
-from bemerc.train.runs import list_runs
+from bemerc.store.runs import list_runs
 
 runner = CliRunner()
 

@@ -172,3 +172,28 @@ def test_py_feat_path_runs_with_a_random_checkpoint(ravdess_frames, tmp_path):
     assert row["vector"].shape == (len(STATS) * len(extractor.names),) and np.isfinite(row["vector"]).all()
     happy_to_neutral = [extractor.names.index(f"p_{label}") for label in EXPRESSIONS]
     assert row["vector"][happy_to_neutral].sum() == pytest.approx(1.0, abs=1e-4)  # mean probabilities
+
+
+def test_profile_face_files_choose_the_graphs_and_the_feature_set(tmp_path, ravdess_frames, models_cache):
+    from bemerc.extract.base import config_hash
+    from bemerc.models.profiles import load_profile
+
+    short_range = tmp_path / "short-range.toml"
+    short_range.write_text(
+        'extends = "offline"\n[stages.face]\nkind = "files"\nsource = "package:mediapipe/modules"\n'
+        'files = { detector = "face_detection/face_detection_short_range.tflite", landmarks = "face_landmark/face_landmark.tflite" }\n'
+    )
+    offline = BehaviorExtractor.from_profile(load_profile("offline"))
+    plain = BehaviorExtractor.from_profile(load_profile(short_range))
+    graphs = plain.config()["mediapipe_models"]
+    assert "face_detection/face_detection_short_range.tflite" in graphs and "face_landmark/face_landmark.tflite" in graphs
+    assert "face_landmark/face_landmark_with_attention.tflite" in offline.config()["mediapipe_models"]
+    assert config_hash(plain) != config_hash(offline)  # other graphs: another feature set
+    faces = plain._faces.find(ravdess_frames[0][6])
+    assert len(faces) == 1 and faces[0].landmarks.shape == (468, 3)  # the plain mesh, no refined irises
+    assert np.isfinite(face_measures(faces[0].landmarks)).all()
+
+
+def test_a_graph_the_solutions_api_cannot_load_is_refused():
+    with pytest.raises(ValueError, match="loads only its packaged graphs"):
+        FaceFinder(files={"detector": "my_detector.tflite", "landmarks": "face_landmark/face_landmark.tflite"})

@@ -14,7 +14,8 @@ from bemerc.cli import app
 from bemerc.store import Store
 from bemerc.train.fuse import FusionError, fuse_runs, resolve_runs
 from bemerc.train.report import DEMO_NOTE
-from bemerc.train.runs import list_runs, save_run
+from bemerc.store.runs import list_runs
+from bemerc.train.runs import save_run
 
 from test_compare import ngram_store
 

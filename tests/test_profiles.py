@@ -184,3 +184,60 @@ def test_user_profile_points_speech_at_another_packaged_whisper(tmp_path, models
     assert checkpoint.name == "whisper-tiny.en.pt"
     model = whisper.load_model(str(checkpoint), device="cpu")
     assert (model.dims.n_audio_layer, model.dims.n_vocab, model.is_multilingual) == (4, 51864, False)
+
+
+def test_digests_are_cached_until_the_file_changes(tmp_path, models_cache):
+    from bemerc.models.profiles import DIGESTS_FILE, cached_sha256, file_sha256
+
+    weights = tmp_path / "weights.bin"
+    weights.write_bytes(b"first weights")
+    assert cached_sha256(weights) == file_sha256([weights])
+    assert str(weights.resolve()) in (models_cache / DIGESTS_FILE).read_text()
+    weights.write_bytes(b"other weights, other size")  # a changed file is hashed again
+    assert cached_sha256(weights) == file_sha256([weights])
+
+
+def test_a_second_checkout_reuses_the_prepared_stage(tmp_path, models_cache):
+    """Two copies of the same weights (two virtual environments, two clones) share one prepared
+    folder: the marker is keyed by the inputs' digests, not by their paths or mtimes."""
+    import json
+    import shutil
+
+    from bemerc.models.profiles import models_dir, prepare_stage
+
+    source = model_path(load_profile(), "text")
+    digest = load_profile().stage("text").sha256["model.safetensors"]
+    paths = []
+    for checkout in ("a", "b"):
+        shutil.copytree(source, tmp_path / checkout / "my-minilm", symlinks=False)
+        (tmp_path / checkout / "p.toml").write_text(
+            '[stages.text]\nkind = "hf"\nsource = "my-minilm"\nmodel_id = "my-minilm"\n'
+            f'[stages.text.sha256]\n"model.safetensors" = "{digest}"\n')
+        entry = load_profile(str(tmp_path / checkout / "p.toml")).stage("text")
+        paths.append(prepare_stage(entry))
+        marker = models_dir() / f"text-{entry.fingerprint()}" / "prepared.json"
+        if checkout == "a":
+            written = marker.stat().st_mtime_ns
+    assert paths == [tmp_path / "a" / "my-minilm", tmp_path / "b" / "my-minilm"]  # each uses its own copy
+    assert marker.stat().st_mtime_ns == written  # b reused a's marker: nothing prepared again
+    assert json.loads(marker.read_text())["inputs"] == {"model.safetensors": [digest]}
+
+
+def test_two_processes_preparing_at_once_leave_one_whole_folder(tmp_path, models_cache):
+    import subprocess
+    import sys
+
+    from bemerc.models.profiles import models_dir
+
+    user = tmp_path / "p.toml"
+    user.write_text('extends = "offline"\n[stages.face]\nkind = "files"\nsource = "package:mediapipe/modules"\n'
+                    'files = { detector = "face_detection/face_detection_short_range.tflite", '
+                    'landmarks = "face_landmark/face_landmark.tflite" }\n')
+    code = f"from bemerc.models.profiles import load_profile, prepare_stage; print(prepare_stage(load_profile({str(user)!r}).stage('face')))"
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(3)]
+    outputs = {p.communicate()[0].strip() for p in procs}
+    assert all(p.returncode == 0 for p in procs) and len(outputs) == 1
+    entry = load_profile(str(user)).stage("face")
+    folders = [p.name for p in models_dir().iterdir() if p.name.startswith(f"face-{entry.fingerprint()}")]
+    assert folders == [f"face-{entry.fingerprint()}"]  # no temporary folder left behind
+    assert (models_dir() / folders[0] / "prepared.json").is_file()

@@ -26,7 +26,7 @@ from bemerc.serve.predict import PredictError, ServeLimits, check_media
 from bemerc.store import Store
 from bemerc.store import query as Q
 from bemerc.store.ingest.common import sniff_container
-from bemerc.train.runs import list_runs
+from bemerc.store.runs import list_runs
 
 
 LOCAL = "http://127.0.0.1"  # TestClient's base URL: the Host a local server answers (not "testserver")

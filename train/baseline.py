@@ -29,6 +29,7 @@ import polars as pl
 import xgboost as xgb  # bemerc/__init__.py has set OMP_WAIT_POLICY=PASSIVE: nthread=2 stays fast on a busy machine
 
 from bemerc.store import Store, StoreError
+from bemerc.store.runs import default_run_dir
 from bemerc.store.schema import MODALITIES, run_classes
 from bemerc.train.evaluate import bootstrap_intervals
 from bemerc.train.metrics import classification_metrics, weighted_f1
@@ -602,7 +603,7 @@ def train_baseline(
 
     ``feature_sets``: refs as :func:`bemerc.train.tensors.load_corpus` takes them (default: the
     newest feature set of every modality). Writes the models and ``metrics.json`` in ``run_dir``
-    (default ``runs/<run_id>``), a ``runs`` row of kind ``baseline`` and the late-fusion
+    (default ``runs/<run_id>`` inside the store, :func:`~bemerc.store.runs.default_run_dir`), a ``runs`` row of kind ``baseline`` and the late-fusion
     probabilities of every dev and test utterance in ``predictions``.
     """
     started = time.perf_counter()
@@ -617,7 +618,7 @@ def train_baseline(
     except StoreError as e:
         raise StoreError(f"{store.path}: {e}") from None
     run_id = run_id or new_run_id("baseline")
-    run_dir = Path(run_dir) if run_dir else Path("runs") / run_id
+    run_dir = Path(run_dir) if run_dir else default_run_dir(store, run_id)
     files = fit.model.save(run_dir)
     u = corpus.utterances
     evaluated = u["split"].is_in(list(EVAL_SPLITS)).to_numpy()

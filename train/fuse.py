@@ -32,7 +32,8 @@ from bemerc.store.schema import sql_in
 from bemerc.train.baseline import EVAL_SPLITS, fuse, select_weights
 from bemerc.train.evaluate import bootstrap_intervals
 from bemerc.train.metrics import classification_metrics, weighted_f1
-from bemerc.train.runs import default_run_dir, list_runs, new_run_id, save_run, split_metrics
+from bemerc.store.runs import default_run_dir, list_runs
+from bemerc.train.runs import new_run_id, save_run, split_metrics
 
 LATEST = ":latest"
 
@@ -253,7 +254,7 @@ def fuse_runs(
     metrics["fit_seconds"] = round(time.perf_counter() - started, 1)
 
     run_id = run_id or new_run_id("fusion")
-    run_dir = Path(run_dir) if run_dir else default_run_dir(run_id)
+    run_dir = Path(run_dir) if run_dir else default_run_dir(store, run_id)
     splits = list(inputs.uids)
     save_run(
         store,

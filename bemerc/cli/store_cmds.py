@@ -7,8 +7,8 @@ import json
 import typer
 from rich.table import Table
 
-from bemerc.cli.common import DEFAULT_STORE, JsonOption, StoreOption, console
-from bemerc.store import Store
+from bemerc.cli.common import DEFAULT_STORE, JsonOption, StoreOption, console, open_store
+from bemerc.store.summary import cached_info
 
 store_app = typer.Typer(help="Inspect the LanceDB feature store.", no_args_is_help=True)
 
@@ -20,7 +20,7 @@ def info(store: StoreOption = DEFAULT_STORE, as_json: JsonOption = False) -> Non
     With --json prints `{"tables": {NAME: {"rows": N, "version": V}}, "features": {"MODALITY/EXTRACTOR":
     {"rows": N, "dim": D, "random_weights": false, "feature_set": ID}}, "failures": {STAGE: N}}`.
     """
-    data = Store(store).info()
+    data = cached_info(store, lambda: open_store(store).info())
     if as_json:
         print(json.dumps(data, indent=2))
         return

@@ -48,6 +48,7 @@ KINDS = {
     "open-clip": "an open_clip architecture name, with the option `pretrained` (a tag or none)",
     "py-feat": "a py-feat model name; py-feat downloads its weights on first use",
 }
+DEFAULT_PROFILE = "offline"  # the profile of every command and function not given one
 STAGES = ("text", "speech", "llm", "face", "pose", "expression", "visual")
 _RESERVED = {"kind", "source", "sha256", "random_weights"}
 # Bump when a conversion changes its output, so old cache entries are not reused.
@@ -115,13 +116,14 @@ def list_profiles() -> list[str]:
     return sorted(p.name.removesuffix(".toml") for p in folder.iterdir() if p.name.endswith(".toml"))
 
 
-def load_profile(name_or_path: str | Path = "offline") -> Profile:
-    """Load a packaged profile by name (``offline``, ``hub``) or a user profile from a TOML path.
+def load_profile(name_or_path: str | Path | None = None) -> Profile:
+    """Load a packaged profile by name (``offline``, ``hub``) or a user profile from a TOML path;
+    None gives :data:`DEFAULT_PROFILE`.
 
     >>> load_profile("hub").stage("llm").source
     'hub:Qwen/Qwen2.5-0.5B-Instruct'
     """
-    text = str(name_or_path)
+    text = str(name_or_path or DEFAULT_PROFILE)
     if text.endswith(".toml") or os.sep in text or Path(text).is_file():
         path = Path(text).expanduser().resolve()
         if not path.is_file():
@@ -214,6 +216,38 @@ def file_sha256(paths: Iterable[Path]) -> str:
     return digest.hexdigest()
 
 
+DIGESTS_FILE = "digests.json"  # in models_dir(): absolute path -> [size, mtime_ns, sha256]
+
+
+def cached_sha256(path: Path) -> str:
+    """sha256 of one file, remembered in ``models_dir()/digests.json`` by absolute path, size and
+    mtime: an unchanged file is not read again, a changed one (other size or mtime) is re-hashed.
+
+    For digests that name a feature set (an extractor's ``config()``); checks against a profile's
+    pinned digests (:func:`verify`, ``bemerc models prepare``) always hash the bytes.
+    """
+    path = Path(path).resolve()
+    st = path.stat()
+    cache = models_dir() / DIGESTS_FILE
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    entry = known.get(str(path))
+    if isinstance(entry, list) and entry[:2] == [st.st_size, st.st_mtime_ns]:
+        return str(entry[2])
+    digest = file_sha256([path])
+    known[str(path)] = [st.st_size, st.st_mtime_ns, digest]
+    tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+    try:  # two processes may race here: each writes a whole file, the last one wins
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(known, indent=0))
+        os.replace(tmp, cache)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a read-only cache only costs a re-hash next time
+    return digest
+
+
 def verify(entry: StageEntry) -> None:
     """Check every file the entry pins against its sha256; raise :class:`ChecksumError` on a mismatch."""
     for key, paths in _checked_files(entry).items():
@@ -237,16 +271,31 @@ def models_dir() -> Path:
     return Path(os.environ.get("BEMERC_MODELS") or Path.home() / ".cache" / "bemerc" / "models").expanduser()
 
 
-def _input_stats(entry: StageEntry) -> dict[str, list[int]]:
-    """Size and mtime of every pinned input, so a reinstalled package triggers a new check."""
+def _input_digests(entry: StageEntry, rehash: bool = False) -> dict[str, list[str]]:
+    """sha256 key -> the digests of the files behind it (the parts of a split ``model.bin``), keyed by
+    name, not path, so that two checkouts (two virtual environments) holding the same weights agree.
+    Digests come from the cache of :func:`cached_sha256` unless ``rehash``."""
     if entry.source.startswith("hub:") or entry.kind in ("open-clip", "py-feat"):
         return {}
-    stats = {}
-    for paths in _checked_files(entry).values():
-        for path in paths:
-            st = path.stat()
-            stats[str(path)] = [st.st_size, st.st_mtime_ns]
-    return stats
+    digests = {}
+    for key, paths in _checked_files(entry).items():
+        if rehash:
+            for path in paths:
+                _forget_digest(path)  # cached_sha256 below reads the bytes again and remembers them
+        digests[key] = [cached_sha256(path) for path in paths]
+    return digests
+
+
+def _forget_digest(path: Path) -> None:
+    cache = models_dir() / DIGESTS_FILE
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        return
+    if known.pop(str(Path(path).resolve()), None) is not None:
+        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known, indent=0))
+        os.replace(tmp, cache)
 
 
 def nothing_to_prepare(entry: StageEntry) -> str | None:
@@ -258,11 +307,29 @@ def nothing_to_prepare(entry: StageEntry) -> str | None:
     return None
 
 
-def prepare_stage(entry: StageEntry, on_event: Callable[[str, str], None] | None = None) -> Path | None:
+def _read_marker(entry: StageEntry, folder: Path) -> tuple[dict, Path] | None:
+    """The ``prepared.json`` of a stage folder and the model path it names (None when absent or
+    unreadable). A stage used in place (its source) names the source of *this* checkout."""
+    try:
+        done = json.loads((folder / "prepared.json").read_text())
+        if done.get("in_place"):
+            return done, source_path(entry)
+        path = Path(done["path"])
+        return done, path if path.is_absolute() else folder / path
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def prepare_stage(entry: StageEntry, on_event: Callable[[str, str], None] | None = None,
+                  rehash: bool = False) -> Path | None:
     """Prepare one stage and return its local model path (None when the stage has no local weights).
 
-    Idempotent: a ``prepared.json`` marker in the stage's cache folder records the result; when the
-    entry and its input files are unchanged the stored path is returned without hashing anything.
+    Idempotent: a ``prepared.json`` marker in the stage's cache folder records the result and the
+    sha256 of its inputs; when the entry and the inputs' digests are unchanged the result is reused,
+    by any checkout sharing the cache. Digests come from the cache of :func:`cached_sha256` (a file
+    of unchanged size and mtime is not read again) unless ``rehash`` (``bemerc models prepare``).
+    The folder is prepared under a temporary name and renamed into place, so two processes
+    preparing it at once never leave it half-written: the last rename wins, both results are whole.
     """
     say = (lambda message: on_event(entry.name, message)) if on_event else (lambda message: None)
     if reason := nothing_to_prepare(entry):
@@ -270,26 +337,43 @@ def prepare_stage(entry: StageEntry, on_event: Callable[[str, str], None] | None
         return None
 
     folder = models_dir() / f"{entry.name}-{entry.fingerprint()}"
-    marker = folder / "prepared.json"
     try:
-        stats = _input_stats(entry)
+        digests = _input_digests(entry, rehash)
     except FileNotFoundError as exc:
         raise ProfileError(f"{entry.label}: weight file {exc.filename} is missing") from None
-    if marker.is_file():
-        done = json.loads(marker.read_text())
-        if done.get("inputs") == stats and Path(done["path"]).exists():
-            say(f"ready: {done['path']}")
-            return Path(done["path"])
+    found = _read_marker(entry, folder)
+    if found and found[0].get("inputs") == digests and found[1].exists():
+        say(f"ready: {found[1]}")
+        return found[1]
 
     start = time.perf_counter()
     if entry.sha256:
         say("checking sha256 of the packaged weights")
         verify(entry)
-    folder.mkdir(parents=True, exist_ok=True)
-    result = _PREPARERS[entry.kind](entry, folder, say)
-    tmp = marker.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"path": str(result), "inputs": stats, "source": entry.source}, indent=1))
-    os.replace(tmp, marker)
+    work = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        result = _PREPARERS[entry.kind](entry, work, say)
+        in_place = not result.is_relative_to(work)
+        recorded = str(result) if in_place else result.relative_to(work).as_posix()
+        (work / "prepared.json").write_text(json.dumps(
+            {"path": recorded, "in_place": in_place and not entry.source.startswith("hub:") and result == source_path(entry),
+             "inputs": digests,
+             "source": entry.source}, indent=1))
+        old = folder.with_name(f"{folder.name}.old-{os.getpid()}")
+        if folder.exists():
+            os.replace(folder, old)  # a stale folder: a rename cannot replace a folder that holds files
+        try:
+            os.replace(work, folder)
+        except OSError:  # another process renamed its whole folder into place first: use that one
+            found = _read_marker(entry, folder)
+            if not (found and found[0].get("inputs") == digests):
+                raise
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result = result if in_place else folder / recorded
     say(f"ready in {time.perf_counter() - start:.1f} s: {result}")
     return result
 
@@ -386,17 +470,19 @@ _PREPARERS: dict[str, Callable[[StageEntry, Path, Callable[[str], None]], Path]]
 
 
 def prepare(
-    profile: Profile, stages: Iterable[str] | None = None, on_event: Callable[[str, str], None] | None = None
+    profile: Profile, stages: Iterable[str] | None = None, on_event: Callable[[str, str], None] | None = None,
+    rehash: bool = False,
 ) -> dict[str, Path]:
     """Prepare ``stages`` (default: all) of ``profile``; returns stage -> local model path.
 
     Stages without local weights (random open_clip, py-feat) are left out of the result.
-    ``on_event(stage, message)`` reports progress.
+    ``on_event(stage, message)`` reports progress; ``rehash`` reads every input file again instead
+    of trusting the digest cache (``bemerc models prepare`` does).
     """
     names = list(stages) if stages is not None else list(profile.stages)
     paths = {}
     for name in names:
-        path = prepare_stage(profile.stage(name), on_event)
+        path = prepare_stage(profile.stage(name), on_event, rehash)
         if path is not None:
             paths[name] = path
     return paths
@@ -420,11 +506,8 @@ def stage_files(entry: StageEntry) -> dict[str, Path]:
 
 def prepared_path(entry: StageEntry) -> Path | None:
     """Where a stage was prepared, or None if it has not been (reads the marker, hashes nothing)."""
-    marker = models_dir() / f"{entry.name}-{entry.fingerprint()}" / "prepared.json"
-    if not marker.is_file():
-        return None
-    path = Path(json.loads(marker.read_text())["path"])
-    return path if path.exists() else None
+    found = _read_marker(entry, models_dir() / f"{entry.name}-{entry.fingerprint()}")
+    return found[1] if found and found[1].exists() else None
 
 
 def clear_stage(entry: StageEntry) -> None:

@@ -9,6 +9,7 @@ sequence of points into movement per second (used for body, hands and head).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -54,6 +55,17 @@ class BodyPose:
         return points
 
 
+# The pose graphs inside the mediapipe wheel and the solutions-API option that loads each; the lite
+# and heavy landmark models are not in the wheel (MediaPipe would download them at run time).
+POSE_GRAPHS = {
+    "pose_detection.tflite": ("detector", None),
+    "pose_landmark_lite.tflite": ("model_complexity", 0),
+    "pose_landmark_full.tflite": ("model_complexity", 1),
+    "pose_landmark_heavy.tflite": ("model_complexity", 2),
+}
+DEFAULT_POSE_FILES = {"detector": "pose_detection/pose_detection.tflite", "landmarks": "pose_landmark/pose_landmark_full.tflite"}
+
+
 class PoseFinder:
     """MediaPipe Pose (the full model shipped in the mediapipe wheel), one graph reused for every frame.
 
@@ -63,12 +75,17 @@ class PoseFinder:
     (33, 2)
     """
 
-    def __init__(self, min_confidence: float = 0.5):
+    def __init__(self, min_confidence: float = 0.5, files: dict[str, str | Path] | None = None):
+        """``files``: the profile's ``detector`` and ``landmarks`` graphs (default :data:`DEFAULT_POSE_FILES`)."""
         import mediapipe as mp
 
-        # model_complexity=1 is the model inside the wheel; 0 and 2 would be downloaded at run time.
+        from bemerc.extract.behavior.face import graph_option
+
+        files = files or DEFAULT_POSE_FILES
+        graph_option(POSE_GRAPHS, "pose detector", files["detector"], "detector")
         self._pose = mp.solutions.pose.Pose(
-            static_image_mode=True, model_complexity=1, min_detection_confidence=min_confidence
+            static_image_mode=True, min_detection_confidence=min_confidence,
+            model_complexity=graph_option(POSE_GRAPHS, "pose landmarks", files["landmarks"], "model_complexity"),
         )
 
     def find(self, frame: np.ndarray, region: np.ndarray | None = None) -> BodyPose | None:

@@ -15,6 +15,7 @@ Both report the probabilities in :data:`EXPRESSIONS` order, so the columns mean 
 from __future__ import annotations
 
 import importlib.util
+from functools import cached_property
 from pathlib import Path
 from typing import Protocol
 
@@ -22,7 +23,7 @@ import cv2
 import numpy as np
 
 from bemerc.extract.behavior.face import square_crop
-from bemerc.models.profiles import file_sha256
+from bemerc.models.profiles import cached_sha256
 
 EXPRESSION_MODELS = ("fer", "feat")
 
@@ -68,24 +69,30 @@ class FerExpression:
     BOX_SCALE = 1.1  # the mesh box is tight; FER2013 faces include a little hair and chin
 
     def __init__(self, model_path: str | Path | None = None, num_threads: int = 1):
+        self.model_path = Path(model_path) if model_path else fer_model_path()
+        self.num_threads = num_threads
+
+    @cached_property
+    def _interpreter(self) -> tuple:
+        """(TFLite interpreter, input index, output index), built on the first face measured:
+        config() does not need them."""
         from ai_edge_litert.interpreter import Interpreter
 
-        self.model_path = Path(model_path) if model_path else fer_model_path()
-        self._interpreter = Interpreter(model_path=str(self.model_path), num_threads=num_threads)
-        self._interpreter.allocate_tensors()
-        self._input = self._interpreter.get_input_details()[0]["index"]
-        self._output = self._interpreter.get_output_details()[0]["index"]
+        interpreter = Interpreter(model_path=str(self.model_path), num_threads=self.num_threads)
+        interpreter.allocate_tensors()
+        return interpreter, interpreter.get_input_details()[0]["index"], interpreter.get_output_details()[0]["index"]
 
     def config(self) -> dict:
-        return {"model": self.name, "sha256": file_sha256([self.model_path]), "box_scale": self.BOX_SCALE}
+        return {"model": self.name, "sha256": cached_sha256(self.model_path), "box_scale": self.BOX_SCALE}
 
     def measure(self, frame: np.ndarray, box: np.ndarray) -> np.ndarray:
         side = self.BOX_SCALE * max(box[2] - box[0], box[3] - box[1])
         crop, _ = square_crop(frame, (box[:2] + box[2:]) / 2, side, self.INPUT_SIDE)
         gray = cv2.cvtColor(crop, cv2.COLOR_RGB2GRAY).astype(np.float32)
-        self._interpreter.set_tensor(self._input, ((gray / 255.0 - 0.5) * 2.0)[None, :, :, None])
-        self._interpreter.invoke()
-        scores = self._interpreter.get_tensor(self._output)[0].astype(np.float32)
+        interpreter, input_index, output_index = self._interpreter
+        interpreter.set_tensor(input_index, ((gray / 255.0 - 0.5) * 2.0)[None, :, :, None])
+        interpreter.invoke()
+        scores = interpreter.get_tensor(output_index)[0].astype(np.float32)
         return scores / scores.sum()  # the net ends in a softmax; renormalise float rounding
 
 
@@ -115,7 +122,7 @@ class FeatExpression:
         )
 
     def config(self) -> dict:
-        source = file_sha256([Path(self.weights_path)]) if self.weights_path else "hub:py-feat/face_multitask_v2"
+        source = cached_sha256(Path(self.weights_path)) if self.weights_path else "hub:py-feat/face_multitask_v2"
         return {"model": self.name, "weights": source, "box_scale": self.BOX_SCALE}
 
     def measure(self, frame: np.ndarray, box: np.ndarray) -> np.ndarray:

@@ -25,6 +25,8 @@ face (speaker turned away) the row is kept; face measures are then 0 and ``face_
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -35,15 +37,15 @@ import pyarrow as pa
 
 from bemerc.extract.base import UtteranceMedia, vector_field
 from bemerc.extract.behavior.body import (
-    HAND_POINTS, POSTURE_MEASURES, UPPER_BODY, PoseFinder, body_region, frame_motion, posture_measures,
+    DEFAULT_POSE_FILES, HAND_POINTS, POSTURE_MEASURES, UPPER_BODY, PoseFinder, body_region, frame_motion, posture_measures,
 )
 from bemerc.extract.behavior.describe import DescriptionRules
 from bemerc.extract.behavior.expression import EXPRESSION_MODELS, ExpressionModel, load_expression_model
 from bemerc.extract.behavior.face import (
-    FACE_MEASURES, FaceFinder, inter_ocular_distance, face_measures, pick_speaker, track_faces,
+    DEFAULT_FACE_FILES, FACE_MEASURES, FaceFinder, inter_ocular_distance, face_measures, pick_speaker, track_faces,
 )
 from bemerc.extract.media import FRAME_SAMPLING, MediaError, decode_ahead, sample_frames
-from bemerc.models.profiles import Profile, ProfileError, file_sha256, prepare_stage, resolve_ref, stage_files
+from bemerc.models.profiles import Profile, ProfileError, cached_sha256, prepare_stage, resolve_ref, stage_files
 
 NOSE_TIP = 1  # face-mesh vertex followed for head movement
 MOTION_MEASURES = ("head_motion", "body_motion", "hand_motion")  # per second, in face / shoulder widths
@@ -149,6 +151,23 @@ def rows_from_video(
     return results
 
 
+def mediapipe_modules() -> Path:
+    """The mediapipe wheel's ``modules`` folder (its graphs), found without importing mediapipe."""
+    spec = importlib.util.find_spec("mediapipe")
+    if spec is None or not spec.submodule_search_locations:
+        raise ProfileError("mediapipe is not installed: run `make setup`")
+    return Path(list(spec.submodule_search_locations)[0]) / "modules"
+
+
+def mediapipe_version() -> str:
+    """``mediapipe.__version__``, read from the installed distribution's metadata (no import)."""
+    for dist in importlib.metadata.packages_distributions().get("mediapipe", []):
+        return importlib.metadata.version(dist)
+    import mediapipe
+
+    return mediapipe.__version__
+
+
 class BehaviorExtractor:
     """Behaviour features of the speaker from video: ``vector``, ``tokens``, ``description``.
 
@@ -177,6 +196,8 @@ class BehaviorExtractor:
         expression_random_weights: bool = False,
         rules: DescriptionRules | None = None,
         num_threads: int = 1,
+        face_files: dict[str, str | Path] | None = None,
+        pose_files: dict[str, str | Path] | None = None,
     ):
         if expression not in EXPRESSION_MODELS:
             raise ValueError(f"expression model must be one of {', '.join(EXPRESSION_MODELS)}, found {expression!r}")
@@ -189,6 +210,11 @@ class BehaviorExtractor:
         self.expression_random_weights = expression_random_weights
         self.rules = rules or DescriptionRules.load()
         self.num_threads = num_threads
+        # The MediaPipe graphs (role -> file), from the profile's face and pose stages; relative
+        # paths are inside the mediapipe wheel's modules folder.
+        modules = mediapipe_modules()
+        self.face_files = {role: modules / path for role, path in (face_files or DEFAULT_FACE_FILES).items()}
+        self.pose_files = {role: modules / path for role, path in (pose_files or DEFAULT_POSE_FILES).items()}
         self.name = f"mediapipe-{expression}"
         self.random_weights = expression_random_weights
 
@@ -203,6 +229,8 @@ class BehaviorExtractor:
         """
         for stage in ("face", "pose", "expression"):
             prepare_stage(profile.stage(stage))
+        options = {"face_files": stage_files(profile.stage("face")), "pose_files": stage_files(profile.stage("pose")),
+                   **options}
         entry = profile.stage("expression")
         if entry.kind == "files":
             return cls(expression="fer", expression_weights=stage_files(entry)["classifier"], **options)
@@ -215,11 +243,11 @@ class BehaviorExtractor:
 
     @cached_property
     def _faces(self) -> FaceFinder:
-        return FaceFinder(max_faces=self.max_faces)
+        return FaceFinder(max_faces=self.max_faces, files=self.face_files)
 
     @cached_property
     def _poses(self) -> PoseFinder:
-        return PoseFinder()
+        return PoseFinder(files=self.pose_files)
 
     @cached_property
     def _expression(self) -> ExpressionModel:
@@ -237,16 +265,16 @@ class BehaviorExtractor:
 
     def config(self) -> dict:
         """Everything that changes the outputs; hashed into the feature-set key."""
-        import mediapipe as mp
-
-        modules = Path(mp.__file__).parent / "modules"
-        graphs = ("face_detection/face_detection_full_range_sparse.tflite", "face_landmark/face_landmark_with_attention.tflite",
-                  "pose_detection/pose_detection.tflite", "pose_landmark/pose_landmark_full.tflite")
+        modules = mediapipe_modules()
+        graphs = {}  # the packaged graphs keyed by their path in the wheel, so the key is the same on every machine
+        for path in (*self.face_files.values(), *self.pose_files.values()):
+            key = path.relative_to(modules).as_posix() if path.is_relative_to(modules) else str(path)
+            graphs[key] = cached_sha256(path)
         return {
             "version": VERSION, "fps": self.fps, "frame_sampling": FRAME_SAMPLING, "max_side": self.max_side, "max_faces": self.max_faces,
             "tokens_k": self.tokens_k, "tokens_d": len(self.names), "measures": list(self.names),
             "stats": list(STATS), "speaker_rule": "mouth-motion-then-area",
-            "mediapipe": mp.__version__, "mediapipe_models": {g: file_sha256([modules / g]) for g in graphs},
+            "mediapipe": mediapipe_version(), "mediapipe_models": graphs,
             "expression": self._expression.config(),
             "rules_sha256": hashlib.sha256(self.rules.text.encode()).hexdigest(),
         }

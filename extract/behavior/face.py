@@ -14,6 +14,7 @@ For one utterance (frames from :func:`bemerc.extract.media.sample_frames`):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -89,6 +90,28 @@ class FaceTrack:
         return self.faces[nearest].box
 
 
+# The face graphs inside the mediapipe wheel, and the option of MediaPipe's solutions API that loads
+# each (the API takes options, not file paths): a profile's `face` stage names two of these files.
+FACE_GRAPHS = {
+    "face_detection_short_range.tflite": ("model_selection", 0),  # faces within ~2 m
+    "face_detection_full_range_sparse.tflite": ("model_selection", 1),  # down to ~50 px (TV scenes)
+    "face_landmark.tflite": ("refine_landmarks", False),  # 468 points
+    "face_landmark_with_attention.tflite": ("refine_landmarks", True),  # 478: refined lips, eyes, irises
+}
+DEFAULT_FACE_FILES = {"detector": "face_detection/face_detection_full_range_sparse.tflite",
+                      "landmarks": "face_landmark/face_landmark_with_attention.tflite"}
+
+
+def graph_option(graphs: dict[str, tuple[str, object]], role: str, path: str | Path, option: str) -> object:
+    """The solutions-API value of ``option`` that loads the graph file ``path`` (its file name must
+    be one mediapipe ships: the API cannot load other files)."""
+    name = Path(path).name
+    if name not in graphs or graphs[name][0] != option:
+        known = ", ".join(n for n, (o, _) in graphs.items() if o == option)
+        raise ValueError(f"{role} graph {path}: MediaPipe's solutions API loads only its packaged graphs ({known})")
+    return graphs[name][1]
+
+
 class FaceFinder:
     """MediaPipe full-range face detection, then the 478-point face mesh on a crop around each face.
 
@@ -103,15 +126,20 @@ class FaceFinder:
     CROP_SIDE = 256  # face crops are resized to this before meshing: small faces need the upscale
     CROP_SCALE = 2.0  # crop side / detected box side; the mesh's own detector needs context
 
-    def __init__(self, max_faces: int = 4, min_confidence: float = 0.5):
+    def __init__(self, max_faces: int = 4, min_confidence: float = 0.5, files: dict[str, str | Path] | None = None):
+        """``files``: the profile's ``detector`` and ``landmarks`` graphs (default: the full-range
+        detector and the attention mesh, :data:`DEFAULT_FACE_FILES`)."""
         import mediapipe as mp
 
+        files = files or DEFAULT_FACE_FILES
         self.max_faces = max_faces
         self._detector = mp.solutions.face_detection.FaceDetection(
-            model_selection=1, min_detection_confidence=min_confidence
+            model_selection=graph_option(FACE_GRAPHS, "face detector", files["detector"], "model_selection"),
+            min_detection_confidence=min_confidence,
         )
         self._mesh = mp.solutions.face_mesh.FaceMesh(
-            static_image_mode=True, max_num_faces=1, refine_landmarks=True, min_detection_confidence=min_confidence
+            static_image_mode=True, max_num_faces=1, min_detection_confidence=min_confidence,
+            refine_landmarks=graph_option(FACE_GRAPHS, "face landmarks", files["landmarks"], "refine_landmarks"),
         )
 
     def find(self, frame: np.ndarray) -> list[Face]:

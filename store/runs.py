@@ -1,0 +1,39 @@
+"""Trained runs as the store records them: the ``runs`` table read back, and where a run's files go.
+
+Training (``bemerc.train``) writes runs; the API, reports and fusion read them here, so nothing
+that only reads runs goes through ``train``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bemerc.store.db import Store
+
+
+def list_runs(store: Store) -> list[dict]:
+    """Runs in the store, oldest first, with ``config``/``metrics``/``table_versions`` decoded.
+
+    >>> [r["run_id"] for r in list_runs(Store("store"))]   # doctest: +SKIP
+    ['baseline-20261122-031500-4f2a', 'tune-20261122-041200-9c1e']
+    """
+    runs = store.read("runs").sort("created_at").to_dicts()
+    for r in runs:
+        r["config"] = json.loads(r.pop("config_json") or "{}")
+        r["metrics"] = json.loads(r.pop("metrics_json") or "{}")
+        r["table_versions"] = json.loads(r.pop("table_versions_json") or "{}")
+    return runs
+
+
+def default_run_dir(store: Store, run_id: str) -> Path:
+    """Where a run's files go when no folder is given: ``runs/RUN_ID`` inside a local store's folder
+    (so the store and its runs are moved or deleted together), ``./runs/RUN_ID`` for a store on
+    object storage.
+
+    >>> default_run_dir(Store("out/store"), "baseline-20261122-031500-4f2a")   # doctest: +SKIP
+    PosixPath('out/store/runs/baseline-20261122-031500-4f2a')
+    """
+    if "://" in str(store.path):
+        return Path("runs") / run_id
+    return Path(store.path) / "runs" / run_id
