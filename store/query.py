@@ -34,7 +34,7 @@ class QueryError(ValueError):
 
 
 def whole_filter(sql: str) -> str:
-    """A user's SQL filter wrapped so that the store must parse all of it.
+    r"""A user's SQL filter wrapped so that the store must parse all of it.
 
     LanceDB parses a filter's first complete expression and ignores the rest, so
     ``label = 'joy' ADN speaker = 'Ross'`` would match every joy row. Inside parentheses the parser

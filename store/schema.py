@@ -148,10 +148,10 @@ def sql_quote(value: object) -> str:
     Every value that enters a store filter goes through this function (or :func:`sql_in`), so a
     name such as ``o'brien`` is matched literally and can never end the literal early.
 
-    >>> sql_quote("o'brien ds")
-    "'o''brien ds'"
-    >>> f"dataset = {sql_quote(\"x' OR '1'='1\")}"
-    "dataset = 'x'' OR ''1''=''1'"
+    >>> print(sql_quote("o'brien ds"))
+    'o''brien ds'
+    >>> print("dataset = " + sql_quote("x' OR '1'='1"))
+    dataset = 'x'' OR ''1''=''1'
     """
     return "'" + str(value).replace("'", "''") + "'"
 
@@ -159,7 +159,7 @@ def sql_quote(value: object) -> str:
 def sql_in(values: Iterable[object]) -> str:
     """The inside of an SQL ``IN (...)`` list: every value quoted by :func:`sql_quote`.
 
-    >>> f"uid IN ({sql_in(['dev/a_0', \"it's\"])})"
-    "uid IN ('dev/a_0', 'it''s')"
+    >>> print("uid IN (" + sql_in(["dev/a_0", "it's"]) + ")")
+    uid IN ('dev/a_0', 'it''s')
     """
     return ", ".join(sql_quote(v) for v in values)

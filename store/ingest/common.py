@@ -79,7 +79,7 @@ def media_checksum(paths: Iterable[str | None], cache: dict[str, str] | None = N
 
 
 def sniff_container(head: bytes) -> str | None:
-    """The media container a file's first 16 bytes announce (``wav``, ``mp4``, ``mkv``, ...), or None.
+    r"""The media container a file's first 16 bytes announce (``wav``, ``mp4``, ``mkv``, ...), or None.
 
     Covers mp4/mov/m4a, mkv/webm, avi, flv, wav, flac, mp3 and ogg: enough to refuse a text file, a
     device or a playlist before anything tries to decode it.
