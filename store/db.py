@@ -19,7 +19,7 @@ import polars as pl
 import pyarrow as pa
 
 from bemerc.store import schema as S
-from bemerc.store.lock import WriteLock
+from bemerc.store.lock import ObjectStoreLock, WriteLock
 
 
 class StoreError(RuntimeError):
@@ -93,11 +93,13 @@ def _table_name(modality: str, extractor: str, config_hash: str) -> str:
 
 
 class Store:
-    """A bemerc feature store: a folder holding LanceDB tables.
+    """A bemerc feature store: a folder (or an object-storage prefix, ``s3://bucket/store``) holding
+    LanceDB tables.
 
     Tables: ``utterances``, ``feature_sets`` (one row per feature table), ``features_*`` (one table
     per feature set), ``failures``, ``runs`` and ``predictions``. Reads never block; writes take the
-    store's write lock (see :mod:`bemerc.store.lock`).
+    store's write lock (see :mod:`bemerc.store.lock`): a lock file in a local folder, a lease object
+    with conditional PUTs on object storage.
 
     >>> store = Store("store")                  # doctest: +SKIP
     >>> store.read("utterances", where="split = 'dev'").height   # doctest: +SKIP
@@ -108,9 +110,14 @@ class Store:
         """Open the store at ``path``; ``create=False`` (read-only commands) never makes a folder and
         raises :class:`StoreError` when there is no store there. A path naming a file is a
         :class:`StoreError` either way."""
-        self.path = Path(path)
-        if not is_uri(path):
-            check_store_path(self.path, create)
+        self.path: str | Path = str(path).rstrip("/") if is_uri(path) else Path(path)
+        if is_uri(path):
+            self.db = lancedb.connect(self.path)  # endpoint and credentials from the environment
+            self.lock: WriteLock | ObjectStoreLock = ObjectStoreLock(self.path, lock_timeout_s)
+            if not create and not self.table_names():
+                raise StoreError(f"{self.path}: no store here (create one with `bemerc ingest ...`)")
+            return
+        check_store_path(self.path, create)
         self.db = lancedb.connect(str(self.path))
         self.lock = WriteLock(self.path, lock_timeout_s)
 

@@ -15,18 +15,18 @@ console = Console(soft_wrap=True)
 err_console = Console(stderr=True)
 
 StoreOption = Annotated[
-    Path,
+    str,
     typer.Option(
         "--store",
         envvar="BEMERC_STORE",
-        help="Folder of the LanceDB feature store.",
+        help="The LanceDB feature store: a folder, or a URI on object storage (s3://bucket/prefix; endpoint "
+        "and keys from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ... as for LanceDB).",
         show_default=True,
     ),
 ]
-DEFAULT_STORE = Path("store")
+DEFAULT_STORE = "store"
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of a table.")]
-
 
 # Every command that takes a profile takes it this way; None (not given) means the default of
 # `load_profile`, the one place that names it (`offline`).
@@ -38,13 +38,14 @@ ProfileOption = Annotated[
     ),
 ]
 
+
 def fail(message: str, code: int = 1) -> NoReturn:
     """Print a one-line error to stderr and exit with ``code``."""
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
-def open_store(path: Path) -> Store:
+def open_store(path: str | Path) -> Store:
     """The existing store at ``path`` for a command that only reads it (or adds to what ingest made):
     never creates a folder; a missing store or a file in its place is a one-line error."""
     from bemerc.store import Store, StoreError
