@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from typing import TYPE_CHECKING
 
 # Before any model library is imported: never wait on a model hub from the command line unless the
 # user asked for it (the `hub` profile sets BEMERC_ALLOW_HUB=1).
@@ -20,10 +21,12 @@ if os.environ.get("BEMERC_ALLOW_HUB") != "1":
 os.environ.setdefault("GLOG_minloglevel", "2")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import click
 import typer
 import typer.main
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
+
+if TYPE_CHECKING:
+    import click
 
 # command -> (module in bemerc.cli, the help line `bemerc --help` lists; tests/test_cli.py checks it
 # equals the first paragraph of the command's own help). In the order `bemerc --help` lists them.
@@ -70,7 +73,7 @@ class LazyGroup(TyperGroup):
         if cmd_name not in COMMANDS:
             return None
         if self._listing:  # `bemerc --help`: the help line is enough
-            return click.Command(cmd_name, help=COMMANDS[cmd_name][1])
+            return TyperCommand(cmd_name, help=COMMANDS[cmd_name][1])
         if cmd_name not in self.commands:
             command = load_command(cmd_name)
             if command is None:

