@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -184,8 +185,9 @@ class RunModel(Protocol):
     def predict_proba(self, corpus: Corpus) -> np.ndarray: ...
 
 
-def load_run_model(run: dict) -> RunModel:
-    """The model of a run, by its kind (a :class:`PredictError` 501 for kinds that cannot predict)."""
+def load_run_model(run: dict, store: Store) -> RunModel:
+    """The model of a run, by its kind (a :class:`PredictError` 501 for kinds that cannot predict);
+    ``store`` serves tuned runs that show retrieved demonstrations."""
     if run["kind"] == "baseline":
         from bemerc.train.baseline import BaselineModel
 
@@ -198,50 +200,14 @@ def load_run_model(run: dict) -> RunModel:
         if not (adapter / "tune.json").is_file():
             raise PredictError(501, f"run {run['run_id']!r} saved no adapter (a zero-shot run?); /predict serves "
                                     "tuned runs that have RUN_DIR/adapter")
-        return TunedModel(adapter)
+        from bemerc.train.tune.infer import TunedModel
+
+        try:
+            return TunedModel.load(adapter, store=store)
+        except (FileNotFoundError, KeyError, ValueError) as exc:
+            raise PredictError(500, f"run {run['run_id']!r}: cannot load its adapter: {exc}") from None
     raise PredictError(501, f"run {run['run_id']!r} is of kind {run['kind']!r}, which /predict does not serve; "
                             "pick a baseline or tune run with \"run\"")
-
-
-class TunedModel:
-    """A LoRA-tuned LLM run: every label is scored after each utterance's MERC prompt (its previous
-    turns in the request as context), as the run's evaluation did."""
-
-    def __init__(self, adapter: Path, batch_size: int = 8):
-        from bemerc.train.tune.model import load_tuned
-
-        self.model, self.prompter, self.info = load_tuned(adapter)
-        self.batch_size = batch_size
-
-    def predict_proba(self, corpus: Corpus) -> np.ndarray:
-        from bemerc.train.tune.model import collate
-        from bemerc.train.tune.prompt import Turn
-        from bemerc.train.tune.score import label_probabilities, label_scores
-
-        u = corpus.utterances
-        n = u.height
-        turns = [Turn(s or "Speaker", t or "") for s, t in zip(u["speaker"].to_list(), u["text"].to_list())]
-        behavior = corpus.modalities.get("behavior")
-        descriptions = behavior.extras.get("description", [None] * n) if behavior else [None] * n
-        features = {}
-        for soft in self.model.soft.values():
-            arrays = corpus.modalities[soft.modality]
-            values = arrays.vectors
-            if soft.column != "vector":  # behaviour tokens: (N, K * D), zeros where absent
-                values = np.zeros((n, soft.n_tokens * soft.dim), dtype=np.float32)
-                for i, v in enumerate(arrays.extras[soft.column]):
-                    if v is not None:
-                        values[i] = v
-            features[soft.modality] = (values, arrays.present)
-        examples = [self.prompter.merc(turns[:i], turns[i], descriptions[i]) for i in range(n)]
-        label_ids = self.prompter.label_ids()
-        pad_id = self.prompter.tokenizer.pad_token_id
-        out = np.zeros((n, len(self.prompter.classes)), dtype=np.float32)
-        for start in range(0, n, self.batch_size):
-            rows = list(range(start, min(n, start + self.batch_size)))
-            batch = collate([examples[r] for r in rows], rows, features, pad_id, with_answer=False)
-            out[rows] = label_probabilities(label_scores(self.model, batch, label_ids, self.info.get("normalize_scores", False)))
-        return out
 
 
 class Predictor:
@@ -249,13 +215,15 @@ class Predictor:
 
     Each extractor and each run's model is used by one request at a time (they are not all safe to
     call from several threads), but different ones run side by side: a text-only request does not
-    wait while another request's long audio goes through Whisper.
+    wait while another request's long audio goes through Whisper. Media extractors get half the
+    cores (``media_threads``), so that light requests keep the rest.
     """
 
     def __init__(self, store: Store, profile: str = "offline", retry_after_s: int = 10):
         self.store = store
         self.profile = profile
         self.retry_after_s = retry_after_s
+        self.media_threads = max(1, (os.cpu_count() or 2) // 2)
         self._extractors: dict[str, Any] = {}
         self._models: dict[str, RunModel] = {}
         self._load_lock = threading.Lock()
@@ -307,13 +275,15 @@ class Predictor:
                         409, f"the run was trained on {fs.id} but profile {self.profile!r} builds "
                              f"{fs.modality}/{extractor.name}@{got}; serve with the profile the features were extracted with"
                     )
+                if fs.modality != "text" and hasattr(extractor, "num_threads"):
+                    extractor.num_threads = self.media_threads
                 self._extractors[feature_set] = (fs, extractor)
             return self._extractors[feature_set]
 
     def model(self, run: dict) -> RunModel:
         with self._load_lock:
             if run["run_id"] not in self._models:
-                self._models[run["run_id"]] = load_run_model(run)
+                self._models[run["run_id"]] = load_run_model(run, self.store)
             return self._models[run["run_id"]]
 
     def predict(self, request: PredictRequest, uploads: dict[tuple[str, int], Path], deadline: float | None = None) -> dict:

@@ -4,10 +4,12 @@ soft-token slots, in two layouts:
 - ``utterance``: one prompt per utterance (system, the last N turns as context, the target turn), the
   answer is the label followed by the end-of-turn token, scored with its exact log-likelihood;
 - ``dialogue``: one causal sequence per dialogue (split into overlapping windows when long): the system
-  prompt once, then every turn as a user message followed by an assistant message whose first token
-  is the emotion. The label is never part of the input, so one forward pass predicts every turn from
-  all earlier turns, and a label's probability is that of its first token (labels must start with
-  distinct tokens: exact log-likelihood of a one-token answer).
+  prompt once, then every turn followed by an answer cue where the emotion's first token is
+  predicted (``configs/prompts/dialogue.toml``; or, with ``glue = "chat"``, every turn a user message
+  and every answer an assistant message). The label is never part of the input, so one forward pass
+  predicts every turn from all earlier turns, and a label's probability is that of its first token
+  (labels must start with distinct tokens; with the packaged template and SmolLM2 every MELD and
+  IEMOCAP label is one token, so this is the label's exact likelihood).
 
 A template renders one chat turn (system + user) whose text may hold markers ``<<soft:MODALITY>>``.
 :meth:`Prompter.encode` renders it with the tokenizer's chat template, splits the text at the
@@ -248,10 +250,15 @@ class Prompter:
         return Encoded(ids, positions, self.answer_ids(t, description=description))
 
     # -- dialogue layout ----------------------------------------------------------------------
+    def _answer_prefix(self) -> str:
+        """What separates the answer cue from the label's text (``answer_prefix`` of the template)."""
+        default = "" if getattr(self.tokenizer, "chat_template", None) else " "
+        return str(self.merc_template.options.get("answer_prefix", default))
+
     def answer_first_ids(self) -> list[int]:
         """The first token id of every class's answer (``dialogue`` layout), in ``classes`` order; a
         :class:`PromptError` when two classes start with the same token."""
-        prefix = "" if getattr(self.tokenizer, "chat_template", None) else " "
+        prefix = self._answer_prefix()
         firsts = [self.tokenizer(prefix + label, add_special_tokens=False)["input_ids"][0] for label in self.classes]
         if len(set(firsts)) < len(firsts):
             clash = [c for c, f in zip(self.classes, firsts) if firsts.count(f) > 1]
@@ -261,16 +268,24 @@ class Prompter:
 
     def _dialogue_glue(self, system: str) -> tuple[str, str, str]:
         """(head, user_to_answer, answer_to_user): the text before the first turn (the system
-        message), between a turn and its answer, and between an answer and the next turn, from the
-        tokenizer's chat template (or the template's ``plain`` layout)."""
+        message), between a turn and its answer, and between an answer and the next turn.
+
+        ``glue = "inline"`` (the template's option): the whole dialogue is one user message, each
+        turn followed by ``answer_cue`` and turns separated by ``turn_separator`` (fewest tokens);
+        ``glue = "chat"``: every turn a user message and every answer an assistant message of the
+        tokenizer's chat template. Without a chat template the system text simply comes first."""
+        t = self.merc_template
+        inline = t.options.get("glue", "chat") == "inline"
         if not getattr(self.tokenizer, "chat_template", None):
-            return system + "\n\n", "\nEmotion:", "\n\n"
+            return system + "\n\n", str(t.options.get("answer_cue", "\nEmotion:")), str(t.options.get("turn_separator", "\n\n"))
         u, a = "\ue000U{}\ue000", "\ue000A{}\ue000"
         messages = [{"role": "system", "content": "\ue000S\ue000"}]
         for i in range(2):
             messages += [{"role": "user", "content": u.format(i)}, {"role": "assistant", "content": a.format(i)}]
         text = self.tokenizer.apply_chat_template(messages, tokenize=False)
         head = text[: text.index(u.format(0))].replace("\ue000S\ue000", system)
+        if inline:
+            return head, str(t.option("answer_cue")), str(t.option("turn_separator"))
         user_to_answer = text[text.index(u.format(0)) + len(u.format(0)): text.index(a.format(0))]
         answer_to_user = text[text.index(a.format(0)) + len(a.format(0)): text.index(u.format(1))]
         return head, user_to_answer, answer_to_user
