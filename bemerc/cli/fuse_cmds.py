@@ -17,7 +17,7 @@ def fuse(
         help="Runs to fuse: run ids, or KIND:latest for the newest run of a kind (baseline:latest, tune:latest, fusion:latest).",
         show_default=False)],
     store: StoreOption = DEFAULT_STORE,
-    run_dir: Annotated[Path | None, typer.Option("--run-dir", help="Folder of the run's config.json and metrics.json (default runs/RUN_ID).")] = None,
+    run_dir: Annotated[Path | None, typer.Option("--run-dir", help="Folder of the run's config.json and metrics.json (default: runs/RUN_ID inside the store).")] = None,
     skip_missing: Annotated[bool, typer.Option(
         "--skip-missing", help="Leave out refs that match no run; with fewer than two runs left, fuse nothing and exit 0 (for scripts such as `make compare`).")] = False,
     as_json: JsonOption = False,
