@@ -78,10 +78,11 @@ bench: setup  ## speed benchmarks (ratios against baselines measured in the same
 	$(PY) bench/extract.py
 	$(PY) bench/extract_behavior.py
 	$(PY) bench/serve.py
+	$(PY) bench/cli.py
 	@echo "baseline sweep: $(PY) bench/baseline.py --store STORE; LLM tuning: $(PY) bench/tune.py --store STORE --model DIR (see its --help)"
 
 serve: setup  ## HTTP API and browse page on 127.0.0.1:8000
 	$(BEMERC) serve --report-dir $(OUT)/report
 
-clean:  ## remove generated stores, demo media and reports (keeps .venv)
-	rm -rf $(OUT) runs reports
+clean:  ## remove generated stores (runs live inside them), demo media and reports (keeps .venv)
+	rm -rf $(OUT)

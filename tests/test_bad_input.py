@@ -21,8 +21,6 @@ import httpx
 import pyarrow as pa
 import pytest
 from fastapi.testclient import TestClient
-from test_query import small_store
-from test_serve import LOCAL, running_server
 from typer.testing import CliRunner
 
 from bemerc.cli import app
@@ -31,6 +29,7 @@ from bemerc.serve.api import Admission
 from bemerc.serve.predict import PredictError, ServeLimits
 from bemerc.store import Store
 from bemerc.store.runs import list_runs
+from conftest import LOCAL, running_server, small_store
 
 runner = CliRunner()
 

@@ -18,9 +18,7 @@ from bemerc.store import Store
 from bemerc.store.schema import MELD_LABELS
 from bemerc.train.baseline import BaselineModel, context_mean, dialogue_layout
 from bemerc.train.tensors import Corpus, load_corpus
-
-SPLIT_OF_DIALOGUE = ("train", "train", "train", "train", "dev", "test")  # by dialogue index mod 6
-
+from conftest import SPLIT_OF_DIALOGUE, ngram_features, vector_column
 
 def _minilm(texts: list[str]) -> np.ndarray:
     """(N, 384) unit-length mean-pooled all-MiniLM-L6-v2 embeddings, as sentence-transformers makes them."""
@@ -39,20 +37,6 @@ def _minilm(texts: list[str]) -> np.ndarray:
             mask = batch["attention_mask"].unsqueeze(-1).float()
             out.append(torch.nn.functional.normalize((states * mask).sum(1) / mask.sum(1), dim=-1).numpy())
     return np.concatenate(out).astype(np.float32)
-
-
-def _ngrams(texts: list[str], analyzer: str = "char_wb", ngram_range: tuple[int, int] = (2, 4), dim: int = 24) -> np.ndarray:
-    """(N, dim) SVD of hashed n-gram TF-IDF (character 2-4-grams by default): a cheap second view
-    of each utterance."""
-    from sklearn.decomposition import TruncatedSVD
-    from sklearn.feature_extraction.text import HashingVectorizer, TfidfTransformer
-
-    counts = HashingVectorizer(analyzer=analyzer, ngram_range=ngram_range, n_features=2**14, alternate_sign=False).transform(texts)
-    return TruncatedSVD(dim, random_state=0).fit_transform(TfidfTransformer().fit_transform(counts)).astype(np.float32)
-
-
-def _vectors(values: np.ndarray) -> pa.FixedSizeListArray:
-    return pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), values.shape[1])
 
 
 def build_meld_store(folder: Path, meld_dir: Path, n_dialogues: int = 30) -> Store:
@@ -80,11 +64,11 @@ def build_meld_store(folder: Path, meld_dir: Path, n_dialogues: int = 30) -> Sto
     uids, texts = utterances["uid"].to_list(), utterances["text"].fill_null("").to_list()
     text = store.register_feature_set("text", "minilm-l6", "test0001", {"model": "all-MiniLM-L6-v2"},
                                       [pa.field("vector", pa.list_(pa.float32(), 384))])
-    store.write_features(text, pa.table({"uid": uids, "vector": _vectors(_minilm(texts))}))
+    store.write_features(text, pa.table({"uid": uids, "vector": vector_column(_minilm(texts))}))
     lexical = store.register_feature_set("lexical", "char-ngrams", "test0001", {"ngrams": [2, 4], "dim": 24},
                                          [pa.field("vector", pa.list_(pa.float32(), 24))])
     keep = np.arange(len(uids)) % 3 != 0
-    store.write_features(lexical, pa.table({"uid": np.array(uids)[keep].tolist(), "vector": _vectors(_ngrams(texts)[keep])}))
+    store.write_features(lexical, pa.table({"uid": np.array(uids)[keep].tolist(), "vector": vector_column(ngram_features(texts)[keep])}))
     return store
 
 

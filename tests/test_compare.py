@@ -2,49 +2,14 @@
 
 from __future__ import annotations
 
-import csv
 import json
-from collections import defaultdict
 
 import numpy as np
-import pyarrow as pa
 import pytest
 from typer.testing import CliRunner
 
-from bemerc.store import Store
 from bemerc.train.evaluate import bootstrap_interval, bootstrap_intervals, paired_test
-
-from test_baseline import SPLIT_OF_DIALOGUE, _ngrams, _vectors
-
-
-def ngram_store(folder, meld_dir, dataset: str = "meld", n_dialogues: int = 24) -> Store:
-    """A store of the first ``n_dialogues`` MELD dev dialogues (splits by dialogue), ingested as
-    ``dataset``, with two cheap real feature sets: character n-grams of every utterance (``text``)
-    and word n-grams of two in three (``lexical``); the MiniLM store is built in test_baseline."""
-    from bemerc.cli import app
-
-    dialogues: dict[str, list[dict]] = defaultdict(list)
-    with open(meld_dir / "dev_sent_emo.csv", encoding="utf-8") as fh:
-        for row in csv.DictReader(fh):
-            dialogues[row["Dialogue_ID"]].append(row)
-    manifest = folder / "m.csv"
-    with open(manifest, "w", encoding="utf-8", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["dialogue_id", "turn", "speaker", "text", "label", "split"])
-        for i, d in enumerate(sorted(dialogues, key=int)[:n_dialogues]):
-            for turn, row in enumerate(sorted(dialogues[d], key=lambda r: int(r["Utterance_ID"]))):
-                writer.writerow([d, turn, row["Speaker"], row["Utterance"], row["Emotion"], SPLIT_OF_DIALOGUE[i % 6]])
-    store_dir = str(folder / "store")
-    result = CliRunner().invoke(app, ["ingest", "manifest", str(manifest), "--dataset", dataset, "--store", store_dir])
-    assert result.exit_code == 0, result.output
-    store = Store(store_dir)
-    u = store.utterances()
-    uids, texts = np.array(u["uid"].to_list()), u["text"].fill_null("").to_list()
-    for modality, extractor, view, rows in (("text", "char-ngrams", _ngrams(texts), slice(None)),
-                                            ("lexical", "word-ngrams", _ngrams(texts, "word", (1, 2)), np.arange(len(uids)) % 3 != 0)):
-        fs = store.register_feature_set(modality, extractor, "test0001", {"dim": 24}, [pa.field("vector", pa.list_(pa.float32(), 24))])
-        store.write_features(fs, pa.table({"uid": uids[rows].tolist(), "vector": _vectors(view[rows])}))
-    return store
+from conftest import ngram_store
 
 
 @pytest.fixture(scope="module")

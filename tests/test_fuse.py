@@ -16,8 +16,8 @@ from bemerc.train.fuse import FusionError, fuse_runs, resolve_runs
 from bemerc.train.report import DEMO_NOTE
 from bemerc.store.runs import list_runs
 from bemerc.train.runs import save_run
+from conftest import ngram_store
 
-from test_compare import ngram_store
 
 
 def _fuse(store: Store, *refs: str, run_dir=None) -> dict:

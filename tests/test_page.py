@@ -8,10 +8,10 @@ import subprocess
 from html.parser import HTMLParser
 
 import pytest
-from test_serve import running_server, served_store
 
 from bemerc.serve import create_app
 from bemerc.store import query as Q
+from conftest import running_server, served_store
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (`make setup` installs it with apt)")

@@ -6,7 +6,6 @@ Neighbours are checked against a brute-force cosine search in numpy over the sam
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -17,28 +16,9 @@ from typer.testing import CliRunner
 from bemerc.cli import app
 from bemerc.store import Store
 from bemerc.store import query as Q
+from conftest import small_store
 
 runner = CliRunner()
-TRAIN_DIALOGUES, DEV_DIALOGUES = 24, 8
-
-
-def small_store(root: Path, meld_dir: Path) -> Store:
-    """MELD's first train and dev dialogues with real MiniLM text features (real extractor and
-    orchestrator), built once per test session under ``root`` and reused by the serve/page tests."""
-    path = root / "meld-small"
-    done = path / ".built"
-    if not done.exists():
-        from bemerc.extract.run import run_extractor
-        from bemerc.extract.text import TextExtractor
-        from bemerc.store.ingest import read_meld, write_utterances
-
-        keep = {("train", str(d)) for d in range(TRAIN_DIALOGUES)} | {("dev", str(d)) for d in range(DEV_DIALOGUES)}
-        rows = [r for r in read_meld(meld_dir).rows if (r["split"], r["dialogue_id"]) in keep]
-        store = Store(path)
-        write_utterances(store, rows)
-        run_extractor(store, TextExtractor("offline", num_threads=2))
-        done.touch()
-    return Store(path)
 
 
 @pytest.fixture(scope="module")

@@ -5,21 +5,15 @@ Most requests go through FastAPI's TestClient; one test talks to a real uvicorn 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
-import socket
 import subprocess
-import threading
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
-from test_query import small_store
-from test_tune import tiny_llm  # noqa: F401  (a fixture: a 2-block random Llama with SmolLM2's tokenizer)
 
 from bemerc.serve import create_app
 from bemerc.serve.predict import PredictError, ServeLimits, check_media
@@ -27,44 +21,7 @@ from bemerc.store import Store
 from bemerc.store import query as Q
 from bemerc.store.ingest.common import sniff_container
 from bemerc.store.runs import list_runs
-
-
-LOCAL = "http://127.0.0.1"  # TestClient's base URL: the Host a local server answers (not "testserver")
-
-
-def served_store(root: Path, meld_dir: Path) -> Store:
-    """:func:`small_store` plus a real baseline run on its text features (built once per session)."""
-    store = small_store(root, meld_dir)
-    done = store.path / ".baseline"
-    if not done.exists():
-        from bemerc.train.baseline import BaselineConfig, train_baseline
-
-        config = BaselineConfig(max_rounds=60, early_stopping_rounds=10, bootstrap_resamples=50, fusion_steps=5)
-        train_baseline(store, config=config, run_dir=root / "runs" / "baseline-test")
-        done.touch()
-    return store
-
-
-@contextlib.contextmanager
-def running_server(app):
-    """Serve ``app`` with uvicorn on 127.0.0.1 on a free port; yields the base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    try:
-        for _ in range(200):
-            if server.started:
-                break
-            thread.join(0.05)
-        assert server.started, "uvicorn did not start"
-        yield url
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
+from conftest import LOCAL, running_server, served_store
 
 
 @pytest.fixture(scope="module")
