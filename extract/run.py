@@ -13,7 +13,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import polars as pl
 import pyarrow as pa
@@ -92,6 +92,20 @@ def transcripts(store: Store) -> dict[str, str]:
     return {}
 
 
+Engine = Callable[[Extractor, list[UtteranceMedia], int], Iterator[list[tuple[UtteranceMedia, "dict | MediaError"]]]]
+"""Computes results: ``engine(extractor, items, batch_size)`` yields lists of ``(item, row or MediaError)``
+as they are done, every item once, in any order."""
+
+
+def local_engine(
+    extractor: Extractor, items: list[UtteranceMedia], batch_size: int
+) -> Iterator[list[tuple[UtteranceMedia, dict | MediaError]]]:
+    """Results in this process, ``batch_size`` items per ``extractor.extract`` call, in order."""
+    for start in range(0, len(items), batch_size):
+        batch = items[start : start + batch_size]
+        yield list(zip(batch, extractor.extract(batch)))
+
+
 def register(store: Store, extractor: Extractor) -> FeatureSet:
     """The extractor's feature set in ``store`` (created on first use). A feature set already
     recorded is found by its config alone: the extractor's output fields (which may need its model
@@ -121,12 +135,15 @@ def run_extractor(
     retry_failures: bool = False,
     console: Console | None = None,
     on_batch: Callable[[int], None] | None = None,
+    engine: Engine | None = None,
 ) -> RunSummary:
     """Extract features for every utterance that lacks them and write them to ``store``.
 
     ``limit`` takes the first N utterances in dialogue order (whole store order, before skipping).
     Rows are written every ``flush_rows`` rows or ``flush_seconds`` seconds, whichever comes first.
     Text uses the utterance's text, or the transcript stored by the audio extractor when it has none.
+    ``engine`` computes the results (default :func:`local_engine`; see
+    :class:`bemerc.extract.ray_engine.RayEngine`); this function alone writes them.
 
     >>> run_extractor(Store("store"), build_extractor("text"))   # doctest: +SKIP
     """
@@ -177,16 +194,15 @@ def run_extractor(
     with Progress(*columns, console=console, transient=False, disable=not todo) as progress, sigterm_as_interrupt():
         task = progress.add_task(fs.id, total=len(todo))
         try:
-            for start in range(0, len(todo), batch_size):
-                batch = todo[start : start + batch_size]
-                items = [
-                    UtteranceMedia(
-                        uid=r["uid"], text=r.get("text"), video_path=r.get("video_path"), audio_path=r.get("audio_path"),
-                        start_s=r.get("start_s"), end_s=r.get("end_s"),
-                    )
-                    for r in batch
-                ]
-                for item, result in zip(items, extractor.extract(items)):
+            items = [
+                UtteranceMedia(
+                    uid=r["uid"], text=r.get("text"), video_path=r.get("video_path"), audio_path=r.get("audio_path"),
+                    start_s=r.get("start_s"), end_s=r.get("end_s"),
+                )
+                for r in todo
+            ]
+            for batch in (engine or local_engine)(extractor, items, batch_size):
+                for item, result in batch:
                     if isinstance(result, MediaError):
                         pending_failures.append((item.uid, result.reason))
                         summary.failed += 1

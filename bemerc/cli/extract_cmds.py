@@ -15,6 +15,11 @@ from bemerc.store.schema import MODALITIES
 Modality = Enum("Modality", {**{m: m for m in MODALITIES}, "all": "all"}, type=str)
 
 
+class EngineName(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
 def register(app: typer.Typer) -> None:
     @app.command("extract")
     def extract(
@@ -25,6 +30,10 @@ def register(app: typer.Typer) -> None:
         retry_failures: Annotated[bool, typer.Option("--retry-failures", help="Try again the utterances that failed in an earlier run.")] = False,
         strict: Annotated[bool, typer.Option("--strict", help="Exit non-zero when any utterance fails.")] = False,
         threads: Annotated[int | None, typer.Option(help="torch threads (default: all cores).")] = None,
+        engine: Annotated[EngineName, typer.Option(help="Where the models run: `local` (this process) or `ray` (Ray Data actors on a Ray cluster; this process writes the store).")] = EngineName.local,
+        ray_address: Annotated[str | None, typer.Option(help="With --engine ray: `auto` (the cluster of this node), `ray://HEAD:10001`, or none for a Ray on this machine.")] = None,
+        workers: Annotated[int, typer.Option(min=1, help="With --engine ray: actors, each with the extractor loaded once.")] = 1,
+        worker_gpus: Annotated[float, typer.Option(min=0, help="With --engine ray: GPUs per actor (0: CPU only).")] = 0.0,
         store: StoreOption = DEFAULT_STORE,
     ) -> None:
         """Extract features for every utterance in the store that lacks them.
@@ -34,7 +43,8 @@ def register(app: typer.Typer) -> None:
         silence or no face become rows in the `failures` table; the run goes on and prints a summary.
         It exits non-zero only with --strict or when nothing could be extracted.
 
-        Example: `bemerc extract --modality behavior --limit 50`
+        Example: `bemerc extract --modality behavior --limit 50`;
+        on a cluster: `bemerc extract --engine ray --ray-address auto --workers 32 --store s3://bucket/store`
         """
         from bemerc.extract.factory import build_extractor
         from bemerc.models.profiles import ProfileError, load_profile
@@ -60,7 +70,13 @@ def register(app: typer.Typer) -> None:
             except ProfileError as e:
                 fail(str(e))
             try:
-                summary = run_extractor(db, extractor, limit=limit, batch_size=batch_size, retry_failures=retry_failures, console=console)
+                runner = None
+                if engine == EngineName.ray:
+                    from bemerc.extract.ray_engine import ExtractorRecipe, RayEngine
+
+                    runner = RayEngine(ExtractorRecipe(name, chosen), workers=workers, address=ray_address, gpus_per_worker=worker_gpus)
+                summary = run_extractor(db, extractor, limit=limit, batch_size=batch_size, retry_failures=retry_failures,
+                                        console=console, engine=runner)
             except StoreLockedError as e:
                 fail(str(e))
             except Terminated:
