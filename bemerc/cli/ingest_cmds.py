@@ -9,9 +9,6 @@ import typer
 from rich.progress import Progress
 
 from bemerc.cli.common import DEFAULT_STORE, StoreOption, console, fail
-from bemerc.store import Store, StoreError, StoreLockedError
-from bemerc.store.ingest import IngestError, IngestReport, read_iemocap, read_manifest, read_meld, write_utterances
-from bemerc.store.ingest.common import add_checksums
 
 ingest_app = typer.Typer(
     help=(
@@ -23,16 +20,22 @@ ingest_app = typer.Typer(
 )
 
 
-def _write(store_path: Path, read: "callable[[], IngestReport]", name: str) -> None:
+def _write(store_path: Path, reader: str, name: str, *args, **kwargs) -> None:
+    """Read a corpus with ``bemerc.store.ingest.<reader>(*args, **kwargs)`` and write its utterances
+    (the store and ingest modules load here, when the command runs)."""
+    from bemerc.store import Store, StoreError, StoreLockedError
+    from bemerc.store import ingest
+    from bemerc.store.ingest.common import add_checksums
+
     try:
-        report = read()
+        report = getattr(ingest, reader)(*args, **kwargs)
         media_rows = [r for r in report.rows if r.get("video_path") or r.get("audio_path")]
         if media_rows:
             with Progress(console=console, transient=True) as progress:
                 task = progress.add_task("checksumming media", total=len(media_rows))
                 add_checksums(media_rows, lambda n: progress.advance(task, n))
-        inserted, updated, unchanged = write_utterances(Store(store_path), report.rows)
-    except (IngestError, StoreError, StoreLockedError) as e:
+        inserted, updated, unchanged = ingest.write_utterances(Store(store_path), report.rows)
+    except (ingest.IngestError, StoreError, StoreLockedError) as e:
         fail(str(e))
     splits = ", ".join(f"{split} {n:,}" for split, n in report.counts().items())
     console.print(f"{name}: {len(report.rows):,} utterances ({splits}); {inserted:,} new, {updated:,} updated, {unchanged:,} unchanged")
@@ -54,7 +57,7 @@ def meld(
 
     Example: `bemerc ingest meld ~/data/MELD --store store`
     """
-    _write(store, lambda: read_meld(folder), "MELD")
+    _write(store, "read_meld", "MELD", folder)
 
 
 @ingest_app.command("iemocap")
@@ -67,7 +70,7 @@ def iemocap(
     Session 5 is the test split; about 10% of Session 1-4 dialogues form dev. Utterances with other
     labels are left out and counted. Video comes from dialog/avi/DivX with the utterance's time span.
     """
-    _write(store, lambda: read_iemocap(folder), "IEMOCAP")
+    _write(store, "read_iemocap", "IEMOCAP", folder)
 
 
 @ingest_app.command("manifest")
@@ -85,7 +88,7 @@ def manifest(
 
     Example: `bemerc ingest manifest my_corpus/manifest.csv --labels happy,sad,neutral`
     """
-    _write(store, lambda: read_manifest(file, labels=labels, dataset=dataset), "manifest")
+    _write(store, "read_manifest", "manifest", file, labels=labels, dataset=dataset)
 
 
 def register(app: typer.Typer) -> None:

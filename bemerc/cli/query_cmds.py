@@ -5,20 +5,25 @@ from __future__ import annotations
 import json
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import polars as pl
 import typer
 from rich.table import Table
 
 from bemerc.cli.common import DEFAULT_STORE, JsonOption, StoreOption, console, fail, open_store
-from bemerc.store import Store, StoreError
-from bemerc.store import query as Q
+from bemerc.store.schema import MODALITIES
+
+if TYPE_CHECKING:
+    import polars as pl
+
+    from bemerc.store import Store
+
+# Each command imports bemerc.store.query (and with it LanceDB) when it runs, not when listed.
 
 query_app = typer.Typer(help="Query stored utterances, embeddings and predictions.", no_args_is_help=True)
 
 
-Modality = Enum("Modality", {m: m for m in Q.MODALITIES}, type=str)
+Modality = Enum("Modality", {m: m for m in MODALITIES}, type=str)
 
 
 class Format(str, Enum):
@@ -56,6 +61,9 @@ def similar(
 
     Example: `bemerc query similar dev/dia0_utt0 -m text -k 5 --where "split = 'train'"`
     """
+    from bemerc.store import StoreError
+    from bemerc.store import query as Q
+
     try:
         df = Q.similar(_open(store), uid, modality.value, k=k, where=where)
     except (Q.QueryError, StoreError) as exc:
@@ -74,6 +82,9 @@ def show(
 ) -> None:
     """One utterance: its dialogue context, transcript, behaviour description, feature sets,
     failures and every run's prediction."""
+    from bemerc.store import StoreError
+    from bemerc.store import query as Q
+
     try:
         view = Q.show(_open(store), uid)
     except (Q.QueryError, StoreError) as exc:
@@ -100,6 +111,8 @@ def show(
              "correct": p["correct"]}
             for p in Q.prediction_records(view.predictions)
         ]
+        import polars as pl
+
         _print_frame(pl.DataFrame(rows), title="predictions")
     else:
         console.print("predictions: none (train a run with `bemerc baseline`)")
@@ -117,6 +130,9 @@ def where(
     Columns: uid, dataset, split, dialogue_id, turn, speaker, text, label, sentiment, start_s, end_s,
     video_path, audio_path, media_sha256, meta_json.
     """
+    from bemerc.store import StoreError
+    from bemerc.store import query as Q
+
     try:
         df = Q.where(_open(store), sql, limit=limit)
     except (Q.QueryError, StoreError) as exc:
@@ -138,6 +154,9 @@ def export(
 
     Example: `bemerc query export utterances utt.csv --format csv`
     """
+    from bemerc.store import StoreError
+    from bemerc.store import query as Q
+
     try:
         rows = Q.export(_open(store), table, out, fmt.value)
     except (Q.QueryError, StoreError) as exc:
@@ -150,16 +169,20 @@ def export(
 @query_app.command("index")
 def index(
     modality: Annotated[Modality, typer.Option("--modality", "-m", help="Whose feature table to index.")] = Modality.text,
-    min_rows: Annotated[int, typer.Option("--min-rows", help="Index only tables with at least this many rows.")] = Q.INDEX_MIN_ROWS,
+    min_rows: Annotated[int | None, typer.Option("--min-rows", show_default=False, help="Index only tables with at least this many rows (default: bemerc.store.query.INDEX_MIN_ROWS).")] = None,
     replace: Annotated[bool, typer.Option("--replace", help="Rebuild an existing index.")] = False,
     store: StoreOption = DEFAULT_STORE,
 ) -> None:
     """Build an IVF_PQ (approximate) vector index for `query similar` on a large feature table."""
+    from bemerc.store import StoreError
+    from bemerc.store import query as Q
+
     try:
-        built = Q.create_vector_index(_open(store), modality.value, min_rows=min_rows, replace=replace)
+        given = {"min_rows": min_rows} if min_rows is not None else {}  # the default is create_vector_index's
+        built = Q.create_vector_index(_open(store), modality.value, replace=replace, **given)
     except (Q.QueryError, StoreError) as exc:
         fail(str(exc))
-    console.print("index built" if built else f"no index built (fewer than {min_rows:,} rows, or one exists: --replace)")
+    console.print("index built" if built else f"no index built (fewer than {given.get('min_rows', Q.INDEX_MIN_ROWS):,} rows, or one exists: --replace)")
 
 
 def register(app: typer.Typer) -> None:

@@ -10,7 +10,6 @@ import typer
 from rich.table import Table
 
 from bemerc.cli.common import DEFAULT_STORE, JsonOption, StoreOption, console, fail
-from bemerc.store import Store, StoreError, StoreLockedError
 
 
 def baseline(
@@ -31,6 +30,7 @@ def baseline(
 
     Example: `bemerc baseline --store store --feature-set text --feature-set audio`
     """
+    from bemerc.store import Store, StoreError, StoreLockedError
     from bemerc.train.baseline import BaselineConfig, train_baseline
 
     given = {name: value for name, value in {"context": context}.items() if value is not None}  # defaults: BaselineConfig
@@ -84,6 +84,7 @@ def compare(
 
     Example: `bemerc compare --split dev --out reports`
     """
+    from bemerc.store import Store, StoreError
     from bemerc.train.report import comparison, write_report
 
     if split not in (None, "dev", "test"):
