@@ -349,3 +349,35 @@ def test_the_gpu_profile_names_the_papers_llm_and_describer_over_the_hub_extract
     assert gpu.stage("llm").source == "hub:Qwen/Qwen2.5-7B-Instruct"
     assert gpu.stage("describer").source == "hub:Qwen/Qwen2-VL-2B-Instruct"
     assert all(gpu.stage(s) == hub.stage(s) for s in ("text", "speech", "face", "pose", "expression", "visual"))
+
+
+def test_two_processes_under_accelerate_launch_match_one_process(tiny_llm, store, tmp_path):
+    """DDP on CPU (gloo): 2 processes with half the batch each take the same steps as 1 process with
+    the whole batch: the losses agree, and the run is recorded once."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "tune_steps.py"
+    script.write_text(
+        "import sys\n"
+        "from bemerc.store import Store\n"
+        "from bemerc.train.tune.loop import TuneConfig, tune\n"
+        f"tune(Store({str(store.path)!r}), TuneConfig(model={str(tiny_llm)!r}, stage='merc', run_dir=sys.argv[2], "
+        "batch_size=int(sys.argv[1]), lr=1e-2, lora_dropout=0.0, threads=1, progress=False))\n")
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1"}
+    one = subprocess.run([sys.executable, str(script), "4", str(tmp_path / "one")], env=env, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-2000:]
+    accelerate = Path(sys.executable).parent / "accelerate"
+    # --multi_gpu is accelerate's torchrun launcher; without GPUs the processes use gloo on the CPU
+    two = subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                          "--mixed_precision", "no", "--dynamo_backend", "no", str(script), "2", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-2000:]
+
+    def losses(run: str) -> list[float]:
+        return [json.loads(line)["loss"] for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+
+    assert len(losses("one")) == len(losses("two")) == 2  # 6 dialogue windows, 4 a step
+    assert np.allclose(losses("one"), losses("two"), rtol=1e-4), (losses("one"), losses("two"))
+    runs = [r for r in list_runs(store) if r["run_dir"] in (str(tmp_path / "one"), str(tmp_path / "two"))]
+    assert sorted(Path(r["run_dir"]).name for r in runs) == ["one", "two"]

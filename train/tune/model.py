@@ -213,15 +213,17 @@ class MercModel(nn.Module):
         embeds = self.embed(batch.input_ids, batch.soft)
         return self.decoder(inputs_embeds=embeds, attention_mask=batch.attention_mask).last_hidden_state
 
-    def forward(self, batch: Batch) -> torch.Tensor:
+    def forward(self, batch: Batch, mean: bool = True) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Cross-entropy of the answer tokens (every other position is left out), averaged with their
-        weights."""
+        weights; with ``mean=False`` the weighted sum and the sum of the weights (to average across
+        processes)."""
         hidden = self.hidden(batch)
         where = batch.targets != IGNORE
         logits = self.lm_head(hidden[where])  # (n_answer_tokens, V)
         losses = F.cross_entropy(logits.float(), batch.targets[where], reduction="none")
         weights = batch.weights[where]
-        return (losses * weights).sum() / weights.sum().clamp_min(1e-8)
+        total = (losses * weights).sum()
+        return total / weights.sum().clamp_min(1e-8) if mean else (total, weights.sum())
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """What training changes: LoRA and projector weights (the frozen base is left out)."""
