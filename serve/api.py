@@ -26,7 +26,7 @@ import ipaddress
 import json
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -79,7 +79,14 @@ def create_app(
     predictor = Predictor(store, profile, retry_after_s=limits.retry_after_s)
     hosts = HostCheck(host, allow_hosts)
     admission = Admission(limits)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        predictor.media.close()  # the media worker process ends with the server
+
     app = FastAPI(
+        lifespan=lifespan,
         title="bemerc",
         version="0.1.0",
         description="Browse a bemerc feature store, find similar utterances and predict emotions of new dialogues.",

@@ -215,8 +215,9 @@ class Predictor:
 
     Each extractor and each run's model is used by one request at a time (they are not all safe to
     call from several threads), but different ones run side by side: a text-only request does not
-    wait while another request's long audio goes through Whisper. Media extractors get half the
-    cores (``media_threads``), so that light requests keep the rest.
+    wait while another request's long audio goes through Whisper. Media extractors run in a
+    :class:`MediaWorker` process on half the cores (``media_threads``), so that light requests keep
+    the rest of the machine and the server's own interpreter.
     """
 
     def __init__(self, store: Store, profile: str = "offline", retry_after_s: int = 10):
@@ -224,6 +225,7 @@ class Predictor:
         self.profile = profile
         self.retry_after_s = retry_after_s
         self.media_threads = max(1, (os.cpu_count() or 2) // 2)
+        self.media = MediaWorker.shared(profile, self.media_threads)
         self._extractors: dict[str, Any] = {}
         self._models: dict[str, RunModel] = {}
         self._load_lock = threading.Lock()
@@ -275,8 +277,6 @@ class Predictor:
                         409, f"the run was trained on {fs.id} but profile {self.profile!r} builds "
                              f"{fs.modality}/{extractor.name}@{got}; serve with the profile the features were extracted with"
                     )
-                if fs.modality != "text" and hasattr(extractor, "num_threads"):
-                    extractor.num_threads = self.media_threads
                 self._extractors[feature_set] = (fs, extractor)
             return self._extractors[feature_set]
 
@@ -304,7 +304,9 @@ class Predictor:
         modalities: dict[str, ModalityArrays] = {}
         errors: list[dict[str, str]] = [{} for _ in range(n)]
         for fs, extractor in sets:
-            arrays = _extract(extractor, fs, texts, uploads, errors, deadline, hold=lambda: self._using(fs.id, deadline))
+            run_on = extractor.extract if fs.modality == "text" else (lambda chunk: self.media.extract(fs.modality, chunk, deadline))
+            arrays = _extract(extractor, fs, texts, uploads, errors, deadline, hold=lambda: self._using(fs.id, deadline),
+                              run_on=run_on)
             if fs.modality == "audio" and "transcript" in arrays.extras:
                 texts = [t or s for t, s in zip(texts, arrays.extras["transcript"])]
             modalities[fs.modality] = arrays
@@ -350,11 +352,114 @@ def _part(modality: str, index: int, uploads: dict[tuple[str, int], Path]) -> st
     return next((f"{k}_{index}" for k in kinds if (k, index) in uploads), f"{modality} of utterance {index}")
 
 
+class MediaWorker:
+    """Media extraction (audio, behaviour, visual) in one separate process, started on first use.
+
+    Whisper's decoding loop and the media decoders then take neither the server's interpreter lock
+    nor more than ``threads`` cores, so ``/similar`` and text-only ``/predict`` keep their latency
+    while long audio is transcribed. The worker builds its extractors from the same profile (the
+    server has checked their config hash against the run's feature sets). One worker per profile
+    serves every app of the process (:meth:`shared`); it ends with the server.
+    """
+
+    _shared: dict[tuple[str, int], "MediaWorker"] = {}
+
+    def __init__(self, profile: Any, threads: int):
+        self.profile = profile
+        self.threads = threads
+        self._pool = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def shared(cls, profile: Any, threads: int) -> "MediaWorker":
+        """The process's worker for ``profile`` (created once)."""
+        key = (repr(profile), threads)
+        if key not in cls._shared:
+            cls._shared[key] = cls(profile, threads)
+        return cls._shared[key]
+
+    def extract(self, modality: str, items: list, deadline: float | None = None) -> list:
+        """The extractor's results for ``items`` (dicts, or ``MediaError`` per item); a 504 once
+        ``deadline`` passes."""
+        from concurrent.futures import TimeoutError as FutureTimeout
+        from concurrent.futures.process import BrokenProcessPool
+
+        from bemerc.extract.media import MediaError
+
+        with self._lock:
+            if self._pool is None:
+                import multiprocessing
+                from concurrent.futures import ProcessPoolExecutor
+
+                self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_start)
+            pool = self._pool
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            packed = pool.submit(_worker_extract, modality, self.profile, self.threads, items).result(timeout)
+        except FutureTimeout:
+            raise PredictError(504, f"the request ran over the server's time limit while extracting {modality} "
+                                    "features; send shorter media or fewer utterances") from None
+        except BrokenProcessPool as exc:
+            with self._lock:
+                self._pool = None  # the next request starts a fresh worker
+            return [MediaError(item.uid, f"the media worker stopped ({exc})") for item in items]
+        return [MediaError(item.uid, r["error"]) if "error" in r else r for item, r in zip(items, packed)]
+
+    def close(self) -> None:
+        """Stop the worker now, even in the middle of an extraction."""
+        with self._lock:
+            if self._pool is not None:
+                processes = list((getattr(self._pool, "_processes", None) or {}).values())
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                for process in processes:
+                    process.terminate()
+                self._pool = None
+
+
+def _worker_start() -> None:
+    """In the media worker: end with the server, even when the server is killed (its parent changes)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True, name="bemerc-parent-watch").start()
+
+
+_WORKER_EXTRACTORS: dict[tuple[str, str], Any] = {}
+
+
+def _worker_extract(modality: str, profile: Any, threads: int, items: list) -> list[dict]:
+    """In the media worker: run the (cached) extractor of ``modality``; a MediaError becomes
+    ``{"error": reason}`` and any other failure of an item the same, so one odd upload ends nothing."""
+    from bemerc.extract.factory import build_extractor
+    from bemerc.extract.media import MediaError
+
+    key = (modality, repr(profile))
+    if key not in _WORKER_EXTRACTORS:
+        extractor = build_extractor(modality, profile)
+        if hasattr(extractor, "num_threads"):
+            extractor.num_threads = threads
+        _WORKER_EXTRACTORS[key] = extractor
+    out = []
+    for item in items:
+        try:
+            [result] = _WORKER_EXTRACTORS[key].extract([item])
+        except Exception as exc:  # noqa: BLE001 - reported with the item
+            result = MediaError(item.uid, f"{modality} extraction failed ({type(exc).__name__}: {exc})")
+        out.append({"error": result.reason} if isinstance(result, MediaError) else result)
+    return out
+
+
 def _extract(extractor, fs, texts: list[str | None], uploads: dict[tuple[str, int], Path], errors: list[dict],
-             deadline: float | None = None, hold=contextlib.nullcontext) -> ModalityArrays:
+             deadline: float | None = None, hold=contextlib.nullcontext, run_on=None) -> ModalityArrays:
     """Run one extractor on the utterances that have its input; the rest are marked absent.
 
-    The extractor is used inside ``hold()`` (its lock), and only when some utterance has its input.
+    ``run_on(items)`` computes the results (default: ``extractor.extract``; the server sends media
+    to its :class:`MediaWorker`), inside ``hold()`` (the extractor's lock) and only when some
+    utterance has the input.
     Media is extracted one utterance at a time so that ``deadline`` is checked between them (a 504
     once it has passed); an utterance whose media fails to decode gets the reason in ``errors``.
     """
@@ -381,7 +486,9 @@ def _extract(extractor, fs, texts: list[str | None], uploads: dict[tuple[str, in
                                         "features; send shorter media or fewer utterances")
             chunk = [items[i] for i in wanted[start : start + step]]
             try:
-                results += extractor.extract(chunk)
+                results += (run_on or extractor.extract)(chunk)
+            except PredictError:
+                raise
             except Exception as exc:  # a decoder or model failing on one odd upload must not end the request
                 if fs.modality == "text":
                     raise

@@ -41,7 +41,7 @@ def ffmpeg(*args: str) -> None:
 @pytest.fixture(scope="module")
 def media(tmp_path_factory, ravdess_dir) -> dict[str, Path]:
     """Uploads: a short real wav, silence, the first 20 KB of the RAVDESS mp4, 10 minutes of low-bitrate
-    audio (~450 KB) and ~45 s of real speech without text (Whisper transcribes it: seconds of work)."""
+    audio (~450 KB) and ~20 s of real speech without text (Whisper transcribes it: seconds of work)."""
     root = tmp_path_factory.mktemp("media")
     video = ravdess_dir / "video" / "01-01-01-01-01-01-01.mp4"
     wav = sorted((ravdess_dir / "audio").glob("*.wav"))[2]
@@ -52,7 +52,7 @@ def media(tmp_path_factory, ravdess_dir) -> dict[str, Path]:
     files["truncated"].write_bytes(video.read_bytes()[:20_000])
     ffmpeg("-f", "lavfi", "-i", "sine=frequency=220:sample_rate=16000", "-t", "600", "-c:a", "libopus", "-b:a", "6k",
            str(files["ten_minutes"]))
-    ffmpeg("-stream_loop", "12", "-i", str(wav), "-ac", "1", "-ar", "16000", "-t", "45", str(files["long_speech"]))
+    ffmpeg("-stream_loop", "12", "-i", str(wav), "-ac", "1", "-ar", "16000", "-t", "20", str(files["long_speech"]))
     return files
 
 
