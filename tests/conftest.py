@@ -65,49 +65,12 @@ def demo_manifest(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def s3_server():
-    """A real S3-compatible server (moto) on a free 127.0.0.1 port with one bucket, ``bemerc-test``.
+    """A real S3-compatible server (moto) on a free 127.0.0.1 port with one bucket, ``bemerc-test``,
+    its endpoint and keys in the environment for the session (see :mod:`s3_server`); yields the URL."""
+    from s3_server import local_s3
 
-    The environment gets its endpoint and keys (``AWS_ENDPOINT_URL``, ``AWS_ALLOW_HTTP``, ...), as a
-    user's shell would, so LanceDB, the store's lease lock and child processes all find it. Yields
-    the endpoint URL; the server stops and the environment is restored at the end of the session.
-    """
-    import socket
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
-    import boto3
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(endpoint, timeout=1)
-            break
-        except OSError:
-            if time.monotonic() > deadline or server.poll() is not None:
-                server.kill()
-                pytest.fail(f"the moto S3 server did not start on {endpoint}")
-            time.sleep(0.1)
-    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ALLOW_HTTP": "true", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1"}
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bemerc-test")
-    yield endpoint
-    server.terminate()
-    server.wait(10)
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with local_s3("bemerc-test") as endpoint:
+        yield endpoint
 
 
 @pytest.fixture
