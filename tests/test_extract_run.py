@@ -25,19 +25,20 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def ravdess_store(tmp_path_factory, ravdess_dir) -> Path:
     """A manifest of the real RAVDESS video (no text: it gets transcribed), two real wavs, a corrupt
-    mp4, an empty wav and a video without an audio stream, extracted with `--modality all`."""
+    mp4, a silent wav and a video without an audio stream, extracted with `--modality all`."""
     root = tmp_path_factory.mktemp("ravdess")
     video = next((ravdess_dir / "video").glob("*.mp4"))
     wavs = sorted((ravdess_dir / "audio").glob("*.wav"))
     (root / "corrupt.mp4").write_bytes(video.read_bytes()[:4000])
-    (root / "empty.wav").write_bytes(b"")
+    # ingest refuses an empty file, so the unusable audio is a real wav of digital silence
+    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "anullsrc=r=16000:cl=mono", "-t", "1", str(root / "silent.wav")], check=True)
     subprocess.run(["ffmpeg", "-v", "error", "-i", str(video), "-an", "-c:v", "copy", str(root / "mute.mp4")], check=True)
     rows = [
         {"dialogue_id": "a", "turn": 0, "speaker": "actor01", "text": "", "label": "neutral", "video": str(video), "audio": ""},
         {"dialogue_id": "a", "turn": 1, "speaker": "actor01", "text": "I am so happy today!", "label": "joy", "video": "", "audio": str(wavs[2])},
         {"dialogue_id": "a", "turn": 2, "speaker": "actor01", "text": "Leave me alone.", "label": "anger", "video": "", "audio": str(wavs[4])},
         {"dialogue_id": "b", "turn": 0, "speaker": "x", "text": "Broken clip.", "label": "fear", "video": "corrupt.mp4", "audio": ""},
-        {"dialogue_id": "b", "turn": 1, "speaker": "x", "text": "Nothing to hear.", "label": "sadness", "video": "", "audio": "empty.wav"},
+        {"dialogue_id": "b", "turn": 1, "speaker": "x", "text": "Nothing to hear.", "label": "sadness", "video": "", "audio": "silent.wav"},
         {"dialogue_id": "b", "turn": 2, "speaker": "x", "text": "Silent film.", "label": "surprise", "video": "mute.mp4", "audio": ""},
     ]
     with open(root / "manifest.csv", "w", newline="") as fh:
@@ -62,12 +63,12 @@ def test_every_modality_is_stored_and_reported(ravdess_store):
     assert by_modality["audio"]["rows"] == 3  # the video and the two real wavs
     assert by_modality["behavior"]["rows"] == 2  # the real video, and the mute copy has the same face
     assert by_modality["text"]["rows"] == 6  # five texts + the transcript of the video
-    assert info["failures"]["audio"] == 3  # corrupt, empty, no audio stream
+    assert info["failures"]["audio"] == 3  # corrupt, silent, no audio stream
 
 
 def test_failures_name_the_problem(ravdess_store):
     failures = {(r["uid"], r["stage"]): r["reason"] for r in Store(ravdess_store).read("failures").to_dicts()}
-    assert "empty" in failures[("train/b_1", "audio")]
+    assert "silent" in failures[("train/b_1", "audio")]
     assert "no audio stream" in failures[("train/b_2", "audio")]
     assert ("train/b_0", "behavior") in failures and ("train/b_0", "audio") in failures
 
