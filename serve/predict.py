@@ -356,8 +356,8 @@ class MediaWorker:
     """Media extraction (audio, behaviour, visual) in one separate process, started on first use.
 
     Whisper's decoding loop and the media decoders then take neither the server's interpreter lock
-    nor more than ``threads`` cores, so ``/similar`` and text-only ``/predict`` keep their latency
-    while long audio is transcribed. The worker builds its extractors from the same profile (the
+    nor more than ``threads`` cores, at a lower priority, so ``/similar`` and text-only ``/predict``
+    keep their latency while long audio is transcribed. The worker builds its extractors from the same profile (the
     server has checked their config hash against the run's feature sets). One worker per profile
     serves every app of the process (:meth:`shared`); it ends with the server.
     """
@@ -417,7 +417,12 @@ class MediaWorker:
 
 
 def _worker_start() -> None:
-    """In the media worker: end with the server, even when the server is killed (its parent changes)."""
+    """In the media worker: run at a lower priority than the server (media work is batch work beside
+    interactive requests) and end with the server, even when it is killed (its parent changes)."""
+    try:
+        os.nice(10)
+    except OSError:
+        pass
     parent = os.getppid()
 
     def watch() -> None:
