@@ -31,7 +31,8 @@ from extract_audio_text import bench_audio, bench_text  # noqa: E402
 from bemerc.demo import make_demo  # noqa: E402
 from bemerc.extract.factory import build_extractor  # noqa: E402
 from bemerc.extract.media import probe  # noqa: E402
-from bemerc.extract.run import MODALITY_ORDER, run_extractor  # noqa: E402
+from bemerc.extract.base import MODALITY_ORDER  # noqa: E402
+from bemerc.extract.run import run_extractor  # noqa: E402
 from bemerc.store import Store  # noqa: E402
 from bemerc.store.ingest import read_manifest, write_utterances  # noqa: E402
 

@@ -15,6 +15,10 @@ from typing import Protocol, runtime_checkable
 import pyarrow as pa
 
 from bemerc.extract.media import MediaError
+from bemerc.store.schema import MODALITIES
+
+# The order `extract --modality all` runs the modalities in: audio first, its transcripts feed text.
+MODALITY_ORDER = ("audio", *(m for m in MODALITIES if m != "audio"))
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,12 @@ class Extractor(Protocol):
     def extract(self, items: list[UtteranceMedia]) -> list[dict | MediaError]:
         """One result per item, in order: a row dict keyed by ``fields()`` names, or a MediaError."""
         ...
+
+
+def feature_set_id(extractor: Extractor) -> str:
+    """The id of the feature set ``extractor`` writes, ``{modality}/{name}@{config_hash}``, as
+    :attr:`bemerc.store.FeatureSet.id` spells it."""
+    return f"{extractor.modality}/{extractor.name}@{config_hash(extractor)}"
 
 
 def config_hash(extractor: Extractor) -> str:

@@ -23,9 +23,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from bemerc.extract.base import Extractor, UtteranceMedia, config_hash
 from bemerc.extract.media import MediaError
 from bemerc.store import FeatureSet, Store
-from bemerc.store.schema import MODALITIES, feature_schema
+from bemerc.store.schema import feature_schema
 
-MODALITY_ORDER = ("audio", *(m for m in MODALITIES if m != "audio"))  # audio first: its transcripts feed text
 # Utterances per extract() call: text batches sort by length inside the call, so bigger is faster;
 # media extractors decode per item, so small batches keep progress and flushes frequent.
 DEFAULT_BATCH = {"text": 256, "audio": 8, "behavior": 8, "visual": 8}

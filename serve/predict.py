@@ -35,7 +35,7 @@ import polars as pl
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from bemerc.extract.run import MODALITY_ORDER  # audio first: a transcript can stand in for a missing text
+from bemerc.extract.base import MODALITY_ORDER  # audio first: a transcript can stand in for a missing text
 from bemerc.store import Store, StoreError
 from bemerc.store import schema as S
 from bemerc.store.ingest.common import sniff_container

@@ -1,10 +1,11 @@
-"""The store's summary (what ``bemerc store info`` prints), cached beside its tables.
+"""Answers about the store cached beside its tables while it is unchanged: what ``bemerc store info``
+prints, and which feature sets an ``extract`` run found complete.
 
 Every LanceDB commit adds a version manifest to its table's ``_versions`` folder, so the names of
-those files, listed without opening LanceDB, say whether anything changed since the summary was
-made. An unchanged store answers from ``.bemerc-info.json`` in a few milliseconds; any write (a new
-table, row, deletion or cleanup) changes the listing and the summary is made again. Object-storage
-stores are always read through LanceDB.
+those files, listed without opening LanceDB, say whether anything changed since an answer was
+computed. An unchanged store answers from ``.bemerc-info.json`` in a few milliseconds; any write (a
+new table, row, deletion or cleanup) changes the listing and every cached answer is computed again.
+Object-storage stores are always read through LanceDB.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 SUMMARY_FILE = ".bemerc-info.json"
 
@@ -37,25 +38,46 @@ def tables_state(path: str | Path) -> dict[str, list[str]] | None:
     return state
 
 
-def cached_info(path: str | Path, compute: Callable[[], dict]) -> dict:
-    """The summary of the store at ``path``: the cached one while the tables are unchanged, else
-    ``compute()`` (e.g. ``Store(path).info``), then cached. The state is read before computing, so
-    a write during ``compute`` leaves a stale key and the next call computes again."""
+def _load(path: str | Path) -> dict:
+    try:
+        saved = json.loads((Path(path) / SUMMARY_FILE).read_text())
+        return saved if isinstance(saved, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def recall(path: str | Path, key: str) -> Any:
+    """What :func:`remember` stored under ``key``, if no table of the store changed since; else None."""
     state = tables_state(path)
+    saved = _load(path)
+    if state is None or saved.get("state") != state:
+        return None
+    return saved.get("values", {}).get(key)
+
+
+def remember(path: str | Path, key: str, value: Any, state: dict[str, list[str]] | None) -> None:
+    """Store ``value`` under ``key`` for the tables as they were in ``state`` (read with
+    :func:`tables_state` *before* computing ``value``): a write since then makes it unrecallable."""
+    if state is None:
+        return
+    saved = _load(path)
+    values = saved.get("values", {}) if saved.get("state") == state else {}
     cache = Path(path) / SUMMARY_FILE
-    if state is not None:
-        try:
-            saved = json.loads(cache.read_text())
-            if saved.get("state") == state:
-                return {"path": str(path), **saved["info"]}
-        except (OSError, ValueError, KeyError, TypeError):
-            pass  # no cache yet, or an unreadable one: compute
+    tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps({"state": state, "values": {**values, key: value}}))
+        os.replace(tmp, cache)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a read-only store still answers, uncached
+
+
+def cached_info(path: str | Path, compute: Callable[[], dict]) -> dict:
+    """The summary of the store at ``path`` (``Store.info()``): recalled while the tables are
+    unchanged, else ``compute()`` (e.g. ``Store(path).info``), then remembered."""
+    info = recall(path, "info")
+    if info is not None:
+        return {"path": str(path), **info}
+    state = tables_state(path)
     info = compute()
-    if state is not None:
-        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
-        try:
-            tmp.write_text(json.dumps({"state": state, "info": {k: v for k, v in info.items() if k != "path"}}))
-            os.replace(tmp, cache)
-        except OSError:
-            tmp.unlink(missing_ok=True)  # a read-only store still answers, uncached
+    remember(path, "info", {k: v for k, v in info.items() if k != "path"}, state)
     return info

@@ -90,6 +90,27 @@ def test_rerun_does_no_model_work(ravdess_store):
     assert {name: store.version(name) for name in store.table_names()} == versions
 
 
+def test_a_rerun_on_an_unchanged_store_answers_without_lancedb(ravdess_store, ravdess_dir, tmp_path):
+    """The first re-run remembers that every feature set is whole; the next one, on the unchanged
+    store, prints the same lines without importing LanceDB or any model library. A write (one more
+    utterance) makes the run look at the store again and extract just that utterance."""
+    cmd = [sys.executable, "-c", "import sys\nfrom bemerc.cli import main\ntry:\n    main()\nfinally:\n"
+           "    print('IMPORTED', sorted(m for m in ('lancedb', 'torch', 'transformers', 'mediapipe', 'open_clip') if m in sys.modules))",
+           "extract", "--modality", "all", "--store", str(ravdess_store)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    first = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert first.returncode == again.returncode == 0, again.stderr
+    assert again.stdout.count(" 0 extracted") == 4 and "IMPORTED []" in again.stdout
+    assert again.stdout.split("IMPORTED")[0] == first.stdout.split("IMPORTED")[0]
+
+    wav = tmp_path / "more.csv"
+    wav.write_text(f"dialogue_id,turn,text,label,audio\nc,0,One more line.,joy,{next((ravdess_dir / 'audio').glob('*.wav'))}\n")
+    assert runner.invoke(app, ["ingest", "manifest", str(wav), "--store", str(ravdess_store)]).exit_code == 0
+    result = runner.invoke(app, ["extract", "--modality", "text", "--store", str(ravdess_store)])
+    assert result.exit_code == 0 and "1 extracted" in result.output
+
+
 def test_strict_exits_non_zero_on_failures(ravdess_store):
     result = runner.invoke(app, ["extract", "--modality", "audio", "--strict", "--retry-failures", "--store", str(ravdess_store)])
     assert result.exit_code == 1
