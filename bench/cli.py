@@ -5,10 +5,13 @@ Prints:
 - `bemerc store info` on a small store against the same bare `--help` (target <= 2x);
 - a no-op `bemerc extract --modality all` on a fully extracted store against the first extraction
   of that store (target <= 10%), on the RAVDESS manifest of one video and eight wavs
-  (../shared/data/ravdess). Model preparation (`bemerc models prepare`) runs before, untimed.
+  (../shared/data/ravdess): the first re-run reads the store through LanceDB and remembers that
+  every feature set is whole; later re-runs on the unchanged store answer from that summary.
+  Model preparation (`bemerc models prepare`) runs before, untimed.
 
-Each command runs as a fresh process, the way a user types it; quick commands take the median of
-several runs. Usage: HF_HUB_OFFLINE=1 .venv/bin/python bench/cli.py [--repeats 7]
+Each command runs as a fresh process, the way a user types it; the quick commands run in
+interleaved rounds (bare, help, info, bare, ...) and each takes its median, so a change in the
+machine's load touches all three alike. Usage: HF_HUB_OFFLINE=1 .venv/bin/python bench/cli.py [--repeats 7]
 """
 
 from __future__ import annotations
@@ -61,9 +64,16 @@ def timed(cmd: list[str], env: dict[str, str]) -> float:
     return seconds
 
 
-def median_s(cmd: list[str], env: dict[str, str], repeats: int) -> float:
-    timed(cmd, env)  # warm the file cache (and Python's bytecode cache) once
-    return statistics.median(timed(cmd, env) for _ in range(repeats))
+def interleaved_medians(cmds: dict[str, list[str]], env: dict[str, str], repeats: int) -> dict[str, float]:
+    """Median wall seconds of each command, run in ``repeats`` rounds of one run each (after one
+    warm-up round for the file and bytecode caches)."""
+    times: dict[str, list[float]] = {name: [] for name in cmds}
+    for round_ in range(repeats + 1):
+        for name, cmd in cmds.items():
+            seconds = timed(cmd, env)
+            if round_:
+                times[name].append(seconds)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def ravdess_manifest(folder: Path) -> Path:
@@ -93,21 +103,23 @@ def main() -> None:
         tmp_path = Path(tmp)
         bare = tmp_path / "bare.py"
         bare.write_text(BARE_APP)
-        bare_s = median_s([sys.executable, str(bare), "--help"], env, args.repeats)
-        help_s = median_s([*BEMERC, "--help"], env, args.repeats)
-        print(f"bare typer --help {bare_s:.3f} s; bemerc --help {help_s:.3f} s = {help_s / bare_s:.2f}x (target <= 1.5x)")
-
         store = tmp_path / "store"
         env["BEMERC_STORE"] = str(store)
         labels = ",".join(RAVDESS_EMOTIONS.values())
         timed([*BEMERC, "ingest", "manifest", str(ravdess_manifest(tmp_path)), "--labels", labels, "--dataset", "ravdess"], env)
         timed([*BEMERC, "models", "prepare"], env)
         first_s = timed([*BEMERC, "extract", "--modality", "all"], env)
-        noop_s = min(timed([*BEMERC, "extract", "--modality", "all"], env) for _ in range(3))
-        info_s = median_s([*BEMERC, "store", "info"], env, args.repeats)
+        noop_s = timed([*BEMERC, "extract", "--modality", "all"], env)
+        cached_s = statistics.median(timed([*BEMERC, "extract", "--modality", "all"], env) for _ in range(3))
+
+        quick = interleaved_medians({"bare": [sys.executable, str(bare), "--help"], "help": [*BEMERC, "--help"],
+                                     "info": [*BEMERC, "store", "info"]}, env, args.repeats)
+        bare_s, help_s, info_s = quick["bare"], quick["help"], quick["info"]
+        print(f"bare typer --help {bare_s:.3f} s; bemerc --help {help_s:.3f} s = {help_s / bare_s:.2f}x (target <= 1.5x)")
         print(f"bemerc store info {info_s:.3f} s = {info_s / bare_s:.2f}x bare typer --help (target <= 2x)")
-        print(f"extract --modality all, RAVDESS 1 video + 8 wavs: first {first_s:.1f} s, no-op re-run {noop_s:.2f} s "
-              f"= {100 * noop_s / first_s:.1f}% (target <= 10%)")
+        print(f"extract --modality all, RAVDESS 1 video + 8 wavs: first {first_s:.1f} s; no-op re-run reading the store "
+              f"{noop_s:.2f} s = {100 * noop_s / first_s:.1f}%, later no-op re-runs {cached_s:.2f} s = "
+              f"{100 * cached_s / first_s:.1f}% (target <= 10%)")
 
 
 if __name__ == "__main__":
