@@ -187,7 +187,7 @@ class RunModel(Protocol):
 
 def load_run_model(run: dict, store: Store) -> RunModel:
     """The model of a run, by its kind (a :class:`PredictError` 501 for kinds that cannot predict);
-    ``store`` serves tuned runs that show retrieved demonstrations."""
+    ``store`` serves tuned runs that show retrieved demonstrations and the members of fusion runs."""
     if run["kind"] == "baseline":
         from bemerc.train.baseline import BaselineModel
 
@@ -206,8 +206,17 @@ def load_run_model(run: dict, store: Store) -> RunModel:
             return TunedModel.load(adapter, store=store)
         except (FileNotFoundError, KeyError, ValueError) as exc:
             raise PredictError(500, f"run {run['run_id']!r}: cannot load its adapter: {exc}") from None
+    if run["kind"] == "fusion":
+        from bemerc.train.fuse import FusionModel
+
+        weights = run["config"].get("weights", {})
+        runs = {r["run_id"]: r for r in list_runs(store)}
+        gone = [m for m, w in weights.items() if w > 0 and m not in runs]
+        if gone:
+            raise PredictError(409, f"fusion run {run['run_id']!r} needs member run(s) {', '.join(gone)}, which are gone from the store")
+        return FusionModel({m: load_run_model(runs[m], store) for m, w in weights.items() if w > 0}, weights)
     raise PredictError(501, f"run {run['run_id']!r} is of kind {run['kind']!r}, which /predict does not serve; "
-                            "pick a baseline or tune run with \"run\"")
+                            "pick a baseline, tune or fusion run with \"run\"")
 
 
 class Predictor:

@@ -213,7 +213,7 @@ def test_real_uvicorn_on_loopback(store):
             assert r.status_code == 200 and r.json()["utterances"][0]["label"] in r.json()["classes"]
 
 
-def test_predict_with_a_tuned_run_matches_its_stored_predictions(store, tiny_llm, tmp_path):
+def test_predict_with_a_tuned_run_matches_its_stored_predictions(store, run, tiny_llm, tmp_path):
     """A LoRA run of a tiny random-weight Llama (text only) on a copy of the store: /predict scores
     the labels of a dev dialogue as the run's own evaluation did."""
     from bemerc.train.tune.loop import TuneConfig, tune
@@ -230,6 +230,18 @@ def test_predict_with_a_tuned_run_matches_its_stored_predictions(store, tiny_llm
         [mine] = [p for p in u["predictions"] if p["run_id"] == run_id]
         assert np.allclose(list(got["probabilities"].values()), list(mine["probabilities"].values()), atol=2e-3)
         assert got["modalities"] == [] and got["label"] in got["probabilities"]
+
+    # a fusion of the baseline and the tuned run: /predict loads both members and fuses with the run's weights
+    from bemerc.train.fuse import fuse_runs
+
+    fused = fuse_runs(copy, [run["run_id"], run_id], run_dir=tmp_path / "fusion")
+    r = client.post("/predict", json={"utterances": [{"speaker": u["speaker"], "text": u["text"]} for u in turns], "run": fused.run_id})
+    assert r.status_code == 200, r.text
+    assert r.json()["kind"] == "fusion"
+    turns = client.get("/dialogues/dev/1").json()["utterances"]
+    for u, got in zip(turns, r.json()["utterances"]):
+        [mine] = [p for p in u["predictions"] if p["run_id"] == fused.run_id]
+        assert np.allclose(list(got["probabilities"].values()), list(mine["probabilities"].values()), atol=0.03)
 
 
 def test_cli_serve_refuses_a_missing_store(tmp_path):

@@ -272,3 +272,22 @@ def fuse_runs(
         dataset=dataset,
     )
     return FusionResult(run_id, run_dir, members, weights, metrics, summary)
+
+
+class FusionModel:
+    """A fusion run as a model (``/predict``): its members' models, each scoring the corpus, fused
+    with the run's weights. Members of weight 0 are never loaded.
+
+    >>> model = FusionModel({"baseline-...": baseline_model, "tune-...": tuned}, weights)   # doctest: +SKIP
+    >>> model.predict_proba(corpus).sum(axis=1)                                           # doctest: +SKIP
+    array([1., 1., ...], dtype=float32)
+    """
+
+    def __init__(self, members: dict, weights: dict[str, float]):
+        self.members = {m: model for m, model in members.items() if weights.get(m, 0) > 0}
+        self.weights = {m: weights[m] for m in self.members}
+
+    def predict_proba(self, corpus) -> np.ndarray:
+        probabilities = {m: np.asarray(model.predict_proba(corpus), dtype=np.float32) for m, model in self.members.items()}
+        n_classes = next(iter(probabilities.values())).shape[1]
+        return fuse(probabilities, self.weights, np.full(n_classes, 1 / n_classes))
