@@ -44,8 +44,8 @@ def test_demo_pipeline_runs_on_s3(s3_store, demo_manifest, models_cache, tmp_pat
     cli("extract", "--modality", "text", "--store", s3_store)
     assert "0 extracted, 51 already stored" in cli("extract", "--modality", "text", "--store", s3_store)
     assert "late fusion dev" in cli("baseline", "--store", s3_store)
-    similar = cli("query", "similar", "train/demo01_0", "-k", "3", "--store", s3_store)
-    assert "train/demo01_0" not in similar.split("┃")[-1] and similar.count("/demo") >= 3
+    neighbours = cli("query", "similar", "train/demo01_0", "-k", "3", "--store", s3_store).split("┡")[1]  # table body
+    assert neighbours.count("/demo") == 3 and "train/demo01_0 " not in neighbours
     info = json.loads(cli("store", "info", "--json", "--store", s3_store))
     assert info["tables"]["utterances"]["rows"] == 51 and info["features"]["text/minilm-l6"]["rows"] == 51
     assert len(list((tmp_path / "runs").iterdir())) == 1
