@@ -40,7 +40,24 @@ def _holder_name() -> str:
     return f"pid {os.getpid()} on {socket.gethostname()} ({' '.join(sys.argv[:3])})"
 
 
-class WriteLock:
+class _Lock:
+    """``with lock:`` acquires and releases."""
+
+    def acquire(self) -> None:
+        raise NotImplementedError
+
+    def release(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> "_Lock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class WriteLock(_Lock):
     """Exclusive, re-entrant (within one process) write lock on a store folder.
 
     ``timeout_s`` is how long to wait for another writer (env ``BEMERC_LOCK_TIMEOUT``, default 600 s;
@@ -98,15 +115,8 @@ class WriteLock:
             os.close(self._fd)
             self._fd = None
 
-    def __enter__(self) -> "WriteLock":
-        self.acquire()
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-
-class ObjectStoreLock:
+class ObjectStoreLock(_Lock):
     """Exclusive, re-entrant (within one process) write lock on a store on object storage.
 
     The lease object ``{store_uri}/.bemerc-write.lock`` holds JSON ``{"holder", "expires_at"}``
@@ -233,10 +243,3 @@ class ObjectStoreLock:
         if self._renewer is not None:
             self._renewer.join()
             self._renewer = None
-
-    def __enter__(self) -> "ObjectStoreLock":
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
