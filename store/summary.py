@@ -55,17 +55,18 @@ def recall(path: str | Path, key: str) -> Any:
     return saved.get("values", {}).get(key)
 
 
-def remember(path: str | Path, key: str, value: Any, state: dict[str, list[str]] | None) -> None:
-    """Store ``value`` under ``key`` for the tables as they were in ``state`` (read with
-    :func:`tables_state` *before* computing ``value``): a write since then makes it unrecallable."""
+def remember(path: str | Path, values: dict[str, Any], state: dict[str, list[str]] | None) -> None:
+    """Store ``values`` (key -> answer) for the tables as they were in ``state``, read with
+    :func:`tables_state` before the answers were computed (or after, by a caller that knows no
+    other process changed what they depend on): a write since then makes them unrecallable."""
     if state is None:
         return
     saved = _load(path)
-    values = saved.get("values", {}) if saved.get("state") == state else {}
+    kept = saved.get("values", {}) if saved.get("state") == state else {}
     cache = Path(path) / SUMMARY_FILE
     tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(json.dumps({"state": state, "values": {**values, key: value}}))
+        tmp.write_text(json.dumps({"state": state, "values": {**kept, **values}}))
         os.replace(tmp, cache)
     except OSError:
         tmp.unlink(missing_ok=True)  # a read-only store still answers, uncached
@@ -79,5 +80,5 @@ def cached_info(path: str | Path, compute: Callable[[], dict]) -> dict:
         return {"path": str(path), **info}
     state = tables_state(path)
     info = compute()
-    remember(path, "info", {k: v for k, v in info.items() if k != "path"}, state)
+    remember(path, {"info": {k: v for k, v in info.items() if k != "path"}}, state)
     return info

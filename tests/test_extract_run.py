@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -18,6 +19,7 @@ from typer.testing import CliRunner
 
 from bemerc.cli import app
 from bemerc.store import Store
+from bemerc.store.summary import SUMMARY_FILE
 
 runner = CliRunner()
 
@@ -91,18 +93,24 @@ def test_rerun_does_no_model_work(ravdess_store):
 
 
 def test_a_rerun_on_an_unchanged_store_answers_without_lancedb(ravdess_store, ravdess_dir, tmp_path):
-    """The first re-run remembers that every feature set is whole; the next one, on the unchanged
-    store, prints the same lines without importing LanceDB or any model library. A write (one more
-    utterance) makes the run look at the store again and extract just that utterance."""
+    """A run remembers what a re-run would print; a re-run on the unchanged store prints it without
+    importing LanceDB or any model library, and it is what a run reading the store prints. A write
+    (one more utterance) makes the next run read the store and extract just that utterance."""
     cmd = [sys.executable, "-c", "import sys\nfrom bemerc.cli import main\ntry:\n    main()\nfinally:\n"
            "    print('IMPORTED', sorted(m for m in ('lancedb', 'torch', 'transformers', 'mediapipe', 'open_clip') if m in sys.modules))",
            "extract", "--modality", "all", "--store", str(ravdess_store)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    first = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    again = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    assert first.returncode == again.returncode == 0, again.stderr
-    assert again.stdout.count(" 0 extracted") == 4 and "IMPORTED []" in again.stdout
-    assert again.stdout.split("IMPORTED")[0] == first.stdout.split("IMPORTED")[0]
+    remembered = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert remembered.returncode == 0, remembered.stderr
+    assert remembered.stdout.count(" 0 extracted") == 4 and "IMPORTED []" in remembered.stdout
+    (ravdess_store / SUMMARY_FILE).unlink()
+    read = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert "'lancedb'" in read.stdout  # this one read the store
+
+    def lines(output: str) -> str:
+        return re.sub(r" in [0-9.]+ s", "", output.split("IMPORTED")[0])
+
+    assert lines(remembered.stdout) == lines(read.stdout)
 
     wav = tmp_path / "more.csv"
     wav.write_text(f"dialogue_id,turn,text,label,audio\nc,0,One more line.,joy,{next((ravdess_dir / 'audio').glob('*.wav'))}\n")

@@ -62,8 +62,8 @@ def register(app: typer.Typer) -> None:
             extractors = {name: build_extractor(name, chosen) for name in modalities}
         except (ProfileError, OSError) as e:
             fail(str(e))
-        # A run that found a feature set complete is remembered until the store changes, so a re-run
-        # on an unchanged store answers without opening LanceDB (see bemerc.store.summary).
+        # What a re-run would print is remembered until the store changes, so a re-run on an unchanged
+        # store answers without opening LanceDB (see bemerc.store.summary and the end of this command).
         keys = {name: f"extract {feature_set_id(e)} limit={limit}" for name, e in extractors.items()}
         done_before = [] if retry_failures else [recall(store, key) for key in keys.values()]
         if done_before and all(done_before):
@@ -71,16 +71,16 @@ def register(app: typer.Typer) -> None:
                 console.print(line)
             return
 
-        from bemerc.extract.run import Terminated, run_extractor
+        from bemerc.extract.run import RunSummary, Terminated, run_extractor
         from bemerc.store import StoreLockedError
 
         db = open_store(store)
         if db.count("utterances") == 0:
             fail(f"{store}: no utterances yet; ingest first (`bemerc ingest manifest FILE`, `bemerc ingest meld DIR`, or `make features`)")
         summaries = []
+        before = tables_state(store)
         for name in modalities:
             extractor = extractors.pop(name)  # dropped after its run: its model's memory goes with it
-            state = tables_state(store)
             try:
                 runner = None
                 if engine == EngineName.ray:
@@ -95,11 +95,21 @@ def register(app: typer.Typer) -> None:
                 fail("stopped by SIGTERM; what was extracted is stored: run the same command to do the rest", code=143)
             summaries.append(summary)
             console.print(summary.line())
-            if summary.done == summary.failed == 0:  # nothing to do: the store holds this feature set whole
-                remember(store, keys[name], summary.line(), state)
             if summary.reasons:
                 console.print("  failures: " + json.dumps(summary.reasons))
             del extractor
+        # Every utterance is now stored or failed for each feature set run. Unless another process
+        # changed a table these runs did not write (new utterances, say), remember what a re-run prints.
+        after = tables_state(store)
+        written = {"failures", "feature_sets", *(db.feature_set(s.feature_set).table_name for s in summaries)}
+
+        def unwritten(state: dict[str, list[str]]) -> dict[str, list[str]]:
+            return {table: versions for table, versions in state.items() if table not in written}
+
+        if before is not None and after is not None and unwritten(before) == unwritten(after):
+            remember(store, {keys[name]: RunSummary(s.feature_set, already=s.already + s.done, not_applicable=s.not_applicable,
+                                                    skipped_failed=s.skipped_failed + s.failed).line()
+                             for name, s in zip(modalities, summaries)}, after)
         failed = sum(s.failed for s in summaries)
         done = sum(s.done + s.already for s in summaries)
         if failed:
