@@ -5,8 +5,9 @@ Prints:
 - `bemerc store info` on a small store against the same bare `--help` (target <= 2x);
 - a no-op `bemerc extract --modality all` on a fully extracted store against the first extraction
   of that store (target <= 10%), on the RAVDESS manifest of one video and eight wavs
-  (../shared/data/ravdess): the first re-run reads the store through LanceDB and remembers that
-  every feature set is whole; later re-runs on the unchanged store answer from that summary.
+  (../shared/data/ravdess). The extraction remembers what a re-run prints, so a re-run on the
+  unchanged store answers from that summary; the same re-run with the summary deleted (it reads
+  the store through LanceDB, as after another process's write) is timed too.
   Model preparation (`bemerc models prepare`) runs before, untimed.
 
 Each command runs as a fresh process, the way a user types it; the quick commands run in
@@ -25,6 +26,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bemerc.store.summary import SUMMARY_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 RAVDESS = ROOT.parent / "shared" / "data" / "ravdess"
@@ -109,17 +112,18 @@ def main() -> None:
         timed([*BEMERC, "ingest", "manifest", str(ravdess_manifest(tmp_path)), "--labels", labels, "--dataset", "ravdess"], env)
         timed([*BEMERC, "models", "prepare"], env)
         first_s = timed([*BEMERC, "extract", "--modality", "all"], env)
-        noop_s = timed([*BEMERC, "extract", "--modality", "all"], env)
-        cached_s = statistics.median(timed([*BEMERC, "extract", "--modality", "all"], env) for _ in range(3))
+        noop_s = statistics.median(timed([*BEMERC, "extract", "--modality", "all"], env) for _ in range(3))
+        (store / SUMMARY_FILE).unlink()
+        read_s = timed([*BEMERC, "extract", "--modality", "all"], env)
 
         quick = interleaved_medians({"bare": [sys.executable, str(bare), "--help"], "help": [*BEMERC, "--help"],
                                      "info": [*BEMERC, "store", "info"]}, env, args.repeats)
         bare_s, help_s, info_s = quick["bare"], quick["help"], quick["info"]
         print(f"bare typer --help {bare_s:.3f} s; bemerc --help {help_s:.3f} s = {help_s / bare_s:.2f}x (target <= 1.5x)")
         print(f"bemerc store info {info_s:.3f} s = {info_s / bare_s:.2f}x bare typer --help (target <= 2x)")
-        print(f"extract --modality all, RAVDESS 1 video + 8 wavs: first {first_s:.1f} s; no-op re-run reading the store "
-              f"{noop_s:.2f} s = {100 * noop_s / first_s:.1f}%, later no-op re-runs {cached_s:.2f} s = "
-              f"{100 * cached_s / first_s:.1f}% (target <= 10%)")
+        print(f"extract --modality all, RAVDESS 1 video + 8 wavs: first {first_s:.1f} s; no-op re-run {noop_s:.2f} s = "
+              f"{100 * noop_s / first_s:.1f}% (target <= 10%); the same reading the store (summary deleted) "
+              f"{read_s:.2f} s = {100 * read_s / first_s:.1f}%")
 
 
 if __name__ == "__main__":
