@@ -67,7 +67,7 @@ compare: setup  ## fuse the newest baseline and tune runs (when both exist), the
 demo: setup  ## the whole pipeline on the embedded demo; prints where the report is
 	$(MAKE) features CORPUS=demo
 	$(BEMERC) baseline
-	$(BEMERC) tune --epochs 2
+	$(BEMERC) tune --epochs 12 --batch-size 2 --lr 5e-3
 	$(MAKE) compare
 	@echo "demo report: $(OUT)/report/report.html (and report.md)"
 
