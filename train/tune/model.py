@@ -98,7 +98,8 @@ class Batch:
                      self.prompt_lengths.to(device), self.tokens)
 
 
-def _pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_ids(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, T) right-padded ids and their (N, T) attention mask."""
     width = max(map(len, seqs))
     input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -135,7 +136,7 @@ def collate(
     weight of each example (default 1).
     """
     seqs = [e.prompt_ids + (e.answer_ids if with_answer else []) for e in examples]
-    input_ids, mask = _pad(seqs, pad_id)
+    input_ids, mask = pad_ids(seqs, pad_id)
     targets = torch.full_like(input_ids, IGNORE)
     weight = torch.zeros(input_ids.shape, dtype=torch.float32)
     for i, e in enumerate(examples):
@@ -159,7 +160,7 @@ def collate_windows(
     """Pad ``dialogue``-layout windows into a :class:`Batch`. ``answers`` maps a corpus row to its
     answer's token id (training: the target at the row's answer position when the row is new in its
     window); ``weights`` a row to its loss weight (default 1)."""
-    input_ids, mask = _pad([w.ids for w in windows], pad_id)
+    input_ids, mask = pad_ids([w.ids for w in windows], pad_id)
     targets = torch.full_like(input_ids, IGNORE)
     weight = torch.zeros(input_ids.shape, dtype=torch.float32)
     for b, w in enumerate(windows):

@@ -17,18 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bemerc.train.tune.model import Batch, MercModel
-
-
-def pad_labels(label_ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(C, L) right-padded label ids and their (C, L) mask."""
-    width = max(map(len, label_ids))
-    ids = torch.full((len(label_ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(label_ids), width), dtype=torch.long)
-    for c, seq in enumerate(label_ids):
-        ids[c, : len(seq)] = torch.tensor(seq)
-        mask[c, : len(seq)] = 1
-    return ids, mask
+from bemerc.train.tune.model import Batch, MercModel, pad_ids
 
 
 @torch.no_grad()
@@ -36,7 +25,7 @@ def label_scores(model: MercModel, batch: Batch, label_ids: list[list[int]], nor
     """(B, C) summed log-probabilities of each label's tokens after each prompt of ``batch`` (a
     prompt-only batch); ``normalize`` divides each sum by the label's token count."""
     device = batch.input_ids.device
-    labels, label_mask = (t.to(device) for t in pad_labels(label_ids, pad_id=0))
+    labels, label_mask = (t.to(device) for t in pad_ids(label_ids, pad_id=0))
     n, (c, width) = batch.input_ids.shape[0], labels.shape
     rows = torch.arange(n, device=device)
 
