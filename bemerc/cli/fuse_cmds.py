@@ -8,8 +8,7 @@ from typing import Annotated
 
 import typer
 
-from bemerc.cli.common import DEFAULT_STORE, JsonOption, StoreOption, console, fail
-from bemerc.store import Store, StoreError, StoreLockedError
+from bemerc.cli.common import DEFAULT_STORE, JsonOption, StoreOption, console, fail, open_store
 
 
 def fuse(
@@ -34,11 +33,12 @@ def fuse(
 
     Example: `bemerc fuse baseline:latest tune:latest`, then `bemerc compare`.
     """
+    from bemerc.store import StoreError, StoreLockedError
     from bemerc.train.fuse import FusionError, fuse_runs, resolve_runs
 
     log = (lambda message: None) if as_json else (lambda message: console.print(f"  {message}", highlight=False))
     try:
-        db = Store(store, create=False)
+        db = open_store(store)
         run_ids = resolve_runs(db, runs, skip_missing=skip_missing)
         if skip_missing and len(run_ids) < 2:
             missing = [ref for ref in runs if not resolve_runs(db, [ref], skip_missing=True)]
