@@ -11,7 +11,7 @@ majority class. Everything goes to ``OUT/bench.json``.
 
     python -m bemerc ingest meld ../shared/data/meld --store /tmp/meld && python -m bemerc extract --modality text --store /tmp/meld
     python bench/tune.py --store /tmp/meld --model ~/.cache/bemerc/models/llm-*/model --speed-only
-    python bench/tune.py --store /tmp/meld --model DIR --layouts dialogue --train-limit 2000 --eval-limit 600
+    python bench/tune.py --store /tmp/meld --model DIR --accuracy-only --layouts dialogue --train-limit 2000 --eval-limit 600
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("--threads", default="1,2", help="thread counts to time")
     parser.add_argument("--speed-steps", type=int, default=12)
     parser.add_argument("--speed-only", action="store_true")
+    parser.add_argument("--accuracy-only", action="store_true", help="skip the speed runs (threads: the first of --threads)")
     parser.add_argument("--train-limit", type=int, default=None)
     parser.add_argument("--eval-limit", type=int, default=None)
     parser.add_argument("--context", type=int, default=3, help="utterance layout: context turns")
@@ -69,7 +70,7 @@ def main() -> None:
     common = dict(model=args.model, context=args.context, batch_size=args.batch_size, seed=args.seed, lr=args.lr)
     n_train = store.count("utterances", "split = 'train' AND label IS NOT NULL")
     report: dict = {"train_utterances_total": n_train, "speed": []}
-    for layout in layouts:
+    for layout in [] if args.accuracy_only else layouts:
         for threads in thread_counts:
             row = speed(store, out, common, layout, threads, args.speed_steps, n_train)
             report["speed"].append(row)
@@ -82,7 +83,7 @@ def main() -> None:
             ratio = by[("dialogue", t)]["utterances_per_s"] / by[("utterance", t)]["utterances_per_s"]
             print(f"dialogue / utterance layout, {t} thread(s): {ratio:.1f}x utterances/s")
     if not args.speed_only:
-        fastest = max(thread_counts, key=lambda t: by.get((layouts[-1], t), {}).get("utterances_per_s", 0))
+        fastest = max(thread_counts, key=lambda t: by.get((layouts[-1], t), {}).get("utterances_per_s", 0 if by else -t))
         accuracy = {}
         start = time.perf_counter()
         zero = tune(store, TuneConfig(**common, layout=layouts[-1], zero_shot=True, eval_limit=args.eval_limit,

@@ -217,6 +217,7 @@ def test_cli_shows_the_prompt_and_runs_zero_shot(tiny_llm, store, tmp_path):
     assert zero.exit_code == 0, zero.output
     result = json.loads(zero.output)
     assert result["metrics"]["dev"]["n"] == result["eval_utterances"] and not (tmp_path / "zs" / "adapter").exists()
+    assert next(r for r in list_runs(store) if r["run_id"] == result["run_id"])["kind"] == "zero-shot"
 
 
 def _dialogue_model(tiny_llm, store, **overrides):

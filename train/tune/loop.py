@@ -496,7 +496,8 @@ def tune(store: Store, config: TuneConfig, resume: bool = False) -> dict:
         checkpoint = None
     if not cuda:
         torch.set_num_threads(config.threads)
-    run_id = (checkpoint or {}).get("progress", {}).get("run_id") or new_run_id("tune")
+    kind = "zero-shot" if config.zero_shot else "tune"  # so `tune:latest` (make compare) is a trained run
+    run_id = (checkpoint or {}).get("progress", {}).get("run_id") or new_run_id(kind)
     run_dir = Path(config.run_dir) if config.run_dir else default_run_dir(store, run_id)
     config = replace(config, run_dir=str(run_dir))
     accelerator = Accelerator(mixed_precision="bf16" if cuda else "no", cpu=not cuda)
@@ -586,7 +587,7 @@ def tune(store: Store, config: TuneConfig, resume: bool = False) -> dict:
                "majority": {"weighted_f1": majority["weighted_f1"], "accuracy": majority["accuracy"]}, "timing": timing}
     if accelerator.is_main_process:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        save_run(store, run_id=run_id, kind="tune", run_dir=run_dir, classes=data.classes,
+        save_run(store, run_id=run_id, kind=kind, run_dir=run_dir, classes=data.classes,
                  feature_sets=[s.feature_set for s in data.soft], config={**asdict(config), "summary": summary},
                  metrics=metrics, uids=uids, splits=splits, gold=gold, probabilities=probabilities, dataset=data.dataset)
     return {"run_id": run_id, "run_dir": str(run_dir), "metrics": metrics, "probabilities": probabilities,
