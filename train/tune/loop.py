@@ -216,6 +216,19 @@ def load_data(store: Store, config: TuneConfig) -> Data:
                 first_dialogues(train, corpus.dialogue_start, config.train_limit), evaluation)
 
 
+def make_prompter(tokenizer, data: Data, config: TuneConfig) -> Prompter:
+    """The run's prompter: its classes, templates, context and soft tokens."""
+    return Prompter(tokenizer, data.classes, config.context, {s.modality: s.n_tokens for s in data.soft},
+                    config.merc_prompt, config.align_prompt, config.max_len)
+
+
+def make_retriever(store: Store, data: Data, config: TuneConfig) -> DemoRetriever | None:
+    """The demonstrations' retriever when ``config.demos`` asks for them (by the stored text embedding)."""
+    if not config.demos:
+        return None
+    return DemoRetriever(store, data.corpus.modalities["text"].feature_set.id, config.demos, data.dataset)
+
+
 def class_weights(labels: list[str], balance: float) -> np.ndarray:
     """(N,) loss weights, (share of the example's class * number of classes) ** -balance scaled to
     mean 1: 0 weighs all examples alike, 0.5 by inverse square-root class frequency, 1 by inverse
@@ -510,11 +523,10 @@ def tune(store: Store, config: TuneConfig, resume: bool = False) -> dict:
     if config.gradient_checkpointing if config.gradient_checkpointing is not None else cuda:
         model.causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(accelerator.device)
-    prompter = Prompter(tokenizer, data.classes, config.context, {s.modality: s.n_tokens for s in data.soft},
-                        config.merc_prompt, config.align_prompt, config.max_len)
+    prompter = make_prompter(tokenizer, data, config)
     if config.layout == "dialogue":
         prompter.answer_first_ids()  # fails early, in one line, when two labels share a first token
-    retriever = DemoRetriever(store, data.corpus.modalities["text"].feature_set.id, config.demos, data.dataset) if config.demos else None
+    retriever = make_retriever(store, data, config)
     demos = retriever.for_inputs(data.inputs) if retriever else None
     info = TuneInfo(base_model=str(config.model), classes=data.classes, layout=config.layout, context=config.context,
                     max_len=config.max_len, overlap=config.overlap, demos=config.demos,
@@ -610,13 +622,13 @@ def show_prompt(store: Store, config: TuneConfig, uid: str) -> str:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(config.model)
-    prompter = Prompter(tokenizer, data.classes, config.context, {s.modality: s.n_tokens for s in data.soft},
-                        config.merc_prompt, config.align_prompt, config.max_len)
+    prompter = make_prompter(tokenizer, data, config)
     row = uids.index(uid)
     if config.layout == "utterance":
         encoded = merc_examples(prompter, data.inputs, [row], [data.label(row)])[0]
         return prompter.show(encoded) + f"\n[{len(encoded.prompt_ids)} prompt tokens, {len(encoded.answer_ids)} answer tokens]"
-    demos = DemoRetriever(store, data.corpus.modalities["text"].feature_set.id, config.demos, data.dataset).for_inputs(data.inputs) if config.demos else None
+    retriever = make_retriever(store, data, config)
+    demos = retriever.for_inputs(data.inputs) if retriever else None
     window = next(w for w in dialogue_windows(prompter, data.inputs, [row], config.overlap, demos)
                   if row in w.rows and w.new[w.rows.index(row)])
     firsts = ", ".join(f"{c}={tokenizer.decode([t])!r}" for c, t in zip(data.classes, prompter.answer_first_ids()))
