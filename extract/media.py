@@ -2,14 +2,23 @@
 
 Everything goes through the ffmpeg command line (installed by `make setup`), so any container or
 codec ffmpeg reads works, and a broken file becomes a :class:`MediaError` naming the file.
+
+A path may be an object URI (``s3://bucket/clips/a.mp4``, any scheme :mod:`bemerc.store.objects`
+opens): it is downloaded once into this process's media cache (:func:`local_media`), so the workers
+of a cluster read media from object storage themselves and nothing needs a shared filesystem.
 """
 
 from __future__ import annotations
 
+import atexit
+import hashlib
 import json
+import os
 import shutil
 import subprocess
-from collections import deque
+import tempfile
+import threading
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,6 +26,8 @@ from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
+
+from bemerc.store.objects import ObjectError, download, is_uri
 
 SAMPLE_RATE = 16_000
 SKIP_NONREF_RATIO = 4  # source frames per sample from which non-reference frames are not decoded
@@ -53,25 +64,84 @@ def _ffmpeg(tool: str = "ffmpeg") -> str:
     return exe
 
 
-def _check_file(path: Path) -> None:
-    if not path.exists():
-        raise MediaError(path, "file not found")
-    if path.stat().st_size == 0:
-        raise MediaError(path, "empty file (0 bytes)")
+class _MediaCache:
+    """Local copies of media objects, least recently used first out once they pass ``limit_mb``.
+
+    One per process, in a temporary folder removed at exit. The two newest copies are never evicted
+    (the one being decoded and the one :func:`decode_ahead` fetches next).
+    """
+
+    def __init__(self, limit_mb: float):
+        self.limit = int(limit_mb * (1 << 20))
+        self.files: OrderedDict[str, tuple[Path, int]] = OrderedDict()
+        self.folder: Path | None = None
+        self.guard = threading.Lock()
+
+    def get(self, uri: str) -> Path:
+        with self.guard:
+            if uri in self.files:
+                self.files.move_to_end(uri)
+                return self.files[uri][0]
+            if self.folder is None:
+                self.folder = Path(tempfile.mkdtemp(prefix="bemerc-media-"))
+                atexit.register(shutil.rmtree, self.folder, True)
+            folder = self.folder
+        local = folder / (hashlib.sha1(uri.encode()).hexdigest()[:20] + Path(uri).suffix[:12])
+        size = download(uri, local).size
+        with self.guard:
+            self.files[uri] = (local, size)
+            self.files.move_to_end(uri)
+            while len(self.files) > 2 and sum(n for _, n in self.files.values()) > self.limit:
+                _, (old, _) = self.files.popitem(last=False)
+                old.unlink(missing_ok=True)
+        return local
+
+
+_CACHE = _MediaCache(float(os.environ.get("BEMERC_MEDIA_CACHE_MB", 2048)))
+
+
+def local_media(path: str | Path) -> Path:
+    """A local path to read ``path`` from: the path itself, or for an object URI its copy in this
+    process's media cache (downloaded on first use; ``BEMERC_MEDIA_CACHE_MB`` bounds the cache, 2048).
+
+    Raises :class:`MediaError` naming the URI when the object is missing or cannot be read.
+
+    >>> local_media("s3://corpus/clips/dia1_utt0.mp4")  # doctest: +SKIP
+    PosixPath('/tmp/bemerc-media-k2j4/5f1c0a7d2b9e8c3a4d6f.mp4')
+    """
+    if not is_uri(path):
+        return Path(path)
+    try:
+        return _CACHE.get(str(path))
+    except ObjectError as e:  # the reason names the object: a failures row shows which one
+        raise MediaError(str(path), f"{e.problem} ({path})" if e.missing else e.problem) from None
+
+
+def _open(path: str | Path) -> tuple[str, Path]:
+    """``(name for errors, local path)`` of an existing, non-empty media file or object."""
+    name, local = str(path), local_media(path)
+    try:
+        size = local.stat().st_size
+    except FileNotFoundError:
+        raise MediaError(name, "file not found") from None
+    except OSError as e:
+        raise MediaError(name, f"cannot read ({e.strerror or e})") from None
+    if size == 0:
+        raise MediaError(name, "empty file (0 bytes)")
+    return name, local
 
 
 def probe(path: str | Path) -> MediaInfo:
-    """Duration and streams of a media file.
+    """Duration and streams of a media file (a local path or an object URI).
 
     >>> probe("clip.mp4").duration_s  # doctest: +SKIP
     3.35
     """
-    path = Path(path)
-    _check_file(path)
+    name, path = _open(path)
     cmd = [_ffmpeg("ffprobe"), "-v", "error", "-print_format", "json", "-show_format", "-show_streams", str(path)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise MediaError(path, f"unreadable media ({_last_line(proc.stderr)})")
+        raise MediaError(name, f"unreadable media ({_last_line(proc.stderr)})")
     meta = json.loads(proc.stdout or "{}")
     streams = meta.get("streams", [])
     video = next((s for s in streams if s.get("codec_type") == "video"), None)
@@ -116,19 +186,18 @@ def decode_audio(
     >>> decode_audio("speech.wav").shape  # doctest: +SKIP
     (53387,)
     """
-    path = Path(path)
-    _check_file(path)
+    name, path = _open(path)
     cmd = [_ffmpeg(), "-nostdin", "-v", "error", *_span_args(start_s, end_s), "-i", str(path),
            "-map", "0:a:0", "-ac", "1", "-ar", str(sample_rate), "-f", "f32le", "-"]
     proc = subprocess.run(cmd, capture_output=True)
     if proc.returncode != 0:
         err = proc.stderr.decode(errors="replace")
         if "matches no streams" in err or "does not contain any stream" in err:
-            raise MediaError(path, "no audio stream")
-        raise MediaError(path, f"cannot decode audio ({_last_line(err)})")
+            raise MediaError(name, "no audio stream")
+        raise MediaError(name, f"cannot decode audio ({_last_line(err)})")
     audio = np.frombuffer(proc.stdout, dtype=np.float32).copy()
     if audio.size == 0:
-        raise MediaError(path, "audio decodes to zero samples")
+        raise MediaError(name, "audio decodes to zero samples")
     return audio
 
 
@@ -150,10 +219,10 @@ def sample_frames(
     decode the frames no other frame depends on (B-frames, most of an H.264 stream): a sample then
     lands on the nearest decoded frame, at most a few source frames (~0.1 s at 30 fps) from its time.
     """
-    path = Path(path)
+    name, path = _open(path)
     info = probe(path)
     if not info.has_video:
-        raise MediaError(path, "no video stream")
+        raise MediaError(name, "no video stream")
     scale = max_side / max(info.width, info.height, 1)
     width = max(2, int(round(info.width * min(scale, 1.0) / 2)) * 2)
     height = max(2, int(round(info.height * min(scale, 1.0) / 2)) * 2)
@@ -164,11 +233,11 @@ def sample_frames(
            "-vf", f"fps={fps},scale={width}:{height}", *span_end, "-f", "rawvideo", "-pix_fmt", "rgb24", "-"]
     proc = subprocess.run(cmd, capture_output=True)
     if proc.returncode != 0:
-        raise MediaError(path, f"cannot decode video ({_last_line(proc.stderr.decode(errors='replace'))})")
+        raise MediaError(name, f"cannot decode video ({_last_line(proc.stderr.decode(errors='replace'))})")
     frame_bytes = width * height * 3
     count = len(proc.stdout) // frame_bytes
     if count == 0:
-        raise MediaError(path, "video decodes to zero frames")
+        raise MediaError(name, "video decodes to zero frames")
     frames = np.frombuffer(proc.stdout[: count * frame_bytes], dtype=np.uint8).reshape(count, height, width, 3)
     times = (np.arange(count) + 0.5) / fps
     return frames, times

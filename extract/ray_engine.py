@@ -12,8 +12,9 @@ set), writes rows in flushes and records failures, whatever computes them. With
 - a worker that dies is restarted by Ray and its batch is run again (Ray Data's actor pool retries by
   default); each utterance's result reaches the driver once.
 
-Media paths are read by the workers: a local path must be on a filesystem every node mounts at the
-same place (a MediaError says so when a worker cannot find the file).
+Media are read by the workers: an object URI (``s3://...``) is downloaded by the worker that extracts
+it (:func:`bemerc.extract.media.local_media`); a local path must be on a filesystem every node mounts
+at the same place (the failure says so when a worker cannot find the file).
 
 >>> engine = RayEngine(ExtractorRecipe("behavior", "offline"), workers=4, address="auto")  # doctest: +SKIP
 >>> run_extractor(Store("s3://bucket/store"), build_extractor("behavior"), engine=engine)  # doctest: +SKIP
@@ -35,8 +36,11 @@ from bemerc.extract.base import Extractor, UtteranceMedia, config_hash
 from bemerc.extract.media import MediaError
 
 FIELDS = ("uid", "text", "video_path", "audio_path", "start_s", "end_s")
-# Environment the workers need to find models offline, passed to a cluster this engine connects to.
+# Environment the workers need to find models offline and media on object storage, passed to a cluster
+# this engine connects to. Secrets (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...) are not: Ray shows a
+# job's runtime environment in its dashboard; give the nodes credentials (an instance role, their env).
 WORKER_ENV_PREFIXES = ("BEMERC_", "HF_", "TRANSFORMERS_", "OMP_", "KMP_")
+WORKER_ENV_NAMES = ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ALLOW_HTTP")
 
 
 @dataclass(frozen=True)
@@ -117,7 +121,7 @@ class RayEngine:
 
         if ray.is_initialized():
             return
-        env = {k: v for k, v in os.environ.items() if k.startswith(WORKER_ENV_PREFIXES)}
+        env = {k: v for k, v in os.environ.items() if k.startswith(WORKER_ENV_PREFIXES) or k in WORKER_ENV_NAMES}
         with warnings.catch_warnings():  # Ray's processes start with a fork; the driver keeps no LanceDB work in flight
             warnings.filterwarnings("ignore", message="lancedb fork support")
             ray.init(address=self.address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,

@@ -20,6 +20,7 @@ import pyarrow as pa
 
 from bemerc.store import schema as S
 from bemerc.store.lock import ObjectStoreLock, WriteLock
+from bemerc.store.objects import is_uri
 
 
 class StoreError(RuntimeError):
@@ -46,11 +47,6 @@ class FeatureSet:
 
 def now_utc() -> datetime:
     return datetime.now(timezone.utc).replace(microsecond=0)
-
-
-def is_uri(path: str | Path) -> bool:
-    """Whether ``path`` names object storage (``s3://bucket/store``) rather than a local folder."""
-    return "://" in str(path)
 
 
 def check_store_path(path: Path, create: bool) -> None:

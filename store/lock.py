@@ -133,10 +133,10 @@ class ObjectStoreLock(_Lock):
     """
 
     def __init__(self, store_uri: str, timeout_s: float | None = None, lease_s: float = 60.0):
-        from obstore.store import from_url
+        from bemerc.store.objects import open_object
 
         self.uri = f"{store_uri.rstrip('/')}/{LOCK_FILE}"
-        self._store = from_url(store_uri.rstrip("/"))
+        self._store, self._key = open_object(self.uri)
         self.timeout_s = lock_timeout_s(timeout_s)
         self.lease_s = lease_s
         self._depth = 0
@@ -151,7 +151,7 @@ class ObjectStoreLock(_Lock):
         from obstore.exceptions import NotFoundError
 
         try:
-            result = obstore.get(self._store, LOCK_FILE)
+            result = obstore.get(self._store, self._key)
             body = bytes(result.bytes())
             etag = result.meta["e_tag"]
         except (NotFoundError, FileNotFoundError):
@@ -165,7 +165,7 @@ class ObjectStoreLock(_Lock):
         import obstore
 
         lease = {"holder": _holder_name(), "expires_at": expires_at}
-        return obstore.put(self._store, LOCK_FILE, json.dumps(lease).encode(), mode=mode)["e_tag"]
+        return obstore.put(self._store, self._key, json.dumps(lease).encode(), mode=mode)["e_tag"]
 
     def holder(self) -> str:
         found = self._read()

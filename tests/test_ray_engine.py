@@ -8,9 +8,12 @@ import json
 import os
 import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pytest
 from typer.testing import CliRunner
 
@@ -92,8 +95,52 @@ def test_ray_behavior_matches_local_and_keeps_failures(ray_cluster, small_corpus
     assert "0 extracted, 4 already stored, 0 failed, 1 failed before" in rerun
 
 
-class DiesOnce:
-    """The real text extractor, whose process kills itself (SIGKILL) on its first batch of the run."""
+def test_ray_workers_read_media_from_object_storage(ray_cluster, s3_server, small_corpus, tmp_path):
+    """Clips and manifest on S3, nothing shared on disk: ingest checks and hashes the objects, the Ray
+    workers download what they extract, features equal those from the same files on a local path, and
+    an object deleted after ingest becomes a failure naming it."""
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    rows = [json.loads(line) for line in small_corpus.read_text().splitlines()]
+    for row in rows:  # upload each clip under clips/ and point the manifest at it relatively
+        for key in ("video", "audio"):
+            if row[key]:
+                s3.upload_file(row[key], "bemerc-test", f"corpus/clips/{Path(row[key]).name}")
+                row[key] = f"clips/{Path(row[key]).name}"
+    rows.append({**rows[1], "turn": 5, "video": "clips/gone.mp4", "audio": ""})
+    s3.upload_file(str(small_corpus.parent / "corrupt.mp4"), "bemerc-test", "corpus/clips/gone.mp4")
+    s3.put_object(Bucket="bemerc-test", Key="corpus/manifest.jsonl", Body="".join(json.dumps(r) + "\n" for r in rows))
+    remote, local = "s3://bemerc-test/corpus/store", str(tmp_path / "local")
+    cli("ingest", "manifest", "s3://bemerc-test/corpus/manifest.jsonl", "--dataset", "small", "--store", remote)
+    cli("ingest", "manifest", str(small_corpus), "--dataset", "small", "--store", local)
+    checksums = [dict(zip(*Store(s).read("utterances", ["uid", "media_sha256"]).to_dict(as_series=False).values()))
+                 for s in (remote, local)]
+    assert {u: checksums[0][u] for u in checksums[1]} == checksums[1]  # the same bytes hash the same
+    s3.delete_object(Bucket="bemerc-test", Key="corpus/clips/gone.mp4")
+
+    for modality in ("behavior", "audio"):
+        out = cli("extract", "--modality", modality, "--engine", "ray", "--workers", "2", "--store", remote)
+        assert f"{4 if modality == 'behavior' else 4} extracted" in out and "2 failed" in out, out
+        cli("extract", "--modality", modality, "--store", local)
+        (local_id, local_vectors), (ray_id, ray_vectors) = (vectors(Store(s), modality) for s in (local, remote))
+        assert ray_id == local_id and ray_vectors.keys() == local_vectors.keys()
+        for uid, vector in local_vectors.items():
+            np.testing.assert_allclose(ray_vectors[uid], vector, rtol=1e-4, atol=1e-4)
+    failures = Store(remote).read("failures").filter(pl.col("feature_set") == Store(remote).feature_set("behavior").id)
+    reasons = dict(zip(failures["uid"].to_list(), failures["reason"].to_list()))
+    assert reasons.keys() == {"train/demo01_4", "train/demo01_5"}
+    assert "object not found" in reasons["train/demo01_5"] and "s3://bemerc-test/corpus/clips/gone.mp4" in reasons["train/demo01_5"]
+
+    s3.put_object(Bucket="bemerc-test", Key="corpus/bad.jsonl", Body=json.dumps({**rows[0], "video": "clips/none.mp4"}) + "\n")
+    result = runner.invoke(app, ["ingest", "manifest", "s3://bemerc-test/corpus/bad.jsonl", "--store", remote])
+    assert result.exit_code == 1
+    assert "s3://bemerc-test/corpus/bad.jsonl: row 1: video object not found: s3://bemerc-test/corpus/clips/none.mp4" in result.output
+
+
+class WaitsToBeKilled:
+    """The real text extractor; on the run's first batch its worker writes its pid to ``marker`` and
+    waits (up to a minute) for the test to kill the process."""
 
     def __init__(self, marker: str):
         from bemerc.extract.text import TextExtractor
@@ -110,7 +157,7 @@ class DiesOnce:
     def extract(self, items):
         if not self.marker.exists():
             self.marker.write_text(str(os.getpid()))
-            os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(60)
         return self.inner.extract(items)
 
 
@@ -121,10 +168,24 @@ def test_a_killed_worker_is_retried_and_every_utterance_stored_once(ray_cluster,
     store_path = str(tmp_path / "store")
     cli("ingest", "manifest", str(demo_manifest), "--dataset", "demo", "--store", store_path)
     store = Store(store_path)
-    marker = tmp_path / "killed"
-    engine = RayEngine(functools.partial(DiesOnce, str(marker)), workers=2)
+    marker, killed = tmp_path / "worker.pid", []
+
+    def kill_the_worker() -> None:  # from the test process, as an operator or the OOM killer would
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if marker.exists() and marker.read_text():
+                pid = int(marker.read_text())
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=kill_the_worker, daemon=True)
+    watcher.start()
+    engine = RayEngine(functools.partial(WaitsToBeKilled, str(marker)), workers=2)
     summary = run_extractor(store, ExtractorRecipe("text")(), limit=24, batch_size=8, engine=engine)
-    assert marker.exists(), "no worker was killed"
+    watcher.join(5)
+    assert killed and killed[0] != os.getpid(), "no worker was killed"
     assert (summary.done, summary.failed) == (24, 0)
     uids = store.read_features(store.feature_set("text"), ["uid"])["uid"].to_pylist()
     assert len(uids) == len(set(uids)) == 24

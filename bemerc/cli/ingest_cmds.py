@@ -75,7 +75,7 @@ def iemocap(
 
 @ingest_app.command("manifest")
 def manifest(
-    file: Annotated[Path, typer.Argument(help="CSV, JSONL or Parquet file, one row per utterance.")],
+    file: Annotated[str, typer.Argument(help="CSV, JSONL or Parquet file, one row per utterance; a path or an object URI (s3://bucket/corpus/manifest.csv).", show_default=False)],
     labels: Annotated[str, typer.Option(help="Allowed labels: 'meld', 'iemocap' or a comma-separated list.")] = "meld",
     dataset: Annotated[str | None, typer.Option(help="Dataset name stored with each row (default: the file's name).")] = None,
     store: StoreOption = DEFAULT_STORE,
@@ -83,8 +83,11 @@ def manifest(
     """Ingest your own corpus from a manifest.
 
     Columns: `dialogue_id`, `turn` (required); `speaker`, `text`, `label`, `split` (train/dev/test,
-    default train), `video`, `audio` (paths; relative ones resolve against the manifest's folder),
-    `start`, `end` (seconds inside the media; empty = whole file). uid is `{split}/{dialogue_id}_{turn}`.
+    default train), `video`, `audio` (paths or object URIs; relative ones resolve against the manifest's
+    folder), `start`, `end` (seconds inside the media; empty = whole file). uid is `{split}/{dialogue_id}_{turn}`.
+
+    Media on object storage (s3://, gs://, az://) stay there: ingest checks and hashes them, the
+    extractors (and the workers of `--engine ray`) download each one when they need it.
 
     Example: `bemerc ingest manifest my_corpus/manifest.csv --labels happy,sad,neutral`
     """

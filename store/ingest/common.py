@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 import stat
+from concurrent.futures import ThreadPoolExecutor
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Callable, Iterable
 
 import pyarrow as pa
 
+from bemerc.store import objects
 from bemerc.store import schema as S
 from bemerc.store.db import Store
 
@@ -43,19 +45,42 @@ class IngestReport:
         return dict(Counter(r["split"] for r in self.rows))
 
 
-def read_utf8(path: Path) -> str:
-    """A text file's contents; a byte that is not UTF-8 is an :class:`IngestError` naming its line."""
+def read_source(path: str | Path) -> bytes:
+    """The bytes of an input file, local or an object URI; an :class:`IngestError` naming it when it
+    cannot be read."""
+    if objects.is_uri(path):
+        try:
+            return objects.read_bytes(str(path))
+        except objects.ObjectError as e:
+            raise IngestError(path, "file not found" if e.missing else e.problem) from None
     try:
-        return path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = path.read_bytes()[: e.start].count(b"\n") + 1
-        raise IngestError(path, f"not UTF-8 (byte {e.start}, line {line}): re-save the file as UTF-8") from None
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise IngestError(path, "file not found") from None
     except OSError as e:
         raise IngestError(path, f"cannot read ({e.strerror or e})") from None
 
 
+def decode_utf8(path: str | Path, data: bytes) -> str:
+    """``data`` (the contents of ``path``) as text; a byte that is not UTF-8 is an :class:`IngestError`
+    naming its line."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise IngestError(path, f"not UTF-8 (byte {e.start}, line {line}): re-save the file as UTF-8") from None
+
+
+def read_utf8(path: str | Path) -> str:
+    """A text file's contents (local or an object URI); bytes that are not UTF-8 are an
+    :class:`IngestError` naming the line."""
+    return decode_utf8(path, read_source(path))
+
+
 def file_sha256(path: str | Path) -> str:
-    """sha256 of a file's bytes, read in 1 MiB chunks."""
+    """sha256 of a file's (or an object's) bytes, read in 1 MiB chunks."""
+    if objects.is_uri(path):
+        return objects.sha256(str(path))
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -63,16 +88,9 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def media_checksum(paths: Iterable[str | None], cache: dict[str, str] | None = None) -> str | None:
-    """The media checksum of an utterance: the sha256 of its one media file, or the sha256 of the
-    files' sha256s joined when it has a video and an audio file; None without media."""
-    cache = {} if cache is None else cache
-    digests = []
-    for p in paths:
-        if p:
-            if p not in cache:  # IEMOCAP utterances share their dialogue's video: hash it once
-                cache[p] = file_sha256(p)
-            digests.append(cache[p])
+def media_checksum(digests: list[str]) -> str | None:
+    """The media checksum of an utterance from its files' sha256s (video first): the one file's
+    sha256, the sha256 of both joined for a video and an audio file, None without media."""
     if not digests:
         return None
     return digests[0] if len(digests) == 1 else hashlib.sha256("".join(digests).encode()).hexdigest()
@@ -104,13 +122,36 @@ def sniff_container(head: bytes) -> str | None:
     return None
 
 
-def check_media_file(path: Path, source: str | Path, row: int | None, column: str) -> str:
+NOT_MEDIA = "is not audio or video (expected mp4/mov, mkv/webm, avi, flv, wav, flac, mp3, ogg or m4a by content)"
+
+
+def check_media_object(uri: str, source: str | Path, row: int | None, column: str) -> str:
+    """``uri`` when it names a non-empty object whose first bytes are a known media container (one
+    HEAD and one 16-byte range read); otherwise an :class:`IngestError` naming ``source``, ``row`` and
+    ``column``."""
+    try:
+        size = objects.head(uri).size
+        head = objects.read_bytes(uri, 0, min(16, size)) if size else b""
+    except objects.ObjectError as e:
+        raise IngestError(source, f"{column} object not found: {uri}" if e.missing else f"{column} {e}", row) from None
+    if size == 0:
+        raise IngestError(source, f"{column} object {uri} is empty", row)
+    if sniff_container(head) is None:
+        raise IngestError(source, f"{column} object {uri} {NOT_MEDIA}", row)
+    return uri
+
+
+def check_media_file(path: str | Path, source: str | Path, row: int | None, column: str) -> str:
     """``path`` resolved, when it is a regular, non-empty file whose first bytes are a known media
-    container; otherwise an :class:`IngestError` naming ``source``, ``row`` and ``column``.
+    container; otherwise an :class:`IngestError` naming ``source``, ``row`` and ``column``. An object
+    URI (``s3://...``) is checked with :func:`check_media_object` and kept as it is.
 
     Devices (``/dev/zero``), folders, FIFOs and text files are refused before anything reads them
     whole, so ingest never hangs on or hashes what is not media.
     """
+    if objects.is_uri(path):
+        return check_media_object(str(path), source, row, column)
+    path = Path(path)
     try:
         info = path.stat()
     except FileNotFoundError:
@@ -129,8 +170,7 @@ def check_media_file(path: Path, source: str | Path, row: int | None, column: st
     except OSError as e:
         raise IngestError(source, f"{column} file {path}: cannot read ({e.strerror or e})", row) from None
     if sniff_container(head) is None:
-        raise IngestError(source, f"{column} file {path} is not audio or video (expected mp4/mov, mkv/webm, avi, flv, "
-                                  "wav, flac, mp3, ogg or m4a by content)", row)
+        raise IngestError(source, f"{column} file {path} {NOT_MEDIA}", row)
     return str(path.resolve())
 
 
@@ -155,13 +195,32 @@ def check_rows(rows: list[dict], source: str | Path, row_numbers: list[int] | No
         seen[r["uid"]] = n
 
 
-def add_checksums(rows: list[dict], progress: Callable[[int], None] | None = None) -> None:
-    """Fill ``media_sha256`` for rows with media (reads every media file once)."""
-    cache: dict[str, str] = {}
-    for r in rows:
-        r["media_sha256"] = media_checksum([r.get("video_path"), r.get("audio_path")], cache)
-        if progress:
-            progress(1)
+def add_checksums(rows: list[dict], progress: Callable[[int], None] | None = None, threads: int = 8) -> None:
+    """Fill ``media_sha256`` for rows with media, reading every distinct media file once (IEMOCAP
+    utterances share their dialogue's recording). Objects on object storage are hashed ``threads`` at
+    a time, streamed; local files one at a time."""
+    paths = list(dict.fromkeys(p for r in rows for p in (r.get("video_path"), r.get("audio_path")) if p))
+    workers = threads if any(objects.is_uri(p) for p in paths) else 1
+
+    def digest(path: str) -> str:
+        try:
+            return file_sha256(path)
+        except objects.ObjectError as e:
+            raise IngestError(path, e.problem) from None
+        except OSError as e:
+            raise IngestError(path, f"cannot read ({e.strerror or e})") from None
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="checksum") as pool:
+        futures = {p: pool.submit(digest, p) for p in paths}
+        try:
+            for r in rows:
+                media = [p for p in (r.get("video_path"), r.get("audio_path")) if p]
+                r["media_sha256"] = media_checksum([futures[p].result() for p in media])
+                if progress:
+                    progress(1)
+        finally:
+            for future in futures.values():
+                future.cancel()
 
 
 def write_utterances(store: Store, rows: list[dict]) -> tuple[int, int, int]:

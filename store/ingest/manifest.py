@@ -3,6 +3,10 @@
 Columns: ``dialogue_id, turn`` (required) and ``speaker, text, label, split, video, audio, start, end``
 (optional). Relative media paths resolve against the manifest's folder. uid is
 ``{split}/{dialogue_id}_{turn}``.
+
+The manifest and its media may live on object storage (``s3://bucket/corpus/manifest.csv``, media
+``clips/a.mp4`` relative to it or ``s3://...`` in full): ingest checks each object with a HEAD and a
+16-byte read and hashes it streamed; the extractors (and a cluster's workers) read it from there.
 """
 
 from __future__ import annotations
@@ -12,11 +16,21 @@ import io
 import json
 import math
 import re
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bemerc.store.ingest.common import MAX_TURN, IngestError, IngestReport, check_media_file, check_rows, read_utf8
+from bemerc.store.ingest.common import (
+    MAX_TURN,
+    IngestError,
+    IngestReport,
+    check_media_file,
+    check_rows,
+    read_source,
+    read_utf8,
+)
+from bemerc.store.objects import is_uri, join_uri
 from bemerc.store.schema import LABEL_SETS
 
 REQUIRED = ("dialogue_id", "turn")
@@ -24,12 +38,14 @@ WHOLE_NUMBER = re.compile(r"\s*\+?[0-9]{1,12}(\.0*)?\s*")
 OPTIONAL = ("speaker", "text", "label", "split", "video", "audio", "start", "end", "sentiment")
 
 
-def _load(path: Path) -> tuple[list[str], list[tuple[int, dict]]]:
-    """(columns, [(row number as a person counts it, row)]) of a CSV, JSONL or Parquet file."""
-    suffix = path.suffix.lower()
+def _load(path: str | Path) -> tuple[list[str], list[tuple[int, dict]]]:
+    """(columns, [(row number as a person counts it, row)]) of a CSV, JSONL or Parquet file (local or
+    an object URI)."""
+    suffix = PurePosixPath(str(path)).suffix.lower()
     if suffix == ".parquet":
+        data = read_source(path)
         try:
-            table = pq.read_table(path)
+            table = pq.read_table(pa.BufferReader(data))
         except Exception as e:  # pyarrow's errors for a broken parquet file
             raise IngestError(path, f"unreadable parquet ({str(e).splitlines()[0]})") from None
         return table.column_names, list(enumerate(table.to_pylist(), start=1))
@@ -104,6 +120,18 @@ def _text(value: object, path: Path, n: int, column: str) -> str | None:
     return text
 
 
+def _media_path(manifest: str | Path, cell: str) -> str | Path:
+    """A manifest's media cell as a path or URI: URIs and absolute paths as they are, relative paths
+    against the manifest's folder (or its prefix on object storage).
+
+    >>> _media_path("s3://b/corpus/manifest.csv", "clips/a.mp4"), _media_path(Path("/data/m.csv"), "a.wav")
+    ('s3://b/corpus/clips/a.mp4', PosixPath('/data/a.wav'))
+    """
+    if is_uri(cell) or Path(cell).is_absolute():
+        return cell
+    return join_uri(str(manifest), cell) if is_uri(manifest) else Path(manifest).parent / cell
+
+
 def read_manifest(path: str | Path, labels: str | list[str] = "meld", dataset: str | None = None) -> IngestReport:
     """Read a manifest into utterance rows (nothing is written).
 
@@ -113,8 +141,8 @@ def read_manifest(path: str | Path, labels: str | list[str] = "meld", dataset: s
     >>> read_manifest("demo_data/manifest.jsonl").counts()   # doctest: +SKIP
     {'train': 24, 'dev': 10, 'test': 9}
     """
-    path = Path(path).resolve()
-    if not path.exists():
+    path = str(path) if is_uri(path) else Path(path).resolve()
+    if isinstance(path, Path) and not path.exists():
         raise IngestError(path, "file not found")
     label_set = LABEL_SETS[labels] if isinstance(labels, str) and labels in LABEL_SETS else labels
     if isinstance(label_set, str):
@@ -143,15 +171,13 @@ def read_manifest(path: str | Path, labels: str | list[str] = "meld", dataset: s
             if cells[column] is None:
                 media[column] = None
                 continue
-            media_path = Path(cells[column])
-            media_path = media_path if media_path.is_absolute() else path.parent / media_path
-            media[column] = check_media_file(media_path, path, n, column)
+            media[column] = check_media_file(_media_path(path, cells[column]), path, n, column)
         split = "train" if cells["split"] is None else cells["split"].lower()
         dialogue_id = cells["dialogue_id"]
         report.rows.append(
             {
                 "uid": f"{split}/{dialogue_id}_{turn}",
-                "dataset": dataset or path.stem,
+                "dataset": dataset or PurePosixPath(str(path)).stem,
                 "split": split,
                 "dialogue_id": dialogue_id,
                 "turn": turn,
