@@ -59,7 +59,7 @@ Modality = Enum("Modality", {m: m for m in Q.MODALITIES}, type=str)
 def create_app(
     store_path: str | Path,
     *,
-    profile: str = "offline",
+    profile: str | None = None,
     report_dir: str | Path | None = None,
     limits: ServeLimits = ServeLimits(),
     host: str = "127.0.0.1",
@@ -68,12 +68,12 @@ def create_app(
 ) -> FastAPI:
     """The app serving ``store_path``.
 
-    ``profile`` rebuilds the extractors a run was trained with for ``/predict``; ``report_dir`` is
-    where ``bemerc compare --out`` wrote its report (served with each run's metrics); ``limits``
-    bounds uploads and work (50 MB per file, 200 MB per request, 64 utterances, 60 s of media per
-    utterance, 16 waiting requests by default). ``host`` is the address the server binds and, with
-    ``allow_hosts``, the names a request's ``Host`` may carry; ``token``, when given, is required on
-    every request.
+    ``profile`` (a name or TOML path; None: the default profile) rebuilds the extractors a run was
+    trained with for ``/predict``; ``report_dir`` is where ``bemerc compare --out`` wrote its report
+    (served with each run's metrics); ``limits`` bounds uploads and work (50 MB per file, 200 MB per
+    request, 64 utterances, 60 s of media per utterance, 16 waiting requests by default). ``host`` is
+    the address the server binds and, with ``allow_hosts``, the names a request's ``Host`` may
+    carry; ``token``, when given, is required on every request.
     """
     store = Store(store_path, create=False)  # a StoreError when there is no store there
     predictor = Predictor(store, profile, retry_after_s=limits.retry_after_s)

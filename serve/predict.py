@@ -36,6 +36,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from bemerc.extract.base import MODALITY_ORDER  # audio first: a transcript can stand in for a missing text
+from bemerc.models.profiles import DEFAULT_PROFILE
 from bemerc.store import Store, StoreError
 from bemerc.store import schema as S
 from bemerc.store.ingest.common import sniff_container
@@ -229,12 +230,12 @@ class Predictor:
     the rest of the machine and the server's own interpreter.
     """
 
-    def __init__(self, store: Store, profile: str = "offline", retry_after_s: int = 10):
+    def __init__(self, store: Store, profile: str | None = None, retry_after_s: int = 10):
         self.store = store
-        self.profile = profile
+        self.profile = profile or DEFAULT_PROFILE  # a name or TOML path; None: the default profile
         self.retry_after_s = retry_after_s
         self.media_threads = max(1, (os.cpu_count() or 2) // 2)
-        self.media = MediaWorker.shared(profile, self.media_threads)
+        self.media = MediaWorker.shared(self.profile, self.media_threads)
         self._extractors: dict[str, Any] = {}
         self._models: dict[str, RunModel] = {}
         self._load_lock = threading.Lock()

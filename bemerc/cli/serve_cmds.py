@@ -61,7 +61,7 @@ def register(app: typer.Typer) -> None:
         limits = ServeLimits(max_upload_bytes=int(max_upload_mb * 2**20), max_request_bytes=int(max_request_mb * 2**20),
                              max_media_s=max_media_s, max_pending=max_pending, max_media_pending=max_media_pending,
                              request_timeout_s=request_timeout)
-        application = create_app(store, **({"profile": profile} if profile else {}), report_dir=report_dir, limits=limits, host=host,
+        application = create_app(store, profile=profile, report_dir=report_dir, limits=limits, host=host,
                                   allow_hosts=names, token=token)
         console.print(f"serving {store} on http://{host}:{port}/ (API docs at /docs){'; token required' if token else ''}; Ctrl-C stops")
         uvicorn.run(application, host=host, port=port, log_level="warning")
