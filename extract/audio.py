@@ -17,7 +17,7 @@ import os
 import numpy as np
 import pyarrow as pa
 
-from bemerc.extract.base import UtteranceMedia, vector_field
+from bemerc.extract.base import UtteranceMedia, resolve_device, vector_field
 from bemerc.extract.media import SAMPLE_RATE, MediaError, decode_audio
 from bemerc.models.profiles import Profile, ProfileError, load_profile, model_path
 
@@ -50,6 +50,7 @@ class AudioExtractor:
         min_duration_s: float = 0.1,
         language: str = "en",
         num_threads: int | None = None,
+        device: str | None = None,
     ):
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")
@@ -63,6 +64,7 @@ class AudioExtractor:
         self.min_duration_s = min_duration_s
         self.language = language
         self.num_threads = num_threads or os.cpu_count() or 1
+        self.requested_device = device  # resolved with the model: a run with nothing to do imports no torch
         self.path = model_path(profile, "speech")
         # torch, whisper and opensmile load on first use (dims, smile, model), so a re-run with
         # nothing to do imports none of them.
@@ -87,11 +89,15 @@ class AudioExtractor:
                                feature_level=opensmile.FeatureLevel.Functionals)
 
     @cached_property
+    def device(self) -> str:
+        return resolve_device(self.requested_device)
+
+    @cached_property
     def model(self):
         import whisper
 
         try:
-            return whisper.load_model(str(self.path), device="cpu").eval()
+            return whisper.load_model(str(self.path), device=self.device).eval()
         except Exception as exc:  # torch.load and load_state_dict raise many types
             raise ProfileError(f"{self.entry.label}: cannot load a whisper checkpoint from {self.path}: {exc}") from exc
 
@@ -127,7 +133,7 @@ class AudioExtractor:
         import whisper
 
         encoder = self.model.encoder
-        mel = whisper.log_mel_spectrogram(torch.from_numpy(audio), n_mels=self.model.dims.n_mels)  # (n_mels, T)
+        mel = whisper.log_mel_spectrogram(torch.from_numpy(audio).to(self.device), n_mels=self.model.dims.n_mels)  # (n_mels, T)
         states = []
         with torch.inference_mode():
             for start in range(0, mel.shape[1], MAX_FRAMES):
@@ -147,7 +153,7 @@ class AudioExtractor:
         parts = [states.mean(0)]
         if self.pooling == "mean+std":
             parts.append(states.std(0, unbiased=False))
-        return torch.cat(parts).numpy().astype(np.float32)
+        return torch.cat(parts).float().cpu().numpy().astype(np.float32)
 
     def extract(self, items: list[UtteranceMedia]) -> list[dict | MediaError]:
         import torch

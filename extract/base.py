@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -19,6 +21,34 @@ from bemerc.store.schema import MODALITIES
 
 # The order `extract --modality all` runs the modalities in: audio first, its transcripts feed text.
 MODALITY_ORDER = ("audio", *(m for m in MODALITIES if m != "audio"))
+# Where an extractor's torch model runs: "auto" is CUDA when torch sees a GPU, else the CPU.
+DEVICES = ("auto", "cpu", "cuda")
+# The modalities whose models run on a GPU when given one; behaviour's MediaPipe and TFLite run on CPUs.
+GPU_MODALITIES = ("text", "audio", "visual")
+
+
+def resolve_device(device: str | None = None) -> str:
+    """``"cpu"`` or ``"cuda"`` for a requested device (None: ``$BEMERC_DEVICE``, else ``"auto"``).
+
+    Imports torch only to look for a GPU (``"auto"``, ``"cuda"``); ``"cuda"`` on a machine where torch
+    sees none is an error naming the machine.
+
+    >>> resolve_device("cpu")
+    'cpu'
+    """
+    device = device or os.environ.get("BEMERC_DEVICE") or "auto"
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
+    if device == "cpu":
+        return "cpu"
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if device == "cuda":
+        raise RuntimeError(f"device cuda asked for, but torch sees no CUDA GPU on {socket.gethostname()} "
+                           f"(torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}): use --device auto or cpu")
+    return "cpu"
 
 
 @dataclass(frozen=True)

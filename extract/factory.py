@@ -8,32 +8,32 @@ from bemerc.extract.base import Extractor
 from bemerc.models.profiles import Profile, load_profile
 
 
-def _text(profile: Profile) -> Extractor:
+def _text(profile: Profile, device: str | None) -> Extractor:
     from bemerc.extract.text import TextExtractor
 
-    return TextExtractor(profile)
+    return TextExtractor(profile, device=device)
 
 
-def _audio(profile: Profile) -> Extractor:
+def _audio(profile: Profile, device: str | None) -> Extractor:
     from bemerc.extract.audio import AudioExtractor
 
-    return AudioExtractor(profile)
+    return AudioExtractor(profile, device=device)
 
 
-def _behavior(profile: Profile) -> Extractor:
+def _behavior(profile: Profile, device: str | None) -> Extractor:
     from bemerc.extract.behavior.extractor import BehaviorExtractor
 
-    return BehaviorExtractor.from_profile(profile)
+    return BehaviorExtractor.from_profile(profile)  # MediaPipe and TFLite: CPUs whatever the device
 
 
-def _visual(profile: Profile) -> Extractor:
+def _visual(profile: Profile, device: str | None) -> Extractor:
     from bemerc.extract.visual import ClipVisualExtractor
 
-    return ClipVisualExtractor.from_profile(profile)
+    return ClipVisualExtractor.from_profile(profile, device=device)
 
 
 # Model libraries are imported inside each builder, so asking for text never loads mediapipe.
-EXTRACTORS: dict[str, Callable[[Profile], Extractor]] = {
+EXTRACTORS: dict[str, Callable[[Profile, str | None], Extractor]] = {
     "text": _text,
     "audio": _audio,
     "behavior": _behavior,
@@ -41,8 +41,10 @@ EXTRACTORS: dict[str, Callable[[Profile], Extractor]] = {
 }
 
 
-def build_extractor(modality: str, profile: Profile | str | None = None) -> Extractor:
-    """The extractor of ``modality`` configured by ``profile`` (a name or a TOML path; None: the default).
+def build_extractor(modality: str, profile: Profile | str | None = None, device: str | None = None) -> Extractor:
+    """The extractor of ``modality`` configured by ``profile`` (a name or a TOML path; None: the default),
+    its model on ``device`` (``auto``, ``cpu``, ``cuda``; None: ``$BEMERC_DEVICE`` or auto; see
+    :func:`bemerc.extract.base.resolve_device`). The device never changes the feature set.
 
     >>> build_extractor("text").name   # doctest: +SKIP
     'all-MiniLM-L6-v2'
@@ -50,4 +52,4 @@ def build_extractor(modality: str, profile: Profile | str | None = None) -> Extr
     if modality not in EXTRACTORS:
         raise ValueError(f"unknown modality {modality!r}: expected one of {', '.join(EXTRACTORS)}")
     profile = profile if isinstance(profile, Profile) else load_profile(profile)
-    return EXTRACTORS[modality](profile)
+    return EXTRACTORS[modality](profile, device)

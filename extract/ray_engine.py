@@ -22,6 +22,7 @@ at the same place (the failure says so when a worker cannot find the file).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import pickle
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from bemerc.extract.base import Extractor, UtteranceMedia, config_hash
+from bemerc.extract.base import GPU_MODALITIES, Extractor, UtteranceMedia, config_hash
 from bemerc.extract.media import MediaError
 
 FIELDS = ("uid", "text", "video_path", "audio_path", "start_s", "end_s")
@@ -45,16 +46,32 @@ WORKER_ENV_NAMES = ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS
 
 @dataclass(frozen=True)
 class ExtractorRecipe:
-    """How a worker builds the extractor: ``build_extractor(modality, profile)`` (a profile name, a
-    TOML path or a loaded :class:`~bemerc.models.profiles.Profile`). Small and picklable."""
+    """How a worker builds the extractor: ``build_extractor(modality, profile, device)`` (a profile
+    name, a TOML path or a loaded :class:`~bemerc.models.profiles.Profile`). Small and picklable."""
 
     modality: str
-    profile: object = "offline"
+    profile: object = None
+    device: str | None = None
 
     def __call__(self) -> Extractor:
         from bemerc.extract.factory import build_extractor
 
-        return build_extractor(self.modality, self.profile)
+        return build_extractor(self.modality, self.profile, self.device)
+
+
+def actor_gpus(modality: str, requested: float | None, cluster_gpus: float, device: str | None = None) -> float:
+    """GPUs each actor asks Ray for: ``requested`` when given; else (auto) 1 for a modality whose model
+    runs on a GPU (:data:`~bemerc.extract.base.GPU_MODALITIES`) when the cluster has GPUs and the device
+    is not ``cpu``, 0 otherwise.
+
+    >>> actor_gpus("text", None, cluster_gpus=8), actor_gpus("behavior", None, 8), actor_gpus("text", None, 0)
+    (1.0, 0.0, 0.0)
+    >>> actor_gpus("audio", 0.5, 8), actor_gpus("audio", None, 8, device="cpu")
+    (0.5, 0.0)
+    """
+    if requested is not None:
+        return float(requested)
+    return 1.0 if modality in GPU_MODALITIES and cluster_gpus >= 1 and device != "cpu" else 0.0
 
 
 class ExtractActor:
@@ -96,7 +113,8 @@ class RayEngine:
     ``(item, row dict | MediaError)`` as batches finish, in any order.
 
     ``build`` makes the extractor on each actor (an :class:`ExtractorRecipe`); ``workers`` is the actor
-    pool size; each actor asks for ``cpus_per_worker`` CPUs and ``gpus_per_worker`` GPUs. ``address``
+    pool size; each actor asks for ``cpus_per_worker`` CPUs and ``gpus_per_worker`` GPUs (None: see
+    :func:`actor_gpus`; an actor with a GPU runs its model on ``cuda``, one without on the CPU). ``address``
     is passed to ``ray.init`` when Ray is not initialised yet (``"auto"``: the cluster this node
     belongs to; ``"ray://head:10001"``: a remote cluster; None: a local one on this machine).
     """
@@ -107,7 +125,7 @@ class RayEngine:
         workers: int = 1,
         address: str | None = None,
         cpus_per_worker: float = 1.0,
-        gpus_per_worker: float = 0.0,
+        gpus_per_worker: float | None = None,
     ):
         self.build = build
         self.workers = workers
@@ -139,18 +157,24 @@ class RayEngine:
         context.enable_progress_bars = False  # the driver shows one bar per modality
         context.print_on_execution_start = False
         logging.getLogger("ray.data").setLevel(logging.WARNING)
+        gpus = actor_gpus(extractor.modality, self.gpus_per_worker, ray.cluster_resources().get("GPU", 0.0),
+                          getattr(self.build, "device", None))
+        build = self.build
+        if isinstance(build, ExtractorRecipe) and build.modality in GPU_MODALITIES:  # the actor's device follows its GPUs
+            build = dataclasses.replace(build, device="cuda" if gpus > 0 else "cpu")
+        self.gpus_used = gpus
         by_uid = {item.uid: item for item in items}
         rows = [{field: getattr(item, field) for field in FIELDS} for item in items]
         # One block per batch, and batches small enough that every worker gets some.
         per_batch = max(1, min(batch_size, -(-len(rows) // self.workers)))
         dataset = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // per_batch))).map_batches(
             ExtractActor,
-            fn_constructor_kwargs={"build": self.build, "feature_set_hash": config_hash(extractor)},
+            fn_constructor_kwargs={"build": build, "feature_set_hash": config_hash(extractor)},
             batch_size=per_batch,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=self.workers),
             num_cpus=self.cpus_per_worker,
-            num_gpus=self.gpus_per_worker or None,
+            num_gpus=gpus or None,
         )
         for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
             done = []

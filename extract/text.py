@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from bemerc.extract.base import UtteranceMedia, vector_field
+from bemerc.extract.base import UtteranceMedia, resolve_device, vector_field
 from bemerc.extract.media import MediaError
 from bemerc.models.profiles import Profile, ProfileError, load_profile, model_path
 
@@ -38,9 +38,11 @@ class TextExtractor:
         batch_size: int = 32,
         max_length: int | None = None,
         num_threads: int | None = None,
+        device: str | None = None,
     ):
         profile = load_profile(profile) if isinstance(profile, str) else profile
         self.entry = profile.stage("text")
+        self.requested_device = device  # resolved with the model: a run with nothing to do imports no torch
         self.name = self.entry.model_id
         self.random_weights = self.entry.random_weights
         self.batch_size = batch_size
@@ -60,11 +62,15 @@ class TextExtractor:
         return AutoTokenizer.from_pretrained(self.path)
 
     @cached_property
+    def device(self) -> str:
+        return resolve_device(self.requested_device)
+
+    @cached_property
     def model(self):
         from transformers import AutoModel
 
         try:
-            return AutoModel.from_pretrained(self.path).eval()
+            return AutoModel.from_pretrained(self.path).to(self.device).eval()
         except (OSError, ValueError) as exc:
             raise ProfileError(f"{self.entry.label}: cannot load a text encoder from {self.path}: {exc}") from exc
 
@@ -92,11 +98,11 @@ class TextExtractor:
             for start in range(0, len(order), self.batch_size):
                 batch = order[start : start + self.batch_size]
                 tokens = self.tokenizer([texts[i] for i in batch], padding=True, truncation=True,
-                                        max_length=self.max_length, return_tensors="pt")
+                                        max_length=self.max_length, return_tensors="pt").to(self.device)
                 hidden = self.model(**tokens).last_hidden_state  # (B, T, dim)
                 mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-                out[batch] = torch.nn.functional.normalize(pooled, dim=-1).numpy()
+                out[batch] = torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
         return out
 
     def extract(self, items: list[UtteranceMedia]) -> list[dict | MediaError]:

@@ -18,7 +18,7 @@ from functools import cached_property
 import numpy as np
 import pyarrow as pa
 
-from bemerc.extract.base import UtteranceMedia, vector_field
+from bemerc.extract.base import UtteranceMedia, resolve_device, vector_field
 from bemerc.extract.behavior.extractor import rows_from_video
 from bemerc.extract.media import FRAME_SAMPLING, MediaError
 from bemerc.models.profiles import Profile
@@ -61,7 +61,7 @@ class ClipVisualExtractor:
         max_frames: int = 8,
         seed: int = 0,
         num_threads: int = 2,
-        device: str = "cpu",
+        device: str | None = None,
     ):
         model_config = open_clip_config(model_name)
         if model_config is None:
@@ -72,7 +72,7 @@ class ClipVisualExtractor:
         self.max_frames = max_frames
         self.seed = seed
         self.num_threads = num_threads
-        self.device = device
+        self.requested_device = device  # resolved with the model: a run with nothing to do imports no torch
         self.random_weights = self.pretrained is None
         self.name = f"openclip-{model_name}" + (f"-{self.pretrained}" if self.pretrained else "-random")
         self.dim = int(model_config["embed_dim"])
@@ -82,6 +82,10 @@ class ClipVisualExtractor:
         """The extractor of a profile's ``visual`` stage (an ``open-clip`` entry)."""
         entry = profile.stage("visual")
         return cls(entry.source, entry.options.get("pretrained"), **options)
+
+    @cached_property
+    def device(self) -> str:
+        return resolve_device(self.requested_device)
 
     @cached_property
     def _model(self):

@@ -124,6 +124,23 @@ def test_strict_exits_non_zero_on_failures(ravdess_store):
     assert result.exit_code == 1
 
 
+def test_device_cpu_writes_the_same_feature_set_and_cuda_without_a_gpu_is_one_line(ravdess_store, tmp_path):
+    import torch
+
+    store = tmp_path / "store"
+    shutil.copytree(ravdess_store, store)
+    before = Store(store).read("feature_sets")
+    result = runner.invoke(app, ["extract", "--modality", "text", "--device", "cpu", "--retry-failures", "--store", str(store)])
+    assert result.exit_code == 0, result.output
+    assert "0 extracted" in result.output  # the device is not part of the feature set: nothing to redo
+    assert Store(store).read("feature_sets").equals(before)
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    result = runner.invoke(app, ["extract", "--modality", "audio", "--device", "cuda", "--store", str(store)])
+    assert result.exit_code == 1
+    assert "torch sees no CUDA GPU" in result.output and len(result.output.strip().splitlines()) == 1, result.output
+
+
 def test_killed_run_resumes_without_duplicates(tmp_path, meld_dir):
     store = tmp_path / "store"
     assert runner.invoke(app, ["ingest", "meld", str(meld_dir), "--store", str(store)]).exit_code == 0

@@ -138,6 +138,23 @@ def test_ray_workers_read_media_from_object_storage(ray_cluster, s3_server, smal
     assert "s3://bemerc-test/corpus/bad.jsonl: row 1: video object not found: s3://bemerc-test/corpus/clips/none.mp4" in result.output
 
 
+def test_actors_ask_for_gpus_only_where_a_model_runs_on_one():
+    from bemerc.extract.ray_engine import actor_gpus
+
+    assert [actor_gpus(m, None, cluster_gpus=4) for m in ("text", "audio", "visual", "behavior")] == [1, 1, 1, 0]
+    assert actor_gpus("text", None, cluster_gpus=0) == 0  # a CPU cluster
+    assert actor_gpus("text", None, cluster_gpus=4, device="cpu") == 0
+    assert actor_gpus("behavior", 0.25, cluster_gpus=4) == 0.25  # --worker-gpus wins
+
+
+def test_a_cpu_cluster_runs_actors_on_the_cpu(ray_cluster, demo_manifest, tmp_path):
+    store = Store(str(tmp_path / "store"))
+    cli("ingest", "manifest", str(demo_manifest), "--dataset", "demo", "--store", str(tmp_path / "store"))
+    engine = RayEngine(ExtractorRecipe("text"), workers=1)
+    summary = run_extractor(store, ExtractorRecipe("text", device="cpu")(), limit=4, engine=engine)
+    assert summary.done == 4 and engine.gpus_used == 0
+
+
 class WaitsToBeKilled:
     """The real text extractor; on the run's first batch its worker writes its pid to ``marker`` and
     waits (up to a minute) for the test to kill the process."""

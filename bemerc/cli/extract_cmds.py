@@ -15,6 +15,9 @@ from bemerc.store.schema import MODALITIES
 Modality = Enum("Modality", {**{m: m for m in MODALITIES}, "all": "all"}, type=str)
 
 
+Device = Enum("Device", {d: d for d in ("auto", "cpu", "cuda")}, type=str)
+
+
 class EngineName(str, Enum):
     local = "local"
     ray = "ray"
@@ -33,7 +36,8 @@ def register(app: typer.Typer) -> None:
         engine: Annotated[EngineName, typer.Option(help="Where the models run: `local` (this process) or `ray` (Ray Data actors on a Ray cluster; this process writes the store).")] = EngineName.local,
         ray_address: Annotated[str | None, typer.Option(help="With --engine ray: `auto` (the cluster of this node), `ray://HEAD:10001`, or none for a Ray on this machine.")] = None,
         workers: Annotated[int, typer.Option(min=1, help="With --engine ray: actors, each with the extractor loaded once.")] = 1,
-        worker_gpus: Annotated[float, typer.Option(min=0, help="With --engine ray: GPUs per actor (0: CPU only).")] = 0.0,
+        device: Annotated[Device, typer.Option(help="Where text, audio and visual models run: `auto` (CUDA when torch sees a GPU), `cpu` or `cuda`. Behaviour runs on CPUs. Never changes the feature set. Default: $BEMERC_DEVICE or auto.", show_default=False)] = None,
+        worker_gpus: Annotated[float | None, typer.Option(min=0, help="With --engine ray: GPUs per actor. Default: 1 for text, audio and visual when the cluster has GPUs (unless --device cpu), else 0.", show_default=False)] = None,
         store: StoreOption = DEFAULT_STORE,
     ) -> None:
         """Extract features for every utterance in the store that lacks them.
@@ -46,7 +50,7 @@ def register(app: typer.Typer) -> None:
         Example: `bemerc extract --modality behavior --limit 50`;
         on a cluster: `bemerc extract --engine ray --ray-address auto --workers 32 --store s3://bucket/store`
         """
-        from bemerc.extract.base import MODALITY_ORDER, feature_set_id
+        from bemerc.extract.base import GPU_MODALITIES, MODALITY_ORDER, feature_set_id, resolve_device
         from bemerc.extract.factory import build_extractor
         from bemerc.models.profiles import ProfileError, load_profile
         from bemerc.store.summary import recall, remember, tables_state
@@ -59,9 +63,15 @@ def register(app: typer.Typer) -> None:
         try:
             chosen = load_profile(profile)
             # Cheap: an extractor knows its feature set from the profile; its model loads on first use.
-            extractors = {name: build_extractor(name, chosen) for name in modalities}
-        except (ProfileError, OSError) as e:
+            device_name = device.value if device else None
+            extractors = {name: build_extractor(name, chosen, device_name) for name in modalities}
+        except (ProfileError, OSError, ValueError) as e:
             fail(str(e))
+        if engine == EngineName.local and device_name == "cuda" and set(modalities) & set(GPU_MODALITIES):
+            try:  # before any work: a machine without CUDA is one line, not a traceback mid-run
+                resolve_device("cuda")
+            except RuntimeError as e:
+                fail(str(e))
         # What a re-run would print is remembered until the store changes, so a re-run on an unchanged
         # store answers without opening LanceDB (see bemerc.store.summary and the end of this command).
         keys = {name: f"extract {feature_set_id(e)} limit={limit}" for name, e in extractors.items()}
@@ -86,7 +96,8 @@ def register(app: typer.Typer) -> None:
                 if engine == EngineName.ray:
                     from bemerc.extract.ray_engine import ExtractorRecipe, RayEngine
 
-                    runner = RayEngine(ExtractorRecipe(name, chosen), workers=workers, address=ray_address, gpus_per_worker=worker_gpus)
+                    runner = RayEngine(ExtractorRecipe(name, chosen, device_name), workers=workers, address=ray_address,
+                                       gpus_per_worker=worker_gpus)
                 summary = run_extractor(db, extractor, limit=limit, batch_size=batch_size, retry_failures=retry_failures,
                                         console=console, engine=runner)
             except StoreLockedError as e:
