@@ -9,6 +9,11 @@
 2. MELD (train + dev CSVs from ../shared/data): ingest, then text features for the first
    `--meld-limit` utterances (one text model, loaded before timing), into a local folder and into a
    local S3 server (moto on 127.0.0.1): seconds and the S3/local ratio.
+3. Media on object storage: the demo's clips and manifest uploaded to the S3 server; ingest of the
+   manifest (checks and checksums: local files against objects) and `--modality` extraction with the
+   local engine reading media from the folder against downloading each object: seconds and ratios.
+
+`--parts engines,meld,media` picks the parts (all by default).
 
 On one machine Ray cannot beat the local engine (which already keeps both cores busy); the figures
 say what Ray's overhead costs per worker, and with it what a cluster of N such workers gives.
@@ -81,16 +86,50 @@ def meld_text(limit: int, root: Path) -> None:
     print(f"S3 / local: ingest {s3_ingest / local_ingest:.2f}x, text {s3_text / local_text:.2f}x the time")
 
 
+def media(modality: str, manifest: Path, root: Path) -> None:
+    import boto3
+
+    extractor = build_extractor(modality)
+    timings = {}
+    with local_s3("bemerc-media") as endpoint:
+        s3 = boto3.client("s3", endpoint_url=endpoint)
+        for path in manifest.parent.rglob("*"):
+            if path.is_file():
+                s3.upload_file(str(path), "bemerc-media", f"demo/{path.relative_to(manifest.parent)}")
+        for where, source in (("local files", manifest), ("S3 objects", f"s3://bemerc-media/demo/{manifest.name}")):
+            from bemerc.store.ingest.common import add_checksums
+
+            store = Store(root / f"media-{where.split()[0]}")
+            start = time.perf_counter()
+            rows = read_manifest(source, dataset="demo").rows
+            add_checksums(rows)
+            write_utterances(store, rows)
+            ingest_s = time.perf_counter() - start
+            summary = run_extractor(store, extractor)
+            timings[where] = (ingest_s, summary.seconds, summary.done)
+            print(f"media as {where:11}: ingest (check + checksum) {ingest_s:5.2f} s, {modality} for {summary.done} "
+                  f"utterances {summary.seconds:6.1f} s ({summary.done / summary.seconds:5.2f}/s)")
+    (li, lx, _), (si, sx, _) = timings.values()
+    print(f"S3 / local media: ingest {si / li:.2f}x, {modality} {sx / lx:.2f}x the time")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--modality", default="behavior", choices=("text", "audio", "behavior", "visual"))
     parser.add_argument("--meld-limit", type=int, default=2000)
+    parser.add_argument("--parts", default="engines,meld,media", help="comma-separated: engines, meld, media")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
-        engines(args.modality, make_demo(root / "demo"), root)
-        meld_text(args.meld_limit, root)
+        manifest = make_demo(root / "demo")
+        if "engines" in parts:
+            engines(args.modality, manifest, root)
+        if "meld" in parts:
+            meld_text(args.meld_limit, root)
+        if "media" in parts:
+            media(args.modality, manifest, root)
 
 
 if __name__ == "__main__":
