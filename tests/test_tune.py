@@ -16,7 +16,7 @@ from bemerc.store import Store
 from bemerc.store.ingest import read_meld, write_utterances
 from bemerc.store.runs import list_runs
 from bemerc.train.tune.infer import TunedModel, dialogue_windows, merc_examples
-from bemerc.train.tune.loop import TuneConfig, TuneError, load_data, tune
+from bemerc.train.tune.loop import TuneConfig, TuneError, load_data, lr_factor, tune
 from bemerc.train.tune.model import LoraSettings, build_model, collate, collate_windows, load_llm, load_tuned
 from bemerc.train.tune.prompt import DialogueTurn, Prompter, Turn, load_template
 from bemerc.train.tune.score import answer_scores, label_probabilities, label_scores
@@ -133,6 +133,10 @@ def test_all_stages_train_evaluate_and_record_the_run(tiny_llm, store, tmp_path)
     merc = [h for h in log if h["stage"] == "merc"]
     first, last = (np.mean([h["loss"] for h in merc if h["epoch"] == e]) for e in (0, 1))
     assert last < first  # the answer is learned
+    config = _config(tiny_llm, run_dir)
+    for stage, base_lr in (("align", config.align_lr), ("merc", config.lr)):  # the schedule runs over the stage's steps
+        steps = [h for h in log if h["stage"] == stage]
+        assert [h["lr"] for h in steps] == pytest.approx([base_lr * lr_factor(k + 1, len(steps), config.warmup) for k in range(len(steps))])
 
     data = load_data(store, _config(tiny_llm, run_dir))
     rows = data.eval_rows["dev"]

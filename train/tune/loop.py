@@ -425,19 +425,19 @@ def train_stage(stage: str, model: MercModel, examples: Examples, config: TuneCo
             start = time.perf_counter()
             batch = examples.batch(index.tolist()).to(accelerator.device)
             with accelerator.autocast():
-                total, weight = wrapped(batch, mean=False)
+                loss_sum, weight = wrapped(batch, mean=False)  # not `total`: the schedule's lambda reads that
             # the weighted mean over the global batch: DDP averages the processes' gradients, so each
             # process divides its sum by the global weight and multiplies by the number of processes
             weight = accelerator.reduce(weight.detach(), "sum") if world > 1 else weight.detach()
             weight = weight.clamp_min(1e-8)
-            loss = total / weight * world
+            loss = loss_sum / weight * world
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(params, 1.0)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             seconds = time.perf_counter() - start
-            value = (accelerator.reduce(total.detach(), "sum") if world > 1 else total.detach()).item() / weight.item()
+            value = (accelerator.reduce(loss_sum.detach(), "sum") if world > 1 else loss_sum.detach()).item() / weight.item()
             answered = sum(examples.utterances[i] for i in index)
             progress["history"].append({"stage": stage, "epoch": epoch, "batch": b, "loss": value, "lr": scheduler.get_last_lr()[0],
                                         "tokens": batch.tokens, "utterances": answered, "seconds": seconds})
