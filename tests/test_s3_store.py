@@ -86,3 +86,27 @@ def test_a_live_lease_makes_a_writer_wait_then_fail_and_a_dead_one_is_taken_over
 def test_reading_a_missing_store_on_s3_is_an_error(s3_store):
     with pytest.raises(StoreError, match="no store here"):
         Store(s3_store, create=False)
+
+
+def test_bad_manifests_and_media_on_s3_are_one_line_and_store_nothing(s3_server, s3_store, demo_manifest):
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    row = json.loads(demo_manifest.read_text().splitlines()[0])
+    s3.upload_file(str(demo_manifest.parent / row["video"]), "bemerc-test", "bad/clip.mp4")
+    s3.put_object(Bucket="bemerc-test", Key="bad/notes.mp4", Body=b"not a video, just notes\n")
+    s3.put_object(Bucket="bemerc-test", Key="bad/empty.wav", Body=b"")
+    good = {**row, "video": "clip.mp4", "audio": ""}
+    cases = {
+        "missing.jsonl": (None, "s3://bemerc-test/bad/missing.jsonl: file not found"),
+        "text.jsonl": ({**good, "turn": 1, "video": "notes.mp4"}, "row 2: video object s3://bemerc-test/bad/notes.mp4 is not audio or video"),
+        "empty.jsonl": ({**good, "turn": 1, "audio": "empty.wav"}, "row 2: audio object s3://bemerc-test/bad/empty.wav is empty"),
+        "elsewhere.jsonl": ({**good, "turn": 1, "video": "s3://no-such-bucket/clip.mp4"}, "row 2: video"),
+    }
+    cli("ingest", "manifest", str(demo_manifest), "--store", s3_store)
+    before = Store(s3_store).version("utterances")
+    for name, (bad_row, expected) in cases.items():
+        if bad_row is not None:
+            s3.put_object(Bucket="bemerc-test", Key=f"bad/{name}", Body="".join(json.dumps(r) + "\n" for r in (good, bad_row)))
+        result = runner.invoke(app, ["ingest", "manifest", f"s3://bemerc-test/bad/{name}", "--store", s3_store])
+        assert result.exit_code == 1, result.output
+        assert expected in result.output and len(result.output.strip().splitlines()) == 1, result.output
+    assert Store(s3_store).version("utterances") == before
