@@ -21,6 +21,7 @@ and epoch, and the RNG state is restored).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -408,7 +409,7 @@ def train_stage(stage: str, model: MercModel, examples: Examples, config: TuneCo
     params = _trainable(model, stage, config)
     optimizer = torch.optim.AdamW(params, lr=config.align_lr if stage == "align" else config.lr,
                                   weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, config.warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, total=total, warmup=config.warmup))
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
@@ -425,7 +426,7 @@ def train_stage(stage: str, model: MercModel, examples: Examples, config: TuneCo
             start = time.perf_counter()
             batch = examples.batch(index.tolist()).to(accelerator.device)
             with accelerator.autocast():
-                loss_sum, weight = wrapped(batch, mean=False)  # not `total`: the schedule's lambda reads that
+                loss_sum, weight = wrapped(batch, mean=False)
             # the weighted mean over the global batch: DDP averages the processes' gradients, so each
             # process divides its sum by the global weight and multiplies by the number of processes
             weight = accelerator.reduce(weight.detach(), "sum") if world > 1 else weight.detach()
