@@ -38,17 +38,30 @@ def cli(*args: str) -> str:
     return result.output
 
 
-def test_demo_pipeline_runs_on_s3(s3_store, demo_manifest, models_cache, tmp_path, monkeypatch):
+def test_demo_pipeline_runs_on_s3(s3_store, demo_manifest, models_cache, tiny_llm, tmp_path, monkeypatch):
+    """Every command on a store on S3: ingest, extract, baseline, tune, fuse, compare, query, serve."""
+    from fastapi.testclient import TestClient
+
+    from bemerc.serve import create_app
+
     monkeypatch.chdir(tmp_path)  # run folders of a store on object storage go to ./runs
     cli("ingest", "manifest", str(demo_manifest), "--dataset", "demo", "--store", s3_store)
     cli("extract", "--modality", "text", "--store", s3_store)
     assert "0 extracted, 51 already stored" in cli("extract", "--modality", "text", "--store", s3_store)
     assert "late fusion dev" in cli("baseline", "--store", s3_store)
+    assert "weighted F1" in cli("tune", "--model", str(tiny_llm), "--epochs", "1", "--align-epochs", "0", "--store", s3_store)
+    assert "fusion dev" in cli("fuse", "baseline:latest", "tune:latest", "--store", s3_store)
+    cli("compare", "--out", str(tmp_path / "report"), "--store", s3_store)
+    assert (tmp_path / "report" / "report.md").is_file()
+    client = TestClient(create_app(s3_store), base_url="http://127.0.0.1")
+    assert sorted(r["kind"] for r in client.get("/runs").json()) == ["baseline", "fusion", "tune"]
+    answer = client.post("/predict", json={"utterances": [{"speaker": "A", "text": "I am so happy for you!"}]})
+    assert answer.status_code == 200 and len(answer.json()["utterances"]) == 1, answer.text
     neighbours = cli("query", "similar", "train/demo01_0", "-k", "3", "--store", s3_store).split("┡")[1]  # table body
     assert neighbours.count("/demo") == 3 and "train/demo01_0 " not in neighbours
     info = json.loads(cli("store", "info", "--json", "--store", s3_store))
     assert info["tables"]["utterances"]["rows"] == 51 and info["features"]["text/minilm-l6"]["rows"] == 51
-    assert len(list((tmp_path / "runs").iterdir())) == 1
+    assert len(list((tmp_path / "runs").iterdir())) == 3
     bucket, prefix = s3_store.removeprefix("s3://").split("/", 1)
     listed = boto3.client("s3").list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/")["Contents"]
     assert any(o["Key"].startswith(f"{prefix}/utterances.lance/") for o in listed)
