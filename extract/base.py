@@ -23,8 +23,15 @@ from bemerc.store.schema import MODALITIES
 MODALITY_ORDER = ("audio", *(m for m in MODALITIES if m != "audio"))
 # Where an extractor's torch model runs: "auto" is CUDA when torch sees a GPU, else the CPU.
 DEVICES = ("auto", "cpu", "cuda")
-# The modalities whose models run on a GPU when given one; behaviour's MediaPipe and TFLite run on CPUs.
+# The modalities whose models run on a GPU when given one; behaviour's MediaPipe and TFLite run on CPUs
+# (its optional describer is the exception: an extractor's ``gpu_capable`` says so, see uses_gpu).
 GPU_MODALITIES = ("text", "audio", "visual")
+
+
+def uses_gpu(extractor: "Extractor") -> bool:
+    """Whether ``extractor``'s models would run on a GPU given one: its ``gpu_capable`` attribute when
+    it has one, else whether its modality is one of :data:`GPU_MODALITIES`."""
+    return bool(getattr(extractor, "gpu_capable", extractor.modality in GPU_MODALITIES))
 
 
 def resolve_device(device: str | None = None) -> str:

@@ -23,7 +23,7 @@ def _audio(profile: Profile, device: str | None) -> Extractor:
 def _behavior(profile: Profile, device: str | None) -> Extractor:
     from bemerc.extract.behavior.extractor import BehaviorExtractor
 
-    return BehaviorExtractor.from_profile(profile)  # MediaPipe and TFLite: CPUs whatever the device
+    return BehaviorExtractor.from_profile(profile, device=device)  # the device is the describer's, when there is one
 
 
 def _visual(profile: Profile, device: str | None) -> Extractor:

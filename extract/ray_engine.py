@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from bemerc.extract.base import GPU_MODALITIES, Extractor, UtteranceMedia, config_hash
+from bemerc.extract.base import Extractor, UtteranceMedia, config_hash, uses_gpu
 from bemerc.extract.media import MediaError
 
 FIELDS = ("uid", "text", "video_path", "audio_path", "start_s", "end_s")
@@ -59,19 +59,19 @@ class ExtractorRecipe:
         return build_extractor(self.modality, self.profile, self.device)
 
 
-def actor_gpus(modality: str, requested: float | None, cluster_gpus: float, device: str | None = None) -> float:
-    """GPUs each actor asks Ray for: ``requested`` when given; else (auto) 1 for a modality whose model
-    runs on a GPU (:data:`~bemerc.extract.base.GPU_MODALITIES`) when the cluster has GPUs and the device
-    is not ``cpu``, 0 otherwise.
+def actor_gpus(gpu_capable: bool, requested: float | None, cluster_gpus: float, device: str | None = None) -> float:
+    """GPUs each actor asks Ray for: ``requested`` when given; else (auto) 1 for an extractor whose
+    models run on a GPU (:func:`~bemerc.extract.base.uses_gpu`) when the cluster has GPUs and the
+    device is not ``cpu``, 0 otherwise.
 
-    >>> actor_gpus("text", None, cluster_gpus=8), actor_gpus("behavior", None, 8), actor_gpus("text", None, 0)
+    >>> actor_gpus(True, None, cluster_gpus=8), actor_gpus(False, None, 8), actor_gpus(True, None, 0)
     (1.0, 0.0, 0.0)
-    >>> actor_gpus("audio", 0.5, 8), actor_gpus("audio", None, 8, device="cpu")
+    >>> actor_gpus(True, 0.5, 8), actor_gpus(True, None, 8, device="cpu")
     (0.5, 0.0)
     """
     if requested is not None:
         return float(requested)
-    return 1.0 if modality in GPU_MODALITIES and cluster_gpus >= 1 and device != "cpu" else 0.0
+    return 1.0 if gpu_capable and cluster_gpus >= 1 and device != "cpu" else 0.0
 
 
 class ExtractActor:
@@ -157,10 +157,10 @@ class RayEngine:
         context.enable_progress_bars = False  # the driver shows one bar per modality
         context.print_on_execution_start = False
         logging.getLogger("ray.data").setLevel(logging.WARNING)
-        gpus = actor_gpus(extractor.modality, self.gpus_per_worker, ray.cluster_resources().get("GPU", 0.0),
-                          getattr(self.build, "device", None))
+        capable = uses_gpu(extractor)
+        gpus = actor_gpus(capable, self.gpus_per_worker, ray.cluster_resources().get("GPU", 0.0), getattr(self.build, "device", None))
         build = self.build
-        if isinstance(build, ExtractorRecipe) and build.modality in GPU_MODALITIES:  # the actor's device follows its GPUs
+        if isinstance(build, ExtractorRecipe) and capable:  # the actor's device follows its GPUs
             build = dataclasses.replace(build, device="cuda" if gpus > 0 else "cpu")
         self.gpus_used = gpus
         by_uid = {item.uid: item for item in items}

@@ -197,3 +197,25 @@ def test_profile_face_files_choose_the_graphs_and_the_feature_set(tmp_path, ravd
 def test_a_graph_the_solutions_api_cannot_load_is_refused():
     with pytest.raises(ValueError, match="loads only its packaged graphs"):
         FaceFinder(files={"detector": "my_detector.tflite", "landmarks": "face_landmark/face_landmark.tflite"})
+
+
+def test_a_profile_describer_writes_the_descriptions(tiny_vlm, ravdess_video, tmp_path, models_cache):
+    """A `describer` stage (here a tiny random Qwen2-VL) writes each description from the clip's
+    frames; the measures are those of the plain extractor, the feature set is another."""
+    from bemerc.extract.base import UtteranceMedia, config_hash, uses_gpu
+    from bemerc.extract.behavior.describe import VlmDescriber
+    from bemerc.extract.factory import build_extractor
+    from bemerc.extract.media import sample_frames
+
+    user = tmp_path / "described.toml"
+    user.write_text(f'extends = "offline"\n[stages.describer]\nkind = "hf"\nsource = "{tiny_vlm}"\n'
+                    'model_id = "tiny-vlm"\nframes = 2\nmax_new_tokens = 6\n')
+    described, plain = build_extractor("behavior", str(user), "cpu"), build_extractor("behavior", "offline")
+    assert described.name == "mediapipe-fer-tiny-vlm" and config_hash(described) != config_hash(plain)
+    assert described.config()["describer"]["frames"] == 2 and uses_gpu(described) and not uses_gpu(plain)
+    item = UtteranceMedia("u1", video_path=str(ravdess_video))
+    [row], [rule_row] = described.extract([item]), plain.extract([item])
+    np.testing.assert_array_equal(row["vector"], rule_row["vector"])
+    frames, _ = sample_frames(ravdess_video, described.fps, described.max_side)
+    expected = VlmDescriber(str(described.describer.path), "cpu", 6).describe(described.describer.pick(frames))
+    assert row["description"] == expected and expected and expected != rule_row["description"]

@@ -141,10 +141,15 @@ def test_ray_workers_read_media_from_object_storage(ray_cluster, s3_server, smal
 def test_actors_ask_for_gpus_only_where_a_model_runs_on_one():
     from bemerc.extract.ray_engine import actor_gpus
 
-    assert [actor_gpus(m, None, cluster_gpus=4) for m in ("text", "audio", "visual", "behavior")] == [1, 1, 1, 0]
-    assert actor_gpus("text", None, cluster_gpus=0) == 0  # a CPU cluster
-    assert actor_gpus("text", None, cluster_gpus=4, device="cpu") == 0
-    assert actor_gpus("behavior", 0.25, cluster_gpus=4) == 0.25  # --worker-gpus wins
+    from bemerc.extract.base import uses_gpu
+    from bemerc.extract.factory import build_extractor
+
+    capable = [uses_gpu(build_extractor(m)) for m in ("text", "audio", "visual", "behavior")]
+    assert capable == [True, True, True, False]  # offline behaviour: MediaPipe and FER, no describer
+    assert [actor_gpus(c, None, cluster_gpus=4) for c in capable] == [1, 1, 1, 0]
+    assert actor_gpus(True, None, cluster_gpus=0) == 0  # a CPU cluster
+    assert actor_gpus(True, None, cluster_gpus=4, device="cpu") == 0
+    assert actor_gpus(False, 0.25, cluster_gpus=4) == 0.25  # --worker-gpus wins
 
 
 def test_a_cpu_cluster_runs_actors_on_the_cpu(ray_cluster, demo_manifest, tmp_path):

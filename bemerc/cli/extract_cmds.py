@@ -36,8 +36,8 @@ def register(app: typer.Typer) -> None:
         engine: Annotated[EngineName, typer.Option(help="Where the models run: `local` (this process) or `ray` (Ray Data actors on a Ray cluster; this process writes the store).")] = EngineName.local,
         ray_address: Annotated[str | None, typer.Option(help="With --engine ray: `auto` (the cluster of this node), `ray://HEAD:10001`, or none for a Ray on this machine.")] = None,
         workers: Annotated[int, typer.Option(min=1, help="With --engine ray: actors, each with the extractor loaded once.")] = 1,
-        device: Annotated[Device, typer.Option(help="Where text, audio and visual models run: `auto` (CUDA when torch sees a GPU), `cpu` or `cuda`. Behaviour runs on CPUs. Never changes the feature set. Default: $BEMERC_DEVICE or auto.", show_default=False)] = None,
-        worker_gpus: Annotated[float | None, typer.Option(min=0, help="With --engine ray: GPUs per actor. Default: 1 for text, audio and visual when the cluster has GPUs (unless --device cpu), else 0.", show_default=False)] = None,
+        device: Annotated[Device, typer.Option(help="Where text, audio and visual models (and a profile's behaviour describer) run: `auto` (CUDA when torch sees a GPU), `cpu` or `cuda`. MediaPipe and FER run on CPUs. Never changes the feature set. Default: $BEMERC_DEVICE or auto.", show_default=False)] = None,
+        worker_gpus: Annotated[float | None, typer.Option(min=0, help="With --engine ray: GPUs per actor. Default: 1 for text, audio, visual (and behaviour with a describer) when the cluster has GPUs (unless --device cpu), else 0.", show_default=False)] = None,
         store: StoreOption = DEFAULT_STORE,
     ) -> None:
         """Extract features for every utterance in the store that lacks them.
@@ -50,7 +50,7 @@ def register(app: typer.Typer) -> None:
         Example: `bemerc extract --modality behavior --limit 50`;
         on a cluster: `bemerc extract --engine ray --ray-address auto --workers 32 --store s3://bucket/store`
         """
-        from bemerc.extract.base import GPU_MODALITIES, MODALITY_ORDER, feature_set_id, resolve_device
+        from bemerc.extract.base import MODALITY_ORDER, feature_set_id, resolve_device, uses_gpu
         from bemerc.extract.factory import build_extractor
         from bemerc.models.profiles import ProfileError, load_profile
         from bemerc.store.summary import recall, remember, tables_state
@@ -67,7 +67,7 @@ def register(app: typer.Typer) -> None:
             extractors = {name: build_extractor(name, chosen, device_name) for name in modalities}
         except (ProfileError, OSError, ValueError) as e:
             fail(str(e))
-        if engine == EngineName.local and device_name == "cuda" and set(modalities) & set(GPU_MODALITIES):
+        if engine == EngineName.local and device_name == "cuda" and any(uses_gpu(e) for e in extractors.values()):
             try:  # before any work: a machine without CUDA is one line, not a traceback mid-run
                 resolve_device("cuda")
             except RuntimeError as e:

@@ -7,8 +7,10 @@ first one that holds wins. A statistic that could not be measured (NaN, e.g. fac
 face was seen) never holds. The phrases are joined into "The speaker smiles broadly, raises the
 eyebrows and leans forward."
 
-:class:`VlmDescriber` is an optional alternative for users with a GPU: a vision-language model
-looks at a few frames and writes the description itself.
+:class:`VlmDescriber` is the alternative BeMERC itself uses, for users with a GPU: a vision-language
+model looks at a few frames of the utterance and writes the description. A profile with a
+``describer`` stage (the ``gpu`` profile: Qwen2-VL-2B-Instruct) turns it on for behaviour extraction
+(:class:`VlmSpec`); its model, prompt and decoding are part of the feature set.
 """
 
 from __future__ import annotations
@@ -83,6 +85,36 @@ class DescriptionRules:
         return f"The speaker {listed}."
 
 
+@dataclass(frozen=True)
+class VlmSpec:
+    """Which vision-language model describes behaviour, and how (hashed into the feature set).
+
+    ``path`` is the local folder of the model and its processor; ``frames`` evenly spaced sampled
+    frames of the utterance are shown; decoding is greedy, at most ``max_new_tokens``.
+    """
+
+    path: str
+    model_id: str
+    source: str = ""
+    weights_sha256: tuple[tuple[str, str], ...] = ()
+    frames: int = 4
+    max_new_tokens: int = 60
+
+    def config(self) -> dict:
+        return {"model": self.model_id, "source": self.source, "weights_sha256": dict(self.weights_sha256),
+                "prompt": VlmDescriber.PROMPT, "frames": self.frames, "max_new_tokens": self.max_new_tokens,
+                "decoding": "greedy"}
+
+    def pick(self, frames: np.ndarray) -> np.ndarray:
+        """``frames`` evenly spaced frames of (T, H, W, 3), first and last included.
+
+        >>> VlmSpec("m", "m", frames=3).pick(np.zeros((10, 2, 2, 3), np.uint8)).shape
+        (3, 2, 2, 3)
+        """
+        keep = np.unique(np.linspace(0, len(frames) - 1, min(len(frames), self.frames)).round().astype(int))
+        return frames[keep]
+
+
 class VlmDescriber:
     """Describe the speaker's behaviour with a vision-language model (GPU recommended; not used offline).
 
@@ -100,8 +132,11 @@ class VlmDescriber:
     def __init__(self, model_id: str, device: str = "cuda", max_new_tokens: int = 60):
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        self.processor = AutoProcessor.from_pretrained(model_id)
-        self.model = AutoModelForImageTextToText.from_pretrained(model_id, dtype="auto").to(device).eval()
+        try:
+            self.processor = AutoProcessor.from_pretrained(model_id)
+            self.model = AutoModelForImageTextToText.from_pretrained(model_id, dtype="auto").to(device).eval()
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"cannot load a vision-language describer from {model_id}: {exc}") from exc
         self.max_new_tokens = max_new_tokens
 
     def describe(self, frames: np.ndarray) -> str:
@@ -111,5 +146,8 @@ class VlmDescriber:
         messages = [{"role": "user", "content": [*({"type": "image"} for _ in images), {"type": "text", "text": self.PROMPT}]}]
         prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
         inputs = self.processor(text=[prompt], images=images, return_tensors="pt").to(self.model.device)
-        output = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
+        import torch
+
+        with torch.inference_mode():
+            output = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
         return self.processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip()

@@ -35,17 +35,17 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from bemerc.extract.base import UtteranceMedia, vector_field
+from bemerc.extract.base import UtteranceMedia, resolve_device, vector_field
 from bemerc.extract.behavior.body import (
     DEFAULT_POSE_FILES, HAND_POINTS, POSTURE_MEASURES, UPPER_BODY, PoseFinder, body_region, frame_motion, posture_measures,
 )
-from bemerc.extract.behavior.describe import DescriptionRules
+from bemerc.extract.behavior.describe import DescriptionRules, VlmDescriber, VlmSpec
 from bemerc.extract.behavior.expression import EXPRESSION_MODELS, ExpressionModel, load_expression_model
 from bemerc.extract.behavior.face import (
     DEFAULT_FACE_FILES, FACE_MEASURES, FaceFinder, inter_ocular_distance, face_measures, pick_speaker, track_faces,
 )
 from bemerc.extract.media import FRAME_SAMPLING, MediaError, decode_ahead, sample_frames
-from bemerc.models.profiles import Profile, ProfileError, cached_sha256, prepare_stage, resolve_ref, stage_files
+from bemerc.models.profiles import Profile, ProfileError, cached_sha256, model_path, prepare_stage, resolve_ref, stage_files
 
 NOSE_TIP = 1  # face-mesh vertex followed for head movement
 MOTION_MEASURES = ("head_motion", "body_motion", "hand_motion")  # per second, in face / shoulder widths
@@ -201,6 +201,8 @@ class BehaviorExtractor:
         num_threads: int = 1,
         face_files: dict[str, str | Path] | None = None,
         pose_files: dict[str, str | Path] | None = None,
+        describer: VlmSpec | None = None,
+        device: str | None = None,
     ):
         if expression not in EXPRESSION_MODELS:
             raise ValueError(f"expression model must be one of {', '.join(EXPRESSION_MODELS)}, found {expression!r}")
@@ -218,7 +220,10 @@ class BehaviorExtractor:
         modules = mediapipe_modules()
         self.face_files = {role: modules / path for role, path in (face_files or DEFAULT_FACE_FILES).items()}
         self.pose_files = {role: modules / path for role, path in (pose_files or DEFAULT_POSE_FILES).items()}
-        self.name = f"mediapipe-{expression}"
+        # A vision-language model writes the description instead of the rules (on ``device``).
+        self.describer = describer
+        self.requested_device = device
+        self.name = f"mediapipe-{expression}" + (f"-{describer.model_id}" if describer else "")
         self.random_weights = expression_random_weights
 
     @classmethod
@@ -229,9 +234,17 @@ class BehaviorExtractor:
         kind ``files`` names the FER2013 tflite (role ``classifier``); kind ``py-feat`` with source
         ``multitask`` uses py-feat's multitask model, from the option ``weights`` (a local
         ``.safetensors``) or else from the hub.
+
+        A ``describer`` stage (an image-text-to-text model folder, e.g. Qwen2-VL-2B-Instruct) makes
+        the model write each description; its option ``frames`` (4) sets how many frames it sees.
         """
         for stage in ("face", "pose", "expression"):
             prepare_stage(profile.stage(stage))
+        if "describer" in profile.stages and "describer" not in options:
+            entry = profile.stage("describer")
+            options["describer"] = VlmSpec(str(model_path(profile, "describer")), entry.model_id, entry.source,
+                                           tuple(sorted(entry.sha256.items())), int(entry.options.get("frames", 4)),
+                                           int(entry.options.get("max_new_tokens", 60)))
         options = {"face_files": stage_files(profile.stage("face")), "pose_files": stage_files(profile.stage("pose")),
                    **options}
         entry = profile.stage("expression")
@@ -243,6 +256,16 @@ class BehaviorExtractor:
                        expression_random_weights=entry.random_weights, **options)
         raise ProfileError(f"{entry.label}: expected kind 'files' (FER2013 tflite) or kind 'py-feat' with source "
                            f"'multitask', found kind {entry.kind!r} with source {entry.source!r}")
+
+    @property
+    def gpu_capable(self) -> bool:
+        """Whether a GPU would help: only the describer runs on one (MediaPipe and FER run on CPUs)."""
+        return self.describer is not None
+
+    @cached_property
+    def _vlm(self) -> VlmDescriber:
+        assert self.describer is not None
+        return VlmDescriber(self.describer.path, resolve_device(self.requested_device), self.describer.max_new_tokens)
 
     @cached_property
     def _faces(self) -> FaceFinder:
@@ -280,6 +303,7 @@ class BehaviorExtractor:
             "mediapipe": mediapipe_version(), "mediapipe_models": graphs,
             "expression": self._expression.config(),
             "rules_sha256": hashlib.sha256(self.rules.text.encode()).hexdigest(),
+            **({"describer": self.describer.config()} if self.describer else {}),
         }
 
     def fields(self) -> list[pa.Field]:
@@ -296,7 +320,7 @@ class BehaviorExtractor:
     def extract(self, items: list[UtteranceMedia]) -> list[dict | MediaError]:
         """One row (or a MediaError naming the file and the problem) per item, in order."""
         return rows_from_video(items, self.fps, self.max_side,
-                               lambda frames, times_s, path: self.features(self.measure_frames(frames, times_s), path))
+                               lambda frames, times_s, path: self.features(self.measure_frames(frames, times_s), path, frames))
 
     def measure_frames(self, frames: np.ndarray, times_s: np.ndarray) -> FrameMeasures:
         """Per-frame speaker measures from RGB frames (T, H, W, 3) taken at ``times_s`` (T,)."""
@@ -341,15 +365,22 @@ class BehaviorExtractor:
         values[:, col["hand_motion"]] = frame_motion(hands, body_scale, times_s)
         return FrameMeasures(names, values, np.asarray(times_s, dtype=np.float32), speaker_boxes, len(tracks))
 
-    def features(self, measures: FrameMeasures, source: str = "frames") -> dict:
-        """The output row (without uid) from frame measures; MediaError when nothing was found."""
+    def features(self, measures: FrameMeasures, source: str = "frames", frames: np.ndarray | None = None) -> dict:
+        """The output row (without uid) from frame measures (and, with a describer, the frames it
+        looks at); MediaError when nothing was found."""
         if measures.face_frames == 0 and measures.pose_frames == 0:
             raise MediaError(source, f"no face or body found in {len(measures.values)} frames")
         summary = summarize(measures)
+        if self.describer is not None:
+            if frames is None:
+                raise ValueError("a describer needs the frames: features(measures, source, frames)")
+            description = self._vlm.describe(self.describer.pick(frames)) or self.rules.describe(summary)
+        else:
+            description = self.rules.describe(summary)
         return {
             "vector": statistics_vector(summary, measures.names),
             "tokens": temporal_tokens(measures.values, self.tokens_k),
-            "description": self.rules.describe(summary),
+            "description": description,
             "frames": len(measures.values),
             "face_frames": measures.face_frames,
             "pose_frames": measures.pose_frames,
