@@ -183,3 +183,135 @@ def download(uri: str, dest: str | Path) -> ObjectInfo:
         partial.unlink(missing_ok=True)
         _raise(uri, e)
     return ObjectInfo(size=size, etag=result.meta.get("e_tag"))
+
+
+class _Listing:
+    """Every object under a prefix, listed once: key -> size, and the folders their keys imply."""
+
+    def __init__(self, root: str):
+        import obstore
+
+        store, prefix = open_object(root.rstrip("/") + "/")[0], split_uri(root)[1].strip("/")
+        self.sizes: dict[str, int] = {}
+        try:
+            for chunk in obstore.list(store, prefix or None, chunk_size=1000):
+                for meta in chunk:
+                    self.sizes[meta["path"]] = int(meta["size"])
+        except Exception as e:
+            _raise(root, e)
+        self.folders = {str(parent) for key in self.sizes for parent in PurePosixPath(key).parents if str(parent) != "."}
+
+
+class _Stat:
+    def __init__(self, size: int):
+        self.st_size = size
+
+
+class ObjectPath:
+    """A read-only, :class:`pathlib.Path`-like view of a folder on object storage, for the corpus
+    readers (``bemerc ingest meld s3://bucket/MELD``, ``ingest iemocap``): one listing of the root
+    prefix answers ``exists``/``is_dir``/``is_file``/``glob``; ``read_text``/``read_bytes`` GET the
+    object; ``str()`` is its URI. Folders are the prefixes of listed keys (object storage has no
+    empty folders).
+
+    >>> root = ObjectPath("s3://bucket/MELD")  # doctest: +SKIP
+    >>> sorted(p.name for p in root.glob("*.csv"))  # doctest: +SKIP
+    ['dev_sent_emo.csv', 'train_sent_emo.csv']
+    """
+
+    def __init__(self, uri: str, _listing: _Listing | None = None, _root: str | None = None):
+        self.uri = uri.rstrip("/")
+        self._root = _root or self.uri
+        self._listing = _listing
+
+    @property
+    def listing(self) -> _Listing:
+        if self._listing is None:
+            self._listing = _Listing(self._root)
+        return self._listing
+
+    @property
+    def key(self) -> str:
+        return split_uri(self.uri)[1].strip("/")
+
+    @property
+    def name(self) -> str:
+        return PurePosixPath(self.key).name
+
+    @property
+    def stem(self) -> str:
+        return PurePosixPath(self.key).stem
+
+    @property
+    def suffix(self) -> str:
+        return PurePosixPath(self.key).suffix
+
+    @property
+    def parent(self) -> "ObjectPath":
+        root, key = split_uri(self.uri)
+        return ObjectPath(f"{root}/{PurePosixPath(key).parent}", self._listing, self._root)
+
+    def __truediv__(self, part: str) -> "ObjectPath":
+        return ObjectPath(f"{self.uri}/{str(part).strip('/')}", self._listing, self._root)
+
+    def __str__(self) -> str:
+        return self.uri
+
+    def __repr__(self) -> str:
+        return f"ObjectPath({self.uri!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ObjectPath) and other.uri == self.uri
+
+    def __hash__(self) -> int:
+        return hash(self.uri)
+
+    def __lt__(self, other: "ObjectPath") -> bool:
+        return self.uri < other.uri
+
+    def resolve(self) -> "ObjectPath":
+        return self
+
+    def is_file(self) -> bool:
+        return self.key in self.listing.sizes
+
+    def is_dir(self) -> bool:
+        return self.key in self.listing.folders or (self.uri == self._root and bool(self.listing.sizes))
+
+    def exists(self) -> bool:
+        return self.is_file() or self.is_dir()
+
+    def stat(self) -> _Stat:
+        if not self.is_file():
+            raise FileNotFoundError(self.uri)
+        return _Stat(self.listing.sizes[self.key])
+
+    def read_bytes(self) -> bytes:
+        return read_bytes(self.uri)
+
+    def read_text(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        return self.read_bytes().decode(encoding, errors)
+
+    def glob(self, pattern: str) -> list["ObjectPath"]:
+        """Files and folders below this one whose path relative to it matches ``pattern`` (``*`` within
+        a name, ``**/`` any folders), sorted."""
+        import fnmatch
+
+        base = self.key
+        inside = [k for k in (*self.listing.sizes, *self.listing.folders) if not base or k.startswith(base + "/")]
+        relative = [k[len(base) + 1:] if base else k for k in inside]
+        depth = pattern.count("/")
+        matches = []
+        for rel in relative:
+            if pattern.startswith("**/"):
+                ok = fnmatch.fnmatchcase(PurePosixPath(rel).name, pattern[3:]) if "/" not in pattern[3:] else fnmatch.fnmatchcase(rel, pattern[3:])
+            else:
+                ok = rel.count("/") == depth and fnmatch.fnmatchcase(rel, pattern)
+            if ok:
+                matches.append(self / rel)
+        return sorted(set(matches))
+
+
+def as_path(path: str | Path) -> "Path | ObjectPath":
+    """A local path resolved, or an :class:`ObjectPath` for an object URI."""
+    return ObjectPath(str(path)) if is_uri(path) else Path(path).resolve()

@@ -13,6 +13,7 @@ import bemerc  # noqa: E402,F401  (sets the OpenMP wait policy before any test i
 import contextlib
 import csv
 import importlib.util
+import shutil
 import socket
 import threading
 from collections import defaultdict
@@ -80,6 +81,29 @@ def s3_store(s3_server, request) -> str:
 
 
 # --- helpers shared by several test files (import them: `from conftest import small_store`) -----
+
+
+def write_iemocap(root: Path, wav: Path) -> None:
+    """A tiny tree in the IEMOCAP_full_release layout: sessions 1 and 5, one dialogue each."""
+    for session, dialogue in ((1, "Ses01F_impro01"), (5, "Ses05M_script02")):
+        s = root / f"Session{session}"
+        (s / "dialog" / "EmoEvaluation").mkdir(parents=True)
+        (s / "dialog" / "transcriptions").mkdir(parents=True)
+        wav_dir = s / "sentences" / "wav" / dialogue
+        wav_dir.mkdir(parents=True)
+        lines = [("F000", 6.29, 8.23, "neu", "Excuse me."), ("M000", 8.50, 10.0, "fru", "Do you have your forms?"),
+                 ("F001", 10.5, 11.7, "xxx", "Yeah."), ("M001", 12.0, 14.2, "exc", "Great, let's go!")]
+        ev, tr = ["% header", ""], []
+        for code, start, end, label, text in lines:
+            name = f"{dialogue}_{code}"
+            ev.append(f"[{start:.4f} - {end:.4f}]\t{name}\t{label}\t[2.5000, 2.5000, 2.5000]")
+            ev.append("C-E1:\tNeutral;\t()")
+            tr.append(f"{name} [{start:08.4f}-{end:08.4f}]: {text}")
+            shutil.copy(wav, wav_dir / f"{name}.wav")
+        (s / "dialog" / "EmoEvaluation" / f"{dialogue}.txt").write_text("\n".join(ev))
+        (s / "dialog" / "transcriptions" / f"{dialogue}.txt").write_text("\n".join(tr))
+
+
 
 TRAIN_DIALOGUES, DEV_DIALOGUES = 24, 8  # the MELD dialogues of small_store
 SPLIT_OF_DIALOGUE = ("train", "train", "train", "train", "dev", "test")  # by dialogue index mod 6

@@ -13,6 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from bemerc.cli import app
+from conftest import write_iemocap
 from bemerc.store import Store
 from bemerc.store.ingest import IngestError, read_iemocap, read_manifest, read_meld, write_utterances
 
@@ -177,29 +178,8 @@ def test_unreadable_meld_csv(tmp_path):
         read_meld(tmp_path)
 
 
-def _write_iemocap(root: Path, wav: Path) -> None:
-    """A tiny tree in the IEMOCAP_full_release layout: sessions 1 and 5, one dialogue each."""
-    for session, dialogue in ((1, "Ses01F_impro01"), (5, "Ses05M_script02")):
-        s = root / f"Session{session}"
-        (s / "dialog" / "EmoEvaluation").mkdir(parents=True)
-        (s / "dialog" / "transcriptions").mkdir(parents=True)
-        wav_dir = s / "sentences" / "wav" / dialogue
-        wav_dir.mkdir(parents=True)
-        lines = [("F000", 6.29, 8.23, "neu", "Excuse me."), ("M000", 8.50, 10.0, "fru", "Do you have your forms?"),
-                 ("F001", 10.5, 11.7, "xxx", "Yeah."), ("M001", 12.0, 14.2, "exc", "Great, let's go!")]
-        ev, tr = ["% header", ""], []
-        for code, start, end, label, text in lines:
-            name = f"{dialogue}_{code}"
-            ev.append(f"[{start:.4f} - {end:.4f}]\t{name}\t{label}\t[2.5000, 2.5000, 2.5000]")
-            ev.append("C-E1:\tNeutral;\t()")
-            tr.append(f"{name} [{start:08.4f}-{end:08.4f}]: {text}")
-            shutil.copy(wav, wav_dir / f"{name}.wav")
-        (s / "dialog" / "EmoEvaluation" / f"{dialogue}.txt").write_text("\n".join(ev))
-        (s / "dialog" / "transcriptions" / f"{dialogue}.txt").write_text("\n".join(tr))
-
-
 def test_iemocap_layout(tmp_path, ravdess_dir):
-    _write_iemocap(tmp_path / "IEMOCAP_full_release", sorted((ravdess_dir / "audio").glob("*.wav"))[0])
+    write_iemocap(tmp_path / "IEMOCAP_full_release", sorted((ravdess_dir / "audio").glob("*.wav"))[0])
     report = read_iemocap(tmp_path / "IEMOCAP_full_release")
     assert report.skipped == {"label xxx": 2}
     assert len(report.rows) == 6

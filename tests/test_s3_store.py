@@ -123,3 +123,55 @@ def test_bad_manifests_and_media_on_s3_are_one_line_and_store_nothing(s3_server,
         assert result.exit_code == 1, result.output
         assert expected in result.output and len(result.output.strip().splitlines()) == 1, result.output
     assert Store(s3_store).version("utterances") == before
+
+
+def test_meld_and_iemocap_folders_on_s3_ingest_like_local_ones(s3_server, meld_dir, ravdess_dir, tmp_path):
+    """The same trees on disk and under s3://: the same rows, clips linked by URI, missing ones
+    reported, checksums equal."""
+    import csv
+    import shutil
+    from pathlib import Path
+
+    from conftest import write_iemocap
+
+    from bemerc.store.ingest import read_iemocap, read_meld
+
+    meld = tmp_path / "MELD"
+    (meld / "data" / "MELD").mkdir(parents=True)
+    shutil.copy(meld_dir / "train_sent_emo.csv", meld / "data" / "MELD")
+    rows = list(csv.DictReader(open(meld_dir / "dev_sent_emo.csv", encoding="utf-8")))[:12]
+    with open(meld / "data" / "MELD" / "dev_sent_emo.csv", "w", encoding="utf-8", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (meld / "MELD.Raw" / "dev_splits_complete").mkdir(parents=True)
+    video = next((ravdess_dir / "video").glob("*.mp4"))
+    for r in rows[:-1]:  # the last clip is missing, as two are in the real release
+        shutil.copy(video, meld / "MELD.Raw" / "dev_splits_complete" / f"dia{r['Dialogue_ID']}_utt{r['Utterance_ID']}.mp4")
+    iemocap = tmp_path / "IEMOCAP_full_release"
+    write_iemocap(iemocap, sorted((ravdess_dir / "audio").glob("*.wav"))[0])
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    for tree in (meld, iemocap):
+        for path in tree.rglob("*"):
+            if path.is_file():
+                s3.upload_file(str(path), "bemerc-test", f"corpora/{path.relative_to(tmp_path)}")
+
+    def as_uri(value):
+        return f"s3://bemerc-test/corpora/{Path(value).relative_to(tmp_path)}" if value else value
+
+    remotes = {}
+    for reader, tree in ((read_meld, meld), (read_iemocap, iemocap)):
+        local, remote = reader(tree), reader(f"s3://bemerc-test/corpora/{tree.name}")
+        expected = [{**r, "video_path": as_uri(r["video_path"]), "audio_path": as_uri(r["audio_path"])} for r in local.rows]
+        assert remote.rows == expected and remote.skipped == local.skipped and remote.missing_media == local.missing_media
+        remotes[tree.name] = remote
+    assert sum(str(r["video_path"]).startswith("s3://") for r in remotes["MELD"].rows) == 11
+    assert len(remotes["MELD"].missing_media) == 1 and remotes["IEMOCAP_full_release"].skipped == {"label xxx": 2}
+    assert all(r["audio_path"].startswith("s3://") for r in remotes["IEMOCAP_full_release"].rows)
+
+    stores = {"local": str(tmp_path / "local"), "s3": str(tmp_path / "from-s3")}
+    cli("ingest", "meld", str(meld), "--store", stores["local"])
+    out = cli("ingest", "meld", "s3://bemerc-test/corpora/MELD", "--store", stores["s3"])
+    assert "MELD: 10,001 utterances (train 9,989, dev 12)" in out and "1 utterance(s) have no clip" in out
+    sums = [Store(s).read("utterances", ["uid", "media_sha256"]).sort("uid") for s in stores.values()]
+    assert sums[0].equals(sums[1]) and sums[0]["media_sha256"].drop_nulls().len() == 11

@@ -48,7 +48,7 @@ def _write(store_path: Path, reader: str, name: str, *args, **kwargs) -> None:
 
 @ingest_app.command("meld")
 def meld(
-    folder: Annotated[Path, typer.Argument(help="MELD folder: the *_sent_emo.csv files here or in data/MELD/; clips under train_splits/, dev_splits_complete/, output_repeated_splits_test/ when present.")],
+    folder: Annotated[str, typer.Argument(help="MELD folder (or a prefix on object storage, s3://bucket/MELD): the *_sent_emo.csv files here or in data/MELD/; clips under train_splits/, dev_splits_complete/, output_repeated_splits_test/ when present.", show_default=False)],
     store: StoreOption = DEFAULT_STORE,
 ) -> None:
     """Ingest MELD (train, dev and test CSVs, whichever exist) and link its clips.
@@ -62,7 +62,7 @@ def meld(
 
 @ingest_app.command("iemocap")
 def iemocap(
-    folder: Annotated[Path, typer.Argument(help="IEMOCAP_full_release folder (Session1..Session5).")],
+    folder: Annotated[str, typer.Argument(help="IEMOCAP_full_release folder (Session1..Session5), or a prefix on object storage.", show_default=False)],
     store: StoreOption = DEFAULT_STORE,
 ) -> None:
     """Ingest IEMOCAP with the standard 6 classes (happy, sad, neutral, angry, excited, frustrated).

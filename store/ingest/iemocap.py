@@ -16,6 +16,7 @@ import zlib
 from pathlib import Path
 
 from bemerc.store.ingest.common import IngestError, IngestReport
+from bemerc.store.objects import ObjectError, as_path
 
 LABEL_CODES = {"neu": "neutral", "hap": "happy", "sad": "sad", "ang": "angry", "exc": "excited", "fru": "frustrated"}
 EVAL_LINE = re.compile(r"^\[(\d+\.?\d*)\s*-\s*(\d+\.?\d*)\]\s+(\S+)\s+(\S+)\s+\[")
@@ -33,6 +34,8 @@ def _read_text(path: Path) -> list[str]:
         return path.read_text(encoding="utf-8", errors="strict").splitlines()
     except UnicodeDecodeError:
         return path.read_text(encoding="latin-1").splitlines()  # a few release files are not UTF-8
+    except ObjectError as e:
+        raise IngestError(path, e.problem) from None
     except OSError as e:
         raise IngestError(path, f"cannot read ({e.strerror})") from None
 
@@ -40,9 +43,11 @@ def _read_text(path: Path) -> list[str]:
 def read_iemocap(root: str | Path) -> IngestReport:
     """Read an IEMOCAP_full_release folder into utterance rows (nothing is written).
 
+    ``root`` may be a prefix on object storage (``s3://bucket/IEMOCAP_full_release``).
+
     >>> read_iemocap("IEMOCAP_full_release").counts()   # doctest: +SKIP
     """
-    root = Path(root).resolve()
+    root = as_path(root)
     sessions = sorted(p for p in root.glob("Session[1-5]") if p.is_dir())
     if not sessions:
         raise IngestError(root, "no Session1..Session5 folders (expected the IEMOCAP_full_release layout)")

@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 from bemerc.store.ingest.common import IngestError, IngestReport, check_rows, read_utf8
+from bemerc.store.objects import as_path
 from bemerc.store.schema import MELD_LABELS
 
 CSV_NAMES = {"train": "train_sent_emo.csv", "dev": "dev_sent_emo.csv", "test": "test_sent_emo.csv"}
@@ -59,12 +60,13 @@ def read_meld(root: str | Path) -> IngestReport:
 
     ``root`` holds the CSVs directly or in ``data/MELD/``; clips ``dia{D}_utt{U}.mp4`` are linked from
     ``train_splits/``, ``dev_splits_complete/`` and ``output_repeated_splits_test/`` when present.
+    ``root`` may be a prefix on object storage (``s3://bucket/MELD``): the clips are then linked by URI.
 
     >>> report = read_meld("../shared/data/meld")   # doctest: +SKIP
     >>> report.counts()                             # doctest: +SKIP
     {'train': 9989, 'dev': 1109}
     """
-    root = Path(root).resolve()
+    root = as_path(root)
     if not root.exists():
         raise IngestError(root, "folder not found")
     csv_dir = _find_csv_dir(root)
