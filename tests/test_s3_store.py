@@ -8,6 +8,7 @@ import sys
 import time
 
 import boto3
+import numpy as np
 import pyarrow as pa
 import pytest
 from typer.testing import CliRunner
@@ -175,3 +176,26 @@ def test_meld_and_iemocap_folders_on_s3_ingest_like_local_ones(s3_server, meld_d
     assert "MELD: 10,001 utterances (train 9,989, dev 12)" in out and "1 utterance(s) have no clip" in out
     sums = [Store(s).read("utterances", ["uid", "media_sha256"]).sort("uid") for s in stores.values()]
     assert sums[0].equals(sums[1]) and sums[0]["media_sha256"].drop_nulls().len() == 11
+
+
+def test_media_objects_are_downloaded_once_and_the_cache_stays_bounded(s3_server, ravdess_dir, tmp_path):
+    """A recording cut into many utterances is fetched once; past the cache's limit the oldest copies
+    go (never the two newest), and decoding from the object equals decoding the file."""
+    from bemerc.extract.media import MediaError, _MediaCache, decode_audio, local_media
+
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    wavs = sorted((ravdess_dir / "audio").glob("*.wav"))[:3]
+    uris = []
+    for wav in wavs:
+        s3.upload_file(str(wav), "bemerc-test", f"cache/{wav.name}")
+        uris.append(f"s3://bemerc-test/cache/{wav.name}")
+    first = local_media(uris[0])
+    assert local_media(uris[0]) == first and first.read_bytes() == wavs[0].read_bytes()
+    np.testing.assert_array_equal(decode_audio(uris[0], start_s=0.5, end_s=1.0), decode_audio(wavs[0], start_s=0.5, end_s=1.0))
+
+    cache = _MediaCache(limit_mb=wavs[0].stat().st_size / 2**20 * 1.5)  # room for about one and a half files
+    copies = [cache.get(uri) for uri in uris]
+    assert not copies[0].exists() and copies[1].exists() and copies[2].exists()
+    assert list(cache.files) == uris[1:]
+    with pytest.raises(MediaError, match=r"object not found \(s3://bemerc-test/cache/none.wav\)"):
+        local_media("s3://bemerc-test/cache/none.wav")
