@@ -313,5 +313,5 @@ class ObjectPath:
 
 
 def as_path(path: str | Path) -> "Path | ObjectPath":
-    """A local path resolved, or an :class:`ObjectPath` for an object URI."""
-    return ObjectPath(str(path)) if is_uri(path) else Path(path).resolve()
+    """A local path resolved (``~`` expanded), or an :class:`ObjectPath` for an object URI."""
+    return ObjectPath(str(path)) if is_uri(path) else Path(path).expanduser().resolve()
