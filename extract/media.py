@@ -137,7 +137,11 @@ def probe(path: str | Path) -> MediaInfo:
     >>> probe("clip.mp4").duration_s  # doctest: +SKIP
     3.35
     """
-    name, path = _open(path)
+    return _probe(*_open(path))
+
+
+def _probe(name: str, path: Path) -> MediaInfo:
+    """:func:`probe` of the local file ``path``; errors name ``name`` (the path or URI asked for)."""
     cmd = [_ffmpeg("ffprobe"), "-v", "error", "-print_format", "json", "-show_format", "-show_streams", str(path)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -220,7 +224,7 @@ def sample_frames(
     lands on the nearest decoded frame, at most a few source frames (~0.1 s at 30 fps) from its time.
     """
     name, path = _open(path)
-    info = probe(path)
+    info = _probe(name, path)
     if not info.has_video:
         raise MediaError(name, "no video stream")
     scale = max_side / max(info.width, info.height, 1)
@@ -241,6 +245,15 @@ def sample_frames(
     frames = np.frombuffer(proc.stdout[: count * frame_bytes], dtype=np.uint8).reshape(count, height, width, 3)
     times = (np.arange(count) + 0.5) / fps
     return frames, times
+
+
+def evenly_spaced(frames: np.ndarray, k: int) -> np.ndarray:
+    """At most ``k`` of ``frames`` (T, ...), evenly spread, first and last included.
+
+    >>> evenly_spaced(np.arange(10), 3), evenly_spaced(np.arange(2), 8)
+    (array([0, 4, 9]), array([0, 1]))
+    """
+    return frames[np.unique(np.linspace(0, len(frames) - 1, min(len(frames), k)).round().astype(int))]
 
 
 def decode_ahead(items: Iterable[T], decode: Callable[[T], R]) -> Iterator[tuple[T, R | MediaError]]:

@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from bemerc.extract.base import UtteranceMedia, resolve_device, vector_field
 from bemerc.extract.behavior.extractor import rows_from_video
-from bemerc.extract.media import FRAME_SAMPLING, MediaError
+from bemerc.extract.media import FRAME_SAMPLING, MediaError, evenly_spaced
 from bemerc.models.profiles import Profile
 
 
@@ -142,8 +142,7 @@ class ClipVisualExtractor:
         from PIL import Image
 
         tower, preprocess = self._model
-        keep = np.unique(np.linspace(0, len(frames) - 1, min(len(frames), self.max_frames)).round().astype(int))
-        batch = torch.stack([preprocess(Image.fromarray(frames[i])) for i in keep]).to(self.device)
+        batch = torch.stack([preprocess(Image.fromarray(frame)) for frame in evenly_spaced(frames, self.max_frames)]).to(self.device)
         with torch.inference_mode():
             mean = tower(batch).float().mean(dim=0)
         return (mean / mean.norm().clamp_min(1e-12)).cpu().numpy().astype(np.float32)

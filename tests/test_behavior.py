@@ -205,7 +205,7 @@ def test_a_profile_describer_writes_the_descriptions(tiny_vlm, ravdess_video, tm
     from bemerc.extract.base import UtteranceMedia, config_hash, uses_gpu
     from bemerc.extract.behavior.describe import VlmDescriber
     from bemerc.extract.factory import build_extractor
-    from bemerc.extract.media import sample_frames
+    from bemerc.extract.media import evenly_spaced, sample_frames
 
     user = tmp_path / "described.toml"
     user.write_text(f'extends = "offline"\n[stages.describer]\nkind = "hf"\nsource = "{tiny_vlm}"\n'
@@ -217,5 +217,5 @@ def test_a_profile_describer_writes_the_descriptions(tiny_vlm, ravdess_video, tm
     [row], [rule_row] = described.extract([item]), plain.extract([item])
     np.testing.assert_array_equal(row["vector"], rule_row["vector"])
     frames, _ = sample_frames(ravdess_video, described.fps, described.max_side)
-    expected = VlmDescriber(str(described.describer.path), "cpu", 6).describe(described.describer.pick(frames))
+    expected = VlmDescriber(str(described.describer.path), "cpu", 6).describe(evenly_spaced(frames, described.describer.frames))
     assert row["description"] == expected and expected and expected != rule_row["description"]

@@ -181,7 +181,7 @@ def test_meld_and_iemocap_folders_on_s3_ingest_like_local_ones(s3_server, meld_d
 def test_media_objects_are_downloaded_once_and_the_cache_stays_bounded(s3_server, ravdess_dir, tmp_path):
     """A recording cut into many utterances is fetched once; past the cache's limit the oldest copies
     go (never the two newest), and decoding from the object equals decoding the file."""
-    from bemerc.extract.media import MediaError, _MediaCache, decode_audio, local_media
+    from bemerc.extract.media import MediaError, _MediaCache, decode_audio, local_media, sample_frames
 
     s3 = boto3.client("s3", endpoint_url=s3_server)
     wavs = sorted((ravdess_dir / "audio").glob("*.wav"))[:3]
@@ -199,3 +199,7 @@ def test_media_objects_are_downloaded_once_and_the_cache_stays_bounded(s3_server
     assert list(cache.files) == uris[1:]
     with pytest.raises(MediaError, match=r"object not found \(s3://bemerc-test/cache/none.wav\)"):
         local_media("s3://bemerc-test/cache/none.wav")
+    video = next((ravdess_dir / "video").glob("*.mp4"))
+    s3.put_object(Bucket="bemerc-test", Key="cache/truncated.mp4", Body=video.read_bytes()[:3000])
+    with pytest.raises(MediaError, match=r"^s3://bemerc-test/cache/truncated.mp4: unreadable media"):
+        sample_frames("s3://bemerc-test/cache/truncated.mp4")  # named by its URI, not the local copy

@@ -105,15 +105,6 @@ class VlmSpec:
                 "prompt": VlmDescriber.PROMPT, "frames": self.frames, "max_new_tokens": self.max_new_tokens,
                 "decoding": "greedy"}
 
-    def pick(self, frames: np.ndarray) -> np.ndarray:
-        """``frames`` evenly spaced frames of (T, H, W, 3), first and last included.
-
-        >>> VlmSpec("m", "m", frames=3).pick(np.zeros((10, 2, 2, 3), np.uint8)).shape
-        (3, 2, 2, 3)
-        """
-        keep = np.unique(np.linspace(0, len(frames) - 1, min(len(frames), self.frames)).round().astype(int))
-        return frames[keep]
-
 
 class VlmDescriber:
     """Describe the speaker's behaviour with a vision-language model (GPU recommended; not used offline).

@@ -44,7 +44,7 @@ from bemerc.extract.behavior.expression import EXPRESSION_MODELS, ExpressionMode
 from bemerc.extract.behavior.face import (
     DEFAULT_FACE_FILES, FACE_MEASURES, FaceFinder, inter_ocular_distance, face_measures, pick_speaker, track_faces,
 )
-from bemerc.extract.media import FRAME_SAMPLING, MediaError, decode_ahead, sample_frames
+from bemerc.extract.media import FRAME_SAMPLING, MediaError, decode_ahead, evenly_spaced, sample_frames
 from bemerc.models.profiles import Profile, ProfileError, cached_sha256, model_path, prepare_stage, resolve_ref, stage_files
 
 NOSE_TIP = 1  # face-mesh vertex followed for head movement
@@ -374,7 +374,7 @@ class BehaviorExtractor:
         if self.describer is not None:
             if frames is None:
                 raise ValueError("a describer needs the frames: features(measures, source, frames)")
-            description = self._vlm.describe(self.describer.pick(frames)) or self.rules.describe(summary)
+            description = self._vlm.describe(evenly_spaced(frames, self.describer.frames)) or self.rules.describe(summary)
         else:
             description = self.rules.describe(summary)
         return {
