@@ -78,9 +78,8 @@ def join_uri(base: str, relative: str) -> str:
     return f"{root}/{'/'.join(parts)}" if root != "file://" else f"file:///{'/'.join(parts)}"
 
 
-def open_object(uri: str) -> tuple[Any, str]:
-    """``(obstore store, key)`` for an object URI; the store client is made once per bucket."""
-    root, key = split_uri(uri)
+def _client(root: str, uri: str) -> Any:
+    """The obstore client of ``root`` (``scheme://bucket``), made once per bucket and endpoint."""
     client = (root, os.environ.get("AWS_ENDPOINT_URL"))  # a new endpoint in the environment gets a new client
     with _STORES_GUARD:
         store = _STORES.get(client)
@@ -92,6 +91,13 @@ def open_object(uri: str) -> tuple[Any, str]:
             except Exception as e:  # obstore's configuration errors: unknown scheme, bad options
                 raise ObjectError(uri, f"cannot open object storage ({_one_line(e)})") from None
             _STORES[client] = store
+    return store
+
+
+def open_object(uri: str) -> tuple[Any, str]:
+    """``(obstore store, key)`` for an object URI; the store client is made once per bucket."""
+    root, key = split_uri(uri)
+    store = _client(root, uri)
     if not key:
         raise ObjectError(uri, "no object key after the bucket")
     return store, key
@@ -191,7 +197,8 @@ class _Listing:
     def __init__(self, root: str):
         import obstore
 
-        store, prefix = open_object(root.rstrip("/") + "/")[0], split_uri(root)[1].strip("/")
+        bucket, prefix = split_uri(root)
+        store, prefix = _client(bucket, root), prefix.strip("/")  # a whole bucket is a folder too
         self.sizes: dict[str, int] = {}
         try:
             for chunk in obstore.list(store, prefix or None, chunk_size=1000):
@@ -249,7 +256,8 @@ class ObjectPath:
     @property
     def parent(self) -> "ObjectPath":
         root, key = split_uri(self.uri)
-        return ObjectPath(f"{root}/{PurePosixPath(key).parent}", self._listing, self._root)
+        parent = str(PurePosixPath(key).parent)
+        return ObjectPath(root if parent == "." else f"{root}/{parent}", self._listing, self._root)
 
     def __truediv__(self, part: str) -> "ObjectPath":
         return ObjectPath(f"{self.uri}/{str(part).strip('/')}", self._listing, self._root)
@@ -300,14 +308,14 @@ class ObjectPath:
         base = self.key
         inside = [k for k in (*self.listing.sizes, *self.listing.folders) if not base or k.startswith(base + "/")]
         relative = [k[len(base) + 1:] if base else k for k in inside]
-        depth = pattern.count("/")
+        anywhere, pattern = pattern.startswith("**/"), pattern.removeprefix("**/")
+        depth = pattern.count("/") + 1  # path parts the pattern spans
         matches = []
         for rel in relative:
-            if pattern.startswith("**/"):
-                ok = fnmatch.fnmatchcase(PurePosixPath(rel).name, pattern[3:]) if "/" not in pattern[3:] else fnmatch.fnmatchcase(rel, pattern[3:])
-            else:
-                ok = rel.count("/") == depth and fnmatch.fnmatchcase(rel, pattern)
-            if ok:
+            parts = rel.split("/")
+            if len(parts) < depth or (not anywhere and len(parts) > depth):  # "**/": below any folders
+                continue
+            if fnmatch.fnmatchcase("/".join(parts[-depth:]), pattern):
                 matches.append(self / rel)
         return sorted(set(matches))
 

@@ -30,14 +30,17 @@ def _split_of(session: int, dialogue: str) -> str:
 
 
 def _read_text(path: Path) -> list[str]:
+    """A release text file's lines (read once, a local file or an object)."""
     try:
-        return path.read_text(encoding="utf-8", errors="strict").splitlines()
-    except UnicodeDecodeError:
-        return path.read_text(encoding="latin-1").splitlines()  # a few release files are not UTF-8
+        data = path.read_bytes()
     except ObjectError as e:
         raise IngestError(path, e.problem) from None
     except OSError as e:
         raise IngestError(path, f"cannot read ({e.strerror})") from None
+    try:
+        return data.decode("utf-8").splitlines()
+    except UnicodeDecodeError:
+        return data.decode("latin-1").splitlines()  # a few release files are not UTF-8
 
 
 def read_iemocap(root: str | Path) -> IngestReport:
