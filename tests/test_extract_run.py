@@ -124,7 +124,7 @@ def test_strict_exits_non_zero_on_failures(ravdess_store):
     assert result.exit_code == 1
 
 
-def test_device_cpu_writes_the_same_feature_set_and_cuda_without_a_gpu_is_one_line(ravdess_store, tmp_path):
+def test_device_cpu_writes_the_same_feature_set_and_cuda_without_a_gpu_is_one_line(ravdess_store, tmp_path, monkeypatch):
     import torch
 
     store = tmp_path / "store"
@@ -134,6 +134,10 @@ def test_device_cpu_writes_the_same_feature_set_and_cuda_without_a_gpu_is_one_li
     assert result.exit_code == 0, result.output
     assert "0 extracted" in result.output  # the device is not part of the feature set: nothing to redo
     assert Store(store).read("feature_sets").equals(before)
+    monkeypatch.setenv("BEMERC_DEVICE", "gpu0")
+    result = runner.invoke(app, ["extract", "--modality", "text", "--store", str(store)])
+    assert result.exit_code == 1 and "BEMERC_DEVICE='gpu0': expected one of auto, cpu, cuda" in result.output
+    monkeypatch.delenv("BEMERC_DEVICE")
     if torch.cuda.is_available():
         pytest.skip("this machine has a CUDA GPU")
     result = runner.invoke(app, ["extract", "--modality", "audio", "--device", "cuda", "--store", str(store)])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from enum import Enum
 from typing import Annotated
 
@@ -50,7 +51,7 @@ def register(app: typer.Typer) -> None:
         Example: `bemerc extract --modality behavior --limit 50`;
         on a cluster: `bemerc extract --engine ray --ray-address auto --workers 32 --store s3://bucket/store`
         """
-        from bemerc.extract.base import MODALITY_ORDER, feature_set_id, resolve_device, uses_gpu
+        from bemerc.extract.base import DEVICES, MODALITY_ORDER, feature_set_id, resolve_device, uses_gpu
         from bemerc.extract.factory import build_extractor
         from bemerc.models.profiles import ProfileError, load_profile
         from bemerc.store.summary import recall, remember, tables_state
@@ -63,7 +64,9 @@ def register(app: typer.Typer) -> None:
         try:
             chosen = load_profile(profile)
             # Cheap: an extractor knows its feature set from the profile; its model loads on first use.
-            device_name = device.value if device else None
+            device_name = device.value if device else os.environ.get("BEMERC_DEVICE") or None
+            if device_name not in (None, *DEVICES):
+                raise ValueError(f"BEMERC_DEVICE={device_name!r}: expected one of {', '.join(DEVICES)}")
             extractors = {name: build_extractor(name, chosen, device_name) for name in modalities}
         except (ProfileError, OSError, ValueError) as e:
             fail(str(e))
