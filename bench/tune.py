@@ -9,6 +9,16 @@ Accuracy (unless ``--speed-only``): trains the chosen layouts on the first ``--t
 utterances (default: all) and scores dev with each, with the untouched model (zero-shot) and the
 majority class. Everything goes to ``OUT/bench.json``.
 
+Probe (``--probe``): the check that the soft-token path works, on any corpus. For each soft modality
+the store holds (or ``--modalities``), the tuned LLM with that modality's soft tokens alone beside a
+linear probe (the baseline's standardised, class-weighted logistic regression) on the same stored
+vectors and the majority class, all on dev, in one run; plus the LLM with no soft tokens (the words
+alone), so "what the soft tokens add" is the difference of two rows. Tune settings are the defaults
+unless given (``--epochs``, ``--lr``, ...). Prints a table and writes ``OUT/probe.json``.
+
+    python bench/tune.py --store /tmp/ravdess --model DIR --probe             # audio: words carry nothing
+    python bench/tune.py --store /tmp/meld --model DIR --probe --train-limit 2000 --eval-limit 600
+
     python -m bemerc ingest meld ../shared/data/meld --store /tmp/meld && python -m bemerc extract --modality text --store /tmp/meld
     python bench/tune.py --store /tmp/meld --model ~/.cache/bemerc/models/llm-*/model --speed-only
     python bench/tune.py --store /tmp/meld --model DIR --accuracy-only --layouts dialogue --train-limit 2000 --eval-limit 600
@@ -30,6 +40,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from bemerc.store import Store  # noqa: E402
 from bemerc.train.tune.loop import TuneConfig, tune  # noqa: E402
 
+DEFAULTS = TuneConfig(model="")  # the tune defaults, so the bench measures what `bemerc tune` runs
+
 
 def speed(store: Store, out: Path, common: dict, layout: str, threads: int, steps: int, n_train: int) -> dict:
     """Tokens per utterance and utterances/s over ``steps`` steps (the first, warm-up, left out)."""
@@ -44,6 +56,60 @@ def speed(store: Store, out: Path, common: dict, layout: str, threads: int, step
             "epoch_minutes": n_train / rate / 60}
 
 
+def linear_probe(store: Store, modality: str, dataset: str | None) -> dict:
+    """Dev weighted F1 of the baseline's logistic head on one modality's stored vectors alone, and
+    of the majority class (rows without the modality are left out of both)."""
+    import numpy as np
+
+    from bemerc.store.schema import run_classes
+    from bemerc.train.baseline import BaselineConfig, LogisticHead
+    from bemerc.train.metrics import classification_metrics
+    from bemerc.train.tensors import load_corpus
+
+    corpus = load_corpus(store, [modality], dataset=dataset)
+    arrays = corpus.modalities[modality]
+    labels = corpus.utterances["label"].to_list()
+    classes = run_classes(dataset, labels)
+    y = np.array([classes.index(label) if label is not None else -1 for label in labels])
+    rows = {split: np.flatnonzero(corpus.split_mask(split) & arrays.present & (y >= 0)) for split in ("train", "dev")}
+    head = LogisticHead.fit(arrays.vectors[rows["train"]], y[rows["train"]], len(classes), BaselineConfig())
+    dev = rows["dev"]
+    probe = classification_metrics(y[dev], head(arrays.vectors[dev]).argmax(1), classes)
+    majority = np.bincount(y[rows["train"]], minlength=len(classes)).argmax()
+    floor = classification_metrics(y[dev], np.full(len(dev), majority), classes)
+    return {"probe_weighted_f1": probe["weighted_f1"], "majority_weighted_f1": floor["weighted_f1"], "dev_rows": len(dev)}
+
+
+def probe(store: Store, out: Path, common: dict, args) -> dict:
+    """The probe table: per soft modality, the tuned LLM (that modality's soft tokens and the words),
+    a linear probe on the same vectors and the majority class; and the LLM on the words alone."""
+    from bemerc.train.tune.loop import SOFT_MODALITIES, load_data
+
+    stored = {fs.modality for fs in store.feature_sets()}
+    modalities = args.modalities.split(",") if args.modalities else [m for m in SOFT_MODALITIES if m in stored]
+    dataset = load_data(store, TuneConfig(model=args.model, zero_shot=True)).dataset
+    settings = dict(common, layout=args.layouts.split(",")[-1], epochs=args.epochs, train_limit=args.train_limit,
+                    eval_limit=args.eval_limit, threads=int(args.threads.split(",")[0]), progress=False)
+    rows, start = [], time.perf_counter()
+    for modality in [None, *modalities]:
+        t0 = time.perf_counter()
+        run = tune(store, TuneConfig(**settings, modalities=[modality] if modality else [],
+                                     run_dir=str(out / f"probe-{modality or 'words'}")))
+        row = {"soft": modality or "none (words only)", "llm_weighted_f1": run["metrics"]["dev"]["weighted_f1"],
+               "llm_accuracy": run["metrics"]["dev"]["accuracy"], "minutes": (time.perf_counter() - t0) / 60,
+               "epoch_minutes": run["timing"]["train_seconds"] / 60 / max(args.epochs, 1),
+               "final_loss": run["timing"]["final_loss"], "run_id": run["run_id"]}
+        row.update(linear_probe(store, modality, dataset) if modality else {"majority_weighted_f1": run["majority"]["weighted_f1"]})
+        rows.append(row)
+        print(f"{row['soft']:>18s}: LLM {row['llm_weighted_f1']:.3f}  linear probe "
+              f"{row.get('probe_weighted_f1', float('nan')):.3f}  majority {row['majority_weighted_f1']:.3f}  "
+              f"(final loss {row['final_loss']:.3f}, {row['minutes']:.1f} min)", flush=True)
+    report = {"store": str(store.path), "dataset": dataset, "settings": {k: v for k, v in settings.items() if k != "model"},
+              "rows": rows, "wall_seconds": time.perf_counter() - start}
+    (out / "probe.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", required=True)
@@ -56,18 +122,23 @@ def main() -> None:
     parser.add_argument("--accuracy-only", action="store_true", help="skip the speed runs (threads: the first of --threads)")
     parser.add_argument("--train-limit", type=int, default=None)
     parser.add_argument("--eval-limit", type=int, default=None)
-    parser.add_argument("--context", type=int, default=3, help="utterance layout: context turns")
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--demos", type=int, default=0)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--context", type=int, default=DEFAULTS.context, help="utterance layout: context turns")
+    parser.add_argument("--epochs", type=int, default=DEFAULTS.epochs)
+    parser.add_argument("--lr", type=float, default=DEFAULTS.lr)
+    parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
+    parser.add_argument("--demos", type=int, default=DEFAULTS.demos)
+    parser.add_argument("--seed", type=int, default=DEFAULTS.seed)
+    parser.add_argument("--probe", action="store_true", help="per soft modality: tuned LLM vs linear probe vs majority (see above)")
+    parser.add_argument("--modalities", default=None, help="--probe: comma-separated soft modalities (default: every stored one)")
     args = parser.parse_args()
 
     store, out = Store(args.store), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     layouts, thread_counts = args.layouts.split(","), [int(t) for t in args.threads.split(",")]
     common = dict(model=args.model, context=args.context, batch_size=args.batch_size, seed=args.seed, lr=args.lr)
+    if args.probe:
+        probe(store, out, common, args)
+        return
     n_train = store.count("utterances", "split = 'train' AND label IS NOT NULL")
     report: dict = {"train_utterances_total": n_train, "speed": []}
     for layout in [] if args.accuracy_only else layouts:

@@ -80,6 +80,7 @@ class TuneConfig:
     batch_size: int = 4  # utterances (utterance layout) or dialogue windows (dialogue layout) per step
     lr: float = 1e-3
     align_lr: float = 1e-3
+    projector_lr: float | None = None  # learning rate of the projectors (None: --lr)
     warmup: float = 0.05  # share of the steps with a linear warm-up, then cosine decay to 10%
     weight_decay: float = 0.0
     balance: float = 0.5  # class-balanced loss: example weight (class share * n_classes) ** -balance
@@ -407,8 +408,12 @@ def train_stage(stage: str, model: MercModel, examples: Examples, config: TuneCo
     per_epoch = n // (config.batch_size * world) + bool(n % (config.batch_size * world))
     total = max(1, per_epoch * epochs)
     params = _trainable(model, stage, config)
-    optimizer = torch.optim.AdamW(params, lr=config.align_lr if stage == "align" else config.lr,
-                                  weight_decay=config.weight_decay)
+    lr = config.align_lr if stage == "align" else config.lr
+    names = {id(p): n for n, p in model.named_parameters()}
+    projector = [p for p in params if names[id(p)].startswith("projectors.")]
+    others = [p for p in params if not names[id(p)].startswith("projectors.")]
+    groups = [{"params": others, "lr": lr}, {"params": projector, "lr": config.projector_lr or lr}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, total=total, warmup=config.warmup))
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
@@ -521,6 +526,7 @@ def tune(store: Store, config: TuneConfig, resume: bool = False) -> dict:
     llm, tokenizer = load_llm(config.model)
     lora = None if config.zero_shot else LoraSettings(config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_layers)
     model = build_model(llm, data.soft, lora)
+    model.fit_input_scaling(data.features, data.train_rows)
     if config.gradient_checkpointing if config.gradient_checkpointing is not None else cuda:
         model.causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(accelerator.device)
