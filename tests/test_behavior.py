@@ -1,5 +1,5 @@
-"""Behaviour extractor on real media: the RAVDESS face video, scikit-image's astronaut photo, and
-scenes composed from both with ffmpeg."""
+"""Behaviour extractor on real media: the RAVDESS face video, the six CREMA-D face videos,
+scikit-image's astronaut photo, and scenes composed from both with ffmpeg."""
 
 from __future__ import annotations
 
@@ -13,9 +13,11 @@ import skimage.data
 from bemerc.extract.base import UtteranceMedia
 from bemerc.extract.behavior import BehaviorExtractor, DescriptionRules
 from bemerc.extract.behavior.expression import EXPRESSIONS, FerExpression, write_random_feat_checkpoint
-from bemerc.extract.behavior.extractor import STATS, temporal_tokens
+from bemerc.extract.behavior.describe import Group
+from bemerc.extract.behavior.extractor import STATS, summarize, temporal_tokens
 from bemerc.extract.behavior.face import FACE_MEASURES, FaceFinder, face_measures
 from bemerc.extract.media import MediaError, sample_frames
+from conftest import SHARED_DATA
 
 SMILE = FACE_MEASURES.index("smile")
 
@@ -159,6 +161,103 @@ phrase = "leans forward"
     rules_file.write_text('[[rule]]\ngroup = "g"\nstat = "smile.mean"\nphrase = "smiles"\n')
     with pytest.raises(ValueError, match="needs `above` or `below`"):
         DescriptionRules.load(rules_file)
+
+
+def test_group_lead_otherwise_and_unless(tmp_path):
+    rules_file = tmp_path / "rules.toml"
+    rules_file.write_text("""
+[group.expression]
+above = 0.3
+lead = 0.15
+otherwise = "shows a mixed expression"
+[[rule]]
+group = "expression"
+stat = "p_happy.mean"
+phrase = "looks happy"
+[[rule]]
+group = "expression"
+stat = "p_sad.mean"
+phrase = "looks sad"
+[[rule]]
+group = "smile"
+stat = "smile.median"
+above = 0.1
+phrase = "smiles"
+unless = ["looks sad"]
+""")
+    rules = DescriptionRules.load(rules_file)
+    assert rules.describe({"p_happy.mean": 0.6, "p_sad.mean": 0.3, "smile.median": 0.2}) == "The speaker looks happy and smiles."
+    assert rules.describe({"p_happy.mean": 0.2, "p_sad.mean": 0.7, "smile.median": 0.2}) == "The speaker looks sad."
+    # a lead of 0.10 < 0.15, and a top below the group's `above`: the classifier is torn
+    assert rules.describe({"p_happy.mean": 0.45, "p_sad.mean": 0.35}) == "The speaker shows a mixed expression."
+    assert rules.describe({"p_happy.mean": 0.29, "p_sad.mean": 0.0}) == "The speaker shows a mixed expression."
+    assert rules.describe({"smile.median": 0.2}) == "The speaker smiles."  # no face measures: no `otherwise`
+    rules_file.write_text('[[rule]]\ngroup = "g"\nstat = "smile.mean"\nabove = 0.1\nphrase = "smiles"\nunless = ["frowns"]\n')
+    with pytest.raises(ValueError, match="unless 'frowns', which no earlier group writes"):
+        DescriptionRules.load(rules_file)
+    rules_file.write_text('[group.g]\nlaed = 0.1\n[[rule]]\ngroup = "g"\nstat = "smile.mean"\nabove = 0.1\nphrase = "smiles"\n')
+    with pytest.raises(ValueError, match="rules.toml: expected"):
+        DescriptionRules.load(rules_file)
+
+
+# An oracle independent of the rules file: phrases (or their beginnings: "smiles" covers "smiles
+# slightly") that cannot both be true of one face.
+CONTRADICTIONS = [({"looks angry", "looks sad", "looks afraid", "looks disgusted", "keeps a neutral face"}, {"smiles"}),
+                  ({"looks happy"}, {"turns the mouth corners down"}),
+                  ({"keeps the body still"}, {"moves the body a lot", "moves the hands a lot"})]
+
+
+@pytest.fixture(scope="module")
+def real_faces(extractor, ravdess_video) -> list[tuple[str, dict[str, float], str]]:
+    """(clip, measure statistics, description) of the real stage on the six CREMA-D faces and the RAVDESS one."""
+    clips = sorted((SHARED_DATA / "cremad").glob("1001_DFA_*_XX.flv")) + [ravdess_video]
+    assert len(clips) == 7, f"six CREMA-D face videos expected in {SHARED_DATA / 'cremad'}"
+    results = []
+    for clip in clips:
+        measures = extractor.measure_frames(*sample_frames(clip, extractor.fps, extractor.max_side))
+        results.append((clip.name, summarize(measures), extractor.features(measures, str(clip))["description"]))
+    return results
+
+
+def test_real_faces_get_self_consistent_descriptions(extractor, real_faces):
+    """Every phrase of the descriptions of real faces has its measure on its side of the threshold
+    (and, for an expression, a clear lead over the others); no two phrases contradict each other."""
+    rules = extractor.rules
+    by_phrase: dict[str, list] = {}
+    for rule in rules.rules:
+        by_phrase.setdefault(rule.phrase, []).append(rule)
+    otherwise = {group.otherwise: name for name, group in rules.groups.items() if group.otherwise}
+
+    def qualifies(rule, summary) -> bool:  # the rule's own test, recomputed from the statistics
+        value, group = summary[rule.stat], rules.groups.get(rule.group, Group())
+        rivals = [summary[r.stat] for r in rules.rules if r.group == rule.group and r.stat != rule.stat]
+        return (np.isfinite(value) and (rule.above is None or value > rule.above)
+                and (rule.below is None or value < rule.below)
+                and (group.lead is None or all(value - other >= group.lead for other in rivals if np.isfinite(other))))
+
+    for clip, summary, description in real_faces:
+        assert description.startswith("The speaker ") and description.endswith("."), (clip, description)
+        phrases = description.removeprefix("The speaker ").removesuffix(".").replace(" and ", ", ").split(", ")
+        groups = []
+        for phrase in phrases:
+            if phrase in otherwise:  # no rule of the group qualifies
+                groups.append(otherwise[phrase])
+                assert not any(qualifies(r, summary) for r in rules.rules if r.group == otherwise[phrase]), (clip, phrase)
+            else:
+                assert any(qualifies(r, summary) for r in by_phrase[phrase]), (clip, phrase, summary)
+                groups.append(by_phrase[phrase][0].group)
+        assert len(groups) == len(set(groups)), (clip, description)  # one phrase per group
+        assert "expression" in groups, (clip, description)  # a face in every frame: the expression is read
+        named = [r.stat for r in rules.rules if r.group == "expression" and r.phrase in phrases]
+        expressions = [r.stat for r in rules.rules if r.group == "expression"]
+        assert named in ([], [max(expressions, key=summary.get)]), (clip, description)  # only the top class is named
+        for left, right in CONTRADICTIONS + [({u}, {r.phrase}) for r in rules.rules for u in r.unless]:
+            assert not (said(left, phrases) and said(right, phrases)), (clip, description)
+    assert rules.groups["expression"].lead > 0  # an expression is named only with a margin over the runner-up
+
+
+def said(beginnings: set[str], phrases: list[str]) -> bool:
+    return any(phrase.startswith(beginning) for beginning in beginnings for phrase in phrases)
 
 
 @pytest.mark.slow

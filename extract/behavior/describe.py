@@ -4,8 +4,12 @@ The rules are data (``configs/behavior_rules.toml``). Each rule tests one statis
 ``"<measure>.<stat>"`` (see :func:`bemerc.extract.behavior.extractor.summarize`) against ``above``
 or ``below`` and contributes a verb phrase; rules that share a ``group`` are alternatives, and the
 first one that holds wins. A statistic that could not be measured (NaN, e.g. face measures when no
-face was seen) never holds. The phrases are joined into "The speaker smiles broadly, raises the
-eyebrows and leans forward."
+face was seen) never holds. A ``[group.<name>]`` table may add a ``lead`` (a rule of the group holds
+only when its statistic also exceeds every other statistic of the group by that much: the expression
+probabilities compete) and an ``otherwise`` phrase (written when no rule of the group holds although
+its statistics were measured). A rule's ``unless`` lists phrases of earlier groups that contradict
+it: when one of them was written, the rule does not hold. The phrases, in the order of the groups,
+are joined into "The speaker smiles, raises the eyebrows and leans forward."
 
 :class:`VlmDescriber` is the alternative BeMERC itself uses, for users with a GPU: a vision-language
 model looks at a few frames of the utterance and writes the description. A profile with a
@@ -33,25 +37,42 @@ class Rule:
     phrase: str
     above: float | None = None
     below: float | None = None
+    unless: tuple[str, ...] = ()
 
     def holds(self, summary: dict[str, float]) -> bool:
+        """Whether the statistic is on the rule's side of its threshold(s) (never when not measured)."""
         value = summary.get(self.stat, math.nan)
         if math.isnan(value):
             return False
         return (self.above is None or value > self.above) and (self.below is None or value < self.below)
 
 
+@dataclass(frozen=True)
+class Group:
+    """Settings shared by the rules of one group: ``above``/``below`` for its rules that set neither,
+    ``lead`` over the group's other statistics, and the ``otherwise`` phrase when none of its rules
+    holds but its statistics were measured."""
+
+    above: float | None = None
+    below: float | None = None
+    lead: float | None = None
+    otherwise: str | None = None
+
+
 class DescriptionRules:
-    """Ordered description rules, from ``configs/behavior_rules.toml`` or any TOML file of ``[[rule]]`` tables.
+    """Ordered description rules, from ``configs/behavior_rules.toml`` or any TOML file of ``[[rule]]``
+    tables (and optional ``[group.<name>]`` tables).
 
     >>> rules = DescriptionRules.load()
-    >>> rules.describe({"smile.mean": 0.15})
-    'The speaker smiles broadly.'
+    >>> rules.describe({"smile.median": 0.15})
+    'The speaker smiles.'
     """
 
-    def __init__(self, rules: list[Rule], text: str):
+    def __init__(self, rules: list[Rule], text: str, groups: dict[str, Group] | None = None):
         self.rules = rules
         self.text = text  # the source, hashed into the extractor config
+        self.groups = groups or {}
+        self.order = list(dict.fromkeys(rule.group for rule in rules))  # groups in order of first appearance
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> "DescriptionRules":
@@ -61,22 +82,59 @@ class DescriptionRules:
         else:
             text, where = Path(path).read_text(), str(path)
         try:
-            rules = [Rule(**table) for table in tomllib.loads(text).get("rule", [])]
-        except (TypeError, tomllib.TOMLDecodeError) as error:
-            raise ValueError(f"{where}: expected [[rule]] tables with group, stat, phrase, above/below ({error})") from None
+            data = tomllib.loads(text)
+            groups = {name: Group(**table) for name, table in data.get("group", {}).items()}
+            rules = []
+            for table in data.get("rule", []):
+                shared = groups.get(table.get("group"), Group())
+                if "above" not in table and "below" not in table:
+                    table = {**table, "above": shared.above, "below": shared.below}
+                rules.append(Rule(**{**table, "unless": tuple(table.get("unless", ()))}))
+        except (TypeError, AttributeError, tomllib.TOMLDecodeError) as error:
+            raise ValueError(f"{where}: expected [[rule]] tables with group, stat, phrase, above/below, unless and "
+                             f"[group.<name>] tables with above/below, lead, otherwise ({error})") from None
+        order = list(dict.fromkeys(rule.group for rule in rules))
+        written = {name: {r.phrase for r in rules if r.group == name} | {getattr(groups.get(name), "otherwise", None)}
+                   for name in order}
         for rule in rules:
             if rule.above is None and rule.below is None:
-                raise ValueError(f"{where}: rule {rule.phrase!r} needs `above` or `below`, found neither")
-        return cls(rules, text)
+                raise ValueError(f"{where}: rule {rule.phrase!r} needs `above` or `below` (its own or its group's), found neither")
+            earlier = set().union(*(written[name] for name in order[:order.index(rule.group)]))
+            for phrase in rule.unless:
+                if phrase not in earlier:
+                    raise ValueError(f"{where}: rule {rule.phrase!r} has unless {phrase!r}, which no earlier group writes")
+        known = {rule.group for rule in rules}
+        for name, group in groups.items():
+            if name not in known:
+                raise ValueError(f"{where}: [group.{name}] has no [[rule]] of that group")
+            if group.lead is not None and group.lead < 0:
+                raise ValueError(f"{where}: [group.{name}] lead must be >= 0, found {group.lead}")
+        return cls(rules, text, groups)
+
+    def leads(self, rule: Rule, summary: dict[str, float]) -> bool:
+        """Whether ``rule``'s statistic exceeds every other measured statistic of its group by the group's lead."""
+        lead = self.groups.get(rule.group, Group()).lead
+        if lead is None:
+            return True
+        value = summary.get(rule.stat, math.nan)
+        others = [summary.get(r.stat, math.nan) for r in self.rules if r.group == rule.group and r.stat != rule.stat]
+        return all(value - other >= lead for other in others if not math.isnan(other))
 
     def phrases(self, summary: dict[str, float]) -> list[str]:
-        """The phrases of the first holding rule of each group, in file order."""
-        used: set[str] = set()
-        chosen = []
-        for rule in self.rules:
-            if rule.group not in used and rule.holds(summary):
-                used.add(rule.group)
-                chosen.append(rule.phrase)
+        """For each group in order, the phrase of its first rule that holds (with its group's lead, and
+        none of its ``unless`` phrases already written), else the group's ``otherwise`` phrase when any
+        of its statistics was measured."""
+        chosen: list[str] = []
+        for name in self.order:
+            members = [rule for rule in self.rules if rule.group == name]
+            for rule in members:
+                if rule.holds(summary) and self.leads(rule, summary) and not set(rule.unless) & set(chosen):
+                    chosen.append(rule.phrase)
+                    break
+            else:
+                otherwise = self.groups.get(name, Group()).otherwise
+                if otherwise and any(not math.isnan(summary.get(rule.stat, math.nan)) for rule in members):
+                    chosen.append(otherwise)
         return chosen
 
     def describe(self, summary: dict[str, float]) -> str:

@@ -51,6 +51,7 @@ NOSE_TIP = 1  # face-mesh vertex followed for head movement
 MOTION_MEASURES = ("head_motion", "body_motion", "hand_motion")  # per second, in face / shoulder widths
 PRESENCE = ("face_found", "pose_found")
 STATS = ("mean", "std", "min", "max")
+RULE_STATS = STATS + ("median",)  # the description rules may also test the median (robust to a few frames); not in the vector
 VERSION = 1  # bump when a measure's definition changes: it is part of the feature-set key
 
 
@@ -87,7 +88,7 @@ class FrameMeasures:
 
 
 def summarize(measures: FrameMeasures) -> dict[str, float]:
-    """``{"<measure>.<stat>": value}`` over frames for every measure and stat in :data:`STATS`;
+    """``{"<measure>.<stat>": value}`` over frames for every measure and stat in :data:`RULE_STATS`;
     NaN for a measure never taken."""
     values = measures.values
     taken = np.isfinite(values).any(axis=0)
@@ -95,9 +96,10 @@ def summarize(measures: FrameMeasures) -> dict[str, float]:
         stats = {
             "mean": np.nanmean(values[:, taken], axis=0), "std": np.nanstd(values[:, taken], axis=0),
             "min": np.nanmin(values[:, taken], axis=0), "max": np.nanmax(values[:, taken], axis=0),
+            "median": np.nanmedian(values[:, taken], axis=0),
         }
     summary = {}
-    for stat in STATS:
+    for stat in RULE_STATS:
         column = np.full(len(measures.names), np.nan)
         column[taken] = stats[stat]
         summary.update({f"{name}.{stat}": float(value) for name, value in zip(measures.names, column)})
