@@ -58,6 +58,7 @@ def register(app: typer.Typer) -> None:
         align_epochs: Annotated[int | None, typer.Option(help="Epochs of the align stage. [default: 1]")] = None,
         lr: Annotated[float | None, typer.Option(help="Peak learning rate of the merc stage. [default: 1e-3]")] = None,
         align_lr: Annotated[float | None, typer.Option(help="Peak learning rate of the align stage. [default: 1e-3]")] = None,
+        projector_lr: Annotated[float | None, typer.Option(help="Peak learning rate of the projectors. [default: --lr]")] = None,
         batch_size: Annotated[int | None, typer.Option(help="Utterances (utterance layout) or dialogue windows (dialogue layout) per optimiser step and device. [default: 4]")] = None,
         balance: Annotated[float | None, typer.Option(help="Class-balanced loss: weight examples by (class share) ** -BALANCE (0 = off, 0.5 = inverse square root, 1 = inverse frequency). [default: 0.5]")] = None,
         lora_r: Annotated[int | None, typer.Option(help="LoRA rank (alpha = 2 * rank). [default: 8]")] = None,
@@ -93,7 +94,7 @@ def register(app: typer.Typer) -> None:
         chosen = None if modalities is None else [m.strip() for m in modalities.split(",") if m.strip() and m.strip() != "none"]
         given = {  # only what the user gave: TuneConfig holds the defaults
             "layout": layout.value if layout else None, "context": context, "overlap": overlap, "demos": demos,
-            "max_len": max_len, "epochs": epochs, "align_epochs": align_epochs, "lr": lr, "align_lr": align_lr,
+            "max_len": max_len, "epochs": epochs, "align_epochs": align_epochs, "lr": lr, "align_lr": align_lr, "projector_lr": projector_lr,
             "batch_size": batch_size, "balance": balance, "lora_r": lora_r, "lora_alpha": 2 * lora_r if lora_r else None,
             "normalize_scores": normalize_scores, "seed": seed, "threads": threads, "checkpoint_every": checkpoint_every,
         }
