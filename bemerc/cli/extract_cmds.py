@@ -41,7 +41,7 @@ def register(app: typer.Typer) -> None:
         worker_gpus: Annotated[float | None, typer.Option(min=0, help="With --engine ray: GPUs per actor. Default: 1 for text, audio, visual (and behaviour with a describer) when the cluster has GPUs (unless --device cpu), else 0.", show_default=False)] = None,
         store: StoreOption = DEFAULT_STORE,
     ) -> None:
-        """Extract features for every utterance in the store that lacks them or whose inputs changed.
+        """Extract features for every utterance in the store that lacks them.
 
         Rows already stored with the same extractor and configuration are skipped, so a re-run does
         no model work and a run stopped midway finishes the rest. Each row records the digest of the
