@@ -157,7 +157,8 @@ def test_one_store_holds_several_corpora_and_a_clash_is_one_line(tmp_path, meld_
 
     refused = cli("ingest", "manifest", str(other), "--dataset", "other", "--store", store_path, code=1).strip()
     assert len(refused.splitlines()) == 1
-    assert "dataset 'other' would replace 40 utterance(s) of dataset 'base'" in refused and "train/0_0" in refused
+    assert refused.startswith(f"error: {other}: dataset 'other' would replace 40 utterance(s) of dataset 'base'")
+    assert "train/0_0" in refused and "--dataset base" in refused
     assert (store.version("utterances"), store.utterances().to_dicts()) == before
 
     # the same dataset again is an idempotent update; a changed row is one update
