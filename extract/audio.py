@@ -17,7 +17,7 @@ import os
 import numpy as np
 import pyarrow as pa
 
-from bemerc.extract.base import UtteranceMedia, resolve_device, vector_field
+from bemerc.extract.base import MEDIA_INPUTS, UtteranceMedia, resolve_device, vector_field
 from bemerc.extract.media import SAMPLE_RATE, MediaError, decode_audio
 from bemerc.models.profiles import Profile, ProfileError, load_profile, model_path
 
@@ -59,6 +59,7 @@ class AudioExtractor:
         self.name = self.entry.model_id
         self.random_weights = self.entry.random_weights
         self.transcribe = transcribe
+        self.inputs = MEDIA_INPUTS + (() if transcribe else ("has_text",))  # transcribes when the text is blank
         self.pooling = pooling
         self.silence_dbfs = silence_dbfs
         self.min_duration_s = min_duration_s

@@ -21,6 +21,10 @@ from bemerc.store.schema import MODALITIES
 
 # The order `extract --modality all` runs the modalities in: audio first, its transcripts feed text.
 MODALITY_ORDER = ("audio", *(m for m in MODALITIES if m != "audio"))
+# What an extractor reads of an utterance (its ``inputs``; names from bemerc.store.inputs): every feature
+# row records their digest, so a changed text, media file or span makes the row stale and extract redoes it.
+MEDIA_INPUTS = ("media_sha256", "start_s", "end_s")
+DEFAULT_INPUTS = {"text": ("spoken_text",), "audio": MEDIA_INPUTS, "behavior": MEDIA_INPUTS, "visual": MEDIA_INPUTS}
 # Where an extractor's torch model runs: "auto" is CUDA when torch sees a GPU, else the CPU.
 DEVICES = ("auto", "cpu", "cuda")
 # The modalities whose models run on a GPU when given one; behaviour's MediaPipe and TFLite run on CPUs
@@ -81,6 +85,9 @@ class Extractor(Protocol):
     modality: str
     name: str
     random_weights: bool
+    # The utterance inputs its outputs depend on: utterances-table columns or bemerc.store.inputs.DERIVED
+    # names (``spoken_text``: the text, or the stored transcript without one). See extractor_inputs.
+    inputs: tuple[str, ...]
 
     def config(self) -> dict:
         """Everything that changes the outputs (model id, weight sha256, pooling, ...), JSON-serialisable."""
@@ -93,6 +100,18 @@ class Extractor(Protocol):
     def extract(self, items: list[UtteranceMedia]) -> list[dict | MediaError]:
         """One result per item, in order: a row dict keyed by ``fields()`` names, or a MediaError."""
         ...
+
+
+def extractor_inputs(extractor: Extractor) -> tuple[str, ...]:
+    """What ``extractor`` reads of an utterance: its ``inputs``, else its modality's
+    :data:`DEFAULT_INPUTS` (an extractor that reads more must say so).
+
+    >>> class Fake:
+    ...     modality = "visual"
+    >>> extractor_inputs(Fake())
+    ('media_sha256', 'start_s', 'end_s')
+    """
+    return tuple(getattr(extractor, "inputs", None) or DEFAULT_INPUTS[extractor.modality])
 
 
 def feature_set_id(extractor: Extractor) -> str:

@@ -1,4 +1,9 @@
-"""Run an extractor over the store's utterances: skip what exists, batch, record failures, show progress.
+"""Run an extractor over the store's utterances: skip what is stored and current, batch, record
+failures, show progress.
+
+Every feature row records the digest of the inputs it was computed from (:mod:`bemerc.store.inputs`,
+the extractor's ``inputs``): a row whose utterance's inputs changed since (a corrected text, a new file
+at the same media path, another span) is stale and computed again, counted apart.
 
 A run writes its rows in commits of at most ``flush_rows`` rows and at least every ``flush_seconds``
 (30 s by default), each keyed by uid, so a run killed midway (even by ``kill -9``) loses at most half
@@ -20,14 +25,17 @@ import pyarrow as pa
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from bemerc.extract.base import Extractor, UtteranceMedia, config_hash
+from bemerc.extract.base import Extractor, UtteranceMedia, config_hash, extractor_inputs
 from bemerc.extract.media import MediaError
 from bemerc.store import FeatureSet, Store
-from bemerc.store.schema import feature_schema
+from bemerc.store.inputs import DIGEST_COLUMN, digest_field, spoken_text
+from bemerc.store.schema import feature_schema, sql_in
 
 # Utterances per extract() call: text batches sort by length inside the call, so bigger is faster;
 # media extractors decode per item, so small batches keep progress and flushes frequent.
 DEFAULT_BATCH = {"text": 256, "audio": 8, "behavior": 8, "visual": 8}
+# Off a terminal (a log file, a pipe), a plain progress line this often.
+LOG_EVERY_S = 30.0
 
 
 class Terminated(KeyboardInterrupt):
@@ -58,7 +66,10 @@ class RunSummary:
 
     feature_set: str
     done: int = 0
-    already: int = 0  # rows stored by an earlier run with the same extractor and config
+    already: int = 0  # rows stored by an earlier run with the same extractor and config, inputs unchanged
+    stale: int = 0  # rows stored from other inputs (or with no input digest), extracted again
+    unverified: int = 0  # of those, rows that recorded no input digest (written before digests were)
+    removed: int = 0  # stale rows whose utterance has lost this modality's input, deleted
     failed: int = 0  # new failures recorded in this run
     skipped_failed: int = 0  # failed in an earlier run and not retried
     not_applicable: int = 0  # utterances without the input this modality needs
@@ -66,7 +77,12 @@ class RunSummary:
     reasons: dict[str, int] = field(default_factory=dict)
 
     def line(self) -> str:
-        parts = [f"{self.done} extracted", f"{self.already} already stored", f"{self.failed} failed"]
+        parts = [f"{self.done} extracted"]
+        if self.stale:
+            parts.append(f"{self.stale} stale, re-extracted" + (f" ({self.unverified} without an input digest)" if self.unverified else ""))
+        if self.removed:
+            parts.append(f"{self.removed} stale, removed (input gone)")
+        parts += [f"{self.already} already stored", f"{self.failed} failed"]
         if self.skipped_failed:
             parts.append(f"{self.skipped_failed} failed before (use --retry-failures)")
         if self.not_applicable:
@@ -82,13 +98,49 @@ def _needs(modality: str, row: dict) -> bool:
     return bool(row.get("video_path"))
 
 
-def transcripts(store: Store) -> dict[str, str]:
-    """uid -> transcript from the newest audio feature set that has a ``transcript`` column."""
-    for fs in reversed(store.feature_sets("audio")):
-        if "transcript" in store.table(fs.table_name).schema.names:
-            table = store.read_features(fs, ["uid", "transcript"])  # not the vectors
-            return {u: t for u, t in zip(table["uid"].to_pylist(), table["transcript"].to_pylist()) if t}
-    return {}
+class RunProgress:
+    """Progress of one run: a rich bar on a terminal; otherwise (output to a file or a pipe) a plain
+    line every ``every_s`` seconds and at the end: modality, done/total, items/s and the time left.
+    Nothing when there is no work."""
+
+    def __init__(self, label: str, total: int, console: Console | None = None, every_s: float = LOG_EVERY_S):
+        self.console = console or Console()
+        self.label, self.total, self.every_s, self.done = label, total, every_s, 0
+        self.start = self.logged = time.monotonic()
+        self.bar = None
+        if total and self.console.is_terminal:
+            columns = [TextColumn(f"{label:<8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
+            self.bar = Progress(*columns, console=self.console, transient=False)
+            self.task = self.bar.add_task(label, total=total)
+
+    def __enter__(self) -> "RunProgress":
+        if self.bar:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar:
+            self.bar.stop()
+        elif self.total and self.done and self.done < self.total:
+            self.log(time.monotonic())  # stopped early: say how far it got
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        if self.bar:
+            self.bar.advance(self.task, n)
+            return
+        now = time.monotonic()
+        if now - self.logged >= self.every_s or self.done >= self.total:
+            self.log(now)
+
+    def log(self, now: float) -> None:
+        self.logged = now
+        elapsed = now - self.start
+        rate = self.done / max(elapsed, 1e-9)
+        left = (self.total - self.done) / rate if rate else 0.0
+        self.console.print(f"{self.label}: {self.done}/{self.total}  {rate:.1f} items/s  {elapsed:.0f} s elapsed, "
+                           f"ETA {left // 60:.0f} min {left % 60:02.0f} s", highlight=False, soft_wrap=True)
+        self.console.file.flush()
 
 
 Engine = Callable[[Extractor, list[UtteranceMedia], int], Iterator[list[tuple[UtteranceMedia, "dict | MediaError"]]]]
@@ -112,6 +164,7 @@ def register(store: Store, extractor: Extractor) -> FeatureSet:
     digest = config_hash(extractor)
     for fs in store.feature_sets(extractor.modality):
         if fs.extractor == extractor.name and fs.config_hash == digest and store.has_table(fs.table_name):
+            store.track_inputs(fs, extractor_inputs(extractor))  # a table from before input digests gets the column
             return fs
     return store.register_feature_set(
         modality=extractor.modality,
@@ -120,6 +173,7 @@ def register(store: Store, extractor: Extractor) -> FeatureSet:
         config=extractor.config(),
         fields=extractor.fields(),
         random_weights=extractor.random_weights,
+        inputs=extractor_inputs(extractor),
     )
 
 
@@ -135,12 +189,15 @@ def run_extractor(
     console: Console | None = None,
     on_batch: Callable[[int], None] | None = None,
     engine: Engine | None = None,
+    progress_every_s: float = LOG_EVERY_S,
 ) -> RunSummary:
-    """Extract features for every utterance that lacks them and write them to ``store``.
+    """Extract features for every utterance that lacks them, or whose stored row was computed from
+    other inputs (stale), and write them to ``store``.
 
     ``limit`` takes the first N utterances in dialogue order (whole store order, before skipping).
     Rows are written every ``flush_rows`` rows or ``flush_seconds`` seconds, whichever comes first.
     Text uses the utterance's text, or the transcript stored by the audio extractor when it has none.
+    Off a terminal, progress is a plain line every ``progress_every_s`` seconds.
     ``engine`` computes the results (default :func:`local_engine`; see
     :class:`bemerc.extract.ray_engine.RayEngine`); this function alone writes them.
 
@@ -154,27 +211,38 @@ def run_extractor(
     if limit is not None:
         utterances = utterances.head(limit)
     rows = utterances.to_dicts()
+    inputs = extractor_inputs(extractor)
+    current = store.input_digests(inputs, rows)  # before the text of a text run is filled in below
     if extractor.modality == "text":
-        spoken = transcripts(store)
+        spoken = store.transcripts()
         for r in rows:
-            if not r.get("text") and r["uid"] in spoken:
-                r["text"] = spoken[r["uid"]]
-    stored = store.stored_uids(fs)
+            r["text"] = spoken_text(r, spoken)
+    stored = store.stored_digests(fs)
     failed_before = set()
     if not retry_failures:
         failures = store.read("failures", ["uid", "feature_set"])
         failed_before = set(failures.filter(pl.col("feature_set") == fs.id)["uid"].to_list())
-    todo = []
+    todo, stale, gone = [], set(), []
     for r in rows:
-        if r["uid"] in stored:
+        uid = r["uid"]
+        if uid in stored and stored[uid] is not None and stored[uid] == current[uid]:
             summary.already += 1
         elif not _needs(extractor.modality, r):
             summary.not_applicable += 1
-        elif r["uid"] in failed_before:
+            if uid in stored:
+                gone.append(uid)
+        elif uid in stored:
+            stale.add(uid)
+            todo.append(r)
+        elif uid in failed_before:
             summary.skipped_failed += 1
         else:
             todo.append(r)
-    schema = feature_schema(extractor.fields()) if todo else None  # no work: the model library stays unloaded
+    if gone:  # computed from an input the utterance no longer has (its text removed, say)
+        store.delete(fs.table_name, f"uid IN ({sql_in(gone)})")
+        summary.removed = len(gone)
+    # no work: the model library stays unloaded
+    schema = feature_schema([*extractor.fields(), digest_field(inputs)]) if todo else None
     pending: list[dict] = []
     pending_failures: list[tuple[str, str]] = []
     last_flush = time.monotonic()
@@ -186,12 +254,13 @@ def run_extractor(
             store.write_features(fs, pa.Table.from_pylist(pending, schema=schema))
             pending.clear()
         if pending_failures:
+            outdated = [uid for uid, _ in pending_failures if uid in stale]
+            if outdated:  # its old row was computed from inputs that are gone: a failure now, not a row
+                store.delete(fs.table_name, f"uid IN ({sql_in(outdated)})")
             store.record_failures(fs, pending_failures)
             pending_failures.clear()
 
-    columns = [TextColumn(f"{fs.modality:<8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
-    with Progress(*columns, console=console, transient=False, disable=not todo) as progress, sigterm_as_interrupt():
-        task = progress.add_task(fs.id, total=len(todo))
+    with RunProgress(fs.modality, len(todo), console, progress_every_s) as progress, sigterm_as_interrupt():
         try:
             items = [
                 UtteranceMedia(
@@ -208,11 +277,15 @@ def run_extractor(
                         key = result.reason.split("(")[0].strip()
                         summary.reasons[key] = summary.reasons.get(key, 0) + 1
                     else:
-                        pending.append({"uid": item.uid, **result})
-                        summary.done += 1
+                        pending.append({"uid": item.uid, **result, DIGEST_COLUMN: current[item.uid]})
+                        if item.uid in stale:
+                            summary.stale += 1
+                            summary.unverified += stored[item.uid] is None
+                        else:
+                            summary.done += 1
                 if len(pending) + len(pending_failures) >= flush_rows or time.monotonic() - last_flush >= flush_seconds:
                     flush()
-                progress.advance(task, len(batch))
+                progress.advance(len(batch))
                 if on_batch:
                     on_batch(len(batch))
         finally:

@@ -30,6 +30,7 @@ class TextExtractor:
     """
 
     modality = "text"
+    inputs = ("spoken_text",)  # the utterance's text, else its stored transcript
 
     def __init__(
         self,

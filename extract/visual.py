@@ -18,7 +18,7 @@ from functools import cached_property
 import numpy as np
 import pyarrow as pa
 
-from bemerc.extract.base import UtteranceMedia, resolve_device, vector_field
+from bemerc.extract.base import MEDIA_INPUTS, UtteranceMedia, resolve_device, vector_field
 from bemerc.extract.behavior.extractor import rows_from_video
 from bemerc.extract.media import FRAME_SAMPLING, MediaError, evenly_spaced
 from bemerc.models.profiles import Profile
@@ -51,6 +51,7 @@ class ClipVisualExtractor:
     """
 
     modality = "visual"
+    inputs = MEDIA_INPUTS
     FRAME_SIDE = 448  # frames are decoded this large; open_clip's preprocess resizes them to the model's input
 
     def __init__(

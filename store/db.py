@@ -18,6 +18,7 @@ import lancedb
 import polars as pl
 import pyarrow as pa
 
+from bemerc.store import inputs as I
 from bemerc.store import schema as S
 from bemerc.store.lock import ObjectStoreLock, WriteLock
 from bemerc.store.objects import is_uri
@@ -43,6 +44,16 @@ class FeatureSet:
     def id(self) -> str:
         """``"{modality}/{extractor}@{config_hash}"``, e.g. ``"text/minilm-l6@3f2a9c1b"``."""
         return f"{self.modality}/{self.extractor}@{self.config_hash}"
+
+
+@dataclass(frozen=True)
+class Staleness:
+    """A feature set's rows against their utterances' current inputs (see :mod:`bemerc.store.inputs`):
+    ``stale`` uids were computed from other inputs; ``unverified`` rows record no digest."""
+
+    rows: int
+    stale: list[str]
+    unverified: int
 
 
 def now_utc() -> datetime:
@@ -218,13 +229,16 @@ class Store:
         config: dict,
         fields: list[pa.Field],
         random_weights: bool = False,
+        inputs: Iterable[str] | None = None,
     ) -> FeatureSet:
         """Create (once) the feature table of an extractor configuration and record it.
 
         A changed model or setting gives a new ``config_hash`` and so a new table beside the old one:
-        stored features are never silently overwritten by a different configuration.
+        stored features are never silently overwritten by a different configuration. ``inputs``
+        (what the extractor reads, see :mod:`bemerc.store.inputs`) gives the table an
+        ``inputs_sha256`` column; see :meth:`track_inputs`.
         """
-        feature_schema = S.feature_schema(fields)
+        feature_schema = S.feature_schema(fields + ([I.digest_field(inputs)] if inputs is not None else []))
         fs = FeatureSet(
             modality=modality,
             extractor=extractor,
@@ -249,7 +263,24 @@ class Store:
                     "created_at": now_utc(),
                 }
                 self.upsert("feature_sets", pa.Table.from_pylist([row], schema=S.FEATURE_SETS))
+        if inputs is not None:
+            self.track_inputs(fs, inputs)
         return fs
+
+    def track_inputs(self, fs: FeatureSet, inputs: Iterable[str]) -> bool:
+        """Make ``fs``'s table record digests of ``inputs``: a table written before digests were recorded
+        (or recording other inputs) gets an empty ``inputs_sha256`` column, so each of its rows counts
+        as unverified until extracted again. True when the table changed."""
+        inputs = I.check_inputs(inputs)
+        table = self.table(fs.table_name)
+        recorded = I.recorded_inputs(table.schema)
+        if recorded == inputs:
+            return False
+        with self.lock:
+            if I.DIGEST_COLUMN in table.schema.names:
+                table.drop_columns([I.DIGEST_COLUMN])
+            table.add_columns(I.digest_field(inputs))
+        return True
 
     def feature_sets(self, modality: str | None = None) -> list[FeatureSet]:
         """Feature sets recorded in the store, oldest first."""
@@ -285,6 +316,8 @@ class Store:
     def write_features(self, fs: FeatureSet, rows: pa.Table) -> int:
         """Upsert feature rows (keyed by uid) of ``fs`` and clear their old failure rows."""
         tbl_schema = self.table(fs.table_name).schema
+        if I.DIGEST_COLUMN in tbl_schema.names and I.DIGEST_COLUMN not in rows.column_names:
+            rows = rows.append_column(I.DIGEST_COLUMN, pa.nulls(rows.num_rows, pa.string()))  # unverified rows
         written = self.upsert(fs.table_name, rows, tbl_schema)
         if written:
             self.delete("failures", f"feature_set = {S.sql_quote(fs.id)} AND uid IN ({S.sql_in(rows['uid'].to_pylist())})")
@@ -292,7 +325,46 @@ class Store:
 
     def stored_uids(self, fs: FeatureSet) -> set[str]:
         """uids that already have a row in ``fs``'s table."""
-        return set(self.read_arrow(fs.table_name, ["uid"])["uid"].to_pylist()) if self.has_table(fs.table_name) else set()
+        return set(self.stored_digests(fs))
+
+    def stored_digests(self, fs: FeatureSet) -> dict[str, str | None]:
+        """uid -> the input digest of its row in ``fs``'s table (None: not recorded)."""
+        if not self.has_table(fs.table_name):
+            return {}
+        if I.DIGEST_COLUMN not in self.table(fs.table_name).schema.names:
+            return dict.fromkeys(self.read_arrow(fs.table_name, ["uid"])["uid"].to_pylist())
+        table = self.read_arrow(fs.table_name, ["uid", I.DIGEST_COLUMN])
+        return dict(zip(table["uid"].to_pylist(), table[I.DIGEST_COLUMN].to_pylist()))
+
+    def transcripts(self) -> dict[str, str]:
+        """uid -> transcript from the newest audio feature set that has a ``transcript`` column (what
+        the text extractor embeds for an utterance without text)."""
+        for fs in reversed(self.feature_sets("audio")):
+            if self.has_table(fs.table_name) and "transcript" in self.table(fs.table_name).schema.names:
+                table = self.read_arrow(fs.table_name, ["uid", "transcript"])  # not the vectors
+                return {u: t for u, t in zip(table["uid"].to_pylist(), table["transcript"].to_pylist()) if t}
+        return {}
+
+    def input_digests(self, inputs: Iterable[str], utterances: pl.DataFrame | list[dict]) -> dict[str, str]:
+        """uid -> the current digest of ``inputs`` (:func:`bemerc.store.inputs.input_digest`) for each
+        utterance row; transcripts are read only when an input needs them."""
+        inputs = tuple(inputs)
+        rows = utterances.to_dicts() if isinstance(utterances, pl.DataFrame) else utterances
+        spoken = self.transcripts() if "spoken_text" in inputs and any(not r.get("text") for r in rows) else {}
+        return {r["uid"]: I.input_digest(inputs, r, spoken) for r in rows}
+
+    def staleness(self, fs: FeatureSet, utterances: pl.DataFrame | None = None) -> "Staleness":
+        """Which of ``fs``'s rows (for ``utterances``, default all) still match their inputs."""
+        utterances = self.read("utterances") if utterances is None else utterances
+        stored = self.stored_digests(fs)
+        inputs = I.recorded_inputs(self.table(fs.table_name).schema) if self.has_table(fs.table_name) else None
+        uids = [u for u in utterances["uid"].to_list() if u in stored]
+        if inputs is None:
+            return Staleness(rows=len(uids), stale=[], unverified=len(uids))
+        current = self.input_digests(inputs, utterances.filter(pl.col("uid").is_in(uids)))
+        unverified = sum(1 for u in uids if stored[u] is None)
+        stale = [u for u in uids if stored[u] is not None and stored[u] != current[u]]
+        return Staleness(rows=len(uids), stale=stale, unverified=unverified)
 
     def read_features(self, fs: FeatureSet | str, columns: list[str] | None = None) -> pa.Table:
         """All rows of a feature set as Arrow (``uid``, ``vector``, ...)."""
@@ -312,7 +384,9 @@ class Store:
         """Tables with rows and versions, feature sets and failure counts, as plain data.
 
         ``{"tables": {name: {"rows", "version"}}, "features": {"modality/extractor": {"rows", "dim",
-        "random_weights", "feature_set"}}, "failures": {stage: n}}``. The newest configuration of an
+        "random_weights", "feature_set", "stale", "unverified"}}, "failures": {stage: n}}``: ``stale``
+        rows were computed from inputs that have changed since, ``unverified`` rows record no input
+        digest (see :mod:`bemerc.store.inputs`). The newest configuration of an
         extractor is keyed ``modality/extractor``; older ones ``modality/extractor@hash``.
         """
         tables = {}
@@ -320,15 +394,20 @@ class Store:
             tbl = self.db.open_table(name)
             tables[name] = {"rows": int(tbl.count_rows()), "version": int(tbl.version)}
         features: dict[str, dict] = {}
-        for fs in reversed(self.feature_sets()):  # newest first takes the short key
+        sets = self.feature_sets()
+        utterances = self.read("utterances") if sets else None
+        for fs in reversed(sets):  # newest first takes the short key
             key = f"{fs.modality}/{fs.extractor}"
             if key in features:
                 key = fs.id
+            staleness = self.staleness(fs, utterances) if fs.table_name in tables else Staleness(0, [], 0)
             features[key] = {
                 "feature_set": fs.id,
                 "rows": tables.get(fs.table_name, {}).get("rows", 0),
                 "dim": fs.dim,
                 "random_weights": fs.random_weights,
+                "stale": len(staleness.stale),
+                "unverified": staleness.unverified,
             }
         failures: dict[str, int] = {}
         if "failures" in tables:

@@ -6,6 +6,7 @@ array reshaped), and torch tensors share that memory through ``torch.from_numpy`
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -13,7 +14,29 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from bemerc.store import FeatureSet, Store
+from bemerc.store import FeatureSet, Store, StoreError
+
+log = logging.getLogger(__name__)
+
+
+class StaleFeaturesError(StoreError):
+    """Stored feature rows were computed from inputs that have changed since (see :mod:`bemerc.store.inputs`)."""
+
+
+def check_current(store: Store, fs: FeatureSet, utterances: pl.DataFrame) -> None:
+    """Refuse ``fs`` when any of its rows for ``utterances`` is stale (computed from a text, media file
+    or span that has changed since): :class:`StaleFeaturesError`, one line naming the feature set and
+    the fix. Rows that record no input digest (a store written before digests were) are read with a
+    warning."""
+    staleness = store.staleness(fs, utterances)
+    if staleness.stale:
+        shown = ", ".join(staleness.stale[:3]) + (" ..." if len(staleness.stale) > 3 else "")
+        raise StaleFeaturesError(
+            f"{store.path}: {len(staleness.stale)} row(s) of feature set {fs.id} were computed from inputs that have "
+            f"changed since ({shown}): run `bemerc extract --modality {fs.modality}` to recompute them")
+    if staleness.unverified:
+        log.warning(f"warning: {staleness.unverified} row(s) of feature set {fs.id} record no input digest (written before "
+                    f"bemerc recorded them, or not by `bemerc extract`): `bemerc extract --modality {fs.modality}` checks them")
 
 
 def vectors_of(table: pa.Table, column: str = "vector") -> np.ndarray:
@@ -75,7 +98,8 @@ def load_corpus(
     default: the newest feature set of each modality present) aligned by uid.
 
     ``extra_columns`` maps a feature-set ref to other columns to keep (e.g. ``{"behavior":
-    ["description", "tokens"]}``).
+    ["description", "tokens"]}``). A feature set with stale rows for these utterances is refused
+    (:func:`check_current`): this is the one place ``train/`` reads features.
 
     >>> corpus = load_corpus(Store("store"), ["text", "behavior"])   # doctest: +SKIP
     >>> corpus.modalities["text"].vectors.shape                        # doctest: +SKIP
@@ -93,6 +117,7 @@ def load_corpus(
     index = {uid: i for i, uid in enumerate(utterances["uid"].to_list())}
     modalities: dict[str, ModalityArrays] = {}
     for fs in chosen:
+        check_current(store, fs, utterances)
         wanted = [c for ref, cols in extra_columns.items() if ref in (fs.id, fs.modality, f"{fs.modality}/{fs.extractor}") for c in cols]
         table = store.read_features(fs, ["uid", "vector", *wanted])
         rows = np.array([index.get(u, -1) for u in table["uid"].to_pylist()], dtype=np.int64)

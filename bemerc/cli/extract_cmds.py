@@ -44,7 +44,10 @@ def register(app: typer.Typer) -> None:
         """Extract features for every utterance in the store that lacks them.
 
         Rows already stored with the same extractor and configuration are skipped, so a re-run does
-        no model work and a run stopped midway finishes the rest. Unreadable media, no audio stream,
+        no model work and a run stopped midway finishes the rest. Each row records the digest of the
+        inputs it was computed from (text; media sha256 and span): a row whose text, media file or span
+        changed since (re-ingested) is stale and extracted again, counted as "N stale, re-extracted".
+        On a terminal a bar shows progress; in a log file or a pipe, a plain line every 30 s. Unreadable media, no audio stream,
         silence or no face become rows in the `failures` table; the run goes on and prints a summary.
         It exits non-zero only with --strict or when nothing could be extracted.
 
@@ -121,11 +124,11 @@ def register(app: typer.Typer) -> None:
             return {table: versions for table, versions in state.items() if table not in written}
 
         if before is not None and after is not None and unwritten(before) == unwritten(after):
-            remember(store, {keys[name]: RunSummary(s.feature_set, already=s.already + s.done, not_applicable=s.not_applicable,
+            remember(store, {keys[name]: RunSummary(s.feature_set, already=s.already + s.done + s.stale, not_applicable=s.not_applicable,
                                                     skipped_failed=s.skipped_failed + s.failed).line()
                              for name, s in zip(modalities, summaries)}, after)
         failed = sum(s.failed for s in summaries)
-        done = sum(s.done + s.already for s in summaries)
+        done = sum(s.done + s.stale + s.already for s in summaries)
         if failed:
             err_console.print(f"{failed} utterance(s) failed; see `bemerc query where` on the failures table or `bemerc store info`")
         if (strict and failed) or (done == 0 and failed):

@@ -34,7 +34,7 @@ def _write(store_path: Path, reader: str, name: str, *args, **kwargs) -> None:
             with Progress(console=console, transient=True) as progress:
                 task = progress.add_task("checksumming media", total=len(media_rows))
                 add_checksums(media_rows, lambda n: progress.advance(task, n))
-        inserted, updated, unchanged = ingest.write_utterances(Store(store_path), report.rows)
+        inserted, updated, unchanged = ingest.write_utterances(Store(store_path), report.rows, source=args[0])
     except (ingest.IngestError, StoreError, StoreLockedError) as e:
         fail(str(e))
     splits = ", ".join(f"{split} {n:,}" for split, n in report.counts().items())

@@ -18,7 +18,10 @@ def info(store: StoreOption = DEFAULT_STORE, as_json: JsonOption = False) -> Non
     """Tables with row counts and versions, the feature sets present, and failure counts.
 
     With --json prints `{"tables": {NAME: {"rows": N, "version": V}}, "features": {"MODALITY/EXTRACTOR":
-    {"rows": N, "dim": D, "random_weights": false, "feature_set": ID}}, "failures": {STAGE: N}}`.
+    {"rows": N, "dim": D, "random_weights": false, "feature_set": ID, "stale": N, "unverified": N}},
+    "failures": {STAGE: N}}`. `stale` rows were computed from a text, media file or span that has
+    changed since (`bemerc extract` recomputes them; baseline and tune refuse them); `unverified` rows
+    record no input digest (a store written before bemerc recorded them).
     """
     data = cached_info(store, lambda: open_store(store).info())
     if as_json:
@@ -33,11 +36,16 @@ def info(store: StoreOption = DEFAULT_STORE, as_json: JsonOption = False) -> Non
     console.print(tables)
     if data["features"]:
         feats = Table(title="feature sets")
-        for col in ("key", "feature set", "rows", "dim", "random weights"):
+        for col in ("key", "feature set", "rows", "stale", "unverified", "dim", "random weights"):
             feats.add_column(col)
         for key, f in data["features"].items():
-            feats.add_row(key, f["feature_set"], f"{f['rows']:,}", str(f["dim"]), "yes" if f["random_weights"] else "no")
+            feats.add_row(key, f["feature_set"], f"{f['rows']:,}", f"{f.get('stale', 0):,}", f"{f.get('unverified', 0):,}",
+                          str(f["dim"]), "yes" if f["random_weights"] else "no")
         console.print(feats)
+        stale = {key: f["stale"] for key, f in data["features"].items() if f.get("stale")}
+        if stale:
+            console.print("stale rows (inputs changed since extraction): " + ", ".join(f"{k} {v:,}" for k, v in stale.items())
+                          + "; `bemerc extract` recomputes them", highlight=False)
     if data["failures"]:
         console.print("failures: " + ", ".join(f"{k} {v}" for k, v in data["failures"].items()))
     if not data["tables"]:

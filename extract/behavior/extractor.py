@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from bemerc.extract.base import UtteranceMedia, resolve_device, vector_field
+from bemerc.extract.base import MEDIA_INPUTS, UtteranceMedia, resolve_device, vector_field
 from bemerc.extract.behavior.body import (
     DEFAULT_POSE_FILES, HAND_POINTS, POSTURE_MEASURES, UPPER_BODY, PoseFinder, body_region, frame_motion, posture_measures,
 )
@@ -189,6 +189,7 @@ class BehaviorExtractor:
     """
 
     modality = "behavior"
+    inputs = MEDIA_INPUTS
 
     def __init__(
         self,

@@ -223,14 +223,37 @@ def add_checksums(rows: list[dict], progress: Callable[[int], None] | None = Non
                 future.cancel()
 
 
-def write_utterances(store: Store, rows: list[dict]) -> tuple[int, int, int]:
-    """Write only new or changed utterances in one commit; returns (inserted, updated, unchanged)."""
+def check_no_clash(source: str | Path, fresh: list[dict], existing: dict[str, dict]) -> None:
+    """Refuse (an :class:`IngestError` naming ``source``, both datasets and some uids) rows whose uid
+    belongs to another dataset in the store: a store holds several corpora side by side, and one
+    corpus never replaces another's utterances. The same dataset's uids are updated in place."""
+    clashes: dict[tuple[str, str], list[str]] = {}
+    for r in fresh:
+        old = existing.get(r["uid"])
+        if old is not None and old["dataset"] != r["dataset"]:
+            clashes.setdefault((r["dataset"], old["dataset"]), []).append(r["uid"])
+    for (new, old), uids in clashes.items():
+        shown = ", ".join(uids[:3]) + (" ..." if len(uids) > 3 else "")
+        raise IngestError(source, f"dataset {new!r} would replace {len(uids)} utterance(s) of dataset {old!r} ({shown}), "
+                                      "nothing written: a manifest's uids are {split}/{dialogue_id}_{turn}, so corpora side by "
+                                      f"side need distinct dialogue ids (or another --store); to update {old!r} itself, "
+                                      f"ingest with --dataset {old}")
+
+
+def write_utterances(store: Store, rows: list[dict], source: str | Path | None = None) -> tuple[int, int, int]:
+    """Write only new or changed utterances in one commit; returns (inserted, updated, unchanged).
+
+    ``source`` is the manifest or corpus folder the rows were read from, as the ingest commands pass
+    it: rows whose uid another dataset holds then stop the write with one line naming it
+    (:func:`check_no_clash`). Without it (a caller renaming a dataset on purpose) they are replaced."""
     table = pa.Table.from_pylist([{k: r.get(k) for k in S.UTTERANCES.names} for r in rows], schema=S.UTTERANCES)
     existing = {}
     if store.has_table("utterances") and rows:
         for r in store.read_arrow("utterances").to_pylist():
             existing[r["uid"]] = r
     fresh = table.to_pylist()
+    if source is not None:
+        check_no_clash(source, fresh, existing)
     changed = [r for r in fresh if existing.get(r["uid"]) != r]
     inserted = sum(1 for r in changed if r["uid"] not in existing)
     if changed:
