@@ -156,3 +156,30 @@ def test_tune_seeds_records_a_group_and_repeats_a_seed_exactly(tiny_llm, tmp_pat
     _, p3 = _predictions(store, group["members"]["3"])
     _, p4 = _predictions(store, group["members"]["4"])
     assert np.allclose(p, p3, atol=1e-6) and not np.allclose(p3, p4, atol=1e-4)
+
+
+def test_runs_endpoint_and_page_show_groups(groups, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from bemerc.serve import create_app
+    from bemerc.store import query as Q
+    from conftest import LOCAL, running_server
+    from test_page import CHROMIUM, blocks, chromium
+
+    store, _, a, b = groups
+    runs = {r["run_id"]: r for r in TestClient(create_app(store.path), base_url=LOCAL).get("/runs").json()}
+    group = runs[a["group_id"]]
+    assert group["kind"] == "group" and group["group"]["members"] == a["members"] and group["group_id"] is None
+    assert group["metrics"]["dev"]["std"]["weighted_f1"] == pytest.approx(a["metrics"]["dev"]["std"]["weighted_f1"])
+    assert all(runs[m]["group_id"] == a["group_id"] for m in a["members"].values())
+    assert runs[b["group_id"]]["group"]["failed"].keys() == {"1"}
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed: the page part needs it")
+    dialogue = Q.dialogues(store, "dev")["dialogue_id"][0]
+    with running_server(create_app(store.path)) as url:
+        dom = chromium(f"{url}/#dev/{dialogue}", tmp_path, "--dump-dom").stdout
+    tags = blocks(dom, "run-tag")
+    assert sum(t.startswith("baseline ×2 seeds: ") for t in tags) == 1 and sum(t.startswith("baseline ×1 seeds: ") for t in tags) == 1
+    shown = len(tags)  # a member run of a group has no tag (nor prediction) of its own
+    grouped = {m for g in (a, b) for m in g["members"].values()}
+    assert shown == len([r for r in runs if r not in grouped])

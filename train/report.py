@@ -25,8 +25,8 @@ from bemerc.store import Store, StoreError
 from bemerc.store.schema import sql_quote
 from bemerc.train.evaluate import bootstrap_intervals, paired_test
 from bemerc.train.metrics import classification_metrics
-from bemerc.store.runs import list_runs
-from bemerc.train.runs import GROUP_KIND, GROUP_METRICS, seed_summary
+from bemerc.store.runs import GROUP_KIND, list_runs
+from bemerc.train.runs import GROUP_METRICS, seed_summary
 
 # The dataset name of the embedded synthetic demo (`make demo` ingests it as `--dataset demo`).
 DEMO_DATASET = "demo"

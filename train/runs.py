@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from bemerc.store import Store
 from bemerc.store import schema as S
-from bemerc.store.runs import default_run_dir, list_runs
+from bemerc.store.runs import GROUP_KIND, default_run_dir, list_runs
 from bemerc.train.metrics import classification_metrics
 
 
@@ -96,7 +96,6 @@ def save_run(
 # predicted (what `bemerc fuse` and the paired test of `bemerc compare` use); its metrics per split
 # hold the mean over seeds (so ``metrics["dev"]["weighted_f1"]`` reads as for any run), the sample
 # standard deviation, every seed's value and the score of the seed-mean probabilities.
-GROUP_KIND = "group"
 GROUP_METRICS = ("weighted_f1", "accuracy", "macro_f1")
 
 
