@@ -126,7 +126,7 @@ def test_fuse_takes_groups_and_fuses_their_mean_probabilities(groups):
     from bemerc.cli import app
 
     store, _, a, b = groups
-    result = CliRunner().invoke(app, ["fuse", a["group_id"], "group:latest", "--store", str(store.path), "--json"])
+    result = CliRunner().invoke(app, ["fuse", a["group_id"], "baseline-group:latest", "--store", str(store.path), "--json"])
     assert result.exit_code == 0, result.output
     fused = json.loads(result.output)
     assert set(fused["weights"]) == {a["group_id"], b["group_id"]}
