@@ -3,6 +3,7 @@
 #   make test        the test suite (what CI runs)
 #   make features    ingest CORPUS (default: the demo) and extract every modality into STORE
 # Variables: CORPUS=demo|meld|PATH/TO/manifest.{csv,jsonl,parquet}  MELD_DIR=...  STORE=out/store  PROFILE=offline
+#            SEEDS=0,1,2 (baseline, tune, demo, compare: one run per seed plus a seed group; compare fuses the groups)
 
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
@@ -15,6 +16,9 @@ CORPUS ?= demo
 MELD_DIR ?= ../shared/data/meld
 PROFILE ?= offline
 TUNE_ARGS ?=
+SEEDS ?=
+SEED_ARGS := $(if $(SEEDS),--seeds $(SEEDS))
+LATEST := $(if $(SEEDS),-group):latest
 export BEMERC_STORE := $(STORE)
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
@@ -54,20 +58,20 @@ endif
 features: ingest  ## ingest if needed, then extract text, audio, behaviour and visual features
 	$(BEMERC) extract --modality all --profile $(PROFILE)
 
-baseline: setup  ## XGBoost late-fusion baseline on STORE
-	$(BEMERC) baseline
+baseline: setup  ## XGBoost late-fusion baseline on STORE (SEEDS=0,1,2: one run per seed and their group)
+	$(BEMERC) baseline $(SEED_ARGS)
 
-tune: setup  ## LoRA instruction tuning of the LLM on STORE
-	$(BEMERC) tune $(TUNE_ARGS)
+tune: setup  ## LoRA instruction tuning of the LLM on STORE (SEEDS=0,1,2: one run per seed and their group)
+	$(BEMERC) tune $(TUNE_ARGS) $(SEED_ARGS)
 
-compare: setup  ## fuse the newest baseline and tune runs (when both exist), then report every run in STORE
-	$(BEMERC) fuse baseline:latest tune:latest --skip-missing
+compare: setup  ## fuse the newest baseline and tune runs (or seed groups, with SEEDS) when both exist, then report every run in STORE
+	$(BEMERC) fuse baseline$(LATEST) tune$(LATEST) --skip-missing
 	$(BEMERC) compare --out $(OUT)/report
 
 demo: setup  ## the whole pipeline on the embedded demo; prints where the report is
 	$(MAKE) features CORPUS=demo
-	$(BEMERC) baseline
-	$(BEMERC) tune --epochs 12 --batch-size 2 --lr 5e-3
+	$(BEMERC) baseline $(SEED_ARGS)
+	$(BEMERC) tune --epochs 12 --batch-size 2 --lr 5e-3 $(SEED_ARGS)
 	$(MAKE) compare
 	@echo "demo report: $(OUT)/report/report.html (and report.md)"
 

@@ -42,7 +42,7 @@ from bemerc.serve.predict import PredictError, Predictor, PredictRequest, ServeL
 from bemerc.store import Store, StoreError
 from bemerc.store import query as Q
 from bemerc.store.schema import sql_quote
-from bemerc.store.runs import list_runs
+from bemerc.store.runs import list_runs, seed_groups
 
 PAGE_DIR = Path(__file__).parent / "page"
 SPLIT_PATTERN = r"^[A-Za-z0-9_-]{1,40}$"
@@ -163,9 +163,16 @@ def create_app(
 
     @app.get("/runs", summary="Trained runs")
     def runs() -> list[dict]:
-        """Every run, oldest first: id, kind, classes, feature sets and metrics per split."""
+        """Every run, oldest first: id, kind, classes, feature sets and metrics per split. A seed
+        group (kind ``group``) also has ``group``: its seeds, members and failed seeds, and its
+        metrics per split hold the mean, ``std`` and ``per_seed`` values; a member run has the
+        ``group_id`` it belongs to (null for a run of no group)."""
         keep = ("run_id", "kind", "created_at", "dataset", "classes", "feature_sets", "metrics")
-        return Q.to_records([{k: r[k] for k in keep} for r in list_runs(store)])
+        stored = list_runs(store)
+        groups = seed_groups(stored)
+        group_of = {member: g for g, entry in groups.items() for member in entry["members"].values()}
+        return Q.to_records([{**{k: r[k] for k in keep}, "group_id": group_of.get(r["run_id"]),
+                              **({"group": groups[r["run_id"]]} if r["run_id"] in groups else {})} for r in stored])
 
     @app.get("/runs/{run_id}/report", summary="A run's metrics and the comparison report")
     def run_report(run_id: str) -> dict:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from bemerc.store.db import Store
 
+GROUP_KIND = "group"  # the kind of a seed group's run (see seed_groups)
+
 
 def list_runs(store: Store) -> list[dict]:
     """Runs in the store, oldest first, with ``config``/``metrics``/``table_versions`` decoded.
@@ -37,3 +39,19 @@ def default_run_dir(store: Store, run_id: str) -> Path:
     if "://" in str(store.path):
         return Path("runs") / run_id
     return Path(store.path) / "runs" / run_id
+
+
+def seed_groups(runs: list[dict]) -> dict[str, dict]:
+    """The seed groups among ``runs`` (as :func:`list_runs` gives them), by group run id:
+    ``{"member_kind", "seeds", "members": {seed: run_id}, "failed": {seed: reason}}``. A group is a
+    run of kind ``group`` (``bemerc baseline --seeds``, ``bemerc tune --seeds``); its members are
+    ordinary runs, tied to it only by its config, so stores written before groups read unchanged.
+
+    >>> seed_groups(list_runs(Store("store")))   # doctest: +SKIP
+    {'baseline-group-20261202-052813-3d09': {'member_kind': 'baseline', 'seeds': [0, 1, 2], 'members': {...}, 'failed': {}}}
+    """
+    return {
+        r["run_id"]: {"member_kind": r["config"].get("member_kind"), "seeds": r["config"].get("seeds", []),
+                      "members": r["config"].get("members", {}), "failed": r["config"].get("failed", {})}
+        for r in runs if r["kind"] == GROUP_KIND
+    }

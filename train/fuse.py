@@ -1,7 +1,7 @@
 """Stacking: late fusion of stored runs, weights fit on dev.
 
 A fusion run averages the class probabilities that its member runs stored in ``predictions`` (a
-baseline's late fusion, a tuned LLM, another fusion run, ...) with weights chosen on dev by the
+baseline's late fusion, a tuned LLM, another fusion run, a seed group's mean over its seeds, ...) with weights chosen on dev by the
 baseline's greedy ensemble selection (:func:`bemerc.train.baseline.select_weights`, dev log loss),
 and is recorded like any other run (kind ``fusion``): predictions for every evaluation split the
 members share, ``RUN_DIR/config.json`` (members, weights) and ``RUN_DIR/metrics.json``.
@@ -32,7 +32,7 @@ from bemerc.store.schema import sql_in
 from bemerc.train.baseline import EVAL_SPLITS, fuse, select_weights
 from bemerc.train.evaluate import bootstrap_intervals
 from bemerc.train.metrics import classification_metrics, weighted_f1
-from bemerc.store.runs import default_run_dir, list_runs
+from bemerc.store.runs import GROUP_KIND, default_run_dir, list_runs
 from bemerc.train.runs import new_run_id, save_run, split_metrics
 
 LATEST = ":latest"
@@ -64,8 +64,17 @@ class FusionResult:
     reused: bool = False  # an identical fusion run (same members, settings and inputs) was already stored
 
 
+def _is_kind(run: dict, kind: str) -> bool:
+    """``kind`` as a ref names it: a run's kind, or ``MEMBER-group`` for a seed group of ``MEMBER`` runs."""
+    member, _, group = kind.rpartition("-")
+    if group == GROUP_KIND and member:
+        return run["kind"] == GROUP_KIND and run["config"].get("member_kind") == member
+    return run["kind"] == kind
+
+
 def resolve_runs(store: Store, refs: list[str], skip_missing: bool = False) -> list[str]:
-    """Run ids of ``refs``: each a run id, or ``KIND:latest`` for the newest run of that kind.
+    """Run ids of ``refs``: each a run id, or ``KIND:latest`` for the newest run of that kind
+    (``baseline-group:latest``, ``tune-group:latest``: the newest seed group of baselines, of tuned runs).
 
     With ``skip_missing`` a ref that matches no run is left out instead of raising.
 
@@ -78,7 +87,7 @@ def resolve_runs(store: Store, refs: list[str], skip_missing: bool = False) -> l
     for ref in refs:
         if ref.endswith(LATEST):
             kind = ref[: -len(LATEST)]
-            of_kind = [r["run_id"] for r in runs if r["kind"] == kind]  # oldest first
+            of_kind = [r["run_id"] for r in runs if _is_kind(r, kind)]  # oldest first
             found = of_kind[-1] if of_kind else None
             missing = f"no run of kind {kind!r} (kinds stored: {', '.join(sorted({r['kind'] for r in runs})) or 'none'})"
         else:

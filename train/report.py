@@ -25,7 +25,8 @@ from bemerc.store import Store, StoreError
 from bemerc.store.schema import sql_quote
 from bemerc.train.evaluate import bootstrap_intervals, paired_test
 from bemerc.train.metrics import classification_metrics
-from bemerc.store.runs import list_runs
+from bemerc.store.runs import GROUP_KIND, list_runs
+from bemerc.train.runs import GROUP_METRICS, seed_summary
 
 # The dataset name of the embedded synthetic demo (`make demo` ingests it as `--dataset demo`).
 DEMO_DATASET = "demo"
@@ -44,6 +45,12 @@ def comparison(store: Store, run_ids: list[str] | None = None, split: str = "dev
     {"weights", "models", "cross_fit_dev_weighted_f1"}}, "demo": bool}``. Runs of every kind (baseline,
     tune, fusion) are listed in the order asked (default: oldest first); ``ci`` holds 95% bootstrap
     intervals over dialogues; ``demo`` says that every scored run is of the synthetic demo.
+
+    A seed group (kind ``group``) is one row: ``weighted_f1``, ``accuracy`` and ``macro_f1`` are the
+    means over its finished seeds, with ``std`` (sample standard deviation), ``seeds``, ``per_seed``
+    ({seed: {"run_id", metrics}}), ``failed`` ({seed: reason}) and ``seed_mean`` (the score of the
+    seeds' mean probabilities, which the paired test uses). Its members are not listed on their
+    own unless ``run_ids`` names them.
     """
     runs = list_runs(store)
     if not runs:
@@ -57,36 +64,22 @@ def comparison(store: Store, run_ids: list[str] | None = None, split: str = "dev
     utterances = store.read("utterances", ["uid", "dataset", "split", "dialogue_id"])
     dialogue_of = dict(zip(utterances["uid"].to_list(),
                            (utterances["dataset"] + "/" + utterances["split"] + "/" + utterances["dialogue_id"]).to_list()))
+    groups = {r["run_id"]: r for r in runs if r["kind"] == GROUP_KIND}
+    named = set(run_ids or [])
+    folded = {m for g in groups.values() for m in g["config"].get("members", {}).values()} - named
     scored, skipped, outcomes = [], [], {}
     for run in runs:
-        preds = store.read("predictions", ["uid", "label", "gold"], where=f"run_id = {sql_quote(run['run_id'])} AND split = {sql_quote(split)}")
-        preds = preds.filter(pl.col("gold").is_not_null() & pl.col("gold").is_in(run["classes"])).sort("uid")
-        if preds.height == 0:
+        if run["run_id"] in folded:  # a selected group's member: one of its seeds, not a row of its own
+            continue
+        entry, outcome = _score_run(store, run, split, dialogue_of, n_resamples, seed)
+        if entry is None:
             skipped.append({"run_id": run["run_id"], "reason": f"no labelled {split} predictions"})
             continue
-        classes = list(run["classes"])
-        index = {c: i for i, c in enumerate(classes)}
-        gold = np.array([index[g] for g in preds["gold"]])
-        pred = np.array([index[p] for p in preds["label"]])
-        groups = np.array([dialogue_of.get(u, u) for u in preds["uid"]])
-        m = classification_metrics(gold, pred, classes)
-        ci = bootstrap_intervals(gold, pred, len(classes), n_resamples, groups=groups, seed=seed)
-        scored.append({
-            "run_id": run["run_id"],
-            "kind": run["kind"],
-            "created_at": str(run["created_at"]),
-            "dataset": run["dataset"],
-            "feature_sets": list(run["feature_sets"]),
-            "n": m["n"],
-            "weighted_f1": m["weighted_f1"],
-            "ci": {k: {"low": v["low"], "high": v["high"]} for k, v in ci.items()},
-            "accuracy": m["accuracy"],
-            "macro_f1": m["macro_f1"],
-            "per_class": {c: v["f1"] for c, v in m["per_class"].items()},
-            "classes": classes,
-            "confusion": m["confusion"],
-        })
-        outcomes[run["run_id"]] = dict(zip(preds["uid"].to_list(), zip(preds["gold"].to_list(), preds["label"].to_list())))
+        if run["run_id"] in groups:
+            entry["seed_mean"] = {k: entry[k] for k in (*GROUP_METRICS, "ci")}
+            entry.update(_group_scores(store, run, by_id, split, dialogue_of))
+        scored.append(entry)
+        outcomes[run["run_id"]] = outcome
     ablation = {
         r["run_id"]: {"ablation": r["metrics"].get("ablation", {}), "models": r["metrics"].get("models", {}),
                       "fusion_weights": r["metrics"].get("fusion_weights", {})}
@@ -109,6 +102,60 @@ def comparison(store: Store, run_ids: list[str] | None = None, split: str = "dev
     }
 
 
+def _score_run(store: Store, run: dict, split: str, dialogue_of: dict, n_resamples: int = 1000, seed: int = 0,
+               intervals: bool = True) -> tuple[dict | None, dict]:
+    """A run's scores on ``split`` from its stored predictions (with bootstrap intervals unless
+    ``intervals`` is false), and {uid: (gold, predicted)}; (None, {}) when it has no labelled
+    prediction there."""
+    preds = store.read("predictions", ["uid", "label", "gold"], where=f"run_id = {sql_quote(run['run_id'])} AND split = {sql_quote(split)}")
+    preds = preds.filter(pl.col("gold").is_not_null() & pl.col("gold").is_in(run["classes"])).sort("uid")
+    if preds.height == 0:
+        return None, {}
+    classes = list(run["classes"])
+    index = {c: i for i, c in enumerate(classes)}
+    gold = np.array([index[g] for g in preds["gold"]])
+    pred = np.array([index[p] for p in preds["label"]])
+    groups = np.array([dialogue_of.get(u, u) for u in preds["uid"]])
+    m = classification_metrics(gold, pred, classes)
+    ci = bootstrap_intervals(gold, pred, len(classes), n_resamples, groups=groups, seed=seed) if intervals else {}
+    entry = {
+        "run_id": run["run_id"],
+        "kind": run["kind"],
+        "created_at": str(run["created_at"]),
+        "dataset": run["dataset"],
+        "feature_sets": list(run["feature_sets"]),
+        "n": m["n"],
+        "weighted_f1": m["weighted_f1"],
+        "ci": {k: {"low": v["low"], "high": v["high"]} for k, v in ci.items()},
+        "accuracy": m["accuracy"],
+        "macro_f1": m["macro_f1"],
+        "per_class": {c: v["f1"] for c, v in m["per_class"].items()},
+        "classes": classes,
+        "confusion": m["confusion"],
+    }
+    return entry, dict(zip(preds["uid"].to_list(), zip(preds["gold"].to_list(), preds["label"].to_list())))
+
+
+def _group_scores(store: Store, group: dict, by_id: dict, split: str, dialogue_of: dict) -> dict:
+    """What a group's row holds beside its own scores: each finished seed scored from its own
+    predictions (``per_seed``), the mean (``weighted_f1``, ``accuracy``, ``macro_f1``) and sample
+    standard deviation (``std``) over them, ``seeds`` (how many) and ``failed`` ({seed: reason})."""
+    config = group["config"]
+    values, failed = {}, dict(config.get("failed", {}))
+    for s, member in config.get("members", {}).items():
+        run = by_id.get(member)
+        entry = _score_run(store, run, split, dialogue_of, intervals=False)[0] if run else None
+        if entry is None:
+            failed[s] = f"{member}: no labelled {split} predictions" if run else f"{member}: no longer in the store"
+            continue
+        values[s] = {"run_id": member, **{k: entry[k] for k in GROUP_METRICS}}
+    out = {"member_kind": config.get("member_kind"), "seeds": len(values), "failed": failed, "per_seed": values}
+    if values:
+        summary = seed_summary(values)
+        out.update({k: summary[k] for k in GROUP_METRICS}, std=summary["std"])
+    return out
+
+
 def _best_two_test(scored: list[dict], outcomes: dict, dialogue_of: dict, seed: int) -> dict | None:
     """Paired permutation test of weighted F1 between the two best runs, on the utterances both
     predicted; None with fewer than two runs or no shared utterance."""
@@ -124,7 +171,8 @@ def _best_two_test(scored: list[dict], outcomes: dict, dialogue_of: dict, seed: 
     pred_a = np.array([index[outcomes[a["run_id"]][u][1]] for u in shared])
     pred_b = np.array([index[outcomes[b["run_id"]][u][1]] for u in shared])
     test = paired_test(gold, pred_a, pred_b, len(labels), seed=seed)
-    return {"run_a": a["run_id"], "run_b": b["run_id"], **test}
+    groups = [r["run_id"] for r in (a, b) if r["kind"] == GROUP_KIND]
+    return {"run_a": a["run_id"], "run_b": b["run_id"], **test, "groups": groups}
 
 
 # -- plots ----------------------------------------------------------------------------------------
@@ -234,12 +282,25 @@ def _blocks(data: dict, out_dir: Path) -> list[Block]:
         Block("p", f"Store `{data['store']}`; {len(runs)} run(s) scored on their labelled {split} utterances. "
                    "Intervals are 95% bootstrap intervals over dialogues (1,000 resamples)."),
         Block("h2", "Runs"),
-        Block("table", headers=("run", "kind", "feature sets", "n", "weighted F1 [95% CI]", "accuracy", "macro F1"), rows=tuple(
-            (r["run_id"], r["kind"], ", ".join(r["feature_sets"]) or "-", str(r["n"]),
-             f"{r['weighted_f1']:.4f} [{r['ci']['weighted_f1']['low']:.4f}, {r['ci']['weighted_f1']['high']:.4f}]",
-             f"{r['accuracy']:.4f}", f"{r['macro_f1']:.4f}")
-            for r in runs)),
+        Block("table", headers=RUN_TABLE_HEADERS, rows=tuple(run_table_rows(runs))),
     ]
+    groups = [r for r in runs if r["kind"] == GROUP_KIND]
+    if groups:
+        blocks += [
+            Block("h2", "Seed groups"),
+            Block("p", "A group's row shows the mean ± sample standard deviation (n - 1) over its finished seeds, each "
+                       "seed scored from its own predictions. Its per-class F1, confusion matrix and paired test use the "
+                       "seeds' mean probabilities (the group's own predictions), scored here as `seed mean`."),
+        ]
+        for g in groups:
+            failed = "; ".join(f"seed {s}: {reason}" for s, reason in g["failed"].items())
+            blocks += [
+                Block("p", f"{g['run_id']}: {g['seeds']} {g['member_kind'] or ''} seed(s) finished"
+                           + (f"; failed: {failed}" if failed else "") + "."),
+                Block("table", headers=("seed", "run", "weighted F1", "accuracy", "macro F1"), rows=tuple(
+                    [(s, v["run_id"], *(f"{v[k]:.4f}" for k in GROUP_METRICS)) for s, v in g["per_seed"].items()]
+                    + [("seed mean", "(mean probabilities)", *(f"{g['seed_mean'][k]:.4f}" for k in GROUP_METRICS))])),
+            ]
     if data["skipped"]:
         blocks.append(Block("p", "Not scored: " + "; ".join(f"{s['run_id']} ({s['reason']})" for s in data["skipped"]) + "."))
     test = data["paired_test"]
@@ -248,7 +309,9 @@ def _blocks(data: dict, out_dir: Path) -> list[Block]:
         blocks.append(Block("p", (
             f"{test['run_a']} ({test['a']:.4f}) vs {test['run_b']} ({test['b']:.4f}): weighted F1 difference "
             f"{test['difference']:+.4f} on {test['n']} shared utterances, p = {test['p_value']:.4f} "
-            f"(two-sided paired {test['method']} test, {test['n_resamples']} resamples).")))
+            f"(two-sided paired {test['method']} test, {test['n_resamples']} resamples)."
+            + (f" {' and '.join(test['groups'])}: tested on the argmax of the seeds' mean probabilities, so every seed "
+               "counts." if test.get("groups") else ""))))
     else:
         blocks.append(Block("p", "Needs two runs with predictions on the same utterances."))
     if runs:
@@ -294,6 +357,27 @@ def _blocks(data: dict, out_dir: Path) -> list[Block]:
                 for member, w in entry["weights"].items())),
         ]
     return blocks
+
+
+RUN_TABLE_HEADERS = ("run", "kind", "feature sets", "n", "seeds", "weighted F1", "accuracy", "macro F1")
+
+
+def run_table_rows(runs: list[dict], per_seed: bool = False) -> list[tuple[str, ...]]:
+    """Rows of the runs table (the report's and `bemerc compare`'s): a run's scores with the 95%
+    interval of weighted F1; a group's mean ± std over its seeds (and, with ``per_seed``, a row
+    per seed after it)."""
+    rows = []
+    for r in runs:
+        base = (r["run_id"], r["kind"], ", ".join(r["feature_sets"]) or "-", str(r["n"]))
+        if r["kind"] == GROUP_KIND and "std" in r:
+            rows.append((*base, str(r["seeds"]) + (f" ({len(r['failed'])} failed)" if r["failed"] else ""),
+                         *(f"{r[k]:.4f} ± {r['std'][k]:.4f}" for k in GROUP_METRICS)))
+            if per_seed:
+                rows += [(f"  {v['run_id']}", f"seed {s}", "", "", "", *(f"{v[k]:.4f}" for k in GROUP_METRICS)) for s, v in r["per_seed"].items()]
+        else:
+            ci = r["ci"]["weighted_f1"]
+            rows.append((*base, "-", f"{r['weighted_f1']:.4f} [{ci['low']:.4f}, {ci['high']:.4f}]", f"{r['accuracy']:.4f}", f"{r['macro_f1']:.4f}"))
+    return rows
 
 
 def _score(entry: dict, split: str) -> str:

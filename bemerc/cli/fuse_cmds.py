@@ -13,7 +13,8 @@ from bemerc.cli.common import DEFAULT_STORE, JsonOption, StoreOption, console, f
 
 def fuse(
     runs: Annotated[list[str], typer.Argument(
-        help="Runs to fuse: run ids, or KIND:latest for the newest run of a kind (baseline:latest, tune:latest, fusion:latest).",
+        help="Runs to fuse: run ids, or KIND:latest for the newest run of a kind (baseline:latest, tune:latest, fusion:latest, "
+             "group:latest; baseline-group:latest and tune-group:latest for the newest seed group of baselines or tuned runs).",
         show_default=False)],
     store: StoreOption = DEFAULT_STORE,
     run_dir: Annotated[Path | None, typer.Option("--run-dir", help="Folder of the run's config.json and metrics.json (default: runs/RUN_ID inside the store).")] = None,
@@ -24,7 +25,8 @@ def fuse(
     """Fuse the stored probabilities of two or more runs, with weights fit on dev.
 
     Any runs of one dataset and one class list can be fused: baselines (their late fusion), tuned
-    LLMs, other fusion runs. The weights are chosen on the labelled dev utterances every run
+    LLMs, other fusion runs, seed groups (`--seeds`: a group takes part with its seeds' mean
+    probabilities, one member however many seeds). The weights are chosen on the labelled dev utterances every run
     predicted, by the baseline's greedy ensemble selection (dev log loss); test is only scored.
     Records a run of kind `fusion` with its predictions on every evaluation split the runs share,
     RUN_DIR/config.json (members, weights) and RUN_DIR/metrics.json. Its config also holds an honest

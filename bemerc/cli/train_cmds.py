@@ -18,6 +18,8 @@ def baseline(
     feature_set: Annotated[list[str] | None, typer.Option("--feature-set", help="Feature set to use (id, MODALITY/EXTRACTOR or MODALITY); repeat for several. Default: the newest of every modality.")] = None,
     context: Annotated[int | None, typer.Option("--context", min=0, show_default=False, help="Previous utterances of the dialogue averaged as context (0: none; default: BaselineConfig.context).")] = None,
     dataset: Annotated[str | None, typer.Option("--dataset", help="Dataset to train on when the store holds several.")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", show_default=False, help="Seed of XGBoost's row and column subsampling (default: BaselineConfig.seed, 0).")] = None,
+    seeds: Annotated[str | None, typer.Option("--seeds", show_default=False, help="Comma-separated seeds (e.g. 0,1,2): one run per seed plus a run of kind `group` that ties them (mean +- std in `bemerc compare`); with --run-dir the seeds go to RUN_DIR/seed-N.")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Train the XGBoost late-fusion baseline on the store.
@@ -30,10 +32,30 @@ def baseline(
 
     Example: `bemerc baseline --store store --feature-set text --feature-set audio`
     """
+    from dataclasses import replace
+
     from bemerc.store import Store, StoreError, StoreLockedError
     from bemerc.train.baseline import BaselineConfig, train_baseline
+    from bemerc.train.runs import parse_seeds, train_group
 
-    given = {name: value for name, value in {"context": context}.items() if value is not None}  # defaults: BaselineConfig
+    given = {name: value for name, value in {"context": context, "seed": seed}.items() if value is not None}  # defaults: BaselineConfig
+    log = (lambda message: None) if as_json else (lambda message: console.print(f"  {message}", highlight=False))
+    if seeds is not None:
+        if seed is not None:
+            fail("give --seed or --seeds, not both")
+        try:
+            seed_list = parse_seeds(seeds)
+            db = Store(store, create=False)
+            config = BaselineConfig(**given)
+            group = train_group(
+                db, "baseline", seed_list,
+                lambda s, folder: train_baseline(db, feature_sets=feature_set or None, dataset=dataset, config=replace(config, seed=s),
+                                                 run_dir=folder, log=log).run_id,
+                run_dir=run_dir, config={"context": config.context, "feature_sets": feature_set or None}, log=log)
+        except (StoreError, StoreLockedError, ValueError) as e:
+            fail(str(e))
+        print_group(group, as_json)
+        return
     try:
         result = train_baseline(
             Store(store, create=False),
@@ -41,7 +63,7 @@ def baseline(
             dataset=dataset,
             config=BaselineConfig(**given),
             run_dir=run_dir,
-            log=(lambda message: None) if as_json else (lambda message: console.print(f"  {message}", highlight=False)),
+            log=log,
         )
     except (StoreError, StoreLockedError) as e:
         fail(str(e))
@@ -66,11 +88,37 @@ def baseline(
     console.print(f"run {result.run_id} in {result.run_dir} ({result.seconds:.0f} s)")
 
 
+def print_group(group: dict, as_json: bool) -> None:
+    """What `baseline --seeds` and `tune --seeds` print: each seed's scores, then mean +- std."""
+    from bemerc.train.runs import GROUP_METRICS
+
+    if as_json:
+        print(json.dumps(group, indent=2, default=str))
+        return
+    m = group["metrics"]
+    splits = [s for s in ("dev", "test") if s in m]
+    table = Table(title=f"group {group['group_id']} ({len(group['members'])} seeds)")
+    table.add_column("seed")
+    table.add_column("run")
+    for s in splits:
+        for name in ("weighted F1", "accuracy", "macro F1"):
+            table.add_column(f"{s} {name}", justify="right")
+    for seed, run_id in group["members"].items():
+        table.add_row(str(seed), run_id, *(f"{m[s]['per_seed'][str(seed)][k]:.4f}" if str(seed) in m[s]["per_seed"] else "-"
+                                           for s in splits for k in GROUP_METRICS))
+    table.add_row("mean ± std", "", *(f"{m[s][k]:.4f} ± {m[s]['std'][k]:.4f}" for s in splits for k in GROUP_METRICS))
+    console.print(table)
+    for seed, reason in group["failed"].items():
+        console.print(f"[yellow]seed {seed} failed: {reason}[/]", highlight=False)
+    console.print(f"group {group['group_id']} in {group['run_dir']}; see `bemerc compare`", highlight=False)
+
+
 def compare(
     runs: Annotated[list[str] | None, typer.Argument(help="Run ids to compare (default: every run in the store).")] = None,
     store: StoreOption = DEFAULT_STORE,
     split: Annotated[str | None, typer.Option("--split", show_default=False, help="Split to score: dev (the default) or test.")] = None,
     out: Annotated[Path, typer.Option("--out", help="Folder of the report (report.md, report.html, PNG plots).")] = Path("reports"),
+    per_seed: Annotated[bool, typer.Option("--per-seed", help="Also print a row per seed under each seed group.")] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Compare runs side by side in a report.
@@ -79,13 +127,16 @@ def compare(
     weighted F1 with a 95% bootstrap interval, accuracy, macro F1, F1 per class and the
     row-normalised confusion matrix; a paired permutation test between the best two runs; the
     baseline's modality ablation; each fusion run's members, weights and cross-fitted dev score.
+    A seed group (`baseline --seeds`, `tune --seeds`) is one row, mean ± sample std over its seeds
+    (`--per-seed` adds each seed's row); its members are folded into it unless named. The paired
+    test compares a group by its seeds' mean probabilities, so every seed counts.
     On the synthetic demo the report says first that its scores only show that the pipeline runs.
     Writes OUT/report.md with PNG plots beside it and OUT/report.html (one page, plots embedded).
 
     Example: `bemerc compare --split dev --out reports`
     """
     from bemerc.store import Store, StoreError
-    from bemerc.train.report import comparison, write_report
+    from bemerc.train.report import RUN_TABLE_HEADERS, comparison, run_table_rows, write_report
 
     if split not in (None, "dev", "test"):
         fail(f"--split must be dev or test, got {split!r}")
@@ -100,8 +151,19 @@ def compare(
     if not data["runs"]:
         fail(f"no run has labelled {split} predictions: " + "; ".join(f"{s['run_id']} ({s['reason']})" for s in data["skipped"]))
     paths = write_report(data, out)
+    shown = [i for i, header in enumerate(RUN_TABLE_HEADERS) if header != "feature sets"]  # in the report
+    rows = [tuple(RUN_TABLE_HEADERS[i] for i in shown), *(tuple(row[i] for i in shown) for row in run_table_rows(data["runs"], per_seed=per_seed))]
+    widths = [max(len(row[c]) for row in rows) for c in range(len(shown))]
+    console.print(f"runs on {split}:", highlight=False)
+    for row in rows:  # plain aligned lines: a narrow terminal wraps a line but never splits a score
+        console.print("  ".join(cell.ljust(w) if c < 2 else cell.rjust(w) for c, (cell, w) in enumerate(zip(row, widths))).rstrip(),
+                      highlight=False, markup=False)
+    for r in data["runs"]:
+        for s, reason in r.get("failed", {}).items():
+            console.print(f"[yellow]{r['run_id']}: seed {s} failed ({reason})[/]", highlight=False)
     best = max(data["runs"], key=lambda r: r["weighted_f1"])
-    console.print(f"best on {split}: {best['run_id']} weighted F1 {best['weighted_f1']:.4f}")
+    console.print(f"best on {split}: {best['run_id']} weighted F1 {best['weighted_f1']:.4f}"
+                  + (f" (mean of {best['seeds']} seeds)" if "std" in best else ""), highlight=False)
     if data["paired_test"]:
         console.print(f"paired test {data['paired_test']['run_a']} vs {data['paired_test']['run_b']}: p = {data['paired_test']['p_value']:.4f}")
     console.print(f"report: {paths['markdown']} and {paths['html']}")

@@ -66,6 +66,7 @@ def register(app: typer.Typer) -> None:
         normalize_scores: Annotated[bool | None, typer.Option("--normalize-scores", help="utterance layout: score a label by its mean token log-probability instead of the sum.")] = None,
         zero_shot: Annotated[bool, typer.Option(help="No training: evaluate the base model by label scoring (no LoRA, no soft tokens).")] = False,
         seed: Annotated[int | None, typer.Option(help="Seed of initialisation, data order and dropout. [default: 0]")] = None,
+        seeds: Annotated[str | None, typer.Option(show_default=False, help="Comma-separated seeds (e.g. 0,1,2): one run per seed plus a run of kind `group` that ties them (mean +- std in `bemerc compare`); with --run-dir the seeds go to RUN_DIR/seed-N.")] = None,
         threads: Annotated[int | None, typer.Option(help="Torch CPU threads. [default: 2]")] = None,
         checkpoint_every: Annotated[int | None, typer.Option(help="Write RUN_DIR/checkpoint.pt every N optimiser steps. [default: 50]")] = None,
         stop_after: Annotated[int | None, typer.Option(help="Stop after N optimiser steps with a checkpoint (continue with --resume).")] = None,
@@ -91,6 +92,8 @@ def register(app: typer.Typer) -> None:
 
         if resume and run_dir is None:
             fail("--resume needs --run-dir (the folder of the interrupted run)")
+        if seeds is not None and (seed is not None or resume or show_prompt or stop_after):
+            fail("--seeds runs every seed to the end: it cannot be combined with --seed, --resume, --show-prompt or --stop-after")
         chosen = None if modalities is None else [m.strip() for m in modalities.split(",") if m.strip() and m.strip() != "none"]
         given = {  # only what the user gave: TuneConfig holds the defaults
             "layout": layout.value if layout else None, "context": context, "overlap": overlap, "demos": demos,
@@ -109,8 +112,22 @@ def register(app: typer.Typer) -> None:
             if show_prompt:
                 console.print(render_prompt(opened, config, show_prompt), highlight=False, markup=False)
                 return
+            if seeds is not None:
+                from dataclasses import replace
+
+                from bemerc.cli.train_cmds import print_group
+                from bemerc.train.runs import parse_seeds, train_group
+
+                log = (lambda message: None) if as_json else (lambda message: console.print(f"  {message}", highlight=False))
+                group = train_group(
+                    opened, "zero-shot" if zero_shot else "tune", parse_seeds(seeds),
+                    lambda s, folder: run_tune(opened, replace(config, seed=s, run_dir=str(folder) if folder else None))["run_id"],
+                    run_dir=run_dir, config={"model": config.model, **{k: v for k, v in given.items() if v is not None and k != "seed"},
+                                             "train_limit": train_limit, "eval_limit": eval_limit}, log=log)
+                print_group(group, as_json)
+                return
             result = run_tune(opened, config, resume=resume)
-        except (TuneError, PromptError, StoreError, StoreLockedError, OSError) as exc:
+        except (TuneError, PromptError, StoreError, StoreLockedError, OSError, ValueError) as exc:
             fail(str(exc))
         result.pop("probabilities", None)
         result.pop("probabilities_by_split", None)

@@ -3,7 +3,7 @@
 // Plain DOM code, no framework; every text goes in through textContent, never as HTML.
 "use strict";
 
-const state = { split: null, dialogues: [], current: null, selected: null, modalities: [] };
+const state = { split: null, dialogues: [], current: null, selected: null, modalities: [], groups: new Map(), grouped: new Set() };
 const $ = (id) => document.getElementById(id);
 
 async function getJSON(url) {
@@ -35,6 +35,7 @@ function labelChip(label) {
 
 async function init() {
   const info = await getJSON("/info");
+  await loadGroups();
   $("store").textContent = info.store;
   state.modalities = info.modalities;
   const select = $("modality");
@@ -53,6 +54,29 @@ async function init() {
   const fromHash = parseHash();
   const split = fromHash.split && info.splits.includes(fromHash.split) ? fromHash.split : info.splits.includes("dev") ? "dev" : info.splits[0];
   if (split) await chooseSplit(split, fromHash.dialogue);
+}
+
+// Seed groups (`--seeds`): a group is one run (its predictions are the seeds' mean probabilities); its
+// member runs are not shown on their own.
+async function loadGroups() {
+  const runs = await getJSON("/runs").catch(() => []);
+  for (const r of runs) if (r.group) state.groups.set(r.run_id, r);
+  for (const r of runs) if (r.group_id && state.groups.has(r.group_id)) state.grouped.add(r.run_id);
+}
+
+function runKind(runId, kind) {
+  const g = state.groups.get(runId);
+  return g ? `${g.group.member_kind} ×${Object.keys(g.group.members).length} seeds` : kind;
+}
+
+function groupTitle(runId) {
+  const g = state.groups.get(runId);
+  if (!g) return runId;
+  const dev = g.metrics.dev;
+  const failed = Object.keys(g.group.failed);
+  return `${runId}\nthe seeds' mean probabilities` +
+    (dev && dev.std ? `\ndev weighted F1 ${dev.weighted_f1.toFixed(4)} ± ${dev.std.weighted_f1.toFixed(4)} over ${dev.seeds} seeds` : "") +
+    (failed.length ? `\nfailed seeds: ${failed.join(", ")}` : "");
 }
 
 function parseHash() {
@@ -107,7 +131,7 @@ async function openDialogue(split, dialogueId, highlightUid) {
 
 function runsOf(utterances) {
   const runs = new Map();
-  for (const u of utterances) for (const p of u.predictions || []) runs.set(p.run_id, p.kind);
+  for (const u of utterances) for (const p of u.predictions || []) if (!state.grouped.has(p.run_id)) runs.set(p.run_id, p.kind);
   return runs;
 }
 
@@ -122,8 +146,8 @@ function renderRuns(utterances) {
   for (const [runId, kind] of runs) {
     const predicted = utterances.map((u) => (u.predictions || []).find((p) => p.run_id === runId)).filter(Boolean);
     const right = predicted.filter((p) => p.correct).length;
-    const tag = el("span", "run-tag", `${kind}: ${right}/${predicted.length} correct`);
-    tag.title = runId;
+    const tag = el("span", "run-tag", `${runKind(runId, kind)}: ${right}/${predicted.length} correct`);
+    tag.title = groupTitle(runId);
     box.append(tag);
   }
 }
@@ -145,13 +169,13 @@ function renderUtterance(u) {
   }
   if ((u.predictions || []).length) {
     const preds = el("div", "predictions");
-    for (const p of u.predictions) {
+    for (const p of u.predictions.filter((p) => !state.grouped.has(p.run_id))) {
       const verdict = p.correct === true ? "right" : p.correct === false ? "wrong" : "";
       const pred = el("span", `prediction ${verdict}`);
       const top = p.probabilities[p.label];
-      pred.append(el("span", "run-kind", p.kind), labelChip(p.label), el("span", "prob", top !== undefined ? `${Math.round(top * 100)}%` : ""));
+      pred.append(el("span", "run-kind", runKind(p.run_id, p.kind)), labelChip(p.label), el("span", "prob", top !== undefined ? `${Math.round(top * 100)}%` : ""));
       if (verdict) pred.append(el("span", "mark", verdict === "right" ? "✓" : "✗"));
-      pred.title = `${p.run_id}\n` + Object.entries(p.probabilities).map(([c, v]) => `${c}: ${(v * 100).toFixed(1)}%`).join("\n");
+      pred.title = `${groupTitle(p.run_id)}\n` + Object.entries(p.probabilities).map(([c, v]) => `${c}: ${(v * 100).toFixed(1)}%`).join("\n");
       preds.append(pred);
     }
     item.append(preds);
