@@ -27,6 +27,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from bemerc.extract.base import Extractor, UtteranceMedia, config_hash, extractor_inputs
 from bemerc.extract.media import MediaError
+from bemerc.progress import LOG_EVERY_S, progress_line
 from bemerc.store import FeatureSet, Store
 from bemerc.store.inputs import DIGEST_COLUMN, digest_field, spoken_text
 from bemerc.store.schema import feature_schema, sql_in
@@ -35,7 +36,6 @@ from bemerc.store.schema import feature_schema, sql_in
 # media extractors decode per item, so small batches keep progress and flushes frequent.
 DEFAULT_BATCH = {"text": 256, "audio": 8, "behavior": 8, "visual": 8}
 # Off a terminal (a log file, a pipe), a plain progress line this often.
-LOG_EVERY_S = 30.0
 
 
 class Terminated(KeyboardInterrupt):
@@ -136,10 +136,8 @@ class RunProgress:
     def log(self, now: float) -> None:
         self.logged = now
         elapsed = now - self.start
-        rate = self.done / max(elapsed, 1e-9)
-        left = (self.total - self.done) / rate if rate else 0.0
-        self.console.print(f"{self.label}: {self.done}/{self.total}  {rate:.1f} items/s  {elapsed:.0f} s elapsed, "
-                           f"ETA {left // 60:.0f} min {left % 60:02.0f} s", highlight=False, soft_wrap=True)
+        line = progress_line(self.label, self.done, self.total, elapsed, f"{self.done / max(elapsed, 1e-9):.1f} items/s")
+        self.console.print(line, highlight=False, soft_wrap=True)
         self.console.file.flush()
 
 

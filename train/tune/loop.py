@@ -36,6 +36,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from bemerc.progress import LOG_EVERY_S, progress_line
 from bemerc.store import Store
 from bemerc.store.schema import run_classes
 from bemerc.train.metrics import classification_metrics
@@ -52,7 +53,6 @@ LAYOUTS = ("dialogue", "utterance")
 SOFT_MODALITIES = ("text", "audio", "behavior")  # projected by default when the store has them
 EVAL_SPLITS = ("dev", "test")  # scored when labelled; model selection uses dev only
 DEFAULT_MAX_LEN = {"utterance": 512, "dialogue": 1024}
-LOG_EVERY_S = 30.0  # progress lines when the output is not a terminal
 
 
 class TuneError(ValueError):
@@ -349,8 +349,7 @@ class Progress:
             t["logged"] = now
             steps = t["done"] - t["start_done"]
             left = (t["total"] - t["done"]) * (now - t["start"]) / max(steps, 1)
-            print(f"{name}: {t['done']}/{t['total']}  {info}  {now - t['start']:.0f} s elapsed, "
-                  f"ETA {left // 60:.0f} min {left % 60:02.0f} s", flush=True)
+            print(progress_line(name, t["done"], t["total"], now - t["start"], info, left), flush=True)
 
 
 def _trainable(model: MercModel, stage: str, config: TuneConfig) -> list[torch.nn.Parameter]:
