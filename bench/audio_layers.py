@@ -35,14 +35,13 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from bemerc.extract.audio import AudioExtractor, loudness_dbfs
+from bemerc.extract.audio import AudioExtractor, loudness_dbfs, voiced_frames
 from bemerc.extract.base import UtteranceMedia
 from bemerc.extract.media import SAMPLE_RATE, decode_audio
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ravdess"
 LABELS = ["neutral", "calm", "happy", "sad", "angry", "fearful", "disgust", "surprised"]
 SETS = {"avg 3-4": (3, 4), "avg 3-5": (3, 4, 5), "avg 2-5": (2, 3, 4, 5)}  # averaged frame by frame
-VOICED_DB = 35.0  # a 20 ms encoder frame is voiced when within this of the loudest 100 ms window
 C_GRID = (0.01, 0.1, 1.0)
 
 
@@ -57,15 +56,6 @@ def pool(states: torch.Tensor, mask: np.ndarray | None = None) -> np.ndarray:
     return torch.cat([states.mean(0), states.std(0, unbiased=False)]).float().numpy()
 
 
-def voiced_mask(audio: np.ndarray, n_frames: int) -> np.ndarray:
-    """Encoder frames (320 samples each) whose RMS is within VOICED_DB of the loudest 100 ms window."""
-    top = loudness_dbfs(audio)
-    frames = np.zeros(n_frames * 320)
-    frames[: min(len(audio), len(frames))] = audio[: len(frames)]
-    rms = np.sqrt((frames.reshape(n_frames, 320) ** 2).mean(1))
-    return 20 * np.log10(np.maximum(rms, 1e-10)) >= top - VOICED_DB
-
-
 def build_cache(rows: list[dict], extractor: AudioExtractor, path: Path) -> dict[str, np.ndarray]:
     n_layer = extractor.model.dims.n_audio_layer
     layers = list(range(n_layer + 1))
@@ -74,7 +64,7 @@ def build_cache(rows: list[dict], extractor: AudioExtractor, path: Path) -> dict
     for k, row in enumerate(rows):
         audio = decode_audio(DATA / row["audio"])
         per_layer = extractor.encode_layers(audio, layers)
-        mask = voiced_mask(audio, per_layer[0].shape[0])
+        mask = voiced_frames(audio, per_layer[0].shape[0])
         for i, states in zip(layers, per_layer):
             out.setdefault(f"L{i}", []).append(pool(states))
             out.setdefault(f"L{i}v", []).append(pool(states, mask))
@@ -145,7 +135,7 @@ def main() -> None:
     dev = np.array([r["split"] == "dev" for r in rows])
 
     new = AudioExtractor("offline", num_threads=args.threads)  # the stage as the profile configures it
-    old = AudioExtractor("offline", layers=[-1], num_threads=args.threads)  # the last layer, as before
+    old = AudioExtractor("offline", layers=[-1], frames="all", num_threads=args.threads)  # as before
     n_layer = new.model.dims.n_audio_layer
     chosen = new.layer_indices(n_layer)
     args.cache.mkdir(parents=True, exist_ok=True)
@@ -166,6 +156,7 @@ def main() -> None:
         print(f"{name:<14} {f_all:10.3f} {f_voiced:8.3f}  (C={c_all:g})", flush=True)
 
     stored_key = f"L{chosen[0]}" if len(chosen) == 1 else next(k for k, v in SETS.items() if list(v) == chosen)
+    stored_key += "v" if new.frames == "voiced" else ""
     timed = [UtteranceMedia(uid=r["dialogue_id"], text="given", audio_path=str(DATA / r["audio"])) for r in rows[:3]]
     stored = np.stack([r["vector"] for r in new.extract(timed)])
     assert np.allclose(stored, cache[stored_key][:3], atol=1e-4), "the cache does not hold the stage's vector"

@@ -38,6 +38,9 @@ POOLINGS = ("mean", "mean+std")
 LOUDNESS_WINDOW_S = 0.1  # silence is judged on the RMS of the loudest window of this length
 SILENCE_DBFS = -85.0  # loudest-window RMS below this is silent: digital silence or near-silence (16-bit LSB: -90)
 DEFAULT_LAYERS = (-1,)  # the last layer (after ln_post) when a profile names none
+FRAMES = ("all", "voiced")  # which encoder frames are pooled
+VOICED_DB = 35.0  # a 20 ms encoder frame is voiced when its RMS is within this of the loudest 100 ms window
+FRAME_SAMPLES = 2 * HOP  # one encoder frame: two mel frames (20 ms)
 
 
 def loudness_dbfs(audio: np.ndarray, sample_rate: int = SAMPLE_RATE, window_s: float = LOUDNESS_WINDOW_S) -> float:
@@ -57,6 +60,20 @@ def loudness_dbfs(audio: np.ndarray, sample_rate: int = SAMPLE_RATE, window_s: f
     if len(x) > full:  # a tail shorter than a window (or the whole of a short signal) counts as one
         levels.append(np.sqrt((x[full:] ** 2).mean()))
     return 20 * float(np.log10(max(max(levels, default=0.0), 1e-10)))
+
+
+def voiced_frames(audio: np.ndarray, n_frames: int) -> np.ndarray:
+    """(n_frames,) bool: the 20 ms encoder frames of ``audio`` whose RMS is within :data:`VOICED_DB`
+    of its loudest 100 ms window (:func:`loudness_dbfs`); room silence and breaths fall out.
+
+    >>> voiced_frames(np.r_[np.zeros(3_200), 0.1 * np.ones(1_600)].astype(np.float32), 15).nonzero()[0].tolist()
+    [10, 11, 12, 13, 14]
+    """
+    top = loudness_dbfs(audio)
+    frames = np.zeros(n_frames * FRAME_SAMPLES)
+    frames[: min(len(audio), len(frames))] = audio[: len(frames)]
+    rms = np.sqrt((frames.reshape(n_frames, FRAME_SAMPLES) ** 2).mean(1))
+    return 20 * np.log10(np.maximum(rms, 1e-10)) >= top - VOICED_DB
 
 
 def silence_error(audio: np.ndarray, threshold_dbfs: float = SILENCE_DBFS) -> str | None:
@@ -89,6 +106,7 @@ class AudioExtractor:
         transcribe: bool = False,
         pooling: str = "mean+std",
         layers: list[int] | tuple[int, ...] | None = None,
+        frames: str = "voiced",
         silence_dbfs: float = SILENCE_DBFS,
         min_duration_s: float = 0.1,
         language: str = "en",
@@ -103,6 +121,9 @@ class AudioExtractor:
         self.random_weights = self.entry.random_weights
         self.transcribe = transcribe
         self.pooling = pooling
+        if frames not in FRAMES:
+            raise ValueError(f"frames must be one of {', '.join(FRAMES)}, not {frames!r}")
+        self.frames = frames
         # The encoder layers pooled: the argument, else the profile's option `layers`, else the last.
         layers = layers if layers is not None else self.entry.options.get("layers", DEFAULT_LAYERS)
         if (isinstance(layers, (int, str)) or not layers
@@ -168,6 +189,7 @@ class AudioExtractor:
             "encoder": "true-length",
             "pooling": self.pooling,
             "layers": list(self.layers),
+            "frames": self.frames if self.frames == "all" else f"voiced (within {VOICED_DB:g} dB of the loudest 100 ms)",
             "egemaps": "eGeMAPSv02-functionals",
             "silence": f"loudest-{LOUDNESS_WINDOW_S * 1000:.0f}ms-rms",
             "silence_dbfs": self.silence_dbfs,
@@ -219,10 +241,15 @@ class AudioExtractor:
                         states[depth].append((encoder.ln_post(x) if depth == n_layer else x)[0])
         return [torch.cat(states[i]) for i in layers]
 
-    def pool(self, states: torch.Tensor) -> np.ndarray:
-        """Pool (T', n_state) states into one float32 vector of size ``dim``."""
+    def pool(self, states: torch.Tensor, audio: np.ndarray | None = None) -> np.ndarray:
+        """Pool (T', n_state) states into one float32 vector of size ``dim``: over the voiced frames of
+        ``audio`` when the stage pools voiced frames (all of them when none is, or no audio is given)."""
         import torch
 
+        if self.frames == "voiced" and audio is not None:
+            voiced = voiced_frames(audio, states.shape[0])
+            if voiced.any():
+                states = states[torch.from_numpy(voiced).to(states.device)]
         parts = [states.mean(0)]
         if self.pooling == "mean+std":
             parts.append(states.std(0, unbiased=False))
@@ -255,7 +282,7 @@ class AudioExtractor:
                                            condition_on_previous_text=False)
             transcript = result["text"].strip()
         return {
-            "vector": self.pool(self.encode(audio)),
+            "vector": self.pool(self.encode(audio), audio),
             "egemaps": self.smile.process_signal(audio, SAMPLE_RATE).to_numpy()[0].astype(np.float32),
             "transcript": transcript,
             "duration_s": np.float32(duration),
