@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from bemerc.extract.audio import SILENCE_DBFS, AudioExtractor, loudness_dbfs, silence_error
+from bemerc.extract.audio import SILENCE_DBFS, AudioExtractor, loudness_dbfs, silence_error, voiced_frames
 from bemerc.extract.base import UtteranceMedia, config_hash
 from bemerc.extract.media import MediaError, decode_audio
 from bemerc.models.profiles import ProfileError, load_profile
@@ -36,32 +36,35 @@ def write_float_wav(path: Path, samples: np.ndarray) -> Path:
 
 def test_profiles_name_the_layers_they_keep():
     offline, hub = load_profile("offline").stage("speech"), load_profile("hub").stage("speech")
-    assert offline.options["layers"] == [4]  # of whisper-base's 6 blocks: chosen on RAVDESS dev (README)
-    assert hub.options["layers"] == [8]  # whisper-small, 12 blocks: the same depth
+    assert offline.options["layers"] == [2, 3, 4, 5]  # of whisper-base's 6 blocks: chosen on RAVDESS dev (README)
+    assert hub.options["layers"] == [4, 5, 6, 7, 8, 9, 10]  # whisper-small, 12 blocks: the same depths
     # The layers decide the extractor's output, not the prepared weights: the model is not converted again.
     from dataclasses import replace
     assert replace(offline, options={**offline.options, "layers": [-1]}).fingerprint() == offline.fingerprint()
 
 
-def test_stored_vector_is_the_chosen_layer_and_the_feature_set_says_so(audio_extractor):
-    last = AudioExtractor("offline", layers=[-1])
-    assert audio_extractor.config()["layers"] == [4] and last.config()["layers"] == [-1]
+def test_stored_vector_is_the_chosen_layers_over_voiced_frames_and_the_feature_set_says_so(audio_extractor):
+    last = AudioExtractor("offline", layers=[-1], frames="all")  # the stage before issue 17
+    last.__dict__["model"] = audio_extractor.model  # share the loaded weights
+    assert audio_extractor.config()["layers"] == [2, 3, 4, 5] and last.config()["layers"] == [-1]
+    assert audio_extractor.config()["frames"].startswith("voiced") and last.config()["frames"] == "all"
     assert config_hash(audio_extractor) != config_hash(last)
     assert audio_extractor.dim == last.dim == 1024  # one vector column, the width of before
 
     audio = decode_audio(QUIET_CLIP)
-    layer4, layer6 = audio_extractor.encode_layers(audio, [4, 6])
+    *middle, layer6 = audio_extractor.encode_layers(audio, [2, 3, 4, 5, 6])
     row = audio_extractor.extract([UtteranceMedia(uid="q", text="x", audio_path=str(QUIET_CLIP))])[0]
-    expected = torch.cat([layer4.mean(0), layer4.std(0, unbiased=False)]).numpy()
-    np.testing.assert_allclose(row["vector"], expected, rtol=1e-5, atol=1e-5)
-    # The last layer (after ln_post) is what the encoder returns, and a different vector.
+    average = sum(middle) / 4
+    voiced = voiced_frames(audio, average.shape[0])
+    assert 0.2 < voiced.mean() < 0.9  # the room silence before and after the speech is left out
+    kept = average[torch.from_numpy(voiced)]
+    expected = torch.cat([kept.mean(0), kept.std(0, unbiased=False)]).numpy()
+    np.testing.assert_allclose(row["vector"], expected, rtol=1e-4, atol=1e-4)
+    # The last layer (after ln_post) is what the stock encoder returns; the old vector is another one.
     np.testing.assert_allclose(last.encode(audio).numpy(), layer6.numpy(), rtol=1e-5, atol=1e-5)
-    assert not np.allclose(row["vector"], last.pool(layer6), atol=1e-2)
-    # Several layers are averaged frame by frame: same width.
-    both = AudioExtractor("offline", layers=[3, 4])
-    both.__dict__["model"] = audio_extractor.model  # share the loaded weights
-    layer3 = audio_extractor.encode_layers(audio, [3])[0]
-    np.testing.assert_allclose(both.encode(audio).numpy(), ((layer3 + layer4) / 2).numpy(), rtol=1e-5, atol=1e-5)
+    old = last.extract([UtteranceMedia(uid="q", text="x", audio_path=str(QUIET_CLIP))])[0]["vector"]
+    np.testing.assert_allclose(old, last.pool(layer6), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(row["vector"], old, atol=1e-2)
 
 
 @pytest.mark.parametrize("layers", [[7], [-8], [], "4", [4.0]])
