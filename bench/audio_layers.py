@@ -8,6 +8,9 @@ Prints, all measured in this one run on the shared RAVDESS subset (704 clips; ac
   over all frames and over voiced frames only;
 - the same probe on the stage's stored ``vector`` (the layers the profile names) and on the old
   stage's (the last layer), each without and with the eGeMAPS functionals beside it;
+- with --baseline-store (a RAVDESS store with an audio feature set, e.g. one built by `bemerc ingest
+  manifest` + `bemerc extract --modality audio`): `bemerc baseline`'s dev weighted F1 (late fusion,
+  default settings) with each candidate's cached vectors in place of the stored ones;
 - loudness: how many clips the old whole-clip RMS rule and the stage's loudest-window rule call silent;
 - extraction time per clip of the old stage (last layer) and the stage as configured, on the same
   clips, interleaved (ratio; target <= 1.3).
@@ -16,6 +19,7 @@ Pooled states of every layer are cached in --cache (one pass of Whisper over the
 two loaded cores); a second run reads them and only times the stage.
 
 Usage: HF_HUB_OFFLINE=1 python bench/audio_layers.py [--threads N] [--cache DIR] [--time-clips N]
+       [--baseline-store STORE]
 """
 
 from __future__ import annotations
@@ -106,6 +110,24 @@ def _probe(x, y, groups, train, dev) -> tuple[float, float]:
     return float(f1_score(y[dev], fit(best, train).predict(x[dev]), average="weighted")), best
 
 
+def baseline_f1(store: Path, rows: list[dict], cache: dict[str, np.ndarray], keys: list[str]) -> dict[str, float]:
+    """`bemerc baseline`'s dev weighted F1 (late fusion) on ``store`` with each key's cached vectors as audio."""
+    from bemerc.store import Store
+    from bemerc.train.baseline import fit_baseline
+    from bemerc.train.tensors import load_corpus
+
+    corpus = load_corpus(Store(str(store)), ["audio"])
+    position = {r["dialogue_id"]: i for i, r in enumerate(rows)}
+    order = np.array([position[uid.split("/")[-1].rsplit("_", 1)[0]] for uid in corpus.utterances["uid"].to_list()])
+    audio = corpus.modalities["audio"]
+    audio.present[:] = True  # every clip has audio here (none is silent under the stage's rule)
+    out = {}
+    for key in keys:
+        audio.vectors[:] = cache[key][order]
+        out[key] = fit_baseline(corpus).metrics["models"]["late_fusion"]["dev"]["weighted_f1"]
+    return out
+
+
 def time_stage(rows: list[dict], old: AudioExtractor, new: AudioExtractor, n: int) -> tuple[float, float]:
     """Seconds per clip of ``old`` and ``new`` extracting the same ``n`` clips, interleaved in rounds."""
     items = [UtteranceMedia(uid=r["dialogue_id"], text="given", audio_path=str(DATA / r["audio"]))
@@ -124,6 +146,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache", type=Path, default=Path("/tmp/bemerc-audio-layers"))
+    parser.add_argument("--baseline-store", type=Path, help="a RAVDESS store: also score bemerc's baseline per candidate")
     parser.add_argument("--time-clips", type=int, default=40, help="clips timed per stage (0: no timing)")
     args = parser.parse_args()
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
@@ -168,6 +191,15 @@ def main() -> None:
         print(f"{label:<14} vector {alone:.3f}   vector+eGeMAPS {both:.3f}   (+{both - alone:.3f})")
     only, _ = probe(egemaps, y, groups, train, dev)
     print(f"{'eGeMAPS only':<14} {only:.3f}")
+
+    if args.baseline_store:
+        keys = [f"L{i}" for i in range(2, n_layer + 1)] + list(SETS)
+        keys += [k + "v" for k in keys]
+        scores = baseline_f1(args.baseline_store, rows, cache, keys)
+        print(f"\nbemerc baseline (late fusion), dev weighted F1, on {args.baseline_store}")
+        for key in keys[: len(keys) // 2]:
+            name = f"layer {key[1:]}" if key.startswith("L") else key
+            print(f"{name:<14} {scores[key]:10.3f} {scores[key + 'v']:8.3f}", flush=True)
 
     loud, rms = cache["loud"], cache["rms"]
     print(f"\nsilence: old rule (whole-clip RMS < -60 dBFS) fails {int((rms < -60).sum())} of {len(rows)} clips; "

@@ -9,7 +9,8 @@ are then pooled over exactly the utterance, with nothing from the padding in the
 The states pooled are those of the encoder layers the profile names (option ``layers`` of the
 speech stage): 0 is the input of the first block (convolutions + positional embedding), k the
 output of block k, and the last layer is taken after ``ln_post``, as the stock encoder returns it.
-Several layers are averaged frame by frame before pooling, so ``vector`` keeps one width. The middle
+Several layers are averaged frame by frame, then pooled over the voiced frames only
+(:func:`voiced_frames`: room silence and pauses left out), so ``vector`` keeps one width. The middle
 layers carry more of the speaker's emotion than the last one, which is specialised for
 transcription (see the README and ``bench/audio_layers.py``); blocks above the deepest layer kept
 are not run.
