@@ -51,6 +51,9 @@ KINDS = {
 DEFAULT_PROFILE = "offline"  # the profile of every command and function not given one
 STAGES = ("text", "speech", "llm", "face", "pose", "expression", "visual", "describer")
 _RESERVED = {"kind", "source", "sha256", "random_weights"}
+# Options that only the extractor reads (they decide its outputs, recorded in its feature-set config),
+# not the prepared weights: changing them reuses the prepared model.
+_EXTRACTOR_OPTIONS = {"layers"}
 # Bump when a conversion changes its output, so old cache entries are not reused.
 _PREPARE_VERSION = 1
 
@@ -88,7 +91,8 @@ class StageEntry:
 
     def fingerprint(self) -> str:
         """12 hex digits that change whenever anything deciding the prepared weights changes."""
-        spec = {"kind": self.kind, "source": self.source, "options": self.options, "sha256": self.sha256,
+        options = {k: v for k, v in self.options.items() if k not in _EXTRACTOR_OPTIONS}
+        spec = {"kind": self.kind, "source": self.source, "options": options, "sha256": self.sha256,
                 "version": _PREPARE_VERSION}
         return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
