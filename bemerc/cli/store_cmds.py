@@ -1,4 +1,4 @@
-"""`bemerc store info`: what the store holds."""
+"""`bemerc store info`: what the store holds; `bemerc store check`: whether every table reads."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import typer
 from rich.table import Table
 
-from bemerc.cli.common import DEFAULT_STORE, JsonOption, StoreOption, console, open_store
+from bemerc.cli.common import DEFAULT_STORE, JsonOption, StoreOption, console, fail, open_store
 from bemerc.store.summary import cached_info
 
 store_app = typer.Typer(help="Inspect the LanceDB feature store.", no_args_is_help=True)
@@ -42,6 +42,30 @@ def info(store: StoreOption = DEFAULT_STORE, as_json: JsonOption = False) -> Non
         console.print("failures: " + ", ".join(f"{k} {v}" for k, v in data["failures"].items()))
     if not data["tables"]:
         console.print("The store is empty: start with `bemerc ingest meld DIR`, `bemerc ingest manifest FILE` or `make demo`.")
+
+
+@store_app.command("check")
+def check(store: StoreOption = DEFAULT_STORE, as_json: JsonOption = False) -> None:
+    """Read every table whole (every row and column) and name each one that cannot be read: a data
+    file deleted or cut short. `store info` counts rows from the tables' manifests and cannot see it.
+
+    Exit status 1 when a table is damaged, with one line per damaged table. With --json prints
+    `{"tables": N, "damaged": [{"table", "path", "cause"}]}`.
+    """
+    from bemerc.store.check import check_store
+
+    opened = open_store(store)
+    damaged = check_store(opened)
+    if as_json:
+        print(json.dumps({"tables": len(opened.table_names()), "damaged": [d.__dict__ for d in damaged]}, indent=2))
+        if damaged:
+            raise typer.Exit(1)
+        return
+    for d in damaged:
+        console.print(f"[red]damaged[/] {d.line()}", highlight=False)
+    if damaged:
+        fail(f"{opened.path}: {len(damaged)} of {len(opened.table_names())} tables cannot be read")
+    console.print(f"{opened.path}: all {len(opened.table_names())} tables read whole")
 
 
 def register(app: typer.Typer) -> None:
