@@ -98,3 +98,29 @@ def test_training_in_micro_batches_takes_the_same_steps(store, tiny_llm, tmp_pat
     worst = max(float((wa[k] - wb[k]).abs().max() / (wa[k].abs().max() + 1e-8)) for k in wa)
     assert worst < 1e-2, worst  # float rounding of sums in another order (Adam magnifies it), not another step
     assert np.allclose(whole["probabilities"], split["probabilities"], atol=1e-4)
+
+
+def test_micro_batches_under_two_processes_take_the_steps_of_one(store, tiny_llm, tmp_path):
+    """DDP on CPU (gloo): 2 processes, each cutting its half of the batch into micro-batches of one
+    item (gradients synchronised on the last only), take the steps of 1 process with whole batches."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "steps.py"
+    script.write_text(
+        "import sys\n"
+        "from bemerc.store import Store\n"
+        "from bemerc.train.tune.loop import TuneConfig, tune\n"
+        f"tune(Store({str(store.path)!r}), TuneConfig(model={str(tiny_llm)!r}, stage='merc', run_dir=sys.argv[2], modalities=['text'], layout='utterance', context=2, "
+        "train_limit=24, eval_limit=6, batch_size=int(sys.argv[1]), micro_batch_tokens=int(sys.argv[3]), lr=1e-2, lora_dropout=0.0, "
+        "threads=1, progress=False))\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    one = subprocess.run([sys.executable, str(script), "4", str(tmp_path / "one"), "1000000"], env=env, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                          str(script), "2", str(tmp_path / "two"), "1"], env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = ([h["loss"] for h in _log(tmp_path / r)] for r in ("one", "two"))
+    assert len(a) == len(b) >= 2 and np.allclose(a, b, rtol=1e-4), (a, b)
