@@ -49,7 +49,7 @@ def _disk_fault(code: int | None, where: str, store: str) -> str | None:
     if code == errno.EROFS:
         return f"{where}: cannot write: the file system is read-only; the store was not changed (give a writable --store / --run-dir)"
     if code in (errno.EACCES, errno.EPERM):
-        return f"{where}: cannot write: permission denied; the store was not changed"
+        return f"{where}: permission denied; the store was not changed"
     return None
 
 
