@@ -138,6 +138,8 @@ def test_a_damaged_store_is_found_by_store_check_and_every_command_points_at_it(
     result = cli("store", "check", "--store", str(store))
     assert result.exit_code == 1 and f"{store}/{table}.lance: table '{table}' cannot be read" in result.output
     assert "1 of 5 tables cannot be read" in result.stderr
+    info = cli("store", "info", "--store", str(store))  # the quick look finds it too
+    assert info.exit_code == 1 and f"table '{table}' cannot be read" in info.output and "bemerc store check" in info.stderr
     for command in commands:
         one_line(cli(*command, "--store", str(store)), f"{store}: the store is damaged", f"bemerc store check --store {store}")
     assert versions(store) == before
