@@ -13,7 +13,9 @@ configured name is refused (400, against DNS rebinding), a POST whose ``Origin``
 refused (403, against cross-site requests), and with an access token every request must carry it
 (``Authorization: Bearer TOKEN``, or the cookie set by opening ``/?token=TOKEN``; 401 otherwise).
 ``/predict`` is bounded: media duration per utterance, requests waiting (503 with ``Retry-After``)
-and time per request.
+and time per request. A client must send its headers and whole body within ``receive_timeout_s``
+(408 otherwise; headers: :class:`TimedH11Protocol`); a request counts against the queue only once its
+body has arrived, so clients that trickle hold no slot, and one that drops is logged as one line.
 
 >>> app = create_app("store")                                 # doctest: +SKIP
 >>> uvicorn.run(app, host="127.0.0.1", port=8000)             # doctest: +SKIP
@@ -21,9 +23,11 @@ and time per request.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import json
+import logging
 import tempfile
 import time
 from contextlib import asynccontextmanager, contextmanager
@@ -37,6 +41,9 @@ from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
+from starlette.requests import ClientDisconnect
+from starlette.responses import Response
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from bemerc.serve.predict import PredictError, Predictor, PredictRequest, ServeLimits, check_media, upload_slot
 from bemerc.store import Store, StoreError
@@ -49,6 +56,7 @@ SPLIT_PATTERN = r"^[A-Za-z0-9_-]{1,40}$"
 REPORT_FILES = ("report.md", "report.html")
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+log = logging.getLogger("uvicorn.error")  # where uvicorn logs: one line per dropped or slow client
 TOKEN_COOKIE = "bemerc_token"
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 
@@ -195,11 +203,12 @@ def create_app(
         """One row per dialogue: dataset, split, dialogue_id, utterance count, speakers, first line."""
         return Q.to_records(Q.dialogues(store, split))
 
-    @app.get("/dialogues/{split}/{dialogue_id}", summary="One dialogue with predictions")
+    @app.get("/dialogues/{split}/{dialogue_id:path}", summary="One dialogue with predictions")
     def dialogue(split: str, dialogue_id: str, dataset: Annotated[str | None, Query(max_length=100)] = None) -> dict:
         """The dialogue's utterances in order with gold labels, behaviour descriptions and every run's
         prediction (``probabilities`` as ``{class: p}``). ``dataset`` is needed only when several
-        datasets of the store have this split and dialogue id."""
+        datasets of the store have this split and dialogue id. ``dialogue_id`` may hold slashes
+        (``/dialogues/dev/a%2Fb``, or unescaped)."""
         df = Q.dialogue(store, split, dialogue_id, dataset)
         rows = Q.to_records(df.drop("predictions"))
         for row, preds in zip(rows, df["predictions"].to_list()):
@@ -229,22 +238,38 @@ def create_app(
         utterance ``i``. Returns label, probabilities, behaviour description and transcript per utterance.
         """
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        deadline = time.monotonic() + limits.request_timeout_s
-        with admission.enter(media=ctype == "multipart/form-data"), tempfile.TemporaryDirectory(prefix="bemerc-upload-") as tmp:
+        if ctype not in ("application/json", "multipart/form-data"):
+            raise HTTPException(415, f"send application/json or multipart/form-data, not {ctype or 'no content type'!r}")
+        max_files = 2 * limits.max_utterances
+        # the body first, within the receive timeout; only then does the request take a place in the queue
+        try:
             if ctype == "application/json":
-                body = _parse_request(await request.body(), limits)
-                uploads: dict[tuple[str, int], Path] = {}
-            elif ctype == "multipart/form-data":
-                max_files = 2 * limits.max_utterances
-                async with request.form(max_files=max_files, max_fields=max_files + 4) as form:
-                    dialogue_field = form.get("dialogue")
+                received = await asyncio.wait_for(request.body(), limits.receive_timeout_s)
+            else:
+                received = await asyncio.wait_for(request.form(max_files=max_files, max_fields=max_files + 4), limits.receive_timeout_s)
+        except (TimeoutError, asyncio.TimeoutError):
+            log.warning("/predict from %s: body not received within %.0f s; answered 408", _client(request), limits.receive_timeout_s)
+            return JSONResponse({"detail": f"the request body did not arrive within {limits.receive_timeout_s:g} s"},
+                                status_code=408, headers={"Connection": "close"})
+        except ClientDisconnect:
+            log.warning("/predict from %s: the client disconnected before sending its whole body", _client(request))
+            return Response(status_code=400)  # nobody reads it
+        deadline = time.monotonic() + limits.request_timeout_s
+        try:
+            with admission.enter(media=ctype == "multipart/form-data"), tempfile.TemporaryDirectory(prefix="bemerc-upload-") as tmp:
+                if ctype == "application/json":
+                    body = _parse_request(received, limits)
+                    uploads: dict[tuple[str, int], Path] = {}
+                else:
+                    dialogue_field = received.get("dialogue")
                     if not isinstance(dialogue_field, str):
                         raise HTTPException(422, "multipart requests need a form field 'dialogue' holding the JSON body")
                     body = _parse_request(dialogue_field.encode(), limits)
-                    uploads = await _save_uploads(form, len(body.utterances), Path(tmp), limits)
-            else:
-                raise HTTPException(415, f"send application/json or multipart/form-data, not {ctype or 'no content type'!r}")
-            return await run_in_threadpool(predictor.predict, body, uploads, deadline)
+                    uploads = await _save_uploads(received, len(body.utterances), Path(tmp), limits)
+                return await run_in_threadpool(predictor.predict, body, uploads, deadline)
+        finally:
+            if ctype == "multipart/form-data":
+                await received.close()
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
@@ -252,6 +277,63 @@ def create_app(
 
     app.mount("/static", StaticFiles(directory=PAGE_DIR), name="static")
     return app
+
+
+def _client(request: Request) -> str:
+    return f"{request.client.host}:{request.client.port}" if request.client else "a client"
+
+
+class TimedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with a deadline on request headers: a connection that has not sent a
+    request's whole header block ``header_timeout_s`` after its first byte is closed (one log line),
+    so clients trickling headers cannot hold connections for ever. Bodies are bounded in the app.
+    Use with :func:`server_config`."""
+
+    header_timeout_s = ServeLimits.receive_timeout_s
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._seen_cycle = self.cycle  # a new cycle object: the next request's headers are complete
+        self._awaiting_headers = True
+
+    def data_received(self, data: bytes) -> None:
+        if self._awaiting_headers and self._header_timer is None:  # the first bytes of a request
+            self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_late)
+        super().data_received(data)
+        if self.cycle is not self._seen_cycle:
+            self._seen_cycle, self._awaiting_headers = self.cycle, False
+            self._cancel_timer()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._awaiting_headers = True  # a kept-alive connection: the next request gets its own deadline
+
+    def connection_lost(self, exc) -> None:  # type: ignore[override]
+        self._cancel_timer()
+        super().connection_lost(exc)
+
+    def _cancel_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_late(self) -> None:
+        self._header_timer = None
+        if self._awaiting_headers and not self.transport.is_closing():
+            peer = self.transport.get_extra_info("peername")
+            log.warning("%s: request headers not received within %.0f s; connection closed",
+                        f"{peer[0]}:{peer[1]}" if peer else "a client", self.header_timeout_s)
+            self.transport.close()
+
+
+def server_config(app: FastAPI, limits: ServeLimits = ServeLimits(), **kwargs):
+    """The ``uvicorn.Config`` that serves ``app`` with ``limits``' header deadline (h11 with
+    :class:`TimedH11Protocol`); ``kwargs`` go to uvicorn (host, port, log_level, ...)."""
+    import uvicorn
+
+    protocol = type("TimedH11", (TimedH11Protocol,), {"header_timeout_s": limits.receive_timeout_s})
+    return uvicorn.Config(app, http=protocol, **kwargs)
 
 
 class HostCheck:

@@ -107,6 +107,7 @@ class ServeLimits:
     max_pending: int = 16  # /predict requests in the server at once, running or waiting
     max_media_pending: int = 2  # of those, requests that upload media (their work is long)
     request_timeout_s: float = 120.0
+    receive_timeout_s: float = 30.0  # to receive a request's headers and its whole body (a slow client is cut off)
     retry_after_s: int = 10  # what a 503 tells the client
 
 

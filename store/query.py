@@ -27,6 +27,10 @@ from bemerc.store.schema import BASE_TABLES, MODALITIES, sql_in, sql_quote
 # below it an exact scan is fast and an index would only lose recall.
 INDEX_MIN_ROWS = 10_000
 EXPORT_FORMATS = ("parquet", "csv")
+# file-name suffix -> export format (`query export` takes the format from the suffix when none is given)
+EXPORT_SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}
+# earlier turns `query show` (and /utterances) lists as a turn's context unless told otherwise
+SHOW_CONTEXT = 10
 
 
 class QueryError(ValueError):
@@ -204,12 +208,13 @@ class UtteranceView:
     """Everything the store knows about one utterance."""
 
     utterance: dict  # the utterances row, meta_json decoded into "meta"
-    context: pl.DataFrame  # earlier turns of the dialogue: uid, turn, speaker, text, label
+    context: pl.DataFrame  # up to ``context`` earlier turns of the dialogue: uid, turn, speaker, text, label
     transcript: str | None  # from the newest audio feature set with a transcript column
     description: str | None  # behaviour description from the newest behavior feature set
     feature_sets: list[str]  # ids of the feature sets that have a row for the utterance
     failures: pl.DataFrame  # feature_set, stage, reason, created_at
     predictions: pl.DataFrame  # run_id, kind, label, correct, classes, probabilities
+    earlier_turns: int = 0  # earlier turns in the dialogue, listed in ``context`` or not
 
     def to_dict(self) -> dict:
         """Plain JSON-able data (timestamps as ISO strings)."""
@@ -217,6 +222,7 @@ class UtteranceView:
             {
                 "utterance": self.utterance,
                 "context": self.context.to_dicts(),
+                "earlier_turns": self.earlier_turns,
                 "transcript": self.transcript,
                 "description": self.description,
                 "feature_sets": self.feature_sets,
@@ -245,9 +251,9 @@ def _feature_column(store: Store, modality: str, column: str, uids: list[str]) -
     return {}
 
 
-def show(store: Store, uid: str) -> UtteranceView:
-    """The utterance ``uid`` with its dialogue context, transcript, behaviour description, feature
-    sets, failures and every run's prediction.
+def show(store: Store, uid: str, context: int | None = SHOW_CONTEXT) -> UtteranceView:
+    """The utterance ``uid`` with its dialogue context (the ``context`` turns before it; None: all),
+    transcript, behaviour description, feature sets, failures and every run's prediction.
 
     >>> view = show(store, "dev/dia0_utt3")      # doctest: +SKIP
     >>> view.context["turn"].to_list()             # doctest: +SKIP
@@ -258,7 +264,13 @@ def show(store: Store, uid: str) -> UtteranceView:
         f"dataset = {sql_quote(row['dataset'])} AND split = {sql_quote(row['split'])} "
         f"AND dialogue_id = {sql_quote(row['dialogue_id'])} AND turn < {int(row['turn'])}"
     )
-    context = store.read("utterances", ["uid", "turn", "speaker", "text", "label"], where=same_dialogue).sort("turn")
+    if context is not None and context < 0:
+        raise QueryError(f"context must be 0 or more turns, got {context}")
+    earlier = store.count("utterances", same_dialogue)
+    window = same_dialogue if context is None else f"{same_dialogue} AND turn >= {int(row['turn']) - context}"
+    shown = store.read("utterances", ["uid", "turn", "speaker", "text", "label"], where=window).sort("turn")
+    if context is not None and shown.height > context:  # turn numbers with gaps: the last `context` of them
+        shown = shown.tail(context)
     present = [
         fs.id for fs in store.feature_sets()
         if store.has_table(fs.table_name) and store.count(fs.table_name, f"uid = {sql_quote(uid)}") > 0
@@ -266,12 +278,13 @@ def show(store: Store, uid: str) -> UtteranceView:
     failures = store.read("failures", ["feature_set", "stage", "reason", "created_at"], where=f"uid = {sql_quote(uid)}")
     return UtteranceView(
         utterance=row,
-        context=context,
+        context=shown,
         transcript=_feature_column(store, "audio", "transcript", [uid]).get(uid),
         description=_feature_column(store, "behavior", "description", [uid]).get(uid),
         feature_sets=present,
         failures=failures.sort("feature_set"),
         predictions=predictions(store, [uid]).drop("uid"),
+        earlier_turns=earlier,
     )
 
 
@@ -367,16 +380,40 @@ def resolve_table(store: Store, table: str) -> str:
         ) from None
 
 
-def export(store: Store, table: str, out: str | Path, fmt: str = "parquet") -> int:
-    """Write a whole table (or a feature set's table) to ``out`` as parquet or csv; returns rows.
+def export_format(out: str | Path, fmt: str | None = None) -> str:
+    """The format to write ``out`` in: ``fmt`` when given (it must not contradict a known suffix),
+    else the one its suffix names (``.csv``; ``.parquet``/``.pq``); a :class:`QueryError` otherwise.
+
+    >>> export_format("utt.csv"), export_format("utt.pq"), export_format("utt.data", "csv")
+    ('csv', 'parquet', 'csv')
+    >>> try:
+    ...     export_format("utt.csv", "parquet")
+    ... except QueryError as exc:
+    ...     print(exc)
+    utt.csv: the name says csv but the format asked is parquet (rename the file or change --format)
+    """
+    if fmt is not None and fmt not in EXPORT_FORMATS:
+        raise QueryError(f"unknown export format {fmt!r}: expected one of {', '.join(EXPORT_FORMATS)}")
+    named = EXPORT_SUFFIXES.get(Path(out).suffix.lower())
+    if fmt is None:
+        if named is None:
+            raise QueryError(f"{out}: cannot tell the format from the name (end it in {', '.join(EXPORT_SUFFIXES)}, or give --format)")
+        return named
+    if named is not None and named != fmt:
+        raise QueryError(f"{out}: the name says {named} but the format asked is {fmt} (rename the file or change --format)")
+    return fmt
+
+
+def export(store: Store, table: str, out: str | Path, fmt: str | None = None) -> int:
+    """Write a whole table (or a feature set's table) to ``out`` as parquet or csv (None: from the
+    suffix of ``out``, see :func:`export_format`); returns rows.
 
     CSV has no list type, so list columns (vectors, probabilities) are written as JSON arrays.
 
-    >>> export(store, "utterances", "utterances.csv", "csv")   # doctest: +SKIP
+    >>> export(store, "utterances", "utterances.csv")   # doctest: +SKIP
     11098
     """
-    if fmt not in EXPORT_FORMATS:
-        raise QueryError(f"unknown export format {fmt!r}: expected one of {', '.join(EXPORT_FORMATS)}")
+    fmt = export_format(out, fmt)
     name = resolve_table(store, table)
     data = store.read_arrow(name)
     out = Path(out)

@@ -17,10 +17,14 @@ GROUP_KIND = "group"  # the kind of a seed group's run (see seed_groups)
 def list_runs(store: Store) -> list[dict]:
     """Runs in the store, oldest first, with ``config``/``metrics``/``table_versions`` decoded.
 
+    ``created_at`` has whole seconds, so runs recorded in the same second keep the order they were
+    written in (the table's row order; a stable sort): the last one written is the newest, and
+    ``KIND:latest`` names it every time.
+
     >>> [r["run_id"] for r in list_runs(Store("store"))]   # doctest: +SKIP
     ['baseline-20261122-031500-4f2a', 'tune-20261122-041200-9c1e']
     """
-    runs = store.read("runs").sort("created_at").to_dicts()
+    runs = store.read("runs").sort("created_at", maintain_order=True).to_dicts()
     for r in runs:
         r["config"] = json.loads(r.pop("config_json") or "{}")
         r["metrics"] = json.loads(r.pop("metrics_json") or "{}")

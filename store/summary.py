@@ -69,7 +69,10 @@ def remember(path: str | Path, values: dict[str, Any], state: dict[str, list[str
         tmp.write_text(json.dumps({"state": state, "values": {**kept, **values}}))
         os.replace(tmp, cache)
     except OSError:
-        tmp.unlink(missing_ok=True)  # a read-only store still answers, uncached
+        try:
+            tmp.unlink(missing_ok=True)  # a read-only store still answers, uncached
+        except OSError:
+            pass
 
 
 def cached_info(path: str | Path, compute: Callable[[], dict]) -> dict:

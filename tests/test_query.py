@@ -155,3 +155,60 @@ def test_cli_errors_are_one_line_and_exit_1(store, args, message):
     out = runner.invoke(app, [*args, "--store", str(store.path)])
     assert out.exit_code == 1
     assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_export_takes_the_format_from_the_name_and_refuses_a_mismatch(store, tmp_path):
+    out = runner.invoke(app, ["query", "export", "runs", str(tmp_path / "runs.csv"), "--store", str(store.path)])
+    assert out.exit_code == 0, out.output
+    assert (tmp_path / "runs.csv").read_bytes()[:4] != b"PAR1"  # not parquet in a .csv
+    assert pl.read_csv(tmp_path / "runs.csv").columns[:2] == ["run_id", "kind"]
+    assert Q.export(store, "utterances", tmp_path / "u.pq") == pq.read_table(tmp_path / "u.pq").num_rows
+    out = runner.invoke(app, ["query", "export", "utterances", str(tmp_path / "u2.csv"), "-f", "parquet", "--store", str(store.path)])
+    assert out.exit_code == 1 and "the name says csv but the format asked is parquet" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and not (tmp_path / "u2.csv").exists()
+    out = runner.invoke(app, ["query", "export", "utterances", str(tmp_path / "u.data"), "--store", str(store.path)])
+    assert out.exit_code == 1 and "cannot tell the format from the name" in out.stderr
+    out = runner.invoke(app, ["query", "export", "utterances", str(tmp_path / "u.data"), "-f", "csv", "--store", str(store.path)])
+    assert out.exit_code == 0 and pl.read_csv(tmp_path / "u.data").height == store.count("utterances")
+
+
+def test_show_lists_a_bounded_window_of_a_long_dialogue(tmp_path, meld_dir):
+    from bemerc.store.ingest import read_meld, write_utterances
+
+    first = next(r for r in read_meld(meld_dir).rows if r["split"] == "dev")
+    rows = [{**first, "uid": f"dev/long_{t}", "dialogue_id": "long", "turn": t, "text": f"line {t}"} for t in range(10_000)]
+    long = Store(tmp_path / "long")
+    write_utterances(long, rows)
+    view = Q.show(long, "dev/long_9000")
+    assert view.context["turn"].to_list() == list(range(9000 - Q.SHOW_CONTEXT, 9000)) and view.earlier_turns == 9000
+    assert Q.show(long, "dev/long_9000", context=3).context["text"].to_list() == ["line 8997", "line 8998", "line 8999"]
+    assert Q.show(long, "dev/long_2", context=50).context.height == 2
+    assert Q.show(long, "dev/long_9000", context=None).context.height == 9000
+    out = runner.invoke(app, ["query", "show", "dev/long_9000", "--context", "4", "--store", str(long.path)])
+    assert out.exit_code == 0, out.output
+    assert "line 8996" in out.stdout and "line 8995" not in out.stdout and "8,996 earlier not shown" in out.stdout
+    assert len(out.stdout.splitlines()) < 40
+
+
+def test_latest_of_runs_recorded_in_the_same_second_is_the_last_written(tmp_path):
+    from datetime import datetime, timezone
+
+    import pyarrow as pa
+
+    from bemerc.store import schema as S
+    from bemerc.store.runs import list_runs
+    from bemerc.train.fuse import resolve_runs
+
+    runs = Store(tmp_path / "runs")
+    second = datetime(2026, 12, 1, 10, 0, 0, tzinfo=timezone.utc)
+    earlier = datetime(2026, 12, 1, 9, 59, 59, tzinfo=timezone.utc)
+    # written in this order; the ids sort the other way, so neither id nor chance can pass the test
+    order = [("baseline-20261201-100000-ffff", second), ("baseline-20261201-095959-9999", earlier),
+             ("baseline-20261201-100000-aaaa", second), ("baseline-20261201-100000-0000", second)]
+    for run_id, created in order:
+        row = {"run_id": run_id, "kind": "baseline", "created_at": created, "classes": ["a"], "feature_sets": []}
+        runs.upsert("runs", pa.Table.from_pylist([row], schema=S.RUNS))
+        assert resolve_runs(runs, ["baseline:latest"]) == [run_id if created == second else "baseline-20261201-100000-ffff"]
+    for _ in range(3):
+        assert [r["run_id"] for r in list_runs(runs)] == [order[1][0], order[0][0], order[2][0], order[3][0]]
+        assert resolve_runs(runs, ["baseline:latest"]) == ["baseline-20261201-100000-0000"]

@@ -251,3 +251,144 @@ def test_cli_serve_refuses_a_missing_store(tmp_path):
 
     out = CliRunner().invoke(app, ["serve", "--store", str(tmp_path / "nope")])
     assert out.exit_code == 1 and "no store here" in out.stderr and not (tmp_path / "nope").exists()
+
+
+# -- slow and dropped clients, ids with slashes (issue 18): a real uvicorn with serve's protocol --------
+import contextlib
+import logging
+import socket
+import threading
+import time
+
+
+@contextlib.contextmanager
+def timed_server(app, limits: ServeLimits):
+    """``app`` on 127.0.0.1 under uvicorn as `bemerc serve` runs it (server_config: header deadline);
+    uvicorn leaves logging alone, so its warnings reach pytest's caplog."""
+    import uvicorn
+
+    from bemerc.serve.api import server_config
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(server_config(app, limits, log_config=None, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        for _ in range(200):
+            if server.started:
+                break
+            thread.join(0.05)
+        assert server.started
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+def _trickle(port: int, body: bytes, results: list, stop: threading.Event) -> None:
+    """A /predict whose headers arrive at once and whose body comes one byte a second; records
+    the status line the server answers (or 'closed')."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n")
+        s.settimeout(1.0)
+        for byte in body:
+            if stop.is_set():
+                break
+            try:
+                s.sendall(bytes([byte]))
+                answer = s.recv(200)
+                results.append(answer.split(b"\r\n", 1)[0].decode() if answer else "closed")
+                return
+            except socket.timeout:
+                continue
+            except OSError:
+                results.append("closed")
+                return
+        results.append("unanswered")
+
+
+def test_twenty_trickling_clients_hold_no_slot_and_get_408(store, caplog):
+    limits = ServeLimits(max_pending=4, receive_timeout_s=2.0)
+    body = json.dumps({"utterances": [{"speaker": "Ross", "text": "Hi there, how are you doing today?"}]}).encode()
+    results: list[str] = []
+    stop = threading.Event()
+    caplog.set_level(logging.WARNING, logger="uvicorn.error")
+    with timed_server(create_app(store.path, limits=limits), limits) as port:
+        clients = [threading.Thread(target=_trickle, args=(port, body, results, stop)) for _ in range(20)]
+        for c in clients:
+            c.start()
+        time.sleep(0.5)
+        started = time.monotonic()
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+            answers = [http.post("/predict", json={"utterances": [{"speaker": "Monica", "text": f"Line {i} of mine!"}]}).status_code
+                       for i in range(3)]
+        assert answers == [200, 200, 200]  # 20 slow clients hold none of the 4 places
+        for c in clients:
+            c.join(10)
+        stop.set()
+        assert time.monotonic() - started < 10
+    assert results == ["HTTP/1.1 408 Request Timeout"] * 20
+    late = [r.getMessage() for r in caplog.records if "body not received within 2 s" in r.getMessage()]
+    assert len(late) == 20 and all("\n" not in m for m in late)
+    assert not any(r.exc_info for r in caplog.records)
+
+
+def test_a_client_that_drops_mid_body_is_one_log_line(store, caplog):
+    limits = ServeLimits(receive_timeout_s=5.0)
+    caplog.set_level(logging.WARNING, logger="uvicorn.error")
+    with timed_server(create_app(store.path, limits=limits), limits) as port:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 500\r\n\r\n{\"utterances\": [")
+            time.sleep(0.3)
+        for _ in range(50):
+            if any("disconnected before sending its whole body" in r.getMessage() for r in caplog.records):
+                break
+            time.sleep(0.1)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+            assert http.get("/info").status_code == 200  # still serving
+    dropped = [r for r in caplog.records if "disconnected before sending its whole body" in r.getMessage()]
+    assert len(dropped) == 1 and "\n" not in dropped[0].getMessage()
+    assert not any(r.exc_info or "ClientDisconnect" in r.getMessage() for r in caplog.records)
+
+
+def test_headers_that_trickle_are_cut_off(store, caplog):
+    limits = ServeLimits(receive_timeout_s=1.0)
+    caplog.set_level(logging.WARNING, logger="uvicorn.error")
+    with timed_server(create_app(store.path, limits=limits), limits) as port:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            started = time.monotonic()
+            s.sendall(b"GET /info HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # never the blank line
+            s.settimeout(5)
+            assert s.recv(100) == b""  # closed by the server
+            assert 0.9 < time.monotonic() - started < 3
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:  # kept-alive requests still work
+            assert [http.get("/info").status_code for _ in range(3)] == [200, 200, 200]
+            time.sleep(1.5)  # idle on a kept-alive connection is not a late header
+            assert http.get("/info").status_code == 200
+    assert sum("request headers not received within 1 s" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_dialogue_id_with_slashes_is_served(tmp_path, store):
+    from typer.testing import CliRunner
+
+    from bemerc.cli import app as cli
+
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("dialogue_id,turn,speaker,text,label,split\n"
+                        "a/../b,0,Ross,Hi.,neutral,dev\na/../b,1,Rachel,Oh hi!,joy,dev\nplain,0,Joey,How you doin?,joy,dev\n")
+    path = tmp_path / "store"
+    assert CliRunner().invoke(cli, ["ingest", "manifest", str(manifest), "--store", str(path)]).exit_code == 0
+    limits = ServeLimits()
+    with timed_server(create_app(path, limits=limits), limits) as port:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+            listed = [d["dialogue_id"] for d in http.get("/dialogues", params={"split": "dev"}).json()]
+            assert sorted(listed) == ["a/../b", "plain"]
+            r = http.get("/dialogues/dev/a%2F..%2Fb")  # as the page asks for it (encodeURIComponent)
+            assert r.status_code == 200, r.text
+            assert r.json()["dialogue_id"] == "a/../b" and [u["text"] for u in r.json()["utterances"]] == ["Hi.", "Oh hi!"]
+            assert http.get("/dialogues/dev/plain").json()["utterances"][0]["speaker"] == "Joey"
+            assert http.get("/dialogues/dev/a%2F..%2Fc").status_code == 404

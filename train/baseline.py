@@ -245,11 +245,15 @@ class LogisticHead:
 
         z = cls.prepare(x)
         mean, scale = z.mean(axis=0), z.std(axis=0) + 1e-6
+        coef = np.zeros((n_classes, z.shape[1]))
+        intercept = np.full(n_classes, -1e9)  # a class absent from train is never predicted
+        present = np.unique(y)
+        if len(present) == 1:  # one label in train: the model predicts it (as XGBoost and tune do)
+            intercept[present] = 0.0
+            return cls(mean, scale, coef, intercept)
         w = class_weights(y, n_classes, config.class_weight_power)
         model = LogisticRegression(C=config.logistic_c, max_iter=500)
         model.fit((z - mean) / scale, y, sample_weight=w[y])
-        coef = np.zeros((n_classes, z.shape[1]))
-        intercept = np.full(n_classes, -1e9)  # a class absent from train is never predicted
         coef[model.classes_], intercept[model.classes_] = model.coef_, model.intercept_
         return cls(mean, scale, coef, intercept)
 
@@ -504,6 +508,9 @@ def fit_baseline(corpus: Corpus, config: BaselineConfig = BaselineConfig(),
     modalities = sorted(corpus.modalities, key=lambda m: (MODALITIES.index(m) if m in MODALITIES else len(MODALITIES), m))
     n_classes = len(classes)
     prior = np.bincount(y[labelled["train"]], minlength=n_classes) / labelled["train"].sum()
+    if np.count_nonzero(prior) == 1:
+        log(f"warning: every labelled train utterance of {dataset!r} is {classes[int(prior.argmax())]!r}: "
+            "the models can only predict that label")
 
     model = BaselineModel(
         classes=classes,

@@ -48,6 +48,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def click_exceptions() -> type[Exception]:
+    import click
+
+    return click.exceptions.ClickException
+
+
 def load_command(name: str) -> click.Command | None:
     """The click command ``name``, importing its module (None when the module is not there)."""
     try:
@@ -80,6 +86,23 @@ class LazyGroup(TyperGroup):
                 return None
             self.commands[cmd_name] = command
         return self.commands[cmd_name]
+
+    def invoke(self, ctx: click.Context):
+        """Run the command; a fault of the disk or of the storage (read-only, full, a damaged table, an
+        object store that does not answer) becomes one line (:mod:`bemerc.cli.faults`)."""
+        args = [*getattr(ctx, "protected_args", []), *ctx.args]
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort, click_exceptions(), KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            from bemerc.cli.common import fail
+            from bemerc.cli.faults import describe, store_argument
+
+            message = describe(exc, store_argument(args))
+            if message is None:
+                raise
+            fail(message)
 
     def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         self._listing = True

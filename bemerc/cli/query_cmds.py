@@ -77,16 +77,18 @@ def similar(
 @query_app.command("show")
 def show(
     uid: Annotated[str, typer.Argument(help="Utterance id, e.g. dev/dia0_utt0.")],
+    context: Annotated[int | None, typer.Option("--context", "-c", min=0, show_default=False,
+                                                help="How many earlier turns of the dialogue to list (default: bemerc.store.query.SHOW_CONTEXT, 10).")] = None,
     store: StoreOption = DEFAULT_STORE,
     as_json: JsonOption = False,
 ) -> None:
-    """One utterance: its dialogue context, transcript, behaviour description, feature sets,
-    failures and every run's prediction."""
+    """One utterance: the turns before it in its dialogue (--context of them), transcript,
+    behaviour description, feature sets, failures and every run's prediction."""
     from bemerc.store import StoreError
     from bemerc.store import query as Q
 
     try:
-        view = Q.show(_open(store), uid)
+        view = Q.show(_open(store), uid, context=Q.SHOW_CONTEXT if context is None else context)
     except (Q.QueryError, StoreError) as exc:
         fail(str(exc))
     if as_json:
@@ -94,7 +96,9 @@ def show(
         return
     u = view.utterance
     if view.context.height:
-        _print_frame(view.context.select("turn", "speaker", "text", "label"), title="context")
+        hidden = view.earlier_turns - view.context.height
+        title = f"context (the {view.context.height} turns before; {hidden:,} earlier not shown: --context)" if hidden else "context"
+        _print_frame(view.context.select("turn", "speaker", "text", "label"), title=title)
     console.print(f"[bold]{u['uid']}[/]  turn {u['turn']} of dialogue {u['dialogue_id']} ({u['dataset']} {u['split']})")
     console.print(f"[bold]{u['speaker']}:[/] {u['text']}", highlight=False)
     console.print(f"label: [bold]{u['label']}[/]  sentiment: {u['sentiment']}")
@@ -147,18 +151,20 @@ def where(
 def export(
     table: Annotated[str, typer.Argument(help="Table name (utterances, runs, ...) or a feature set (text, text/minilm-l6).")],
     out: Annotated[Path, typer.Argument(help="Output file.")],
-    fmt: Annotated[Format, typer.Option("--format", "-f", help="File format; csv writes list columns as JSON arrays.")] = Format.parquet,
+    fmt: Annotated[Format | None, typer.Option("--format", "-f", show_default=False,
+                                               help="File format (default: from the name: .csv, .parquet or .pq; a name "
+                                               "that says another format is refused); csv writes list columns as JSON arrays.")] = None,
     store: StoreOption = DEFAULT_STORE,
 ) -> None:
     """Write a whole table to a parquet or csv file.
 
-    Example: `bemerc query export utterances utt.csv --format csv`
+    Example: `bemerc query export utterances utt.csv`
     """
     from bemerc.store import StoreError
     from bemerc.store import query as Q
 
     try:
-        rows = Q.export(_open(store), table, out, fmt.value)
+        rows = Q.export(_open(store), table, out, fmt.value if fmt else None)
     except (Q.QueryError, StoreError) as exc:
         fail(str(exc))
     except OSError as exc:

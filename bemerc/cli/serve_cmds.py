@@ -34,6 +34,7 @@ def register(app: typer.Typer) -> None:
         max_pending: Annotated[int, typer.Option(min=1, help="/predict requests running or waiting at once; more get 503 with Retry-After.")] = 16,
         max_media_pending: Annotated[int, typer.Option(min=1, help="Of those, requests that upload media.")] = 2,
         request_timeout: Annotated[float, typer.Option(min=1.0, help="Seconds one /predict request may take, waiting included.")] = 120.0,
+        receive_timeout: Annotated[float, typer.Option(min=0.1, help="Seconds a client has to send a request's headers and its whole body (408 or a closed connection after); a /predict request waits in the queue only once its body has arrived.")] = 30.0,
     ) -> None:
         """Serve the store and its trained runs over HTTP: a browse page at `/`, the API documented at `/docs`.
 
@@ -48,7 +49,7 @@ def register(app: typer.Typer) -> None:
         import uvicorn
 
         from bemerc.serve import create_app
-        from bemerc.serve.api import LOOPBACK_NAMES, WILDCARD_HOSTS
+        from bemerc.serve.api import LOOPBACK_NAMES, WILDCARD_HOSTS, server_config
         from bemerc.serve.predict import ServeLimits
 
         open_store(store)  # a one-line error when there is no store
@@ -60,8 +61,8 @@ def register(app: typer.Typer) -> None:
             names += (socket.gethostname(), socket.getfqdn())
         limits = ServeLimits(max_upload_bytes=int(max_upload_mb * 2**20), max_request_bytes=int(max_request_mb * 2**20),
                              max_media_s=max_media_s, max_pending=max_pending, max_media_pending=max_media_pending,
-                             request_timeout_s=request_timeout)
+                             request_timeout_s=request_timeout, receive_timeout_s=receive_timeout)
         application = create_app(store, profile=profile, report_dir=report_dir, limits=limits, host=host,
                                   allow_hosts=names, token=token)
         console.print(f"serving {store} on http://{host}:{port}/ (API docs at /docs){'; token required' if token else ''}; Ctrl-C stops")
-        uvicorn.run(application, host=host, port=port, log_level="warning")
+        uvicorn.Server(server_config(application, limits, host=host, port=port, log_level="warning")).run()

@@ -1,4 +1,4 @@
-"""`bemerc store info`: what the store holds."""
+"""`bemerc store info`: what the store holds; `bemerc store check`: whether every table reads."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import typer
 from rich.table import Table
 
-from bemerc.cli.common import DEFAULT_STORE, JsonOption, StoreOption, console, open_store
+from bemerc.cli.common import DEFAULT_STORE, JsonOption, StoreOption, console, fail, open_store
 from bemerc.store.summary import cached_info
 
 store_app = typer.Typer(help="Inspect the LanceDB feature store.", no_args_is_help=True)
@@ -17,15 +17,23 @@ store_app = typer.Typer(help="Inspect the LanceDB feature store.", no_args_is_he
 def info(store: StoreOption = DEFAULT_STORE, as_json: JsonOption = False) -> None:
     """Tables with row counts and versions, the feature sets present, and failure counts.
 
+    Also reads the first row of every table: one that cannot be read is named (exit 1); `store check`
+    reads every row.
+
     With --json prints `{"tables": {NAME: {"rows": N, "version": V}}, "features": {"MODALITY/EXTRACTOR":
     {"rows": N, "dim": D, "random_weights": false, "feature_set": ID, "stale": N, "unverified": N}},
     "failures": {STAGE: N}}`. `stale` rows were computed from a text, media file or span that has
     changed since (`bemerc extract` recomputes them; baseline and tune refuse them); `unverified` rows
     record no input digest (a store written before bemerc recorded them).
     """
+    from bemerc.store.check import probe_store
+
     data = cached_info(store, lambda: open_store(store).info())
+    damaged = probe_store(open_store(store)) if data["tables"] else []  # the cache cannot see a file gone
     if as_json:
-        print(json.dumps(data, indent=2))
+        print(json.dumps({**data, "damaged": [d.__dict__ for d in damaged]} if damaged else data, indent=2))
+        if damaged:
+            raise typer.Exit(1)
         return
     tables = Table(title=f"store {data['path']}")
     tables.add_column("table")
@@ -50,6 +58,34 @@ def info(store: StoreOption = DEFAULT_STORE, as_json: JsonOption = False) -> Non
         console.print("failures: " + ", ".join(f"{k} {v}" for k, v in data["failures"].items()))
     if not data["tables"]:
         console.print("The store is empty: start with `bemerc ingest meld DIR`, `bemerc ingest manifest FILE` or `make demo`.")
+    for d in damaged:
+        console.print(f"[red]damaged[/] {d.line()}", highlight=False)
+    if damaged:
+        fail(f"{data['path']}: {len(damaged)} table(s) cannot be read; `bemerc store check --store {store}` reads every table whole")
+
+
+@store_app.command("check")
+def check(store: StoreOption = DEFAULT_STORE, as_json: JsonOption = False) -> None:
+    """Read every table whole (every row and column) and name each one that cannot be read: a data
+    file deleted or cut short. `store info` counts rows from the tables' manifests and cannot see it.
+
+    Exit status 1 when a table is damaged, with one line per damaged table. With --json prints
+    `{"tables": N, "damaged": [{"table", "path", "cause"}]}`.
+    """
+    from bemerc.store.check import check_store
+
+    opened = open_store(store)
+    damaged = check_store(opened)
+    if as_json:
+        print(json.dumps({"tables": len(opened.table_names()), "damaged": [d.__dict__ for d in damaged]}, indent=2))
+        if damaged:
+            raise typer.Exit(1)
+        return
+    for d in damaged:
+        console.print(f"[red]damaged[/] {d.line()}", highlight=False)
+    if damaged:
+        fail(f"{opened.path}: {len(damaged)} of {len(opened.table_names())} tables cannot be read")
+    console.print(f"{opened.path}: all {len(opened.table_names())} tables read whole")
 
 
 def register(app: typer.Typer) -> None:

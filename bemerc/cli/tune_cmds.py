@@ -60,6 +60,7 @@ def register(app: typer.Typer) -> None:
         align_lr: Annotated[float | None, typer.Option(help="Peak learning rate of the align stage. [default: 1e-3]")] = None,
         projector_lr: Annotated[float | None, typer.Option(help="Peak learning rate of the projectors. [default: --lr]")] = None,
         batch_size: Annotated[int | None, typer.Option(help="Utterances (utterance layout) or dialogue windows (dialogue layout) per optimiser step and device. [default: 4]")] = None,
+        micro_batch_tokens: Annotated[int | None, typer.Option(min=1, help="Padded tokens per forward pass: a batch over it is trained in micro-batches with gradient accumulation (same step, bounded memory; peak memory per window length: README, Tune memory). [default: 2048]")] = None,
         balance: Annotated[float | None, typer.Option(help="Class-balanced loss: weight examples by (class share) ** -BALANCE (0 = off, 0.5 = inverse square root, 1 = inverse frequency). [default: 0.5]")] = None,
         lora_r: Annotated[int | None, typer.Option(help="LoRA rank (alpha = 2 * rank). [default: 8]")] = None,
         lora_layers: Annotated[int | None, typer.Option(help="LoRA on the top N decoder blocks only (faster, but learns much less). Default: all.")] = None,
@@ -98,7 +99,7 @@ def register(app: typer.Typer) -> None:
         given = {  # only what the user gave: TuneConfig holds the defaults
             "layout": layout.value if layout else None, "context": context, "overlap": overlap, "demos": demos,
             "max_len": max_len, "epochs": epochs, "align_epochs": align_epochs, "lr": lr, "align_lr": align_lr, "projector_lr": projector_lr,
-            "batch_size": batch_size, "balance": balance, "lora_r": lora_r, "lora_alpha": 2 * lora_r if lora_r else None,
+            "batch_size": batch_size, "micro_batch_tokens": micro_batch_tokens, "balance": balance, "lora_r": lora_r, "lora_alpha": 2 * lora_r if lora_r else None,
             "normalize_scores": normalize_scores, "seed": seed, "threads": threads, "checkpoint_every": checkpoint_every,
         }
         try:

@@ -21,6 +21,7 @@ and epoch, and the RNG state is restored).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -44,7 +45,7 @@ from bemerc.store.runs import default_run_dir
 from bemerc.train.runs import new_run_id, save_run
 from bemerc.train.tensors import Corpus, load_corpus
 from bemerc.train.tune.infer import DemoRetriever, Inputs, TunedModel, corpus_inputs, dialogue_windows, merc_examples
-from bemerc.train.tune.model import (Batch, LoraSettings, MercModel, SoftInput, TuneInfo, build_model, collate,
+from bemerc.train.tune.model import (IGNORE, Batch, LoraSettings, MercModel, SoftInput, TuneInfo, build_model, collate,
                                      collate_windows, load_llm, save_adapter)
 from bemerc.train.tune.prompt import Prompter
 
@@ -53,6 +54,9 @@ LAYOUTS = ("dialogue", "utterance")
 SOFT_MODALITIES = ("text", "audio", "behavior")  # projected by default when the store has them
 EVAL_SPLITS = ("dev", "test")  # scored when labelled; model selection uses dev only
 DEFAULT_MAX_LEN = {"utterance": 512, "dialogue": 1024}
+# padded tokens one forward/backward pass of training holds (a batch over it is cut into micro-batches with
+# gradient accumulation): bounds training memory; peak RSS per window length is in README.md (Tune memory)
+MICRO_BATCH_TOKENS = 2048
 
 
 class TuneError(ValueError):
@@ -78,6 +82,7 @@ class TuneConfig:
     epochs: int = 1
     align_epochs: int = 1
     batch_size: int = 4  # utterances (utterance layout) or dialogue windows (dialogue layout) per step
+    micro_batch_tokens: int = MICRO_BATCH_TOKENS  # padded tokens per forward pass; a step's batch is cut to fit (memory)
     lr: float = 1e-3
     align_lr: float = 1e-3
     projector_lr: float | None = None  # learning rate of the projectors (None: --lr)
@@ -113,7 +118,7 @@ class TuneConfig:
         for name in ("demos", "overlap", "context"):
             if getattr(self, name) < 0:
                 raise TuneError(f"{name} must be 0 or more, found {getattr(self, name)}")
-        for name in ("epochs", "align_epochs", "batch_size", "lora_r", "checkpoint_every"):
+        for name in ("epochs", "align_epochs", "batch_size", "lora_r", "checkpoint_every", "micro_batch_tokens"):
             if getattr(self, name) < (0 if "epochs" in name else 1):
                 raise TuneError(f"{name} must be positive, found {getattr(self, name)}")
 
@@ -396,6 +401,45 @@ def stage_examples(stage: str, prompter: Prompter, data: Data, config: TuneConfi
                     lambda items: collate_windows([windows[i] for i in items], data.features, pad_id, answers, weight_of))
 
 
+def micro_batches(lengths: list[int], items: list[int], budget: int) -> list[list[int]]:
+    """``items`` (indices into ``lengths``) cut into micro-batches whose padded size (items x the
+    longest) stays within ``budget`` tokens, longest first; an item longer than ``budget`` goes alone.
+
+    >>> micro_batches([100, 300, 200, 50], [0, 1, 2, 3], budget=600)
+    [[1, 2], [0, 3]]
+    """
+    chunks: list[list[int]] = []
+    for i in sorted(items, key=lambda i: -lengths[i]):  # stable: ties keep their order
+        if chunks and (len(chunks[-1]) + 1) * lengths[chunks[-1][0]] <= budget:
+            chunks[-1].append(i)
+        else:
+            chunks.append([i])
+    return chunks
+
+
+def accumulate_gradients(wrapped, examples: Examples, items: list[int], budget: int, accelerator) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Forward and backward one optimiser step's ``items`` in :func:`micro_batches` of at most
+    ``budget`` padded tokens, so memory is bounded by the budget (and the longest item), not by the
+    batch; returns (weighted loss sum, global weight, real tokens).
+
+    The gradients are those of the weighted mean over the global batch: each micro-batch's loss sum
+    is divided by the weight of the whole global batch (known from the targets before any forward)
+    and multiplied by the number of processes, since DDP averages the processes' gradients; DDP
+    synchronises on the last micro-batch only."""
+    world = accelerator.num_processes
+    chunks = [examples.batch(c).to(accelerator.device) for c in micro_batches(examples.lengths, items, budget)]
+    weight = sum(b.weights[b.targets != IGNORE].sum() for b in chunks).detach().float()
+    weight = (accelerator.reduce(weight, "sum") if world > 1 else weight).clamp_min(1e-8)
+    total = torch.zeros((), device=accelerator.device)
+    for n, batch in enumerate(chunks):
+        with accelerator.no_sync(wrapped) if n < len(chunks) - 1 else contextlib.nullcontext():
+            with accelerator.autocast():
+                loss_sum, _ = wrapped(batch, mean=False)
+            accelerator.backward(loss_sum / weight * world)
+        total = total + loss_sum.detach().float()
+    return total, weight, sum(b.tokens for b in chunks)
+
+
 def train_stage(stage: str, model: MercModel, examples: Examples, config: TuneConfig, accelerator, run_dir: Path,
                 progress: dict, resume: dict | None, bar: Progress) -> bool:
     """Run (or finish) one stage on ``examples``; False when ``stop_after`` interrupted it (a
@@ -428,15 +472,7 @@ def train_stage(stage: str, model: MercModel, examples: Examples, config: TuneCo
         for b in range(progress["batch"], len(batches)):
             index = batches[b][rank::world]
             start = time.perf_counter()
-            batch = examples.batch(index.tolist()).to(accelerator.device)
-            with accelerator.autocast():
-                loss_sum, weight = wrapped(batch, mean=False)
-            # the weighted mean over the global batch: DDP averages the processes' gradients, so each
-            # process divides its sum by the global weight and multiplies by the number of processes
-            weight = accelerator.reduce(weight.detach(), "sum") if world > 1 else weight.detach()
-            weight = weight.clamp_min(1e-8)
-            loss = loss_sum / weight * world
-            accelerator.backward(loss)
+            loss_sum, weight, tokens = accumulate_gradients(wrapped, examples, index.tolist(), config.micro_batch_tokens, accelerator)
             accelerator.clip_grad_norm_(params, 1.0)
             optimizer.step()
             scheduler.step()
@@ -445,7 +481,7 @@ def train_stage(stage: str, model: MercModel, examples: Examples, config: TuneCo
             value = (accelerator.reduce(loss_sum.detach(), "sum") if world > 1 else loss_sum.detach()).item() / weight.item()
             answered = sum(examples.utterances[i] for i in index)
             progress["history"].append({"stage": stage, "epoch": epoch, "batch": b, "loss": value, "lr": scheduler.get_last_lr()[0],
-                                        "tokens": batch.tokens, "utterances": answered, "seconds": seconds})
+                                        "tokens": tokens, "utterances": answered, "seconds": seconds})
             progress["batch"] = b + 1
             bar.advance(task, value, answered * world)
             stop = config.stop_after is not None and len(progress["history"]) >= config.stop_after
@@ -508,7 +544,8 @@ def tune(store: Store, config: TuneConfig, resume: bool = False) -> dict:
         if not config.run_dir:
             raise TuneError("--resume needs --run-dir (the folder of the interrupted run)")
         checkpoint = load_checkpoint(Path(config.run_dir) / "checkpoint.pt")
-        saved = {k: v for k, v in checkpoint["config"].items() if k not in ("stop_after", "progress")}
+        # the run's settings, but the folder given now: a run folder moved since it stopped goes on where it is
+        saved = {k: v for k, v in checkpoint["config"].items() if k not in ("stop_after", "progress", "run_dir")}
         config = replace(config, **saved)
     else:
         checkpoint = None
@@ -555,6 +592,9 @@ def tune(store: Store, config: TuneConfig, resume: bool = False) -> dict:
             raise TuneError(f"{store.path}: cannot run the align stage: {reason}")
         stages.remove("align")
         notes.append(f"align stage skipped: {reason}")
+    trained_labels = {data.label(r) for r in data.train_rows}
+    if stages and len(trained_labels) == 1:  # as the baseline: train anyway, and say what it means
+        notes.append(f"every train utterance is {next(iter(trained_labels))!r}: the model learns to predict only that label")
 
     run_dir.mkdir(parents=True, exist_ok=True)
     with Progress(config.progress and accelerator.is_main_process) as bar:
