@@ -94,7 +94,8 @@ def test_a_read_only_store_is_one_line_and_unchanged(trained, manifest, tmp_path
     with tmpfs(tmp_path / "ro", "20m") as mount:
         store = Path(shutil.copytree(trained, mount / "store"))
         before = versions(store)
-        changed = tmp_path / "changed.csv"
+        changed = tmp_path / "changed" / manifest.name  # the same dataset (named after the file), one label changed
+        changed.parent.mkdir()
         changed.write_text(manifest.read_text().replace(",train\n", ",train\n", 1).replace("neutral", "joy", 1))
         assert subprocess.run(["mount", "-o", "remount,ro", str(mount)]).returncode == 0
         one_line(cli("baseline", "--store", str(store)), f"{store}/runs", "read-only", "store was not changed")

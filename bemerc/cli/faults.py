@@ -77,7 +77,7 @@ def _damage(text: str, store: str) -> str | None:
         path = path if path.startswith(("/", "s3:", "gs:", "az:")) or "://" in path else "/" + path
         table = _TABLE.search(path)
         name = f"table {table.group(1)!r}" if table else "a table"
-        return f"{store}: the store is damaged: {name} lacks {path}; {CHECK_HINT.format(store=store)}"
+        return f"{store}: the store is damaged: {name} cannot be read: it lacks {path}; {CHECK_HINT.format(store=store)}"
     if re.search(r"[Cc]orrupt|not a lance file|Invalid (?:data|file)|Invalid range \S+ for object of size|unexpected end of file|"
                  r"failed to fill whole buffer|Unexpected EOF|out of range|invalid footer|magic", text):
         table = _TABLE.search(text)
