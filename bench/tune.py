@@ -56,9 +56,11 @@ def speed(store: Store, out: Path, common: dict, layout: str, threads: int, step
             "epoch_minutes": n_train / rate / 60}
 
 
-def linear_probe(store: Store, modality: str, dataset: str | None) -> dict:
+def linear_probe(store: Store, modality: str, dataset: str | None, train_limit: int | None = None,
+                 eval_limit: int | None = None) -> dict:
     """Dev weighted F1 of the baseline's logistic head on one modality's stored vectors alone, and
-    of the majority class (rows without the modality are left out of both)."""
+    of the majority class, on the rows the tuned LLM saw (the same --train-limit/--eval-limit
+    dialogues; rows without the modality are left out of both)."""
     import numpy as np
 
     from bemerc.store.schema import run_classes
@@ -71,7 +73,12 @@ def linear_probe(store: Store, modality: str, dataset: str | None) -> dict:
     labels = corpus.utterances["label"].to_list()
     classes = run_classes(dataset, labels)
     y = np.array([classes.index(label) if label is not None else -1 for label in labels])
-    rows = {split: np.flatnonzero(corpus.split_mask(split) & arrays.present & (y >= 0)) for split in ("train", "dev")}
+    from bemerc.train.tune.loop import first_dialogues
+
+    limits = {"train": train_limit, "dev": eval_limit}
+    rows = {split: first_dialogues(np.flatnonzero(corpus.split_mask(split) & (y >= 0)), corpus.dialogue_start, limit)
+            for split, limit in limits.items()}
+    rows = {split: r[arrays.present[r]] for split, r in rows.items()}
     head = LogisticHead.fit(arrays.vectors[rows["train"]], y[rows["train"]], len(classes), BaselineConfig())
     dev = rows["dev"]
     probe = classification_metrics(y[dev], head(arrays.vectors[dev]).argmax(1), classes)
@@ -99,7 +106,7 @@ def probe(store: Store, out: Path, common: dict, args) -> dict:
                "llm_accuracy": run["metrics"]["dev"]["accuracy"], "minutes": (time.perf_counter() - t0) / 60,
                "epoch_minutes": run["timing"]["train_seconds"] / 60 / max(args.epochs, 1),
                "final_loss": run["timing"]["final_loss"], "run_id": run["run_id"]}
-        row.update(linear_probe(store, modality, dataset) if modality else {"majority_weighted_f1": run["majority"]["weighted_f1"]})
+        row.update(linear_probe(store, modality, dataset, args.train_limit, args.eval_limit) if modality else {"majority_weighted_f1": run["majority"]["weighted_f1"]})
         rows.append(row)
         print(f"{row['soft']:>18s}: LLM {row['llm_weighted_f1']:.3f}  linear probe "
               f"{row.get('probe_weighted_f1', float('nan')):.3f}  majority {row['majority_weighted_f1']:.3f}  "
