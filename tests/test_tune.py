@@ -169,7 +169,9 @@ def test_align_stage_trains_only_the_behaviour_projector(tiny_llm, store, tmp_pa
     data = load_data(store, config)
     llm, _ = load_llm(tiny_llm)
     torch.manual_seed(config.seed)
-    initial = build_model(llm, data.soft, LoraSettings(config.lora_r, config.lora_alpha, config.lora_dropout)).adapter_state()
+    initial = build_model(llm, data.soft, LoraSettings(config.lora_r, config.lora_alpha, config.lora_dropout))
+    initial.fit_input_scaling(data.features, data.train_rows)  # as tune does: the projectors' input statistics
+    initial = initial.adapter_state()
     trained, _, _ = load_tuned(tmp_path / "align" / "adapter")
     after = trained.adapter_state()
     changed = {k for k in initial if not torch.equal(initial[k], after[k])}
