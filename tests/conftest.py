@@ -110,6 +110,15 @@ SPLIT_OF_DIALOGUE = ("train", "train", "train", "train", "dev", "test")  # by di
 LOCAL = "http://127.0.0.1"  # TestClient's base URL: the Host a local server answers (not "testserver")
 
 
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    """``rows`` as a UTF-8 CSV with their keys as the header (a manifest, a MELD CSV)."""
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
 def small_store(root: Path, meld_dir: Path) -> Store:
     """MELD's first train and dev dialogues with real MiniLM text features (real extractor and
     orchestrator), built once per test session under ``root`` and reused by the serve/page tests."""

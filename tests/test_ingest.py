@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from bemerc.cli import app
-from conftest import write_iemocap
+from conftest import write_iemocap, write_csv
 from bemerc.store import Store
 from bemerc.store.ingest import IngestError, read_iemocap, read_manifest, read_meld, write_utterances
 
@@ -93,14 +93,6 @@ def test_meld_links_clips_and_reports_missing_ones(tmp_path, meld_dir):
     assert report.missing_media[0] == f"dev/dia{rows[-1]['Dialogue_ID']}_utt{rows[-1]['Utterance_ID']}"
 
 
-def _write_csv(path: Path, rows: list[dict]) -> Path:
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
-
-
 def _manifest_rows(ravdess_dir: Path) -> list[dict]:
     wavs = sorted((ravdess_dir / "audio").glob("*.wav"))
     return [
@@ -120,7 +112,7 @@ def test_manifest_formats_resolve_relative_media(tmp_path, ravdess_dir, fmt):
              "audio": "media/sad.wav"} for t in range(2)]
     path = tmp_path / f"manifest.{fmt}"
     if fmt == "csv":
-        _write_csv(path, rows)
+        write_csv(path, rows)
     elif fmt == "jsonl":
         path.write_text("\n".join(json.dumps(r) for r in rows))
     else:
@@ -131,7 +123,7 @@ def test_manifest_formats_resolve_relative_media(tmp_path, ravdess_dir, fmt):
 
 
 def test_manifest_ingest_checksums_media(tmp_path, ravdess_dir):
-    path = _write_csv(tmp_path / "m.csv", _manifest_rows(ravdess_dir))
+    path = write_csv(tmp_path / "m.csv", _manifest_rows(ravdess_dir))
     store = tmp_path / "store"
     result = runner.invoke(app, ["ingest", "manifest", str(path), "--store", str(store)])
     assert result.exit_code == 0, result.output
@@ -152,11 +144,11 @@ BAD_CASES = {
 @pytest.mark.parametrize("case", sorted(BAD_CASES))
 def test_bad_manifest_is_one_line_and_store_is_unchanged(tmp_path, ravdess_dir, case):
     store_path = tmp_path / "store"
-    good = _write_csv(tmp_path / "good.csv", _manifest_rows(ravdess_dir))
+    good = write_csv(tmp_path / "good.csv", _manifest_rows(ravdess_dir))
     assert runner.invoke(app, ["ingest", "manifest", str(good), "--store", str(store_path)]).exit_code == 0
     before = (Store(store_path).version("utterances"), Store(store_path).utterances().to_dicts())
     mutate, message = BAD_CASES[case]
-    bad = _write_csv(tmp_path / "bad.csv", mutate(_manifest_rows(ravdess_dir)))
+    bad = write_csv(tmp_path / "bad.csv", mutate(_manifest_rows(ravdess_dir)))
     result = runner.invoke(app, ["ingest", "manifest", str(bad), "--store", str(store_path)])
     assert result.exit_code == 1
     error = result.output.strip()

@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from bemerc.cli import app
 from bemerc.store import Store
 from bemerc.store.inputs import DIGEST_COLUMN
+from conftest import write_csv
 
 runner = CliRunner()
 
@@ -51,14 +52,6 @@ def meld_rows(meld_dir: Path, n: int = 40) -> list[dict]:
     return rows
 
 
-def write_manifest(path: Path, rows: list[dict]) -> Path:
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
-
-
 def counts(line_output: str, feature: str) -> str:
     """The summary line of ``feature`` (``text/``, ``audio/``) in an extract output."""
     return next(line for line in line_output.splitlines() if line.startswith(feature))
@@ -78,7 +71,7 @@ def test_changed_text_media_and_span_are_recomputed_and_match_a_fresh_store(tmp_
         shutil.copy(wavs[i], clips / f"c{i}.wav")
         rows[i]["audio"] = str(clips / f"c{i}.wav")
     rows[1]["start"], rows[1]["end"] = "0.5", "2.5"
-    manifest = write_manifest(tmp_path / "base.csv", rows)
+    manifest = write_csv(tmp_path / "base.csv", rows)
     store_path = str(tmp_path / "store")
     cli("ingest", "manifest", str(manifest), "--store", store_path)
     out = cli("extract", "--modality", "audio", "--store", store_path) + cli("extract", "--modality", "text", "--store", store_path)
@@ -91,7 +84,7 @@ def test_changed_text_media_and_span_are_recomputed_and_match_a_fresh_store(tmp_
     rows[10]["text"] = "I never said that, and you know it."
     shutil.copy(wavs[6], clips / "c0.wav")
     rows[1]["start"], rows[1]["end"] = "0.3", "2.0"
-    write_manifest(manifest, rows)
+    write_csv(manifest, rows)
     assert "0 new, 3 updated, 37 unchanged" in cli("ingest", "manifest", str(manifest), "--store", store_path)
 
     info = json.loads(cli("store", "info", "--json", "--store", store_path))["features"]
@@ -127,7 +120,7 @@ def test_changed_text_media_and_span_are_recomputed_and_match_a_fresh_store(tmp_
 def test_a_store_from_before_input_digests_is_reported_then_checked(tmp_path, meld_dir, models_cache, caplog):
     from bemerc.train.tensors import load_corpus
 
-    manifest = write_manifest(tmp_path / "m.csv", meld_rows(meld_dir, 16))
+    manifest = write_csv(tmp_path / "m.csv", meld_rows(meld_dir, 16))
     store_path = str(tmp_path / "store")
     cli("ingest", "manifest", str(manifest), "--store", store_path)
     cli("extract", "--modality", "text", "--store", store_path)
@@ -147,9 +140,9 @@ def test_a_store_from_before_input_digests_is_reported_then_checked(tmp_path, me
 
 def test_one_store_holds_several_corpora_and_a_clash_is_one_line(tmp_path, meld_dir):
     base = meld_rows(meld_dir)
-    write_manifest(tmp_path / "base.csv", base)
+    write_csv(tmp_path / "base.csv", base)
     other_rows = [{**r, "text": f"other corpus line {i}"} for i, r in enumerate(base)]  # same dialogue ids and turns
-    other = write_manifest(tmp_path / "other.csv", other_rows)
+    other = write_csv(tmp_path / "other.csv", other_rows)
     store_path = str(tmp_path / "store")
     assert "40 new, 0 updated, 0 unchanged" in cli("ingest", "manifest", str(tmp_path / "base.csv"), "--dataset", "base", "--store", store_path)
     store = Store(store_path)
@@ -164,11 +157,11 @@ def test_one_store_holds_several_corpora_and_a_clash_is_one_line(tmp_path, meld_
     # the same dataset again is an idempotent update; a changed row is one update
     assert "0 new, 0 updated, 40 unchanged" in cli("ingest", "manifest", str(tmp_path / "base.csv"), "--dataset", "base", "--store", store_path)
     base[3]["text"] = "A corrected line."
-    write_manifest(tmp_path / "base.csv", base)
+    write_csv(tmp_path / "base.csv", base)
     assert "0 new, 1 updated, 39 unchanged" in cli("ingest", "manifest", str(tmp_path / "base.csv"), "--dataset", "base", "--store", store_path)
 
     # with distinct dialogue ids the second corpus sits beside the first
-    write_manifest(other, [{**r, "dialogue_id": f"o{r['dialogue_id']}"} for r in other_rows])
+    write_csv(other, [{**r, "dialogue_id": f"o{r['dialogue_id']}"} for r in other_rows])
     assert "40 new, 0 updated, 0 unchanged" in cli("ingest", "manifest", str(other), "--dataset", "other", "--store", store_path)
     assert store.utterances(dataset="base").height == store.utterances(dataset="other").height == 40
     assert "A corrected line." in store.utterances(dataset="base")["text"].to_list()
@@ -178,7 +171,7 @@ def test_extract_off_a_terminal_logs_a_plain_progress_line(tmp_path, meld_dir, m
     from bemerc.extract.run import run_extractor
     from bemerc.extract.text import TextExtractor
 
-    manifest = write_manifest(tmp_path / "m.csv", meld_rows(meld_dir, 24))
+    manifest = write_csv(tmp_path / "m.csv", meld_rows(meld_dir, 24))
     store_path = str(tmp_path / "store")
     cli("ingest", "manifest", str(manifest), "--store", store_path)
     log = io.StringIO()
