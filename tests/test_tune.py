@@ -129,12 +129,13 @@ def test_all_stages_train_evaluate_and_record_the_run(tiny_llm, store, tmp_path)
     result = tune(store, _config(tiny_llm, tmp_path / "run"))
     run_dir = tmp_path / "run"
     log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-    assert {h["stage"] for h in log} == {"align", "merc"}
+    assert [h["stage"] for h in log] == sorted((h["stage"] for h in log), key=["align", "project", "merc"].index)
+    assert {h["stage"] for h in log} == {"align", "project", "merc"}  # in that order
     merc = [h for h in log if h["stage"] == "merc"]
     first, last = (np.mean([h["loss"] for h in merc if h["epoch"] == e]) for e in (0, 1))
     assert last < first  # the answer is learned
     config = _config(tiny_llm, run_dir)
-    for stage, base_lr in (("align", config.align_lr), ("merc", config.lr)):  # the schedule runs over the stage's steps
+    for stage, base_lr in (("align", config.align_lr), ("project", config.lr), ("merc", config.lr)):  # each stage's own schedule
         steps = [h for h in log if h["stage"] == stage]
         assert [h["lr"] for h in steps] == pytest.approx([base_lr * lr_factor(k + 1, len(steps), config.warmup) for k in range(len(steps))])
 
@@ -179,6 +180,37 @@ def test_align_stage_trains_only_the_behaviour_projector(tiny_llm, store, tmp_pa
     assert not (tmp_path / "align" / "metrics.json").exists()  # no emotion evaluation after stage 1 alone
 
 
+def test_project_stage_trains_every_projector_on_the_soft_tokens_alone(tiny_llm, store, tmp_path):
+    """Stage ``project``: the projectors (audio and behaviour) learn with the LLM frozen, from windows
+    that hold every train turn's speaker and soft tokens but none of its words or description."""
+    config = _config(tiny_llm, tmp_path / "project", stage="project", layout="dialogue", project_epochs=2)
+    tune(store, config)
+    data = load_data(store, config)
+    llm, tokenizer = load_llm(tiny_llm)
+    torch.manual_seed(config.seed)
+    initial = build_model(llm, data.soft, LoraSettings(config.lora_r, config.lora_alpha, config.lora_dropout))
+    initial.fit_input_scaling(data.features, data.train_rows)
+    initial = initial.adapter_state()
+    trained, prompter, _ = load_tuned(tmp_path / "project" / "adapter")
+    after = trained.adapter_state()
+    changed = {k for k in initial if not torch.equal(initial[k], after[k])}
+    assert {k.split(".")[1] for k in changed} == {"audio", "behavior"} and all(k.startswith("projectors.") for k in changed)
+    log = [json.loads(line) for line in (tmp_path / "project" / "log.jsonl").read_text().splitlines()]
+    assert {h["stage"] for h in log} == {"project"} and {h["epoch"] for h in log} == {0, 1}
+    assert not (tmp_path / "project" / "metrics.json").exists()  # no emotion evaluation without the merc stage
+
+    from bemerc.train.tune.loop import make_prompter, stage_examples
+
+    prompter = make_prompter(tokenizer, data, config)
+    shown = [tokenizer.decode(item.input_ids[0]) for item in
+             (stage_examples("project", prompter, data, config).batch([i]) for i in range(3))]
+    words = [data.inputs.texts[r] for r in data.train_rows if len(data.inputs.texts[r]) > 12]
+    assert not any(w in text for w in words for text in shown)
+    assert not any("behaviour:" in text for text in shown) and all(" ->" in text for text in shown)
+    merc = stage_examples("merc", prompter, data, config)
+    assert any(w in tokenizer.decode(merc.batch([0]).input_ids[0]) for w in words)  # the merc stage reads them
+
+
 def test_resume_gives_the_same_weights_and_losses(tiny_llm, store, tmp_path):
     whole = tune(store, _config(tiny_llm, tmp_path / "whole"))
     stopped = tune(store, _config(tiny_llm, tmp_path / "parts", stop_after=4))
@@ -199,6 +231,8 @@ def test_bad_requests_fail_with_one_line(tiny_llm, store, tmp_path):
         tune(store, _config(tiny_llm, tmp_path / "x", modalities=["visual"]))
     with pytest.raises(TuneError, match="align stage.*no behaviour projector"):
         tune(store, _config(tiny_llm, tmp_path / "y", stage="align", modalities=["audio"]))
+    with pytest.raises(TuneError, match="project stage: no soft modality"):
+        tune(store, _config(tiny_llm, tmp_path / "w", stage="project", modalities=[]))
     with pytest.raises(TuneError, match="no checkpoint"):
         tune(store, _config(tiny_llm, tmp_path / "z"), resume=True)
 

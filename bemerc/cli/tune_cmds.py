@@ -15,6 +15,7 @@ from bemerc.cli.common import DEFAULT_STORE, JsonOption, StoreOption, console, e
 
 class Stage(str, Enum):
     align = "align"
+    project = "project"
     merc = "merc"
     all = "all"
 
@@ -43,7 +44,7 @@ def register(app: typer.Typer) -> None:
         store: StoreOption = DEFAULT_STORE,
         model: Annotated[str | None, typer.Option(help="Hugging Face causal LM: a local folder or a hub id. Default: the LLM of --profile.")] = None,
         profile: Annotated[str, typer.Option(envvar="BEMERC_PROFILE", help="Profile whose `llm` stage gives the default --model.")] = "offline",
-        stage: Annotated[Stage, typer.Option(help="align: behaviour projector learns to describe behaviour; merc: emotion instruction tuning; all: both (align is skipped without behaviour descriptions).")] = Stage.all,
+        stage: Annotated[Stage, typer.Option(help="align: the behaviour projector learns to describe behaviour; project: every projector learns, with the LLM frozen, to answer the emotion from its soft tokens alone; merc: emotion instruction tuning (LoRA and projectors); all: the three in that order (align is skipped without behaviour descriptions, project without soft modalities).")] = Stage.all,
         layout: Annotated[Layout | None, typer.Option(help="dialogue: one sequence per dialogue, every turn answered in one pass (labels scored by their first token); utterance: one prompt per utterance with its last --context turns. [default: dialogue]")] = None,
         run_dir: Annotated[Path | None, typer.Option(help="Output folder (default: runs/<run_id> inside the store).")] = None,
         dataset: Annotated[str | None, typer.Option(help="Dataset to use when the store holds several.")] = None,
@@ -56,6 +57,7 @@ def register(app: typer.Typer) -> None:
         eval_limit: Annotated[int | None, typer.Option(help="Evaluate on the first N utterances of each labelled eval split, dev and test (whole dialogues).")] = None,
         epochs: Annotated[int | None, typer.Option(help="Epochs of the merc stage. [default: 1]")] = None,
         align_epochs: Annotated[int | None, typer.Option(help="Epochs of the align stage. [default: 1]")] = None,
+        project_epochs: Annotated[int | None, typer.Option(help="Epochs of the project stage (0: none). [default: 1]")] = None,
         lr: Annotated[float | None, typer.Option(help="Peak learning rate of the merc stage. [default: 1e-3]")] = None,
         align_lr: Annotated[float | None, typer.Option(help="Peak learning rate of the align stage. [default: 1e-3]")] = None,
         projector_lr: Annotated[float | None, typer.Option(help="Peak learning rate of the projectors. [default: --lr]")] = None,
@@ -98,7 +100,7 @@ def register(app: typer.Typer) -> None:
         chosen = None if modalities is None else [m.strip() for m in modalities.split(",") if m.strip() and m.strip() != "none"]
         given = {  # only what the user gave: TuneConfig holds the defaults
             "layout": layout.value if layout else None, "context": context, "overlap": overlap, "demos": demos,
-            "max_len": max_len, "epochs": epochs, "align_epochs": align_epochs, "lr": lr, "align_lr": align_lr, "projector_lr": projector_lr,
+            "max_len": max_len, "epochs": epochs, "align_epochs": align_epochs, "project_epochs": project_epochs, "lr": lr, "align_lr": align_lr, "projector_lr": projector_lr,
             "batch_size": batch_size, "micro_batch_tokens": micro_batch_tokens, "balance": balance, "lora_r": lora_r, "lora_alpha": 2 * lora_r if lora_r else None,
             "normalize_scores": normalize_scores, "seed": seed, "threads": threads, "checkpoint_every": checkpoint_every,
         }

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from bemerc.train.tensors import Corpus
-from bemerc.train.tune.model import MercModel, SoftInput, TuneInfo, collate, collate_windows, load_tuned
+from bemerc.train.tune.model import (MICRO_BATCH_TOKENS, MercModel, SoftInput, TuneInfo, collate, collate_windows, load_tuned,
+                                     micro_batches)
 from bemerc.train.tune.prompt import DialogueTurn, Encoded, Prompter, Turn, Window
 from bemerc.train.tune.score import answer_scores, label_probabilities, label_scores
 
@@ -137,28 +138,34 @@ def merc_examples(prompter: Prompter, inputs: Inputs, rows, labels: list[str | N
             for r, label in zip(rows, labels)]
 
 
-def dialogue_windows(prompter: Prompter, inputs: Inputs, rows, overlap: int, demos: Demos | None = None) -> list[Window]:
+def dialogue_windows(prompter: Prompter, inputs: Inputs, rows, overlap: int, demos: Demos | None = None,
+                     soft_only: bool = False) -> list[Window]:
     """``dialogue`` layout: the windows of the dialogues holding ``rows`` (whole dialogues, from
-    their first turn), each dialogue preceded by its retrieved demonstrations when ``demos`` is given."""
+    their first turn), each dialogue preceded by its retrieved demonstrations when ``demos`` is given;
+    ``soft_only``: every turn shown by its soft tokens alone (the ``project`` stage)."""
     windows = []
     for dialogue in inputs.dialogues(np.asarray(rows)):
         shown = demos(dialogue) if demos is not None else []
-        windows += prompter.dialogue([inputs.dialogue_turn(r) for r in dialogue], shown, overlap)
+        windows += prompter.dialogue([inputs.dialogue_turn(r) for r in dialogue], shown, overlap, soft_only)
     return windows
 
 
 class TunedModel:
     """A tuned (or zero-shot) MERC model: the LLM with its LoRA and projectors, its prompter and its
     :class:`TuneInfo`. :meth:`predict_proba` scores every label of the requested rows in the run's
-    layout, in batches sorted by length (less padding), and puts them back in order."""
+    layout, in batches sorted by length (less padding), and puts them back in order: ``batch_size``
+    prompts at a time (``utterance`` layout) or as many dialogue windows as fit in ``max_tokens``
+    padded tokens (``dialogue`` layout: short windows, such as one-utterance dialogues, go many to a
+    pass, long ones one or two)."""
 
     def __init__(self, model: MercModel, prompter: Prompter, info: TuneInfo, batch_size: int = 8,
-                 device: torch.device | str = "cpu", autocast: Callable | None = None, retriever: DemoRetriever | None = None):
+                 device: torch.device | str = "cpu", autocast: Callable | None = None, retriever: DemoRetriever | None = None,
+                 max_tokens: int = MICRO_BATCH_TOKENS):
         if info.demos and retriever is None:
             raise ValueError(f"the model was trained with {info.demos} retrieved demonstrations: pass a DemoRetriever "
                              f"(a store holding {info.demo_feature_set})")
         self.model, self.prompter, self.info = model, prompter, info
-        self.batch_size, self.device = batch_size, torch.device(device)
+        self.batch_size, self.max_tokens, self.device = batch_size, max_tokens, torch.device(device)
         self.autocast = autocast
         self.retriever = retriever
 
@@ -209,9 +216,8 @@ class TunedModel:
         return np.stack([scored[int(r)] for r in rows]) if len(rows) else np.zeros((0, len(self.info.classes)), np.float32)
 
     def _chunks(self, windows: list[Window]) -> list[list[Window]]:
-        order = np.argsort([len(w) for w in windows], kind="stable")
-        size = max(1, self.batch_size // 4)  # a window holds several utterances
-        return [[windows[j] for j in order[i: i + size]] for i in range(0, len(order), size)]
+        lengths = [len(w) for w in windows]
+        return [[windows[j] for j in chunk] for chunk in micro_batches(lengths, list(range(len(windows))), self.max_tokens)]
 
     def _autocast(self):
         if self.autocast is not None:

@@ -25,6 +25,10 @@ from torch import nn
 from bemerc.train.tune.prompt import Encoded, Prompter, Window, load_template
 
 IGNORE = -100  # target value of positions without a loss
+# padded tokens one forward pass holds (a training batch over it is cut into micro-batches with gradient
+# accumulation; evaluation batches windows up to it): bounds memory; peak RSS per window length is in
+# README.md (Tune memory)
+MICRO_BATCH_TOKENS = 2048
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,22 @@ class Batch:
                      self.prompt_lengths.to(device), self.tokens)
 
 
+def micro_batches(lengths: list[int], items: list[int], budget: int) -> list[list[int]]:
+    """``items`` (indices into ``lengths``) cut into micro-batches whose padded size (items x the
+    longest) stays within ``budget`` tokens, longest first; an item longer than ``budget`` goes alone.
+
+    >>> micro_batches([100, 300, 200, 50], [0, 1, 2, 3], budget=600)
+    [[1, 2], [0, 3]]
+    """
+    chunks: list[list[int]] = []
+    for i in sorted(items, key=lambda i: -lengths[i]):  # stable: ties keep their order
+        if chunks and (len(chunks[-1]) + 1) * lengths[chunks[-1][0]] <= budget:
+            chunks[-1].append(i)
+        else:
+            chunks.append([i])
+    return chunks
+
+
 def pad_ids(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, T) right-padded ids and their (N, T) attention mask."""
     width = max(map(len, seqs))
@@ -199,6 +219,30 @@ def collate_windows(
     return Batch(input_ids, mask, targets, weight, _soft(runs, features), lengths, int(mask.sum()))
 
 
+MIN_SHARED_PREFIX = 16  # shorter common beginnings are not worth a second pass
+
+
+def shared_prefix(batch: Batch) -> int:
+    """The number of leading positions at which every sequence of ``batch`` holds the same real
+    token and no soft token (0 when under :data:`MIN_SHARED_PREFIX`, for one sequence, or when
+    nothing would follow).
+
+    >>> ids = torch.tensor([list(range(20)) + [7, 8], list(range(20)) + [9, 0]])  # (2, 22), the second padded
+    >>> mask = torch.tensor([[1] * 22, [1] * 21 + [0]])
+    >>> shared_prefix(Batch(ids, mask, ids, mask.float(), {}, torch.tensor([22, 21]), 43))
+    20
+    """
+    ids, mask = batch.input_ids, batch.attention_mask
+    if len(ids) < 2:
+        return 0
+    same = ((ids == ids[:1]) & (mask == 1)).all(0)
+    length = int(same.long().cumprod(0).sum())
+    for _, _, _, positions in batch.soft.values():
+        if positions.numel():
+            length = min(length, int(positions.min()))
+    return length if MIN_SHARED_PREFIX <= length < ids.shape[1] else 0
+
+
 class MercModel(nn.Module):
     """An LLM (optionally wrapped by peft) and the projectors of its soft modalities."""
 
@@ -240,9 +284,24 @@ class MercModel(nn.Module):
         return embeds
 
     def hidden(self, batch: Batch) -> torch.Tensor:
-        """(B, T, H) last hidden states of the batch's sequences."""
+        """(B, T, H) last hidden states of the batch's sequences.
+
+        The tokens every sequence begins with (the system prompt, in practice: 60 of the ~75 tokens
+        of a one-utterance dialogue) go through the LLM once, and the rest of each sequence attends
+        to their keys and values: the same hidden states (gradients included) for less work."""
         embeds = self.embed(batch.input_ids, batch.soft)
-        return self.decoder(inputs_embeds=embeds, attention_mask=batch.attention_mask).last_hidden_state
+        shared = shared_prefix(batch)
+        checkpointing = getattr(self.causal_lm, "is_activation_checkpointing", None)  # transformers 5: the new name
+        if checkpointing is None:
+            checkpointing = getattr(self.causal_lm, "is_gradient_checkpointing", False)
+        if not shared or (self.training and checkpointing):
+            return self.decoder(inputs_embeds=embeds, attention_mask=batch.attention_mask).last_hidden_state
+        head = self.decoder(inputs_embeds=embeds[:1, :shared], use_cache=True)
+        cache = head.past_key_values
+        cache.batch_repeat_interleave(len(embeds))
+        rest = self.decoder(inputs_embeds=embeds[:, shared:], attention_mask=batch.attention_mask,
+                            past_key_values=cache, use_cache=True).last_hidden_state
+        return torch.cat([head.last_hidden_state.expand(len(embeds), -1, -1), rest], dim=1)
 
     def forward(self, batch: Batch, mean: bool = True) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Cross-entropy of the answer tokens (every other position is left out), averaged with their

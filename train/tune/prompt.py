@@ -290,17 +290,20 @@ class Prompter:
         answer_to_user = text[text.index(a.format(0)) + len(a.format(0)): text.index(u.format(1))]
         return head, user_to_answer, answer_to_user
 
-    def dialogue_user(self, turn: DialogueTurn) -> str:
-        """One turn's user message (soft-token markers included)."""
+    def dialogue_user(self, turn: DialogueTurn, soft_only: bool = False) -> str:
+        """One turn's user message (soft-token markers included); ``soft_only``: its soft tokens
+        alone, in the template's ``soft_turn`` (default ``{cues}``: no speaker, words or description)."""
         t = self.merc_template
         names = t.options.get("modality_names", {})
         cues = ""
-        if turn.description:
+        if turn.description and not soft_only:
             cues += _format(t, "description_line", t.option("description_line"),
                             {"speaker": turn.speaker, "description": turn.description})
         for modality in self.soft_tokens:
             cues += _format(t, "soft_line", t.option("soft_line"), {
                 "speaker": turn.speaker, "name": names.get(modality, modality), "tokens": MARKER.format(modality)})
+        if soft_only:
+            return _format(t, "soft_turn", str(t.options.get("soft_turn", "{cues}")), {"speaker": turn.speaker, "cues": cues}).rstrip("\n")
         return _format(t, "turn", t.option("turn"), {"speaker": turn.speaker, "text": turn.text, "cues": cues}).rstrip("\n")
 
     def dialogue_system(self, demos: list[tuple[str, str]] = ()) -> str:
@@ -313,15 +316,17 @@ class Prompter:
                 _format(t, "demo_line", t.option("demo_line"), {"text": text, "label": label}) for text, label in demos)
         return system
 
-    def dialogue(self, turns: list[DialogueTurn], demos: list[tuple[str, str]] = (), overlap: int = 2) -> list[Window]:
+    def dialogue(self, turns: list[DialogueTurn], demos: list[tuple[str, str]] = (), overlap: int = 2,
+                 soft_only: bool = False) -> list[Window]:
         """The windows of one dialogue: as many turns as fit in ``max_len`` tokens each (at least one
         new turn), each window after the first repeating up to ``overlap`` previous turns as context.
-        Every turn is new in exactly one window."""
+        Every turn is new in exactly one window. ``soft_only``: each turn shows only its soft tokens
+        (see :meth:`dialogue_user`)."""
         head, to_answer, to_user = self._dialogue_glue(self.dialogue_system(demos))
         head_ids, _ = self.encode_text(head)
         to_answer_ids = self.tokenizer(to_answer, add_special_tokens=False)["input_ids"]
         to_user_ids = self.tokenizer(to_user, add_special_tokens=False)["input_ids"]
-        pieces = [self.encode_text(self.dialogue_user(turn)) for turn in turns]
+        pieces = [self.encode_text(self.dialogue_user(turn, soft_only)) for turn in turns]
         # turn i costs its glue from the previous answer (none for a window's first turn), its
         # message and the glue to its answer
         cost = [len(ids) + len(to_answer_ids) for ids, _ in pieces]
