@@ -96,7 +96,7 @@ def probe(store: Store, out: Path, common: dict, args) -> dict:
     modalities = args.modalities.split(",") if args.modalities else [m for m in SOFT_MODALITIES if m in stored]
     dataset = load_data(store, TuneConfig(model=args.model, zero_shot=True)).dataset
     settings = dict(common, layout=args.layouts.split(",")[-1], epochs=args.epochs, train_limit=args.train_limit,
-                    eval_limit=args.eval_limit, threads=int(args.threads.split(",")[0]), progress=False)
+                    eval_limit=args.eval_limit, threads=int(args.threads.split(",")[-1]), project_epochs=args.project_epochs)
     rows, start = [], time.perf_counter()
     for modality in [None, *modalities]:
         t0 = time.perf_counter()
@@ -105,6 +105,7 @@ def probe(store: Store, out: Path, common: dict, args) -> dict:
         row = {"soft": modality or "none (words only)", "llm_weighted_f1": run["metrics"]["dev"]["weighted_f1"],
                "llm_accuracy": run["metrics"]["dev"]["accuracy"], "minutes": (time.perf_counter() - t0) / 60,
                "epoch_minutes": run["timing"]["train_seconds"] / 60 / max(args.epochs, 1),
+               "stage_minutes": {k: v / 60 for k, v in run["timing"].get("stage_seconds", {}).items()},
                "final_loss": run["timing"]["final_loss"], "run_id": run["run_id"]}
         row.update(linear_probe(store, modality, dataset, args.train_limit, args.eval_limit) if modality else {"majority_weighted_f1": run["majority"]["weighted_f1"]})
         rows.append(row)
@@ -123,7 +124,7 @@ def main() -> None:
     parser.add_argument("--model", required=True, help="local Hugging Face folder of the LLM")
     parser.add_argument("--out", default="runs/bench-tune", help="folder of the runs and bench.json")
     parser.add_argument("--layouts", default="utterance,dialogue")
-    parser.add_argument("--threads", default="1,2", help="thread counts to time")
+    parser.add_argument("--threads", default="1,2", help="thread counts to time (--probe: trains with the last)")
     parser.add_argument("--speed-steps", type=int, default=12)
     parser.add_argument("--speed-only", action="store_true")
     parser.add_argument("--accuracy-only", action="store_true", help="skip the speed runs (threads: the first of --threads)")
@@ -131,6 +132,7 @@ def main() -> None:
     parser.add_argument("--eval-limit", type=int, default=None)
     parser.add_argument("--context", type=int, default=DEFAULTS.context, help="utterance layout: context turns")
     parser.add_argument("--epochs", type=int, default=DEFAULTS.epochs)
+    parser.add_argument("--project-epochs", type=int, default=DEFAULTS.project_epochs, help="--probe: epochs of the project stage")
     parser.add_argument("--lr", type=float, default=DEFAULTS.lr)
     parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
     parser.add_argument("--demos", type=int, default=DEFAULTS.demos)

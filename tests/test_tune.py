@@ -294,6 +294,39 @@ def test_one_pass_over_a_dialogue_equals_scoring_each_answer_on_its_own_prefix(t
             assert torch.allclose(one[0], by_row[row], atol=1e-4)
 
 
+def test_the_shared_system_prompt_gives_the_same_loss_and_gradients(tiny_llm, store, monkeypatch):
+    """Windows that begin alike (the system prompt) share one pass over that beginning, in training
+    too: the loss and every gradient equal those of whole sequences."""
+    import bemerc.train.tune.model as model_module
+
+    config, data, model, prompter = _dialogue_model(tiny_llm, store)
+    model.train()
+    for module in model.modules():  # LoRA dropout off: train mode is then deterministic
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name or name.startswith("projectors."))
+    windows = dialogue_windows(prompter, data.inputs, data.train_rows, overlap=2)[:3]
+    answers = {int(r): prompter.answer_first_ids()[data.classes.index(data.label(r))] for r in data.train_rows}
+    batch = collate_windows(windows, data.features, prompter.tokenizer.pad_token_id, answers)
+    assert model_module.shared_prefix(batch) > 40  # the system prompt and the chat template's opening
+
+    def loss_and_gradients():
+        model.zero_grad()
+        loss = model(batch)
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    shared_loss, shared = loss_and_gradients()
+    monkeypatch.setattr(model_module, "MIN_SHARED_PREFIX", 10**9)
+    assert model_module.shared_prefix(batch) == 0
+    whole_loss, whole = loss_and_gradients()
+    assert shared_loss == pytest.approx(whole_loss, abs=1e-5)
+    assert shared.keys() == whole.keys() and any("projectors.audio" in n for n in shared)
+    for name in whole:
+        assert torch.allclose(shared[name], whole[name], atol=1e-5, rtol=1e-4), name
+
+
 def test_long_dialogues_are_split_into_overlapping_windows_and_each_turn_is_scored_once(tiny_llm, store):
     config, data, model, prompter = _dialogue_model(tiny_llm, store, max_len=200)
     rows = data.train_rows

@@ -531,7 +531,9 @@ def _timing(history: list[dict]) -> dict:
             "train_seconds": seconds, "train_tokens_per_s": sum(h["tokens"] for h in merc) / max(seconds, 1e-9),
             "train_utterances_per_s": utterances / max(seconds, 1e-9),
             "train_tokens_per_utterance": sum(h["tokens"] for h in merc) / max(utterances, 1),
-            "final_loss": statistics.fmean(h["loss"] for h in merc[-10:])}
+            "final_loss": statistics.fmean(h["loss"] for h in merc[-10:]),
+            "stage_seconds": {stage: sum(h["seconds"] for h in history if h["stage"] == stage)
+                              for stage in dict.fromkeys(h["stage"] for h in history)}}
 
 
 def tune(store: Store, config: TuneConfig, resume: bool = False) -> dict:
