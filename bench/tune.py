@@ -3,8 +3,9 @@ majority class, in one run.
 
 Speed: for each layout (``utterance``: one prompt per utterance with its last --context turns, the
 layout before whole-dialogue tuning; ``dialogue``: one sequence per dialogue) and each thread count,
-``--speed-steps`` optimiser steps on the whole train split; prints train tokens per utterance,
-utterances per second and the projected wall time of one epoch of all train utterances.
+``--speed-steps`` optimiser steps of the ``merc`` stage on the whole train split (and of the
+``project`` stage, for the dialogue layout of a store with soft features); prints train tokens per
+utterance, utterances per second and the projected wall time of one epoch of all train utterances.
 Accuracy (unless ``--speed-only``): trains the chosen layouts on the first ``--train-limit`` train
 utterances (default: all) and scores dev with each, with the untouched model (zero-shot) and the
 majority class. Everything goes to ``OUT/bench.json``.
@@ -43,15 +44,15 @@ from bemerc.train.tune.loop import TuneConfig, tune  # noqa: E402
 DEFAULTS = TuneConfig(model="")  # the tune defaults, so the bench measures what `bemerc tune` runs
 
 
-def speed(store: Store, out: Path, common: dict, layout: str, threads: int, steps: int, n_train: int) -> dict:
-    """Tokens per utterance and utterances/s over ``steps`` steps (the first, warm-up, left out)."""
-    run_dir = out / f"speed-{layout}-{threads}t"
-    tune(store, TuneConfig(**common, stage="merc", layout=layout, threads=threads, stop_after=steps,
+def speed(store: Store, out: Path, common: dict, layout: str, threads: int, steps: int, n_train: int, stage: str = "merc") -> dict:
+    """Tokens per utterance and utterances/s of ``stage`` over ``steps`` steps (the first, warm-up, left out)."""
+    run_dir = out / f"speed-{stage}-{layout}-{threads}t"
+    tune(store, TuneConfig(**common, stage=stage, layout=layout, threads=threads, stop_after=steps,
                            checkpoint_every=10_000, run_dir=str(run_dir), progress=False))
     log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()][1:]
     seconds, utterances, tokens = (sum(h[k] for h in log) for k in ("seconds", "utterances", "tokens"))
     rate = utterances / seconds
-    return {"layout": layout, "threads": threads, "steps": len(log), "tokens_per_utterance": tokens / utterances,
+    return {"stage": stage, "layout": layout, "threads": threads, "steps": len(log), "tokens_per_utterance": tokens / utterances,
             "utterances_per_s": rate, "tokens_per_s": tokens / seconds, "step_s_median": statistics.median(h["seconds"] for h in log),
             "epoch_minutes": n_train / rate / 60}
 
@@ -150,14 +151,24 @@ def main() -> None:
         return
     n_train = store.count("utterances", "split = 'train' AND label IS NOT NULL")
     report: dict = {"train_utterances_total": n_train, "speed": []}
+    from bemerc.train.tune.loop import SOFT_MODALITIES
+
+    soft = any(fs.modality in SOFT_MODALITIES for fs in store.feature_sets())
     for layout in [] if args.accuracy_only else layouts:
         for threads in thread_counts:
-            row = speed(store, out, common, layout, threads, args.speed_steps, n_train)
-            report["speed"].append(row)
-            print(f"{layout:9s} {threads} thread(s): {row['tokens_per_utterance']:.0f} train tokens/utterance, "
-                  f"{row['utterances_per_s']:.2f} utterances/s, {row['tokens_per_s']:.0f} tokens/s -> one epoch of "
-                  f"{n_train:,} train utterances in {row['epoch_minutes']:.0f} min", flush=True)
-    by = {(r["layout"], r["threads"]): r for r in report["speed"]}
+            # the project stage (soft tokens alone, dialogue layout) only where the store has a soft modality
+            for stage in ["merc", "project"] if soft and layout == "dialogue" and DEFAULTS.project_epochs else ["merc"]:
+                row = speed(store, out, common, layout, threads, args.speed_steps, n_train, stage)
+                report["speed"].append(row)
+                print(f"{layout:9s} {stage:7s} {threads} thread(s): {row['tokens_per_utterance']:.0f} train tokens/utterance, "
+                      f"{row['utterances_per_s']:.2f} utterances/s, {row['tokens_per_s']:.0f} tokens/s -> one epoch of "
+                      f"{n_train:,} train utterances in {row['epoch_minutes']:.1f} min", flush=True)
+    by = {(r["layout"], r["threads"]): r for r in report["speed"] if r["stage"] == "merc"}
+    for r in report["speed"]:
+        if r["stage"] == "project":
+            merc = by[(r["layout"], r["threads"])]["epoch_minutes"]
+            print(f"{r['layout']} {r['threads']} thread(s): the project stage adds {r['epoch_minutes'] / merc:.0%} to a merc "
+                  f"epoch ({r['epoch_minutes']:.1f} + {merc:.1f} min)")
     if ("utterance", thread_counts[0]) in by and ("dialogue", thread_counts[0]) in by:
         for t in thread_counts:
             ratio = by[("dialogue", t)]["utterances_per_s"] / by[("utterance", t)]["utterances_per_s"]

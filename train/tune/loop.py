@@ -89,7 +89,7 @@ class TuneConfig:
     micro_batch_tokens: int = MICRO_BATCH_TOKENS  # padded tokens per forward pass; a step's batch is cut to fit (memory)
     lr: float = 1e-3
     align_lr: float = 1e-3
-    projector_lr: float | None = None  # learning rate of the projectors (None: --lr)
+    projector_lr: float | None = None  # learning rate of the projectors in every stage (None: the stage's own)
     warmup: float = 0.05  # share of the steps with a linear warm-up, then cosine decay to 10%
     weight_decay: float = 0.0
     balance: float = 0.5  # class-balanced loss: example weight (class share * n_classes) ** -balance
