@@ -39,9 +39,15 @@ import bemerc  # noqa: F401  (OpenMP wait policy before torch)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from bemerc.store import Store  # noqa: E402
-from bemerc.train.tune.loop import TuneConfig, tune  # noqa: E402
+from bemerc.train.tune.loop import SOFT_MODALITIES, TuneConfig, tune  # noqa: E402
 
 DEFAULTS = TuneConfig(model="")  # the tune defaults, so the bench measures what `bemerc tune` runs
+
+
+def stored_soft(store: Store) -> list[str]:
+    """The soft modalities (in tune's order) that ``store`` has a feature set of."""
+    stored = {fs.modality for fs in store.feature_sets()}
+    return [m for m in SOFT_MODALITIES if m in stored]
 
 
 def speed(store: Store, out: Path, common: dict, layout: str, threads: int, steps: int, n_train: int, stage: str = "merc") -> dict:
@@ -91,10 +97,9 @@ def linear_probe(store: Store, modality: str, dataset: str | None, train_limit: 
 def probe(store: Store, out: Path, common: dict, args) -> dict:
     """The probe table: per soft modality, the tuned LLM (that modality's soft tokens and the words),
     a linear probe on the same vectors and the majority class; and the LLM on the words alone."""
-    from bemerc.train.tune.loop import SOFT_MODALITIES, load_data
+    from bemerc.train.tune.loop import load_data
 
-    stored = {fs.modality for fs in store.feature_sets()}
-    modalities = args.modalities.split(",") if args.modalities else [m for m in SOFT_MODALITIES if m in stored]
+    modalities = args.modalities.split(",") if args.modalities else stored_soft(store)
     dataset = load_data(store, TuneConfig(model=args.model, zero_shot=True)).dataset
     settings = dict(common, layout=args.layouts.split(",")[-1], epochs=args.epochs, train_limit=args.train_limit,
                     eval_limit=args.eval_limit, threads=int(args.threads.split(",")[-1]), project_epochs=args.project_epochs)
@@ -151,9 +156,7 @@ def main() -> None:
         return
     n_train = store.count("utterances", "split = 'train' AND label IS NOT NULL")
     report: dict = {"train_utterances_total": n_train, "speed": []}
-    from bemerc.train.tune.loop import SOFT_MODALITIES
-
-    soft = any(fs.modality in SOFT_MODALITIES for fs in store.feature_sets())
+    soft = bool(stored_soft(store))
     for layout in [] if args.accuracy_only else layouts:
         for threads in thread_counts:
             # the project stage (soft tokens alone, dialogue layout) only where the store has a soft modality
