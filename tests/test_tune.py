@@ -233,6 +233,10 @@ def test_bad_requests_fail_with_one_line(tiny_llm, store, tmp_path):
         tune(store, _config(tiny_llm, tmp_path / "y", stage="align", modalities=["audio"]))
     with pytest.raises(TuneError, match="project stage: no soft modality"):
         tune(store, _config(tiny_llm, tmp_path / "w", stage="project", modalities=[]))
+    with pytest.raises(TuneError, match="project_epochs must be 0 or more, found -1"):
+        tune(store, _config(tiny_llm, tmp_path / "v", project_epochs=-1))
+    with pytest.raises(TuneError, match="batch_size must be positive, found 0"):
+        tune(store, _config(tiny_llm, tmp_path / "u", batch_size=0))
     with pytest.raises(TuneError, match="no checkpoint"):
         tune(store, _config(tiny_llm, tmp_path / "z"), resume=True)
 

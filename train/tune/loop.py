@@ -119,11 +119,11 @@ class TuneConfig:
             self.max_len = DEFAULT_MAX_LEN[self.layout]
         if self.merc_prompt is None:
             self.merc_prompt = "dialogue" if self.layout == "dialogue" else "merc"
-        for name in ("demos", "overlap", "context"):
+        for name in ("demos", "overlap", "context", "epochs", "align_epochs", "project_epochs"):
             if getattr(self, name) < 0:
                 raise TuneError(f"{name} must be 0 or more, found {getattr(self, name)}")
-        for name in ("epochs", "align_epochs", "project_epochs", "batch_size", "lora_r", "checkpoint_every", "micro_batch_tokens"):
-            if getattr(self, name) < (0 if "epochs" in name else 1):
+        for name in ("batch_size", "lora_r", "checkpoint_every", "micro_batch_tokens"):
+            if getattr(self, name) < 1:
                 raise TuneError(f"{name} must be positive, found {getattr(self, name)}")
 
 
