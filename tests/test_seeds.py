@@ -56,6 +56,25 @@ def test_a_two_seed_baseline_records_two_runs_and_a_group(groups):
     assert np.allclose(mean, np.mean([p for _, p in seeds], axis=0), atol=1e-6)
 
 
+def test_the_group_table_shows_the_score_of_the_seeds_mean_probabilities(groups, capsys, monkeypatch):
+    from bemerc.cli.common import console
+    from bemerc.cli.train_cmds import print_group
+    from bemerc.train.metrics import classification_metrics
+
+    store, _, a, _ = groups
+    uids, mean = _predictions(store, a["group_id"])
+    rows = store.read("predictions", ["uid", "gold", "split"], where=f"run_id = '{a['group_id']}'").sort("uid")
+    classes = {r["run_id"]: r for r in list_runs(store)}[a["group_id"]]["classes"]
+    dev = np.array(rows["split"].to_list()) == "dev"
+    gold = np.array([classes.index(g) for g in rows["gold"].to_list()])
+    expected = classification_metrics(gold[dev], mean[dev].argmax(1), classes)["weighted_f1"]
+    monkeypatch.setattr(console, "width", 200)  # one line per row
+    print_group(a, as_json=False)
+    out = capsys.readouterr().out
+    row = next((line for line in out.splitlines() if "seed mean" in line), None)
+    assert row is not None and f"{expected:.4f}" in row, out
+
+
 def test_compare_shows_a_group_as_one_row_with_numpys_mean_and_std(groups):
     from bemerc.cli import app
 

@@ -89,7 +89,8 @@ def baseline(
 
 
 def print_group(group: dict, as_json: bool) -> None:
-    """What `baseline --seeds` and `tune --seeds` print: each seed's scores, then mean +- std."""
+    """What `baseline --seeds` and `tune --seeds` print: each seed's scores, mean +- std, and the
+    scores of the seeds' mean probabilities (the group's predictions)."""
     from bemerc.train.runs import GROUP_METRICS
 
     if as_json:
@@ -107,6 +108,8 @@ def print_group(group: dict, as_json: bool) -> None:
         table.add_row(str(seed), run_id, *(f"{m[s]['per_seed'][str(seed)][k]:.4f}" if str(seed) in m[s]["per_seed"] else "-"
                                            for s in splits for k in GROUP_METRICS))
     table.add_row("mean ± std", "", *(f"{m[s][k]:.4f} ± {m[s]['std'][k]:.4f}" for s in splits for k in GROUP_METRICS))
+    if all("seed_mean_probabilities" in m[s] for s in splits):  # the group's own predictions: an ensemble of the seeds
+        table.add_row("seed mean", "(mean probabilities)", *(f"{m[s]['seed_mean_probabilities'][k]:.4f}" for s in splits for k in GROUP_METRICS))
     console.print(table)
     for seed, reason in group["failed"].items():
         console.print(f"[yellow]seed {seed} failed: {reason}[/]", highlight=False)
