@@ -54,3 +54,8 @@ def open_store(path: str | Path) -> Store:
         return Store(path, create=False)
     except StoreError as e:
         fail(str(e))
+
+# --seeds of `baseline` and `tune`
+SEEDS_HELP = ("Comma-separated seeds (e.g. 0,1,2): one run per seed plus a run of kind `group` that ties them; "
+              "prints each seed, mean +- std and the seed mean (the scores of the seeds' mean probabilities, the "
+              "group's predictions); with --run-dir the seeds go to RUN_DIR/seed-N.")

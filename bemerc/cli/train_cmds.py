@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from bemerc.cli.common import DEFAULT_STORE, JsonOption, StoreOption, console, fail
+from bemerc.cli.common import DEFAULT_STORE, SEEDS_HELP, JsonOption, StoreOption, console, fail
 
 
 def baseline(
@@ -19,7 +19,7 @@ def baseline(
     context: Annotated[int | None, typer.Option("--context", min=0, show_default=False, help="Previous utterances of the dialogue averaged as context (0: none; default: BaselineConfig.context).")] = None,
     dataset: Annotated[str | None, typer.Option("--dataset", help="Dataset to train on when the store holds several.")] = None,
     seed: Annotated[int | None, typer.Option("--seed", show_default=False, help="Seed of XGBoost's row and column subsampling (default: BaselineConfig.seed, 0).")] = None,
-    seeds: Annotated[str | None, typer.Option("--seeds", show_default=False, help="Comma-separated seeds (e.g. 0,1,2): one run per seed plus a run of kind `group` that ties them (mean +- std in `bemerc compare`); with --run-dir the seeds go to RUN_DIR/seed-N.")] = None,
+    seeds: Annotated[str | None, typer.Option("--seeds", show_default=False, help=SEEDS_HELP)] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Train the XGBoost late-fusion baseline on the store.

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from bemerc.cli.common import DEFAULT_STORE, JsonOption, StoreOption, console, err_console, fail, open_store
+from bemerc.cli.common import DEFAULT_STORE, SEEDS_HELP, JsonOption, StoreOption, console, err_console, fail, open_store
 
 
 class Stage(str, Enum):
@@ -69,7 +69,7 @@ def register(app: typer.Typer) -> None:
         normalize_scores: Annotated[bool | None, typer.Option("--normalize-scores", help="utterance layout: score a label by its mean token log-probability instead of the sum.")] = None,
         zero_shot: Annotated[bool, typer.Option(help="No training: evaluate the base model by label scoring (no LoRA, no soft tokens).")] = False,
         seed: Annotated[int | None, typer.Option(help="Seed of initialisation, data order and dropout. [default: 0]")] = None,
-        seeds: Annotated[str | None, typer.Option(show_default=False, help="Comma-separated seeds (e.g. 0,1,2): one run per seed plus a run of kind `group` that ties them (mean +- std in `bemerc compare`); with --run-dir the seeds go to RUN_DIR/seed-N.")] = None,
+        seeds: Annotated[str | None, typer.Option(show_default=False, help=SEEDS_HELP)] = None,
         threads: Annotated[int | None, typer.Option(help="Torch CPU threads. [default: 2]")] = None,
         checkpoint_every: Annotated[int | None, typer.Option(help="Write RUN_DIR/checkpoint.pt every N optimiser steps. [default: 50]")] = None,
         stop_after: Annotated[int | None, typer.Option(help="Stop after N optimiser steps with a checkpoint (continue with --resume).")] = None,
