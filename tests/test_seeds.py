@@ -62,11 +62,11 @@ def test_the_group_table_shows_the_score_of_the_seeds_mean_probabilities(groups,
     from bemerc.train.metrics import classification_metrics
 
     store, _, a, _ = groups
-    uids, mean = _predictions(store, a["group_id"])
-    rows = store.read("predictions", ["uid", "gold", "split"], where=f"run_id = '{a['group_id']}'").sort("uid")
+    rows = store.read("predictions", ["gold", "split", "probabilities"], where=f"run_id = '{a['group_id']}'")
     classes = {r["run_id"]: r for r in list_runs(store)}[a["group_id"]]["classes"]
     dev = np.array(rows["split"].to_list()) == "dev"
     gold = np.array([classes.index(g) for g in rows["gold"].to_list()])
+    mean = np.array(rows["probabilities"].to_list())  # the group's predictions: the seeds' mean probabilities
     expected = classification_metrics(gold[dev], mean[dev].argmax(1), classes)["weighted_f1"]
     monkeypatch.setattr(console, "width", 200)  # one line per row
     print_group(a, as_json=False)

@@ -28,6 +28,11 @@ DEFAULT_STORE = "store"
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of a table.")]
 
+# the help of --seeds (`baseline` and `tune`)
+SEEDS_HELP = ("Comma-separated seeds (e.g. 0,1,2): one run per seed plus a run of kind `group` that ties them; "
+              "prints each seed, mean +- std and the seed mean (the scores of the seeds' mean probabilities, the "
+              "group's predictions); with --run-dir the seeds go to RUN_DIR/seed-N.")
+
 # Every command that takes a profile takes it this way; None (not given) means the default of
 # `load_profile`, the one place that names it (`offline`).
 ProfileOption = Annotated[
@@ -54,8 +59,3 @@ def open_store(path: str | Path) -> Store:
         return Store(path, create=False)
     except StoreError as e:
         fail(str(e))
-
-# --seeds of `baseline` and `tune`
-SEEDS_HELP = ("Comma-separated seeds (e.g. 0,1,2): one run per seed plus a run of kind `group` that ties them; "
-              "prints each seed, mean +- std and the seed mean (the scores of the seeds' mean probabilities, the "
-              "group's predictions); with --run-dir the seeds go to RUN_DIR/seed-N.")
