@@ -13,7 +13,8 @@ majority class. Everything goes to ``OUT/bench.json``.
 Probe (``--probe``): the check that the soft-token path works, on any corpus. For each soft modality
 the store holds (or ``--modalities``), the tuned LLM with that modality's soft tokens alone beside a
 linear probe (the baseline's standardised, class-weighted logistic regression) on the same stored
-vectors and the majority class, all on dev, in one run; plus the LLM with no soft tokens (the words
+vectors, as the LLM reads them (voice and face vectors normalised per speaker unless
+``--no-speaker-norm``), and the majority class, all on dev, in one run; plus the LLM with no soft tokens (the words
 alone), so "what the soft tokens add" is the difference of two rows. Tune settings are the defaults
 unless given (``--epochs``, ``--lr``, ...). Prints a table and writes ``OUT/probe.json``.
 
@@ -32,6 +33,7 @@ import json
 import os
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import bemerc  # noqa: F401  (OpenMP wait policy before torch)
@@ -63,34 +65,25 @@ def speed(store: Store, out: Path, common: dict, layout: str, threads: int, step
             "epoch_minutes": n_train / rate / 60}
 
 
-def linear_probe(store: Store, modality: str, dataset: str | None, train_limit: int | None = None,
-                 eval_limit: int | None = None) -> dict:
-    """Dev weighted F1 of the baseline's logistic head on one modality's stored vectors alone, and
-    of the majority class, on the rows the tuned LLM saw (the same --train-limit/--eval-limit
-    dialogues; rows without the modality are left out of both)."""
+def linear_probe(store: Store, config: TuneConfig, modality: str) -> dict:
+    """Dev weighted F1 of the baseline's logistic head on one modality's soft-token inputs alone
+    (the stored vectors as the tuned LLM reads them: normalised per speaker when ``config``
+    normalises them), and of the majority class, on the rows the tuned LLM saw (the same --train-limit/
+    --eval-limit dialogues; rows without the modality are left out of both)."""
     import numpy as np
 
-    from bemerc.store.schema import run_classes
     from bemerc.train.baseline import BaselineConfig, LogisticHead
     from bemerc.train.metrics import classification_metrics
-    from bemerc.train.tensors import load_corpus
+    from bemerc.train.tune.loop import load_data
 
-    corpus = load_corpus(store, [modality], dataset=dataset)
-    arrays = corpus.modalities[modality]
-    labels = corpus.utterances["label"].to_list()
-    classes = run_classes(dataset, labels)
-    y = np.array([classes.index(label) if label is not None else -1 for label in labels])
-    from bemerc.train.tune.loop import first_dialogues
-
-    limits = {"train": train_limit, "dev": eval_limit}
-    rows = {split: first_dialogues(np.flatnonzero(corpus.split_mask(split) & (y >= 0)), corpus.dialogue_start, limit)
-            for split, limit in limits.items()}
-    rows = {split: r[arrays.present[r]] for split, r in rows.items()}
-    head = LogisticHead.fit(arrays.vectors[rows["train"]], y[rows["train"]], len(classes), BaselineConfig())
-    dev = rows["dev"]
-    probe = classification_metrics(y[dev], head(arrays.vectors[dev]).argmax(1), classes)
-    majority = np.bincount(y[rows["train"]], minlength=len(classes)).argmax()
-    floor = classification_metrics(y[dev], np.full(len(dev), majority), classes)
+    data = load_data(store, replace(config, modalities=[modality]))
+    values, present = data.features[modality]
+    y = np.array([data.classes.index(label) if label is not None else -1 for label in data.labels])
+    train, dev = data.train_rows[present[data.train_rows]], data.eval_rows["dev"][present[data.eval_rows["dev"]]]
+    head = LogisticHead.fit(values[train], y[train], len(data.classes), BaselineConfig())
+    probe = classification_metrics(y[dev], head(values[dev]).argmax(1), data.classes)
+    majority = np.bincount(y[train], minlength=len(data.classes)).argmax()
+    floor = classification_metrics(y[dev], np.full(len(dev), majority), data.classes)
     return {"probe_weighted_f1": probe["weighted_f1"], "majority_weighted_f1": floor["weighted_f1"], "dev_rows": len(dev)}
 
 
@@ -106,14 +99,14 @@ def probe(store: Store, out: Path, common: dict, args) -> dict:
     rows, start = [], time.perf_counter()
     for modality in [None, *modalities]:
         t0 = time.perf_counter()
-        run = tune(store, TuneConfig(**settings, modalities=[modality] if modality else [],
-                                     run_dir=str(out / f"probe-{modality or 'words'}")))
+        config = TuneConfig(**settings, modalities=[modality] if modality else [], run_dir=str(out / f"probe-{modality or 'words'}"))
+        run = tune(store, config)
         row = {"soft": modality or "none (words only)", "llm_weighted_f1": run["metrics"]["dev"]["weighted_f1"],
                "llm_accuracy": run["metrics"]["dev"]["accuracy"], "minutes": (time.perf_counter() - t0) / 60,
                "epoch_minutes": run["timing"]["train_seconds"] / 60 / max(args.epochs, 1),
                "stage_minutes": {k: v / 60 for k, v in run["timing"].get("stage_seconds", {}).items()},
                "final_loss": run["timing"]["final_loss"], "run_id": run["run_id"]}
-        row.update(linear_probe(store, modality, dataset, args.train_limit, args.eval_limit) if modality else {"majority_weighted_f1": run["majority"]["weighted_f1"]})
+        row.update(linear_probe(store, config, modality) if modality else {"majority_weighted_f1": run["majority"]["weighted_f1"]})
         rows.append(row)
         print(f"{row['soft']:>18s}: LLM {row['llm_weighted_f1']:.3f}  linear probe "
               f"{row.get('probe_weighted_f1', float('nan')):.3f}  majority {row['majority_weighted_f1']:.3f}  "
@@ -144,13 +137,16 @@ def main() -> None:
     parser.add_argument("--demos", type=int, default=DEFAULTS.demos)
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed)
     parser.add_argument("--probe", action="store_true", help="per soft modality: tuned LLM vs linear probe vs majority (see above)")
+    parser.add_argument("--speaker-norm", action=argparse.BooleanOptionalAction, default=DEFAULTS.speaker_norm,
+                        help="normalise voice/face soft inputs per speaker (tune's default); the probe reads the same inputs")
     parser.add_argument("--modalities", default=None, help="--probe: comma-separated soft modalities (default: every stored one)")
     args = parser.parse_args()
 
     store, out = Store(args.store), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     layouts, thread_counts = args.layouts.split(","), [int(t) for t in args.threads.split(",")]
-    common = dict(model=args.model, context=args.context, batch_size=args.batch_size, seed=args.seed, lr=args.lr)
+    common = dict(model=args.model, context=args.context, batch_size=args.batch_size, seed=args.seed, lr=args.lr,
+                  speaker_norm=args.speaker_norm)
     if args.probe:
         probe(store, out, common, args)
         return

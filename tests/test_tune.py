@@ -171,7 +171,7 @@ def test_align_stage_trains_only_the_behaviour_projector(tiny_llm, store, tmp_pa
     llm, _ = load_llm(tiny_llm)
     torch.manual_seed(config.seed)
     initial = build_model(llm, data.soft, LoraSettings(config.lora_r, config.lora_alpha, config.lora_dropout))
-    initial.fit_input_scaling(data.features, data.train_rows)  # as tune does: the projectors' input statistics
+    initial.fit_input_scaling(data.features, data.train_rows, data.speaker_stats)  # as tune does: the projectors' input statistics
     initial = initial.adapter_state()
     trained, _, _ = load_tuned(tmp_path / "align" / "adapter")
     after = trained.adapter_state()
@@ -189,7 +189,7 @@ def test_project_stage_trains_every_projector_on_the_soft_tokens_alone(tiny_llm,
     llm, tokenizer = load_llm(tiny_llm)
     torch.manual_seed(config.seed)
     initial = build_model(llm, data.soft, LoraSettings(config.lora_r, config.lora_alpha, config.lora_dropout))
-    initial.fit_input_scaling(data.features, data.train_rows)
+    initial.fit_input_scaling(data.features, data.train_rows, data.speaker_stats)
     initial = initial.adapter_state()
     trained, prompter, _ = load_tuned(tmp_path / "project" / "adapter")
     after = trained.adapter_state()
@@ -374,6 +374,7 @@ def test_dialogue_layout_trains_scores_dev_and_test_and_logs_progress_off_a_term
     # the saved adapter (tune.json says which layout) reproduces the stored dev probabilities
     tuned = TunedModel.load(run_dir / "adapter")
     assert tuned.info.layout == "dialogue" and [s.modality for s in tuned.info.soft] == ["audio", "behavior"]
+    assert all(s.speaker_norm for s in tuned.info.soft)  # normalised per speaker (saved train mean and std) as in training
     dev = data.eval_rows["dev"]
     stored = dict(zip(predictions["uid"].to_list(), predictions["probabilities"].to_list()))
     again = tuned.predict_proba(data.corpus, dev)

@@ -33,6 +33,13 @@ SEEDS_HELP = ("Comma-separated seeds (e.g. 0,1,2): one run per seed plus a run o
               "prints each seed, mean +- std and the seed mean (the scores of the seeds' mean probabilities, the "
               "group's predictions); with --run-dir the seeds go to RUN_DIR/seed-N.")
 
+# `baseline` and `tune`: whether voice and face vectors are normalised per speaker (the rule: bemerc.train.tensors.normalise_speakers)
+SpeakerNormOption = Annotated[bool | None, typer.Option(
+    "--speaker-norm/--no-speaker-norm", show_default=False,
+    help="Standardise each speaker's audio, behaviour and visual vectors on the speaker's own mean and spread, "
+         "scaled back to the train rows', before the model reads them (a speaker heard once is barely moved), "
+         "the same at /predict (default: on). Off: the stored vectors as they are.")]
+
 # Every command that takes a profile takes it this way; None (not given) means the default of
 # `load_profile`, the one place that names it (`offline`).
 ProfileOption = Annotated[

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from bemerc.cli.common import DEFAULT_STORE, SEEDS_HELP, JsonOption, StoreOption, console, fail
+from bemerc.cli.common import DEFAULT_STORE, SEEDS_HELP, JsonOption, SpeakerNormOption, StoreOption, console, fail
 
 
 def baseline(
@@ -20,6 +20,7 @@ def baseline(
     dataset: Annotated[str | None, typer.Option("--dataset", help="Dataset to train on when the store holds several.")] = None,
     seed: Annotated[int | None, typer.Option("--seed", show_default=False, help="Seed of XGBoost's row and column subsampling (default: BaselineConfig.seed, 0).")] = None,
     seeds: Annotated[str | None, typer.Option("--seeds", show_default=False, help=SEEDS_HELP)] = None,
+    speaker_norm: SpeakerNormOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Train the XGBoost late-fusion baseline on the store.
@@ -38,7 +39,8 @@ def baseline(
     from bemerc.train.baseline import BaselineConfig, train_baseline
     from bemerc.train.runs import parse_seeds, train_group
 
-    given = {name: value for name, value in {"context": context, "seed": seed}.items() if value is not None}  # defaults: BaselineConfig
+    given = {name: value for name, value in {"context": context, "seed": seed, "speaker_norm": speaker_norm}.items()
+             if value is not None}  # defaults: BaselineConfig
     log = (lambda message: None) if as_json else (lambda message: console.print(f"  {message}", highlight=False))
     if seeds is not None:
         if seed is not None:

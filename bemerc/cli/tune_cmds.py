@@ -10,7 +10,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from bemerc.cli.common import DEFAULT_STORE, SEEDS_HELP, JsonOption, StoreOption, console, err_console, fail, open_store
+from bemerc.cli.common import (DEFAULT_STORE, SEEDS_HELP, JsonOption, SpeakerNormOption, StoreOption, console, err_console, fail,
+                               open_store)
 
 
 class Stage(str, Enum):
@@ -66,6 +67,7 @@ def register(app: typer.Typer) -> None:
         balance: Annotated[float | None, typer.Option(help="Class-balanced loss: weight examples by (class share) ** -BALANCE (0 = off, 0.5 = inverse square root, 1 = inverse frequency). [default: 0.5]")] = None,
         lora_r: Annotated[int | None, typer.Option(help="LoRA rank (alpha = 2 * rank). [default: 8]")] = None,
         lora_layers: Annotated[int | None, typer.Option(help="LoRA on the top N decoder blocks only (faster, but learns much less). Default: all.")] = None,
+        speaker_norm: SpeakerNormOption = None,
         normalize_scores: Annotated[bool | None, typer.Option("--normalize-scores", help="utterance layout: score a label by its mean token log-probability instead of the sum.")] = None,
         zero_shot: Annotated[bool, typer.Option(help="No training: evaluate the base model by label scoring (no LoRA, no soft tokens).")] = False,
         seed: Annotated[int | None, typer.Option(help="Seed of initialisation, data order and dropout. [default: 0]")] = None,
@@ -102,7 +104,7 @@ def register(app: typer.Typer) -> None:
             "layout": layout.value if layout else None, "context": context, "overlap": overlap, "demos": demos,
             "max_len": max_len, "epochs": epochs, "align_epochs": align_epochs, "project_epochs": project_epochs, "lr": lr, "align_lr": align_lr, "projector_lr": projector_lr,
             "batch_size": batch_size, "micro_batch_tokens": micro_batch_tokens, "balance": balance, "lora_r": lora_r, "lora_alpha": 2 * lora_r if lora_r else None,
-            "normalize_scores": normalize_scores, "seed": seed, "threads": threads, "checkpoint_every": checkpoint_every,
+            "normalize_scores": normalize_scores, "speaker_norm": speaker_norm, "seed": seed, "threads": threads, "checkpoint_every": checkpoint_every,
         }
         try:
             config = TuneConfig(

@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from bemerc.train.tensors import Corpus
+from bemerc.train.tensors import Corpus, normalise_speakers, speaker_groups
 from bemerc.train.tune.model import (MICRO_BATCH_TOKENS, MercModel, SoftInput, TuneInfo, collate, collate_windows, load_tuned,
                                      micro_batches)
 from bemerc.train.tune.prompt import DialogueTurn, Encoded, Prompter, Turn, Window
@@ -60,24 +60,38 @@ class Inputs:
         return [list(range(start, last + 1)) for start, last in sorted(groups.items())]
 
 
-def corpus_inputs(corpus: Corpus, soft: list[SoftInput]) -> Inputs:
+def soft_values(corpus: Corpus, s: SoftInput) -> tuple[np.ndarray, np.ndarray]:
+    """(N, K*D) stored features of one soft input, as stored, and the (N,) present mask (all False
+    when the corpus lacks the modality)."""
+    n = corpus.utterances.height
+    arrays = corpus.modalities.get(s.modality)
+    values = np.zeros((n, s.n_tokens * s.dim), dtype=np.float32)
+    if arrays is None:
+        return values, np.zeros(n, dtype=bool)
+    if s.column == "vector":
+        return arrays.vectors, arrays.present
+    for i, v in enumerate(arrays.extras[s.column]):  # e.g. behaviour tokens: (N, K * D), zeros where absent
+        if v is not None:
+            values[i] = v
+    return values, arrays.present
+
+
+def corpus_inputs(corpus: Corpus, soft: list[SoftInput],
+                  speaker_stats: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> Inputs:
     """:class:`Inputs` of a corpus for a model projecting ``soft`` (a modality the corpus lacks is
-    absent for every utterance: the model's learned "missing" tokens stand in)."""
+    absent for every utterance: the model's learned "missing" tokens stand in). A speaker-normalised
+    soft input has each speaker's features normalised to its ``speaker_stats`` entry (the train mean
+    and std, :func:`~bemerc.train.tensors.normalise_speakers`)."""
     u = corpus.utterances
     n = u.height
     features = {}
+    groups = speaker_groups(u) if any(s.speaker_norm for s in soft) else None
     for s in soft:
-        arrays = corpus.modalities.get(s.modality)
-        values = np.zeros((n, s.n_tokens * s.dim), dtype=np.float32)
-        present = np.zeros(n, dtype=bool)
-        if arrays is not None:
-            present = arrays.present
-            if s.column == "vector":
-                values = arrays.vectors
-            else:  # e.g. behaviour tokens: (N, K * D), zeros where absent
-                for i, v in enumerate(arrays.extras[s.column]):
-                    if v is not None:
-                        values[i] = v
+        values, present = soft_values(corpus, s)
+        if s.speaker_norm:
+            if not speaker_stats or s.modality not in speaker_stats:
+                raise ValueError(f"{s.modality} soft tokens are normalised per speaker: give the train mean and std they are normalised to")
+            values = normalise_speakers(values, present, groups, *speaker_stats[s.modality])
         features[s.modality] = (values, present)
     behavior = corpus.modalities.get("behavior")
     descriptions = (behavior.extras.get("description") if behavior else None) or [None] * n
@@ -185,7 +199,7 @@ class TunedModel:
     def predict_proba(self, corpus: Corpus | Inputs, rows=None, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
         """(len(rows), C) label probabilities (all rows of ``corpus`` by default), in ``classes``
         order; ``progress(n_done, n_tokens)`` is called after every batch."""
-        inputs = corpus if isinstance(corpus, Inputs) else corpus_inputs(corpus, self.info.soft)
+        inputs = corpus if isinstance(corpus, Inputs) else corpus_inputs(corpus, self.info.soft, self.model.speaker_stats())
         rows = np.arange(len(inputs.texts)) if rows is None else np.asarray(rows)
         self.model.eval()
         scored: dict[int, np.ndarray] = {}

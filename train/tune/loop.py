@@ -49,8 +49,8 @@ from bemerc.store.schema import run_classes
 from bemerc.train.metrics import classification_metrics
 from bemerc.store.runs import default_run_dir
 from bemerc.train.runs import new_run_id, save_run
-from bemerc.train.tensors import Corpus, load_corpus
-from bemerc.train.tune.infer import DemoRetriever, Inputs, TunedModel, corpus_inputs, dialogue_windows, merc_examples
+from bemerc.train.tensors import SPEAKER_NORMALISED, Corpus, load_corpus
+from bemerc.train.tune.infer import DemoRetriever, Inputs, TunedModel, corpus_inputs, dialogue_windows, merc_examples, soft_values
 from bemerc.train.tune.model import (IGNORE, MICRO_BATCH_TOKENS, Batch, LoraSettings, MercModel, SoftInput, TuneInfo, build_model,
                                      collate, collate_windows, load_llm, micro_batches, save_adapter)
 from bemerc.train.tune.prompt import Prompter
@@ -100,6 +100,7 @@ class TuneConfig:
     align_lora: bool = False
     max_len: int | None = None  # tokens of a prompt (512; context dropped beyond it) or a window (1024)
     normalize_scores: bool = False  # label score = mean instead of sum of token log-probs
+    speaker_norm: bool = True  # normalise audio/behaviour/visual soft inputs per speaker (bemerc.train.tensors.normalise_speakers)
     zero_shot: bool = False  # no training: score labels with the base model (no LoRA, no soft tokens)
     seed: int = 0
     threads: int = 2  # torch CPU threads
@@ -141,6 +142,7 @@ class Data:
     inputs: Inputs
     train_rows: np.ndarray
     eval_rows: dict[str, np.ndarray]  # split -> rows, dev first
+    speaker_stats: dict[str, tuple[np.ndarray, np.ndarray]]  # speaker-normalised modality -> (K*D,) train mean and std
 
     @property
     def features(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -166,14 +168,16 @@ def first_dialogues(rows: np.ndarray, dialogue_start: np.ndarray, limit: int | N
     return rows[:cut]
 
 
-def _soft_input(store: Store, fs, modality: str) -> SoftInput:
+def _soft_input(store: Store, fs, modality: str, speaker_norm: bool) -> SoftInput:
     """Behaviour with ``tokens`` (K from the feature set's ``tokens_k``) gives K soft tokens; any
-    other feature set its ``vector`` as one."""
+    other feature set its ``vector`` as one. Voice, face and frame features are normalised per
+    speaker when ``speaker_norm``."""
     schema = store.table(fs.table_name).schema
     k = fs.config.get("tokens_k")
+    normalised = speaker_norm and modality in SPEAKER_NORMALISED
     if modality == "behavior" and "tokens" in schema.names and k:
-        return SoftInput(modality, "tokens", int(k), schema.field("tokens").type.list_size // int(k), fs.id)
-    return SoftInput(modality, "vector", 1, fs.dim, fs.id)
+        return SoftInput(modality, "tokens", int(k), schema.field("tokens").type.list_size // int(k), fs.id, normalised)
+    return SoftInput(modality, "vector", 1, fs.dim, fs.id, normalised)
 
 
 def load_data(store: Store, config: TuneConfig) -> Data:
@@ -199,7 +203,7 @@ def load_data(store: Store, config: TuneConfig) -> Data:
                         f"(stored: {', '.join(sorted(stored)) or 'none'}); run `bemerc extract` or change --modalities")
     if config.demos and "text" not in stored:
         raise TuneError(f"{store.path}: --demos needs a text feature set to retrieve by; run `bemerc extract --modality text`")
-    soft = [_soft_input(store, stored[m], m) for m in modalities]
+    soft = [_soft_input(store, stored[m], m, config.speaker_norm) for m in modalities]
     behavior = stored.get("behavior")
     has_description = behavior is not None and "description" in store.table(behavior.table_name).schema.names
     refs = sorted({s.feature_set for s in soft} | ({behavior.id} if has_description else set())
@@ -223,8 +227,15 @@ def load_data(store: Store, config: TuneConfig) -> Data:
     if len(train) == 0 and not config.zero_shot:
         raise TuneError(f"{store.path}: dataset {dataset!r} has no labelled train utterances")
     labels = u["label"].to_list()
-    return Data(corpus, dataset, run_classes(dataset, labels), labels, soft, corpus_inputs(corpus, soft),
-                first_dialogues(train, corpus.dialogue_start, config.train_limit), evaluation)
+    train = first_dialogues(train, corpus.dialogue_start, config.train_limit)
+    stats = {}
+    for s in soft:
+        if s.speaker_norm:  # the train rows' mean and std, that every speaker is normalised to
+            values, present = soft_values(corpus, s)
+            fit = values[train[present[train]]] if present[train].any() else np.zeros((1, values.shape[1]), np.float32)
+            stats[s.modality] = (fit.mean(axis=0), fit.std(axis=0))
+    return Data(corpus, dataset, run_classes(dataset, labels), labels, soft, corpus_inputs(corpus, soft, stats),
+                train, evaluation, stats)
 
 
 def make_prompter(tokenizer, data: Data, config: TuneConfig) -> Prompter:
@@ -565,7 +576,7 @@ def tune(store: Store, config: TuneConfig, resume: bool = False) -> dict:
     llm, tokenizer = load_llm(config.model)
     lora = None if config.zero_shot else LoraSettings(config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_layers)
     model = build_model(llm, data.soft, lora)
-    model.fit_input_scaling(data.features, data.train_rows)
+    model.fit_input_scaling(data.features, data.train_rows, data.speaker_stats)
     if config.gradient_checkpointing if config.gradient_checkpointing is not None else cuda:
         model.causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(accelerator.device)

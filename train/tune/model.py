@@ -41,6 +41,7 @@ class SoftInput:
     n_tokens: int  # K
     dim: int  # D, the width of one token's features
     feature_set: str
+    speaker_norm: bool = False  # features normalised per speaker to the train mean and std (bemerc.train.tensors.normalise_speakers)
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,9 @@ class Projector(nn.Module):
         self.k, self.d = spec.n_tokens, spec.dim
         self.register_buffer("shift", torch.zeros(spec.n_tokens * spec.dim))
         self.register_buffer("scale", torch.ones(spec.n_tokens * spec.dim))
+        if spec.speaker_norm:  # the train mean and std each speaker's features are normalised to (before shift and scale)
+            self.register_buffer("speaker_mean", torch.zeros(spec.n_tokens * spec.dim))
+            self.register_buffer("speaker_std", torch.ones(spec.n_tokens * spec.dim))
         self.norm = nn.LayerNorm(spec.dim)
         self.mlp = nn.Sequential(nn.Linear(spec.dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
         # Start at the scale of the LLM's word embeddings so the first steps do not swamp the prompt.
@@ -254,12 +258,23 @@ class MercModel(nn.Module):
         std = float(embeddings.detach().float().std())
         self.projectors = nn.ModuleDict({s.modality: Projector(s, embeddings.shape[1], std) for s in soft})
 
-    def fit_input_scaling(self, features: dict[str, tuple[np.ndarray, np.ndarray]], rows: np.ndarray) -> None:
+    def fit_input_scaling(self, features: dict[str, tuple[np.ndarray, np.ndarray]], rows: np.ndarray,
+                          speaker_stats: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> None:
         """Standardise each projector's inputs with the statistics of ``rows`` (the training rows)
-        that have the modality (see :meth:`Projector.fit_scaling`)."""
+        that have the modality (see :meth:`Projector.fit_scaling`), and keep the train mean and std
+        the speaker-normalised modalities were normalised to (``speaker_stats``)."""
         for modality, projector in self.projectors.items():
             values, present = features[modality]
             projector.fit_scaling(values[rows[present[rows]]])
+            if self.soft[modality].speaker_norm:
+                mean, std = speaker_stats[modality]
+                projector.speaker_mean.copy_(torch.from_numpy(np.asarray(mean, dtype=np.float32)))
+                projector.speaker_std.copy_(torch.from_numpy(np.asarray(std, dtype=np.float32)))
+
+    def speaker_stats(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """modality -> the (K*D,) train mean and std its speakers are normalised to (speaker-normalised modalities)."""
+        return {m: (p.speaker_mean.detach().cpu().float().numpy(), p.speaker_std.detach().cpu().float().numpy())
+                for m, p in self.projectors.items() if self.soft[m].speaker_norm}
 
     @property
     def causal_lm(self) -> nn.Module:
