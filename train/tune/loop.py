@@ -560,6 +560,7 @@ def tune(store: Store, config: TuneConfig, resume: bool = False) -> dict:
         checkpoint = load_checkpoint(Path(config.run_dir) / "checkpoint.pt")
         # the run's settings, but the folder given now: a run folder moved since it stopped goes on where it is
         saved = {k: v for k, v in checkpoint["config"].items() if k not in ("stop_after", "progress", "run_dir")}
+        saved.setdefault("speaker_norm", False)  # a run checkpointed before speaker normalisation read the vectors as stored
         config = replace(config, **saved)
     else:
         checkpoint = None
