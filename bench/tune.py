@@ -41,7 +41,7 @@ import bemerc  # noqa: F401  (OpenMP wait policy before torch)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from bemerc.store import Store  # noqa: E402
-from bemerc.train.tune.loop import SOFT_MODALITIES, TuneConfig, tune  # noqa: E402
+from bemerc.train.tune.loop import SOFT_MODALITIES, TuneConfig, project_modalities, tune  # noqa: E402
 
 DEFAULTS = TuneConfig(model="")  # the tune defaults, so the bench measures what `bemerc tune` runs
 
@@ -152,10 +152,10 @@ def main() -> None:
         return
     n_train = store.count("utterances", "split = 'train' AND label IS NOT NULL")
     report: dict = {"train_utterances_total": n_train, "speed": []}
-    soft = bool(stored_soft(store))
+    soft = bool(project_modalities(stored_soft(store)))
     for layout in [] if args.accuracy_only else layouts:
         for threads in thread_counts:
-            # the project stage (soft tokens alone, dialogue layout) only where the store has a soft modality
+            # the project stage (soft tokens alone, dialogue layout) only where the store has a voice or behaviour modality
             for stage in ["merc", "project"] if soft and layout == "dialogue" and DEFAULTS.project_epochs else ["merc"]:
                 row = speed(store, out, common, layout, threads, args.speed_steps, n_train, stage)
                 report["speed"].append(row)

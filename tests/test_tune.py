@@ -164,15 +164,20 @@ def test_all_stages_train_evaluate_and_record_the_run(tiny_llm, store, tmp_path)
     assert lora and any(v.abs().sum() > 0 for v in lora.values())
 
 
-def test_align_stage_trains_only_the_behaviour_projector(tiny_llm, store, tmp_path):
-    config = _config(tiny_llm, tmp_path / "align", stage="align", align_epochs=2)
-    tune(store, config)
+def _untrained(tiny_llm: Path, store: Store, config: TuneConfig):
+    """(data, tokenizer, adapter state before training) as ``tune`` builds them for ``config``."""
     data = load_data(store, config)
-    llm, _ = load_llm(tiny_llm)
+    llm, tokenizer = load_llm(tiny_llm)
     torch.manual_seed(config.seed)
     initial = build_model(llm, data.soft, LoraSettings(config.lora_r, config.lora_alpha, config.lora_dropout))
     initial.fit_input_scaling(data.features, data.train_rows, data.speaker_stats)  # as tune does: the projectors' input statistics
-    initial = initial.adapter_state()
+    return data, tokenizer, initial.adapter_state()
+
+
+def test_align_stage_trains_only_the_behaviour_projector(tiny_llm, store, tmp_path):
+    config = _config(tiny_llm, tmp_path / "align", stage="align", align_epochs=2)
+    tune(store, config)
+    data, _, initial = _untrained(tiny_llm, store, config)
     trained, _, _ = load_tuned(tmp_path / "align" / "adapter")
     after = trained.adapter_state()
     changed = {k for k in initial if not torch.equal(initial[k], after[k])}
@@ -185,12 +190,7 @@ def test_project_stage_trains_every_projector_on_the_soft_tokens_alone(tiny_llm,
     that hold every train turn's speaker and soft tokens but none of its words or description."""
     config = _config(tiny_llm, tmp_path / "project", stage="project", layout="dialogue", project_epochs=2)
     tune(store, config)
-    data = load_data(store, config)
-    llm, tokenizer = load_llm(tiny_llm)
-    torch.manual_seed(config.seed)
-    initial = build_model(llm, data.soft, LoraSettings(config.lora_r, config.lora_alpha, config.lora_dropout))
-    initial.fit_input_scaling(data.features, data.train_rows, data.speaker_stats)
-    initial = initial.adapter_state()
+    data, tokenizer, initial = _untrained(tiny_llm, store, config)
     trained, prompter, _ = load_tuned(tmp_path / "project" / "adapter")
     after = trained.adapter_state()
     changed = {k for k in initial if not torch.equal(initial[k], after[k])}
@@ -209,6 +209,38 @@ def test_project_stage_trains_every_projector_on_the_soft_tokens_alone(tiny_llm,
     assert not any("behaviour:" in text for text in shown) and all(" ->" in text for text in shown)
     merc = stage_examples("merc", prompter, data, config)
     assert any(w in tokenizer.decode(merc.batch([0]).input_ids[0]) for w in words)  # the merc stage reads them
+
+
+def test_project_stage_leaves_the_text_embedding_to_the_merc_stage(tiny_llm, store, tmp_path):
+    """The text soft token embeds the words the LLM reads: the project stage trains the voice's
+    projector alone and shows no text tokens; with text the only soft modality it is skipped."""
+    import shutil
+
+    copy = Store(shutil.copytree(store.path, tmp_path / "store"))
+    text = copy.register_feature_set("text", "text-stand-in", "x0001", {}, [pa.field("vector", pa.list_(pa.float32(), 6))])
+    utterances = copy.read("utterances")
+    copy.write_features(text, pa.table({"uid": utterances["uid"].to_list(),
+                                        "vector": [_text_measures(t).mean(0).tolist() for t in utterances["text"].to_list()]},
+                                       schema=copy.table(text.table_name).schema))
+    config = _config(tiny_llm, tmp_path / "project", stage="project", layout="dialogue", modalities=["text", "audio"])
+    tune(copy, config)
+    data, tokenizer, initial = _untrained(tiny_llm, copy, config)
+    after = load_tuned(tmp_path / "project" / "adapter")[0].adapter_state()
+    assert {k.split(".")[1] for k in initial if not torch.equal(initial[k], after[k])} == {"audio"}
+
+    from bemerc.train.tune.loop import make_prompter, stage_examples
+
+    prompter = make_prompter(tokenizer, data, config)
+    assert set(prompter.soft_tokens) == {"text", "audio"}
+    project = stage_examples("project", prompter, data, config)
+    assert all(set(project.batch([i]).soft) == {"audio"} for i in range(len(project.lengths)))
+    assert {"text", "audio"} <= set(stage_examples("merc", prompter, data, config).batch([0]).soft)
+
+    with pytest.raises(TuneError, match="project stage: its only soft modality, text, embeds the words"):
+        tune(copy, _config(tiny_llm, tmp_path / "t", stage="project", layout="dialogue", modalities=["text"]))
+    result = tune(copy, _config(tiny_llm, tmp_path / "all", layout="dialogue", modalities=["text"], epochs=1))
+    log = [json.loads(line) for line in (tmp_path / "all" / "log.jsonl").read_text().splitlines()]
+    assert {h["stage"] for h in log} == {"merc"} and any("project stage skipped" in n for n in result["notes"])
 
 
 def test_resume_gives_the_same_weights_and_losses(tiny_llm, store, tmp_path):

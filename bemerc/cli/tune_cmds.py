@@ -45,7 +45,7 @@ def register(app: typer.Typer) -> None:
         store: StoreOption = DEFAULT_STORE,
         model: Annotated[str | None, typer.Option(help="Hugging Face causal LM: a local folder or a hub id. Default: the LLM of --profile.")] = None,
         profile: Annotated[str, typer.Option(envvar="BEMERC_PROFILE", help="Profile whose `llm` stage gives the default --model.")] = "offline",
-        stage: Annotated[Stage, typer.Option(help="align: the behaviour projector learns to describe behaviour; project: every projector learns, with the LLM frozen, to answer the emotion from its soft tokens alone; merc: emotion instruction tuning (LoRA and projectors); all: the three in that order (align is skipped without behaviour descriptions, project without soft modalities).")] = Stage.all,
+        stage: Annotated[Stage, typer.Option(help="align: the behaviour projector learns to describe behaviour; project: the voice and behaviour projectors (not the text embedding's) learn, with the LLM frozen, to answer the emotion from their soft tokens alone; merc: emotion instruction tuning (LoRA and projectors); all: the three in that order (align is skipped without behaviour descriptions, project without a voice or behaviour modality).")] = Stage.all,
         layout: Annotated[Layout | None, typer.Option(help="dialogue: one sequence per dialogue, every turn answered in one pass (labels scored by their first token); utterance: one prompt per utterance with its last --context turns. [default: dialogue]")] = None,
         run_dir: Annotated[Path | None, typer.Option(help="Output folder (default: runs/<run_id> inside the store).")] = None,
         dataset: Annotated[str | None, typer.Option(help="Dataset to use when the store holds several.")] = None,

@@ -3,7 +3,8 @@ loop, checkpoint/resume, evaluation, saving.
 
 Stage 1 (``align``) trains the behaviour projector (LoRA too with ``align_lora``) to make the LLM
 generate an utterance's stored behaviour description from its behaviour tokens. Stage ``project``
-trains every projector with the LLM frozen to answer each train utterance's emotion from its soft
+trains the projectors of voice and behaviour (every soft modality but the text embedding, which
+says what the words say) with the LLM frozen to answer each train utterance's emotion from their soft
 tokens alone (its words and description left out), as LLaVA aligns its projector before tuning the
 LLM: trained together from the start, LoRA learns the words and the label prior faster than a new
 projector learns to say anything, and the LLM learns to ignore the soft tokens (RAVDESS, where the
@@ -58,6 +59,9 @@ from bemerc.train.tune.prompt import Prompter
 STAGES = {"align": ["align"], "project": ["project"], "merc": ["merc"], "all": ["align", "project", "merc"]}
 LAYOUTS = ("dialogue", "utterance")
 SOFT_MODALITIES = ("text", "audio", "behavior")  # projected by default when the store has them
+# Soft modalities that embed the words the LLM already reads: the project stage leaves them out (their
+# projector learns in merc, beside the words); it exists for what the words do not say.
+WORDS_MODALITIES = ("text",)
 EVAL_SPLITS = ("dev", "test")  # scored when labelled; model selection uses dev only
 DEFAULT_MAX_LEN = {"utterance": 512, "dialogue": 1024}
 
@@ -372,12 +376,25 @@ class Progress:
             print(progress_line(name, t["done"], t["total"], now - t["start"], info, left), flush=True)
 
 
+def project_modalities(soft) -> list[str]:
+    """The soft modalities (names, in order) that the ``project`` stage trains: all but
+    :data:`WORDS_MODALITIES`.
+
+    >>> project_modalities(["text", "audio", "behavior"])
+    ['audio', 'behavior']
+    """
+    return [m for m in soft if m not in WORDS_MODALITIES]
+
+
 def _trainable(model: MercModel, stage: str, config: TuneConfig) -> list[torch.nn.Parameter]:
     """Set requires_grad for the stage and return the parameters it trains: align, the behaviour
-    projector (and LoRA with ``align_lora``); project, every projector; merc, LoRA and every projector."""
+    projector (and LoRA with ``align_lora``); project, the projectors of :func:`project_modalities`;
+    merc, LoRA and every projector."""
+    projected = project_modalities(model.projectors)
     for name, p in model.named_parameters():
         if name.startswith("projectors."):
-            p.requires_grad_(stage in ("merc", "project") or name.startswith("projectors.behavior."))
+            p.requires_grad_(stage == "merc" or name.startswith("projectors.behavior.")
+                             or (stage == "project" and name.split(".")[1] in projected))
         elif "lora_" in name:
             p.requires_grad_(stage == "merc" or (stage == "align" and config.align_lora))
     return [p for p in model.parameters() if p.requires_grad]
@@ -396,8 +413,8 @@ class Examples:
 def stage_examples(stage: str, prompter: Prompter, data: Data, config: TuneConfig, demos=None) -> Examples:
     """The items of ``stage``: align prompts, or the MERC prompts/windows of the train rows, with
     class-balanced loss weights (see :func:`class_weights`); for ``project`` the MERC windows with
-    every utterance's words and description left out (and no demonstrations), so the soft tokens
-    alone must carry the answer."""
+    every utterance's words, description and text soft tokens left out (and no demonstrations), so
+    the soft tokens of :func:`project_modalities` alone must carry the answer."""
     pad_id = prompter.tokenizer.pad_token_id
     if stage == "align":
         rows = np.array([r for r in data.train_rows if data.descriptions[r]], dtype=np.int64)
@@ -405,10 +422,12 @@ def stage_examples(stage: str, prompter: Prompter, data: Data, config: TuneConfi
         return Examples([len(e) for e in prompts], [1] * len(prompts),
                         lambda items: collate([prompts[i] for i in items], rows[items].tolist(), data.features, pad_id))
     project = stage == "project"
+    if project:  # only the soft tokens of what the words do not say
+        prompter = copy.copy(prompter)
+        prompter.soft_tokens = {m: k for m, k in prompter.soft_tokens.items() if m in project_modalities(prompter.soft_tokens)}
     if project and config.layout == "utterance":  # no words, no description, no context turns
         n = len(data.inputs.texts)
         data = replace(data, inputs=replace(data.inputs, texts=[""] * n, descriptions=[None] * n))
-        prompter = copy.copy(prompter)
         prompter.context = 0
     rows = data.train_rows
     weights = class_weights([data.label(r) for r in rows], config.balance)
@@ -599,8 +618,9 @@ def tune(store: Store, config: TuneConfig, resume: bool = False) -> dict:
 
     stages = [] if config.zero_shot else list(STAGES[config.stage])
     notes = []
-    if "project" in stages and (not model.soft or not config.project_epochs):
-        reason = "no soft modality" if not model.soft else "--project-epochs 0"
+    if "project" in stages and (not project_modalities(model.soft) or not config.project_epochs):
+        reason = ("no soft modality" if not model.soft else "--project-epochs 0" if not config.project_epochs
+                  else f"its only soft modality, {', '.join(model.soft)}, embeds the words the LLM reads")
         if config.stage == "project":
             raise TuneError(f"{store.path}: cannot run the project stage: {reason}")
         stages.remove("project")
