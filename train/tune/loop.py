@@ -424,7 +424,7 @@ def stage_examples(stage: str, prompter: Prompter, data: Data, config: TuneConfi
     project = stage == "project"
     if project:  # only the soft tokens of what the words do not say
         prompter = copy.copy(prompter)
-        prompter.soft_tokens = {m: k for m, k in prompter.soft_tokens.items() if m in project_modalities(prompter.soft_tokens)}
+        prompter.soft_tokens = {m: prompter.soft_tokens[m] for m in project_modalities(prompter.soft_tokens)}
     if project and config.layout == "utterance":  # no words, no description, no context turns
         n = len(data.inputs.texts)
         data = replace(data, inputs=replace(data.inputs, texts=[""] * n, descriptions=[None] * n))
