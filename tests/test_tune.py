@@ -258,6 +258,20 @@ def test_resume_gives_the_same_weights_and_losses(tiny_llm, store, tmp_path):
     assert np.array_equal(whole["probabilities"], resumed["probabilities"])
 
 
+def test_resume_starts_a_stage_at_its_first_batch_when_the_checkpoint_stopped_in_another(tiny_llm, store, tmp_path):
+    """A checkpoint stopped inside a stage that is no longer run (older code ran a project stage on
+    the text token alone) resumes the next stage from its first batch, not from that position."""
+    tune(store, _config(tiny_llm, tmp_path / "run", stage="merc", epochs=1, stop_after=1))
+    path = tmp_path / "run" / "checkpoint.pt"
+    state = torch.load(path, weights_only=False)
+    state["progress"].update(stage="project", epoch=0, batch=3, history=[])
+    torch.save(state, path)
+    tune(store, TuneConfig(model="", run_dir=str(tmp_path / "run"), progress=False), resume=True)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    batches = [h["batch"] for h in log if h["stage"] == "merc"]
+    assert batches == list(range(len(batches))) and len(batches) > 3
+
+
 def test_bad_requests_fail_with_one_line(tiny_llm, store, tmp_path):
     with pytest.raises(TuneError, match="no feature set for modality visual"):
         tune(store, _config(tiny_llm, tmp_path / "x", modalities=["visual"]))

@@ -645,6 +645,8 @@ def tune(store: Store, config: TuneConfig, resume: bool = False) -> dict:
                 continue
             examples = stage_examples(stage, prompter, data, config, demos)
             mid_stage = checkpoint is not None and progress["stage"] == stage and checkpoint["optimizer"] is not None
+            if not mid_stage:  # from its first batch, even where a checkpoint stopped in a stage no longer run
+                progress.update(epoch=0, batch=0)
             progress["stage"] = stage
             if not train_stage(stage, model, examples, config, accelerator, run_dir, progress,
                                checkpoint if mid_stage else None, bar):
