@@ -488,7 +488,7 @@ def test_two_processes_under_accelerate_launch_match_one_process(tiny_llm, store
         "from bemerc.store import Store\n"
         "from bemerc.train.tune.loop import TuneConfig, tune\n"
         f"tune(Store({str(store.path)!r}), TuneConfig(model={str(tiny_llm)!r}, stage='merc', run_dir=sys.argv[2], "
-        "batch_size=int(sys.argv[1]), lr=1e-2, lora_dropout=0.0, threads=1, progress=False))\n")
+        "batch_size=int(sys.argv[1]), epochs=1, lr=1e-2, lora_dropout=0.0, threads=1, progress=False))\n")
     env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1"}
     one = subprocess.run([sys.executable, str(script), "4", str(tmp_path / "one")], env=env, capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-2000:]

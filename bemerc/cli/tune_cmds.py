@@ -56,7 +56,7 @@ def register(app: typer.Typer) -> None:
         max_len: Annotated[int | None, typer.Option(help="Tokens of a prompt (utterance layout, 512) or a window (dialogue layout, 1024).")] = None,
         train_limit: Annotated[int | None, typer.Option(help="Train on the first N train utterances (whole dialogues, store order).")] = None,
         eval_limit: Annotated[int | None, typer.Option(help="Evaluate on the first N utterances of each labelled eval split, dev and test (whole dialogues).")] = None,
-        epochs: Annotated[int | None, typer.Option(help="Epochs of the merc stage. [default: 1]")] = None,
+        epochs: Annotated[int | None, typer.Option(help="Epochs of the merc stage. [default: 2]")] = None,
         align_epochs: Annotated[int | None, typer.Option(help="Epochs of the align stage. [default: 1]")] = None,
         project_epochs: Annotated[int | None, typer.Option(help="Epochs of the project stage (0: none). [default: 1]")] = None,
         lr: Annotated[float | None, typer.Option(help="Peak learning rate of the merc stage (and of the project stage unless --projector-lr). [default: 1e-3]")] = None,

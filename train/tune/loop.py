@@ -86,7 +86,7 @@ class TuneConfig:
     demos: int = 0  # K retrieved labelled train utterances shown before each dialogue (0 = none)
     train_limit: int | None = None  # first N train utterances (whole dialogues)
     eval_limit: int | None = None  # first N utterances of each eval split (whole dialogues)
-    epochs: int = 1
+    epochs: int = 2  # merc epochs (chosen on RAVDESS and MELD dev; README "Epochs")
     align_epochs: int = 1
     project_epochs: int = 1  # epochs of the project stage (0 = none)
     batch_size: int = 4  # utterances (utterance layout) or dialogue windows (dialogue layout) per step
