@@ -3,6 +3,7 @@ importing a stage, and each listed line is the command's own help."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -54,3 +55,25 @@ def test_a_command_loads_when_asked_and_an_unknown_one_is_refused():
 def test_the_group_is_built_by_typer_for_tests_and_scripts():
     group = typer.main.get_command(app)
     assert group.list_commands(click.Context(group)) == list(COMMANDS)
+
+
+def test_tune_help_shows_the_tuning_defaults_from_tuneconfig_without_torch():
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from bemerc.cli import app\n"
+        "result = CliRunner().invoke(app, ['tune', '--help'])\n"
+        "assert result.exit_code == 0, result.output\n"
+        "print(result.output)\n"
+        "print('TORCH', 'torch' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env={**os.environ, "COLUMNS": "400"})  # one line per option
+    assert "TORCH False" in done.stdout
+    from bemerc.train.tune.config import TuneConfig
+
+    config = TuneConfig(model="m")
+    lines = {line.split()[1]: " ".join(line.split()) for line in done.stdout.splitlines() if line.startswith("│ --")}
+    for option, value in [("--epochs", config.epochs), ("--project-epochs", config.project_epochs), ("--lr", f"{config.lr:g}"),
+                          ("--batch-size", config.batch_size), ("--balance", f"{config.balance:g}"), ("--seed", config.seed)]:
+        assert f"[default: ({value})]" in lines[option], lines[option]

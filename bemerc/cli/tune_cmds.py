@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import MISSING, fields
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -12,6 +13,19 @@ from rich.table import Table
 
 from bemerc.cli.common import (DEFAULT_STORE, SEEDS_HELP, JsonOption, SpeakerNormOption, StoreOption, console, err_console, fail,
                                open_store)
+from bemerc.train.tune.config import DEFAULT_MAX_LEN, TuneConfig
+
+_DEFAULTS = {f.name: f.default for f in fields(TuneConfig) if f.default is not MISSING}
+
+
+def _default(name: str) -> str:
+    """TuneConfig's default for an option, as --help shows it (TuneConfig is the one home of every tuning default).
+
+    >>> _default("epochs") == str(TuneConfig(model="m").epochs)
+    True
+    """
+    value = _DEFAULTS[name]
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 class Stage(str, Enum):
@@ -46,34 +60,34 @@ def register(app: typer.Typer) -> None:
         model: Annotated[str | None, typer.Option(help="Hugging Face causal LM: a local folder or a hub id. Default: the LLM of --profile.")] = None,
         profile: Annotated[str, typer.Option(envvar="BEMERC_PROFILE", help="Profile whose `llm` stage gives the default --model.")] = "offline",
         stage: Annotated[Stage, typer.Option(help="align: the behaviour projector learns to describe behaviour; project: the voice and behaviour projectors (not the text embedding's) learn, with the LLM frozen, to answer the emotion from their soft tokens alone; merc: emotion instruction tuning (LoRA and projectors); all: the three in that order (align is skipped without behaviour descriptions, project without a voice or behaviour modality).")] = Stage.all,
-        layout: Annotated[Layout | None, typer.Option(help="dialogue: one sequence per dialogue, every turn answered in one pass (labels scored by their first token); utterance: one prompt per utterance with its last --context turns. [default: dialogue]")] = None,
+        layout: Annotated[Layout | None, typer.Option(help="dialogue: one sequence per dialogue, every turn answered in one pass (labels scored by their first token); utterance: one prompt per utterance with its last --context turns.", show_default=_default("layout"))] = None,
         run_dir: Annotated[Path | None, typer.Option(help="Output folder (default: runs/<run_id> inside the store).")] = None,
         dataset: Annotated[str | None, typer.Option(help="Dataset to use when the store holds several.")] = None,
         modalities: Annotated[str | None, typer.Option(help="Comma-separated modalities projected to soft tokens, or 'none'. Default: text, audio and behavior when stored.")] = None,
-        context: Annotated[int | None, typer.Option(help="utterance layout: previous utterances shown in the prompt. [default: 3]")] = None,
-        overlap: Annotated[int | None, typer.Option(help="dialogue layout: turns repeated as context when a long dialogue is split into windows. [default: 2]")] = None,
-        demos: Annotated[int | None, typer.Option(help="Show the K nearest labelled train utterances (by stored text embedding, never the same dialogue) before each dialogue. [default: 0]")] = None,
-        max_len: Annotated[int | None, typer.Option(help="Tokens of a prompt (utterance layout, 512) or a window (dialogue layout, 1024).")] = None,
+        context: Annotated[int | None, typer.Option(help="utterance layout: previous utterances shown in the prompt.", show_default=_default("context"))] = None,
+        overlap: Annotated[int | None, typer.Option(help="dialogue layout: turns repeated as context when a long dialogue is split into windows.", show_default=_default("overlap"))] = None,
+        demos: Annotated[int | None, typer.Option(help="Show the K nearest labelled train utterances (by stored text embedding, never the same dialogue) before each dialogue.", show_default=_default("demos"))] = None,
+        max_len: Annotated[int | None, typer.Option(help=f"Tokens of a prompt (utterance layout, {DEFAULT_MAX_LEN['utterance']}) or a window (dialogue layout, {DEFAULT_MAX_LEN['dialogue']}).")] = None,
         train_limit: Annotated[int | None, typer.Option(help="Train on the first N train utterances (whole dialogues, store order).")] = None,
         eval_limit: Annotated[int | None, typer.Option(help="Evaluate on the first N utterances of each labelled eval split, dev and test (whole dialogues).")] = None,
-        epochs: Annotated[int | None, typer.Option(help="Epochs of the merc stage. [default: 2]")] = None,
-        align_epochs: Annotated[int | None, typer.Option(help="Epochs of the align stage. [default: 1]")] = None,
-        project_epochs: Annotated[int | None, typer.Option(help="Epochs of the project stage (0: none). [default: 1]")] = None,
-        lr: Annotated[float | None, typer.Option(help="Peak learning rate of the merc stage (and of the project stage unless --projector-lr). [default: 1e-3]")] = None,
-        align_lr: Annotated[float | None, typer.Option(help="Peak learning rate of the align stage. [default: 1e-3]")] = None,
-        projector_lr: Annotated[float | None, typer.Option(help="Peak learning rate of the projectors in every stage. [default: the stage's own (--lr, --align-lr)]")] = None,
-        batch_size: Annotated[int | None, typer.Option(help="Utterances (utterance layout) or dialogue windows (dialogue layout) per optimiser step and device. [default: 4]")] = None,
-        micro_batch_tokens: Annotated[int | None, typer.Option(min=1, help="Padded tokens per forward pass: a batch over it is trained in micro-batches with gradient accumulation (same step, bounded memory; peak memory per window length: README, Tune memory). [default: 2048]")] = None,
-        balance: Annotated[float | None, typer.Option(help="Class-balanced loss: weight examples by (class share) ** -BALANCE (0 = off, 0.5 = inverse square root, 1 = inverse frequency). [default: 0.5]")] = None,
-        lora_r: Annotated[int | None, typer.Option(help="LoRA rank (alpha = 2 * rank). [default: 8]")] = None,
+        epochs: Annotated[int | None, typer.Option(help="Epochs of the merc stage.", show_default=_default("epochs"))] = None,
+        align_epochs: Annotated[int | None, typer.Option(help="Epochs of the align stage.", show_default=_default("align_epochs"))] = None,
+        project_epochs: Annotated[int | None, typer.Option(help="Epochs of the project stage (0: none).", show_default=_default("project_epochs"))] = None,
+        lr: Annotated[float | None, typer.Option(help="Peak learning rate of the merc stage (and of the project stage unless --projector-lr).", show_default=_default("lr"))] = None,
+        align_lr: Annotated[float | None, typer.Option(help="Peak learning rate of the align stage.", show_default=_default("align_lr"))] = None,
+        projector_lr: Annotated[float | None, typer.Option(help="Peak learning rate of the projectors in every stage. Default: the stage's own (--lr, --align-lr).")] = None,
+        batch_size: Annotated[int | None, typer.Option(help="Utterances (utterance layout) or dialogue windows (dialogue layout) per optimiser step and device.", show_default=_default("batch_size"))] = None,
+        micro_batch_tokens: Annotated[int | None, typer.Option(min=1, help="Padded tokens per forward pass: a batch over it is trained in micro-batches with gradient accumulation (same step, bounded memory; peak memory per window length: README, Tune memory).", show_default=_default("micro_batch_tokens"))] = None,
+        balance: Annotated[float | None, typer.Option(help="Class-balanced loss: weight examples by (class share) ** -BALANCE (0 = off, 0.5 = inverse square root, 1 = inverse frequency).", show_default=_default("balance"))] = None,
+        lora_r: Annotated[int | None, typer.Option(help="LoRA rank (alpha = 2 * rank).", show_default=_default("lora_r"))] = None,
         lora_layers: Annotated[int | None, typer.Option(help="LoRA on the top N decoder blocks only (faster, but learns much less). Default: all.")] = None,
         speaker_norm: SpeakerNormOption = None,
         normalize_scores: Annotated[bool | None, typer.Option("--normalize-scores", help="utterance layout: score a label by its mean token log-probability instead of the sum.")] = None,
         zero_shot: Annotated[bool, typer.Option(help="No training: evaluate the base model by label scoring (no LoRA, no soft tokens).")] = False,
-        seed: Annotated[int | None, typer.Option(help="Seed of initialisation, data order and dropout. [default: 0]")] = None,
+        seed: Annotated[int | None, typer.Option(help="Seed of initialisation, data order and dropout.", show_default=_default("seed"))] = None,
         seeds: Annotated[str | None, typer.Option(show_default=False, help=SEEDS_HELP)] = None,
-        threads: Annotated[int | None, typer.Option(help="Torch CPU threads. [default: 2]")] = None,
-        checkpoint_every: Annotated[int | None, typer.Option(help="Write RUN_DIR/checkpoint.pt every N optimiser steps. [default: 50]")] = None,
+        threads: Annotated[int | None, typer.Option(help="Torch CPU threads.", show_default=_default("threads"))] = None,
+        checkpoint_every: Annotated[int | None, typer.Option(help="Write RUN_DIR/checkpoint.pt every N optimiser steps.", show_default=_default("checkpoint_every"))] = None,
         stop_after: Annotated[int | None, typer.Option(help="Stop after N optimiser steps with a checkpoint (continue with --resume).")] = None,
         resume: Annotated[bool, typer.Option(help="Continue the run in --run-dir from its checkpoint (its saved settings are used).")] = False,
         show_prompt: Annotated[str | None, typer.Option(help="Print the prompt of utterance UID (e.g. dev/dia0_utt1) and exit.")] = None,

@@ -11,10 +11,19 @@ and names the emotion by scoring every label.
 >>> result = tune(Store("store"), TuneConfig(model="/models/smollm2", train_limit=1500))  # doctest: +SKIP
 """
 
-from bemerc.train.tune.loop import TuneConfig, TuneError, show_prompt, tune
-from bemerc.train.tune.model import load_tuned
-from bemerc.train.tune.prompt import Prompter, PromptError, load_template
-from bemerc.train.tune.score import label_probabilities, label_scores
+from __future__ import annotations
 
-__all__ = ["PromptError", "Prompter", "TuneConfig", "TuneError", "label_probabilities", "label_scores", "load_template",
-           "load_tuned", "show_prompt", "tune"]
+import importlib
+
+# name -> the submodule that defines it; imported on first use, so ``bemerc.train.tune.config`` (the CLI's
+# --help defaults) loads without torch
+_EXPORTS = {"TuneConfig": "config", "TuneError": "config", "show_prompt": "loop", "tune": "loop", "load_tuned": "model",
+            "Prompter": "prompt", "PromptError": "prompt", "load_template": "prompt", "label_probabilities": "score",
+            "label_scores": "score"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from bemerc.train.tensors import Corpus, normalise_speakers, speaker_groups
-from bemerc.train.tune.model import (MICRO_BATCH_TOKENS, MercModel, SoftInput, TuneInfo, collate, collate_windows, load_tuned,
+from bemerc.train.tune.config import MICRO_BATCH_TOKENS
+from bemerc.train.tune.model import (MercModel, SoftInput, TuneInfo, collate, collate_windows, load_tuned,
                                      micro_batches)
 from bemerc.train.tune.prompt import DialogueTurn, Encoded, Prompter, Turn, Window
 from bemerc.train.tune.score import answer_scores, label_probabilities, label_scores

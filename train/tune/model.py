@@ -22,13 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bemerc.train.tune.config import MICRO_BATCH_TOKENS
 from bemerc.train.tune.prompt import Encoded, Prompter, Window, load_template
 
 IGNORE = -100  # target value of positions without a loss
-# padded tokens one forward pass holds (a training batch over it is cut into micro-batches with gradient
-# accumulation; evaluation batches windows up to it): bounds memory; peak RSS per window length is in
-# README.md (Tune memory)
-MICRO_BATCH_TOKENS = 2048
 
 
 @dataclass(frozen=True)
