@@ -6,10 +6,12 @@ that only reads runs goes through ``train``.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 from pathlib import Path
+from typing import Iterable
 
-from bemerc.store.db import Store
+from bemerc.store.db import Store, StoreError
 
 GROUP_KIND = "group"  # the kind of a seed group's run (see seed_groups)
 
@@ -43,6 +45,32 @@ def default_run_dir(store: Store, run_id: str) -> Path:
     if "://" in str(store.path):
         return Path("runs") / run_id
     return Path(store.path) / "runs" / run_id
+
+
+class RunDirError(StoreError):
+    """A run's folder that is taken: a file, or a folder already holding files (a run never writes
+    over another run's files)."""
+
+
+def check_run_dir(run_dir: str | Path, *, allow: Iterable[str] = (), option: str = "--run-dir") -> None:
+    """Refuse ``run_dir`` as the folder of a new run (or report) unless it is absent or empty, with
+    one line naming it: a file in its place, or a folder already holding files. ``allow``: glob
+    patterns of entries it may hold (a seed group's ``seed-N`` folders; an earlier report that
+    ``compare`` replaces). Every run writer (baseline, tune, fuse, compare) calls it before any work.
+
+    >>> check_run_dir("/no/such/folder")        # absent: a new run may go there
+    """
+    path = Path(run_dir)
+    if path.exists() and not path.is_dir():
+        raise RunDirError(f"{path}: is a file; {option} names a folder for the run's files (a new or empty one)")
+    if not path.is_dir():
+        return
+    allowed = list(allow)
+    taken = sorted(e.name for e in path.iterdir() if not any(fnmatch.fnmatchcase(e.name, p) for p in allowed))
+    if taken:
+        shown = ", ".join(taken[:3]) + (f" and {len(taken) - 3} more" if len(taken) > 3 else "")
+        raise RunDirError(f"{path}: already holds {shown}; nothing was written (a run never writes over another's "
+                          f"files): give {option} a new or empty folder")
 
 
 def seed_groups(runs: list[dict]) -> dict[str, dict]:

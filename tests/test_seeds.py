@@ -137,7 +137,9 @@ def test_a_group_with_a_failed_seed_reports_the_finished_seed_and_names_the_fail
     assert {test["run_a"], test["run_b"]} == {a["group_id"], b["group_id"]} and set(test["groups"]) == {a["group_id"], b["group_id"]}
     shown = runner.invoke(app, ["compare", a["group_id"], b["group_id"], "--store", str(store.path), "--out", str(folder / "r2")])
     assert shown.exit_code == 0 and "seed 1 failed" in shown.output and "1 failed" in shown.output
-    everything_fails = runner.invoke(app, ["baseline", "--store", str(store.path), "--seeds", "1", "--run-dir", str(folder / "b")])
+    (folder / "c").mkdir()
+    (folder / "c" / "seed-1").write_text("a file where seed 1's run folder would go")
+    everything_fails = runner.invoke(app, ["baseline", "--store", str(store.path), "--seeds", "1", "--run-dir", str(folder / "c")])
     assert everything_fails.exit_code == 1 and "every seed failed: seed 1" in everything_fails.output
 
 

@@ -29,7 +29,7 @@ import polars as pl
 import xgboost as xgb  # bemerc/__init__.py has set OMP_WAIT_POLICY=PASSIVE: nthread=2 stays fast on a busy machine
 
 from bemerc.store import Store, StoreError
-from bemerc.store.runs import default_run_dir
+from bemerc.store.runs import check_run_dir, default_run_dir
 from bemerc.store.schema import MODALITIES, run_classes
 from bemerc.train.evaluate import bootstrap_intervals
 from bemerc.train.metrics import classification_metrics, weighted_f1
@@ -637,6 +637,8 @@ def train_baseline(
     probabilities of every dev and test utterance in ``predictions``.
     """
     started = time.perf_counter()
+    if run_dir is not None:
+        check_run_dir(run_dir)  # before any work: a taken folder is refused, never written over
     corpus = load_corpus(store, feature_sets, dataset=dataset)
     datasets = corpus.utterances["dataset"].unique().to_list()
     if not datasets:

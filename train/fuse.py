@@ -32,7 +32,7 @@ from bemerc.store.schema import sql_in
 from bemerc.train.baseline import EVAL_SPLITS, fuse, select_weights
 from bemerc.train.evaluate import bootstrap_intervals
 from bemerc.train.metrics import classification_metrics, weighted_f1
-from bemerc.store.runs import GROUP_KIND, default_run_dir, list_runs
+from bemerc.store.runs import GROUP_KIND, check_run_dir, default_run_dir, list_runs
 from bemerc.train.runs import new_run_id, save_run, split_metrics
 
 LATEST = ":latest"
@@ -186,6 +186,8 @@ def fuse_runs(
     as it is (``reused``) instead of being recorded twice.
     """
     started = time.perf_counter()
+    if run_dir is not None:
+        check_run_dir(run_dir)  # before any work: a taken folder is refused, never written over
     by_id = {r["run_id"]: r for r in list_runs(store)} if store.has_table("runs") else {}
     unknown = [r for r in run_ids if r not in by_id]
     if unknown:

@@ -25,7 +25,7 @@ from bemerc.store import Store, StoreError
 from bemerc.store.schema import sql_quote
 from bemerc.train.evaluate import bootstrap_intervals, paired_test
 from bemerc.train.metrics import classification_metrics
-from bemerc.store.runs import GROUP_KIND, list_runs
+from bemerc.store.runs import GROUP_KIND, check_run_dir, list_runs
 from bemerc.train.runs import GROUP_METRICS, seed_summary
 
 # The dataset name of the embedded synthetic demo (`make demo` ingests it as `--dataset demo`).
@@ -431,12 +431,18 @@ def render_html(blocks: list[Block]) -> str:
             f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
 
 
+REPORT_FILES = ("report.md", "report.html", "*.png")  # what write_report writes: an earlier report may be replaced
+
+
 def write_report(data: dict, out_dir: str | Path) -> dict[str, Path]:
     """Write ``report.md``, ``report.html`` and the PNG plots into ``out_dir``.
 
-    Returns ``{"markdown": path, "html": path}``.
+    Returns ``{"markdown": path, "html": path}``. ``out_dir`` must be new, empty or hold only an
+    earlier report (:data:`REPORT_FILES`, which this one replaces): a file or a folder of other files
+    is refused (:class:`~bemerc.store.runs.RunDirError`), never written into.
     """
     out_dir = Path(out_dir)
+    check_run_dir(out_dir, allow=REPORT_FILES, option="--out")
     out_dir.mkdir(parents=True, exist_ok=True)
     blocks = _blocks(data, out_dir)
     markdown, page = out_dir / "report.md", out_dir / "report.html"

@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from bemerc.store import Store
 from bemerc.store import schema as S
-from bemerc.store.runs import GROUP_KIND, default_run_dir, list_runs
+from bemerc.store.runs import GROUP_KIND, check_run_dir, default_run_dir, list_runs
 from bemerc.train.metrics import classification_metrics
 
 
@@ -221,6 +221,8 @@ def train_group(store: Store, member_kind: str, seeds: list[int], train_one, *, 
     ValueError (naming every seed's reason) when no seed finished.
     """
     base = Path(run_dir) if run_dir else None
+    if base is not None:  # the group's folder holds nothing yet but (maybe) seed folders, each checked as its seed's run folder
+        check_run_dir(base, allow=[f"seed-{seed}" for seed in seeds])
     members, failed = run_seeds(seeds, lambda seed: train_one(seed, base / f"seed-{seed}" if base else None), log)
     group_id, group_dir, metrics = save_group(store, member_kind=member_kind, members=members, failed=failed,
                                               run_dir=base, config=config)

@@ -141,11 +141,15 @@ def compare(
     Example: `bemerc compare --split dev --out reports`
     """
     from bemerc.store import Store, StoreError
-    from bemerc.train.report import RUN_TABLE_HEADERS, comparison, run_table_rows, write_report
+    from bemerc.train.report import REPORT_FILES, RUN_TABLE_HEADERS, comparison, run_table_rows, write_report
+
+    from bemerc.store.runs import check_run_dir
 
     if split not in (None, "dev", "test"):
         fail(f"--split must be dev or test, got {split!r}")
     try:  # the default split is comparison()'s
+        if not as_json:  # before any work: a --out taken by other files is refused
+            check_run_dir(out, allow=REPORT_FILES, option="--out")
         data = comparison(Store(store, create=False), runs or None, **({"split": split} if split else {}))
     except StoreError as e:
         fail(str(e))
@@ -155,7 +159,10 @@ def compare(
     split = data["split"]
     if not data["runs"]:
         fail(f"no run has labelled {split} predictions: " + "; ".join(f"{s['run_id']} ({s['reason']})" for s in data["skipped"]))
-    paths = write_report(data, out)
+    try:
+        paths = write_report(data, out)
+    except StoreError as e:
+        fail(str(e))
     shown = [i for i, header in enumerate(RUN_TABLE_HEADERS) if header != "feature sets"]  # in the report
     rows = [tuple(RUN_TABLE_HEADERS[i] for i in shown), *(tuple(row[i] for i in shown) for row in run_table_rows(data["runs"], per_seed=per_seed))]
     widths = [max(len(row[c]) for row in rows) for c in range(len(shown))]

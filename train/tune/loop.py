@@ -48,7 +48,7 @@ from bemerc.progress import LOG_EVERY_S, progress_line
 from bemerc.store import Store
 from bemerc.store.schema import run_classes
 from bemerc.train.metrics import classification_metrics
-from bemerc.store.runs import default_run_dir
+from bemerc.store.runs import check_run_dir, default_run_dir
 from bemerc.train.runs import new_run_id, save_run
 from bemerc.train.tensors import SPEAKER_NORMALISED, Corpus, load_corpus
 from bemerc.train.tune.config import (DEFAULT_MAX_LEN, EVAL_SPLITS, LAYOUTS, SOFT_MODALITIES, STAGES, WORDS_MODALITIES, TuneConfig,
@@ -509,6 +509,8 @@ def tune(store: Store, config: TuneConfig, resume: bool = False) -> dict:
         config = replace(config, **saved)
     else:
         checkpoint = None
+        if config.run_dir:
+            check_run_dir(config.run_dir)  # before any work: a taken folder is refused, never written over
     if not cuda:
         torch.set_num_threads(config.threads)
     kind = "zero-shot" if config.zero_shot else "tune"  # so `tune:latest` (make compare) is a trained run

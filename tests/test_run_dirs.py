@@ -1,0 +1,98 @@
+"""Run folders (issue 30): every run writer (baseline, tune, fuse, compare --out) refuses a folder that
+is taken, in one line and before any work, and never writes over another run's files.
+
+Real LanceDB stores on temp dirs (two cheap n-gram feature sets of real MELD dialogues) and the real
+commands through the CLI.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from bemerc.cli import app
+from bemerc.store import Store
+from conftest import ngram_store
+
+runner = CliRunner()
+
+
+def one_line(result, *needles: str) -> str:
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, meld_dir) -> Store:
+    """12 MELD dev dialogues with n-gram features and two baseline runs (seeds 0 and 1)."""
+    from bemerc.train.baseline import BaselineConfig, train_baseline
+
+    folder = tmp_path_factory.mktemp("run-dirs")
+    store = ngram_store(folder, meld_dir, n_dialogues=12)
+    for seed in (0, 1):
+        config = BaselineConfig(max_rounds=30, early_stopping_rounds=5, bootstrap_resamples=20, fusion_steps=3, seed=seed)
+        train_baseline(store, feature_sets=["text"], config=config, run_dir=folder / f"seed{seed}")
+    return store
+
+
+def writers(store: Store, target: Path) -> dict[str, list[str]]:
+    """Each run writer's command line, writing its run (or report) into ``target``."""
+    s = ["--store", str(store.path)]
+    return {
+        "baseline": ["baseline", *s, "--feature-set", "text", "--run-dir", str(target)],
+        "baseline --seeds": ["baseline", *s, "--feature-set", "text", "--seeds", "0,1", "--run-dir", str(target)],
+        "tune": ["tune", *s, "--model", str(target.parent / "no-model-needed"), "--run-dir", str(target)],
+        "tune --seeds": ["tune", *s, "--model", str(target.parent / "no-model-needed"), "--seeds", "0,1", "--run-dir", str(target)],
+        "fuse": ["fuse", "baseline:latest", runs(store)[0], *s, "--run-dir", str(target)],
+        "compare --out": ["compare", *s, "--out", str(target)],
+    }
+
+
+def runs(store: Store) -> list[str]:
+    return Store(store.path).read("runs", ["run_id"])["run_id"].to_list()
+
+
+@pytest.mark.parametrize("writer", ["baseline", "baseline --seeds", "tune", "tune --seeds", "fuse", "compare --out"])
+def test_a_run_writer_refuses_a_file_or_a_folder_holding_files_in_one_line(store, tmp_path, writer):
+    before = sorted(runs(store))
+    file = tmp_path / "notes.txt"
+    file.write_text("not a folder")
+    option = "--out" if writer.startswith("compare") else "--run-dir"
+    one_line(runner.invoke(app, writers(store, file)[writer]), f"{file}: is a file", option)
+    assert file.read_text() == "not a folder"
+
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "metrics.json").write_text('{"another run": true}')
+    line = one_line(runner.invoke(app, writers(store, taken)[writer]), f"{taken}: already holds metrics.json",
+                    "nothing was written", f"give {option} a new or empty folder")
+    assert "never writes over" in line
+    assert json.loads((taken / "metrics.json").read_text()) == {"another run": True}
+    assert [p.name for p in taken.iterdir()] == ["metrics.json"]
+    assert sorted(runs(store)) == before
+
+
+def test_an_empty_folder_takes_a_run_and_a_report_replaces_an_earlier_report(store, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = runner.invoke(app, ["baseline", "--store", str(store.path), "--feature-set", "text", "--run-dir", str(empty), "--json"])
+    assert result.exit_code == 0, result.output
+    assert (empty / "metrics.json").is_file() and (empty / "baseline.json").is_file()
+    again = runner.invoke(app, ["baseline", "--store", str(store.path), "--feature-set", "text", "--run-dir", str(empty)])
+    one_line(again, f"{empty}: already holds baseline.json")
+
+    report = tmp_path / "report"
+    for _ in range(2):  # the second compare replaces the first one's report
+        shown = runner.invoke(app, ["compare", "--store", str(store.path), "--out", str(report)])
+        assert shown.exit_code == 0, shown.output
+    assert (report / "report.md").is_file() and (report / "report.html").is_file()
+    (report / "mine.txt").write_text("a file of mine")
+    one_line(runner.invoke(app, ["compare", "--store", str(store.path), "--out", str(report)]), f"{report}: already holds mine.txt")
