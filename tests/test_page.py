@@ -94,3 +94,29 @@ def test_page_shows_a_dialogue_with_labels_predictions_and_neighbours(store, tmp
 
     first = dialogue["uid"][0]  # selected on load: its neighbours are listed
     assert blocks(dom, "uid") == Q.similar(store, first, "text", k=8)["uid"].to_list()
+
+
+def test_deep_links_open_dialogues_whose_ids_hold_a_slash_or_a_percent_sign(tmp_path):
+    """`#SPLIT/DIALOGUE` with each part percent-encoded (as the page writes it); a hand-typed link
+    whose `%` is not an escape, and an old unencoded `#dev/a/b`, still open the dialogue they name."""
+    from urllib.parse import quote
+
+    from typer.testing import CliRunner
+
+    from bemerc.cli import app
+    from conftest import write_csv
+
+    ids = ["a", "a/b", "50%off", "x/y", "x%2Fy"]
+    rows = [{"dialogue_id": d, "turn": t, "speaker": "Ann", "text": f"line {t} of {d}", "label": "joy", "split": "dev"}
+            for d in ids for t in range(2)]
+    store = tmp_path / "store"
+    result = CliRunner().invoke(app, ["ingest", "manifest", str(write_csv(tmp_path / "ids.csv", rows)), "--store", str(store)])
+    assert result.exit_code == 0, result.output
+    links = {f"#dev/{quote(d, safe='')}": d for d in ids}  # what the page writes (encodeURIComponent)
+    links |= {"#dev/50%off": "50%off", "#dev/a/b": "a/b"}  # typed by hand; written before the parts were encoded
+    with running_server(create_app(store)) as url:
+        for link, dialogue in links.items():
+            dom = chromium(f"{url}/{link}", tmp_path, "--dump-dom").stdout
+            assert blocks(dom, "dialogue-title") == [f"Dialogue {dialogue} · dev"], link
+            assert blocks(dom, "utterance")[0].endswith(f"line 0 of {dialogue}"), link
+            assert "URI malformed" not in dom, link

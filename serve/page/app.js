@@ -79,9 +79,26 @@ function groupTitle(runId) {
     (failed.length ? `\nfailed seeds: ${failed.join(", ")}` : "");
 }
 
+// A deep link is `#SPLIT/DIALOGUE`, each part percent-encoded on its own (hashFor), so a dialogue id may
+// hold `/` or `%`. The split ends at the first `/`; everything after it is the dialogue id. A part that
+// is not valid percent-encoding (a link typed by hand, `#dev/50%off`) is taken as it is.
+function hashFor(split, dialogueId) {
+  return `#${encodeURIComponent(split)}/${encodeURIComponent(dialogueId)}`;
+}
+
+function decodePart(part) {
+  try {
+    return decodeURIComponent(part);
+  } catch {
+    return part;
+  }
+}
+
 function parseHash() {
-  const [split, dialogue] = decodeURIComponent(location.hash.slice(1)).split("/");
-  return { split: split || null, dialogue: dialogue || null };
+  const hash = location.hash.slice(1);
+  const cut = hash.indexOf("/");
+  const [split, dialogue] = cut < 0 ? [hash, ""] : [hash.slice(0, cut), hash.slice(cut + 1)];
+  return { split: decodePart(split) || null, dialogue: decodePart(dialogue) || null };
 }
 
 async function chooseSplit(split, dialogueId) {
@@ -118,7 +135,7 @@ async function openDialogue(split, dialogueId, highlightUid) {
   const query = dataset ? `?dataset=${encodeURIComponent(dataset)}` : "";
   const data = await getJSON(`/dialogues/${encodeURIComponent(split)}/${encodeURIComponent(dialogueId)}${query}`);
   state.current = data;
-  history.replaceState(null, "", `#${split}/${dialogueId}`);
+  history.replaceState(null, "", hashFor(split, dialogueId));
   for (const item of $("dialogues").children) item.classList.toggle("active", item.dataset.id === dialogueId);
   $("dialogue-title").textContent = `Dialogue ${dialogueId} · ${split}`;
   $("empty").hidden = true;
