@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from bemerc.store.db import Store
 
@@ -26,15 +27,29 @@ REPAIR = {
 }
 
 
+# LanceDB's words for a file it cannot read (cut short, overwritten, gone), as opposed to a disk or network fault
+DAMAGE = re.compile(r"[Cc]orrupt|not a lance file|Invalid (?:data|file)|Invalid range \S+ for object of size|unexpected end of file|"
+                    r"failed to fill whole buffer|Unexpected EOF|out of range|invalid footer|magic|file size is too small|"
+                    r"Not found: \S+\.lance|failed to decode")
+
+
 @dataclass(frozen=True)
 class Damage:
     table: str
     path: str  # the table's folder (or URI)
     cause: str  # one line
+    # the newest version that reads whole, when the newest one cannot be opened (its manifest damaged)
+    previous_version: int | None = None
+    previous_rows: int | None = None
 
-    def line(self) -> str:
+    def line(self, store: str | None = None) -> str:
         kind = "features" if self.table.startswith("features_") else self.table
         repair = REPAIR.get(kind, "restore it from a backup")
+        if self.previous_version is not None:
+            where = f" --store {store}" if store else ""
+            repair = (f"`bemerc store check --restore{where}` makes version {self.previous_version} "
+                      f"({self.previous_rows:,} rows) the newest; what was written after it is lost: run the command "
+                      f"that wrote it again; else {repair}")
         return f"{self.path}: table {self.table!r} cannot be read: {self.cause} (to repair: {repair})"
 
 
@@ -52,20 +67,94 @@ def lance_cause(exc: BaseException) -> str:
     return text[:300]
 
 
+def _read_whole(table) -> str | None:
+    """None when every row of the opened LanceDB ``table`` reads; else the cause in one line."""
+    rows = table.count_rows()
+    read = 0
+    for batch in table.search().limit(None).to_batches():
+        read += batch.num_rows
+    return None if read == rows else f"{read:,} of its {rows:,} rows read"
+
+
+def _manifests(store: Store, name: str) -> list[Path]:
+    """The version manifests of table ``name`` of a local store, oldest first (file names are
+    ``N.manifest``, or ``2**64 - 1 - N`` in Lance's newer naming); empty on object storage."""
+    if "://" in str(store.path):
+        return []
+    folder = Path(store.path) / f"{name}.lance" / "_versions"
+
+    def version(path: Path) -> int:
+        n = int(path.name.removesuffix(".manifest"))
+        return n if n < 2**63 else 2**64 - 1 - n
+
+    return sorted((f for f in folder.glob("*.manifest") if f.name.removesuffix(".manifest").isdigit()), key=version)
+
+
+def _previous_readable(store: Store, name: str, tries: int = 3) -> tuple[int, int, int] | None:
+    """(version, rows, k) of the newest version that opens and reads whole once the newest ``k``
+    manifests are left out (LanceDB opens a table, at any version, through its newest manifest, so
+    older versions are read through a folder of links to the table's files without those): None
+    when none does, or on object storage."""
+    import tempfile
+
+    import lancedb
+
+    manifests = _manifests(store, name)
+    table_dir = Path(store.path).resolve() / f"{name}.lance"
+    for k in range(1, min(tries, len(manifests) - 1) + 1):
+        with tempfile.TemporaryDirectory(prefix="bemerc-check-") as tmp:
+            view = Path(tmp) / f"{name}.lance"
+            view.mkdir()
+            for entry in table_dir.iterdir():
+                if entry.name != "_versions":
+                    (view / entry.name).symlink_to(entry)
+            (view / "_versions").mkdir()
+            for manifest in manifests[:-k]:
+                (view / "_versions" / manifest.name).symlink_to(manifest.resolve())
+            try:
+                table = lancedb.connect(tmp).open_table(name)
+                if _read_whole(table) is None:
+                    return int(table.version), int(table.count_rows()), k
+            except Exception:  # noqa: BLE001 - as in check_table: try the one before
+                continue
+    return None
+
+
 def check_table(store: Store, name: str) -> Damage | None:
-    """None when every row of table ``name`` reads; else the :class:`Damage`."""
+    """None when every row of table ``name`` reads; else the :class:`Damage`. When the newest
+    version cannot even be opened (its manifest cut short or gone), the damage names the newest
+    older version that reads whole, which :func:`restore_previous` can make the newest again."""
     path = f"{store.path}/{name}.lance"
     try:
         table = store.db.open_table(name)
-        rows = table.count_rows()
-        read = 0
-        for batch in table.search().limit(None).to_batches():
-            read += batch.num_rows
-        if read != rows:
-            return Damage(name, path, f"{read:,} of its {rows:,} rows read")
     except Exception as exc:  # LanceDB raises RuntimeError, OSError or ValueError for unreadable files
+        previous = _previous_readable(store, name)
+        return Damage(name, path, f"its newest version cannot be opened: {lance_cause(exc)}",
+                      *(previous[:2] if previous else (None, None)))
+    try:
+        cause = _read_whole(table)
+    except Exception as exc:  # as above
         return Damage(name, path, lance_cause(exc))
-    return None
+    return Damage(name, path, cause) if cause else None
+
+
+def restore_previous(store: Store, damage: Damage) -> list[Path]:
+    """Make ``damage.previous_version`` the newest version of its table again: the manifests of the
+    damaged newer versions move to ``TABLE.lance/_damaged_versions/`` (kept, never read) and Lance's
+    latest-version hint goes, under the write lock. Local stores only; returns the moved files."""
+    found = _previous_readable(store, damage.table)
+    if damage.previous_version is None or found is None or found[0] != damage.previous_version:
+        raise ValueError(f"{damage.path}: no earlier version of table {damage.table!r} reads whole")
+    moved = []
+    with store.lock:
+        table_dir = Path(store.path) / f"{damage.table}.lance"
+        aside = table_dir / "_damaged_versions"
+        aside.mkdir(exist_ok=True)
+        for manifest in _manifests(store, damage.table)[-found[2]:]:
+            manifest.rename(aside / manifest.name)
+            moved.append(aside / manifest.name)
+        (table_dir / "_versions" / "latest_version_hint.json").unlink(missing_ok=True)
+    return moved
 
 
 def probe_store(store: Store) -> list[Damage]:

@@ -28,6 +28,16 @@ class StoreError(RuntimeError):
     """A problem with the store's contents (a missing table, an unknown feature set, ...)."""
 
 
+class DamagedTableError(StoreError):
+    """A table LanceDB cannot open (its newest version manifest cut short or gone): every command
+    answers this one line, which points at ``bemerc store check`` (it says how to recover)."""
+
+    def __init__(self, store: str | Path, table: str, cause: str):
+        self.table, self.cause = table, cause
+        super().__init__(f"{store}: the store is damaged: table {table!r} cannot be opened ({cause}); "
+                         f"`bemerc store check --store {store}` names every damaged table and how to recover it")
+
+
 @dataclass(frozen=True)
 class FeatureSet:
     """One set of features: a modality, an extractor and the hash of its configuration."""
@@ -147,11 +157,24 @@ class Store:
         """The LanceDB table ``name`` (raises :class:`StoreError` when missing)."""
         if not self.has_table(name):
             raise StoreError(f"{self.path}: no table {name!r} (tables: {', '.join(self.table_names()) or 'none'})")
-        return self.db.open_table(name)
+        return self._open(name)
+
+    def _open(self, name: str, version: int | None = None) -> Any:
+        """Open a table that exists; one LanceDB cannot open (a version manifest cut short or gone) is
+        a :class:`DamagedTableError`, never a raw Rust error or, worse, an older version read as if
+        it were the newest."""
+        try:
+            return self.db.open_table(name, **({"version": version} if version is not None else {}))
+        except (OSError, RuntimeError, ValueError) as exc:
+            from bemerc.store.check import DAMAGE, lance_cause
+
+            if not DAMAGE.search(str(exc)):
+                raise  # the disk's or the network's fault, not the table's (bemerc.cli.faults says which)
+            raise DamagedTableError(self.path, name, lance_cause(exc)) from exc
 
     def _ensure(self, name: str, schema: pa.Schema) -> Any:
         if self.has_table(name):
-            return self.db.open_table(name)
+            return self._open(name)
         return self.db.create_table(name, schema=schema)
 
     def version(self, name: str) -> int:
@@ -170,7 +193,7 @@ class Store:
                 raise StoreError(f"{self.path}: no table {name!r}")
             table = schema.empty_table()
             return table.select(columns) if columns else table
-        tbl = self.db.open_table(name)
+        tbl = self._open(name)
         if where is None:
             data = tbl.to_arrow()
             return data.select(columns) if columns else data
@@ -218,7 +241,7 @@ class Store:
         if not self.has_table(name):
             return
         with self.lock:
-            self.db.open_table(name).delete(where)
+            self._open(name).delete(where)
 
     # -- feature sets -------------------------------------------------------------------------
     def register_feature_set(
@@ -301,15 +324,20 @@ class Store:
 
     def feature_set(self, ref: str) -> FeatureSet:
         """Look a feature set up by id (``text/minilm-l6@3f2a9c1b``), by ``modality/extractor``
-        (the newest configuration) or by modality alone (the newest feature set of it)."""
+        (the newest configuration) or by modality alone (the newest feature set of it with trained
+        weights: rows of random weights feed a model only when named by id or ``modality/extractor``)."""
         sets = self.feature_sets()
         for candidates in (
             [f for f in sets if f.id == ref],
             [f for f in sets if f"{f.modality}/{f.extractor}" == ref],
-            [f for f in sets if f.modality == ref],
+            [f for f in sets if f.modality == ref and not f.random_weights],
         ):
             if candidates:
                 return candidates[-1]
+        random = [f.id for f in sets if f.modality == ref]
+        if random:
+            raise StoreError(f"{self.path}: {ref} has only features of random weights ({', '.join(random)}); "
+                             "name one by id or modality/extractor to use it anyway")
         known = ", ".join(f.id for f in sets) or "none"
         raise StoreError(f"{self.path}: no feature set {ref!r} (present: {known})")
 
@@ -391,7 +419,7 @@ class Store:
         """
         tables = {}
         for name in self.table_names():
-            tbl = self.db.open_table(name)
+            tbl = self._open(name)
             tables[name] = {"rows": int(tbl.count_rows()), "version": int(tbl.version)}
         features: dict[str, dict] = {}
         sets = self.feature_sets()

@@ -1,8 +1,8 @@
 """Answers about the store cached beside its tables while it is unchanged: what ``bemerc store info``
 prints, and which feature sets an ``extract`` run found complete.
 
-Every LanceDB commit adds a version manifest to its table's ``_versions`` folder, so the names of
-those files, listed without opening LanceDB, say whether anything changed since an answer was
+Every LanceDB commit adds a version manifest to its table's ``_versions`` folder, so the names (and
+sizes) of those files, listed without opening LanceDB, say whether anything changed since an answer was
 computed. An unchanged store answers from ``.bemerc-info.json`` in a few milliseconds; any write (a
 new table, row, deletion or cleanup) changes the listing and every cached answer is computed again.
 Object-storage stores are always read through LanceDB.
@@ -19,8 +19,8 @@ SUMMARY_FILE = ".bemerc-info.json"
 
 
 def tables_state(path: str | Path) -> dict[str, list[str]] | None:
-    """Table -> sorted names of its version manifests, read from the folder; None when ``path`` is
-    not a local folder.
+    """Table -> its version manifests (``NAME:SIZE``, sorted), read from the folder; None when
+    ``path`` is not a local folder.
 
     >>> tables_state("/no/such/store") is None
     True
@@ -30,11 +30,12 @@ def tables_state(path: str | Path) -> dict[str, list[str]] | None:
     state = {}
     for entry in os.scandir(path):
         if entry.name.endswith(".lance") and entry.is_dir():
-            try:
-                versions = os.listdir(os.path.join(entry.path, "_versions"))
+            try:  # name and size: a manifest cut short (a damaged table) is a change too
+                versions = [f"{v.name}:{v.stat().st_size}" for v in os.scandir(os.path.join(entry.path, "_versions"))
+                            if v.name.endswith(".manifest")]
             except FileNotFoundError:
                 versions = []
-            state[entry.name.removesuffix(".lance")] = sorted(n for n in versions if n.endswith(".manifest"))
+            state[entry.name.removesuffix(".lance")] = sorted(versions)
     return state
 
 

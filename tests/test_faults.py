@@ -147,6 +147,33 @@ def test_a_damaged_store_is_found_by_store_check_and_every_command_points_at_it(
     assert cli("store", "check", "--store", str(trained)).exit_code == 0  # the original reads whole
 
 
+def test_a_cut_short_newest_version_manifest_is_one_line_everywhere_and_store_check_restores_the_previous_version(trained, tmp_path):
+    store = Path(shutil.copytree(trained, tmp_path / "store"))
+    table = Store(store).feature_set("text").table_name
+    uid = Store(store).read("utterances", ["uid"])["uid"][0]
+    manifests = sorted((store / f"{table}.lance" / "_versions").glob("*.manifest"), key=lambda p: int(p.stem))
+    newest = manifests[0] if int(manifests[0].stem) >= 2**63 else manifests[-1]  # Lance's newer naming counts down
+    with open(newest, "r+b") as fh:
+        fh.truncate(50)
+    for command in (["baseline", "--run-dir", str(tmp_path / "r")], ["extract", "--modality", "text", "--threads", "1"],
+                    ["query", "show", uid], ["query", "similar", uid], ["query", "export", "text", str(tmp_path / "x.csv")],
+                    ["store", "info"]):
+        one_line(cli(*command, "--store", str(store)), f"{store}: the store is damaged: table {table!r} cannot be opened",
+                 "file size is too small", f"bemerc store check --store {store}")
+    assert not (tmp_path / "r").exists() and not (tmp_path / "x.csv").exists()
+
+    check = cli("store", "check", "--store", str(store))
+    assert check.exit_code == 1 and f"table {table!r} cannot be read: its newest version cannot be opened" in check.output
+    assert f"`bemerc store check --restore --store {store}` makes version" in check.output
+    restored = cli("store", "check", "--restore", "--store", str(store))
+    assert restored.exit_code == 0, restored.output
+    assert "is the newest again" in restored.output and f"all 5 tables read whole" in restored.output
+    assert (store / f"{table}.lance" / "_damaged_versions" / newest.name).stat().st_size == 50  # kept aside, not deleted
+    again = cli("extract", "--modality", "text", "--threads", "1", "--store", str(store))  # what the lost write held is computed again
+    assert again.exit_code == 0, again.output
+    assert Store(store).count(table) == 40 and cli("store", "check", "--store", str(store)).exit_code == 0
+
+
 class Relay:
     """A TCP relay to the S3 server that the test can cut (connections refused) and restore: the
     server "goes away" while keeping what it stored."""

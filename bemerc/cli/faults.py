@@ -78,12 +78,11 @@ def _damage(text: str, store: str) -> str | None:
         table = _TABLE.search(path)
         name = f"table {table.group(1)!r}" if table else "a table"
         return f"{store}: the store is damaged: {name} cannot be read: it lacks {path}; {CHECK_HINT.format(store=store)}"
-    if re.search(r"[Cc]orrupt|not a lance file|Invalid (?:data|file)|Invalid range \S+ for object of size|unexpected end of file|"
-                 r"failed to fill whole buffer|Unexpected EOF|out of range|invalid footer|magic", text):
+    from bemerc.store.check import DAMAGE, lance_cause
+
+    if DAMAGE.search(text):
         table = _TABLE.search(text)
         name = f"table {table.group(1)!r}" if table else "a table"
-        from bemerc.store.check import lance_cause
-
         return f"{store}: the store is damaged: {name} has an unreadable file ({lance_cause(RuntimeError(text))}); {CHECK_HINT.format(store=store)}"
     return None
 
@@ -91,7 +90,11 @@ def _damage(text: str, store: str) -> str | None:
 def describe(exc: BaseException, store: str) -> str | None:
     """One line for a storage or machine fault raised by a command on ``store``; None when ``exc``
     is none of those (it stays a traceback)."""
+    from bemerc.store.db import DamagedTableError
+
     for e in _chain(exc):
+        if isinstance(e, DamagedTableError):
+            return str(e)
         text = str(e)
         if not isinstance(e, OSError) and not _RUST.search(text):
             continue

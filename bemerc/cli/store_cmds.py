@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -65,24 +66,38 @@ def info(store: StoreOption = DEFAULT_STORE, as_json: JsonOption = False) -> Non
 
 
 @store_app.command("check")
-def check(store: StoreOption = DEFAULT_STORE, as_json: JsonOption = False) -> None:
+def check(
+    store: StoreOption = DEFAULT_STORE,
+    restore: Annotated[bool, typer.Option(
+        "--restore", help="For each table whose newest version cannot be opened (its version manifest cut short or "
+                          "gone), make the newest older version that reads whole the newest again (the writes after it are lost).")] = False,
+    as_json: JsonOption = False,
+) -> None:
     """Read every table whole (every row and column) and name each one that cannot be read: a data
-    file deleted or cut short. `store info` counts rows from the tables' manifests and cannot see it.
+    file deleted or cut short, or a newest version whose manifest is damaged (then the newest older
+    version that reads whole is named: `--restore` makes it the newest again). `store info` counts
+    rows from the tables' manifests and cannot see all of it.
 
     Exit status 1 when a table is damaged, with one line per damaged table. With --json prints
-    `{"tables": N, "damaged": [{"table", "path", "cause"}]}`.
+    `{"tables": N, "damaged": [{"table", "path", "cause", "previous_version", "previous_rows"}]}`.
     """
-    from bemerc.store.check import check_store
+    from bemerc.store.check import check_store, restore_previous
 
     opened = open_store(store)
     damaged = check_store(opened)
+    if restore:
+        for d in [d for d in damaged if d.previous_version is not None]:
+            moved = restore_previous(opened, d)
+            console.print(f"{d.path}: version {d.previous_version} ({d.previous_rows:,} rows) is the newest again; the damaged "
+                          f"manifest(s) moved to {moved[0].parent}", highlight=False)
+        damaged = check_store(opened)
     if as_json:
         print(json.dumps({"tables": len(opened.table_names()), "damaged": [d.__dict__ for d in damaged]}, indent=2))
         if damaged:
             raise typer.Exit(1)
         return
     for d in damaged:
-        console.print(f"[red]damaged[/] {d.line()}", highlight=False)
+        console.print(f"[red]damaged[/] {d.line(store)}", highlight=False)
     if damaged:
         fail(f"{opened.path}: {len(damaged)} of {len(opened.table_names())} tables cannot be read")
     console.print(f"{opened.path}: all {len(opened.table_names())} tables read whole")
