@@ -39,7 +39,7 @@ from bemerc.extract.base import MODALITY_ORDER  # audio first: a transcript can 
 from bemerc.models.profiles import DEFAULT_PROFILE
 from bemerc.store import Store, StoreError
 from bemerc.store import schema as S
-from bemerc.store.ingest.common import sniff_container
+from bemerc.store.ingest.common import STILL_CONTAINERS, sniff_container
 from bemerc.store.runs import list_runs
 from bemerc.train.tensors import Corpus, ModalityArrays
 
@@ -67,7 +67,7 @@ class PredictUtterance(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     speaker: str | None = Field(None, max_length=200)
-    text: str | None = Field(None, max_length=5000)
+    text: str | None = Field(None, max_length=S.MAX_TEXT_CHARS)  # the limit of every entry point (manifests too)
 
     @model_validator(mode="before")
     @classmethod
@@ -134,7 +134,9 @@ def check_media(path: Path, kind: str, name: str, max_media_s: float | None = No
     container = sniff_container(head)
     if container is None:
         raise PredictError(415, f"upload {name!r} is not a supported media file (expected wav, mp3, flac, ogg, mp4/mov, "
-                                "mkv/webm, avi or flv by content)")
+                                "mkv/webm, avi or flv by content, or a jpeg or png as video)")
+    if container in STILL_CONTAINERS:
+        return check_still(path, kind, name, container)
     exe = shutil.which("ffprobe")
     if exe is None:
         raise PredictError(503, "ffprobe is not installed on the server (install ffmpeg)")
@@ -157,6 +159,26 @@ def check_media(path: Path, kind: str, name: str, max_media_s: float | None = No
     if max_media_s is not None and duration > max_media_s:
         raise PredictError(413, f"upload {name!r} lasts {duration:.1f} s, over the limit of {max_media_s:g} s per utterance")
     return duration
+
+
+MAX_STILL_PIXELS = 50_000_000  # a still image larger than this is refused before it is decoded (a decompression bomb)
+
+
+def check_still(path: Path, kind: str, name: str, container: str) -> float:
+    """0.0 (a one-frame video) for a readable JPEG or PNG uploaded as video; else a :class:`PredictError`."""
+    from PIL import Image
+
+    if kind != "video":
+        raise PredictError(415, f"upload {name!r} is a still image ({container}), not {kind}")
+    try:
+        with Image.open(path) as image:
+            if image.width * image.height > MAX_STILL_PIXELS:
+                raise PredictError(413, f"upload {name!r} is {image.width}x{image.height} pixels, over the limit of "
+                                        f"{MAX_STILL_PIXELS:,} for a still image")
+            image.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise PredictError(415, f"upload {name!r} looks like {container} but cannot be read ({error})") from None
+    return 0.0
 
 
 def media_duration_s(probe: dict) -> float | None:

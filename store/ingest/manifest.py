@@ -31,7 +31,7 @@ from bemerc.store.ingest.common import (
     read_utf8,
 )
 from bemerc.store.objects import is_uri, join_uri
-from bemerc.store.schema import LABEL_SETS
+from bemerc.store.schema import LABEL_SETS, MAX_TEXT_CHARS
 
 REQUIRED = ("dialogue_id", "turn")
 WHOLE_NUMBER = re.compile(r"\s*\+?[0-9]{1,12}(\.0*)?\s*")
@@ -70,6 +70,9 @@ def _load(path: str | Path) -> tuple[list[str], list[tuple[int, dict]]]:
         try:
             rows = [(reader.line_num, row) for row in reader]
         except csv.Error as e:
+            if "field larger than field limit" in str(e):  # the csv module's own bound, far above ours
+                raise IngestError(path, f"a cell holds more than {csv.field_size_limit():,} characters; "
+                                        f"{TOO_LONG}", reader.line_num + 1) from None
             raise IngestError(path, f"unreadable CSV ({e})", reader.line_num) from None
         return list(reader.fieldnames or []), rows
     raise IngestError(path, f"unknown manifest format {suffix!r} (expected .csv, .jsonl or .parquet)")
@@ -105,14 +108,20 @@ def _turn(value: object, path: Path, n: int) -> int:
     return turn
 
 
+TOO_LONG = f"an utterance's cells hold at most {MAX_TEXT_CHARS:,} characters (shorten or split the row)"
+
+
 def _text(value: object, path: Path, n: int, column: str) -> str | None:
-    """A text cell stripped (None when blank); lists, objects, bytes and text that cannot be stored as
-    UTF-8 (lone surrogates from JSON escapes) are an :class:`IngestError`."""
+    """A text cell stripped (None when blank); lists, objects, bytes, text that cannot be stored as
+    UTF-8 (lone surrogates from JSON escapes) and text longer than
+    :data:`~bemerc.store.schema.MAX_TEXT_CHARS` are an :class:`IngestError`."""
     if _blank(value):
         return None
     if not isinstance(value, (str, int, float)):
         raise IngestError(path, f"column {column!r} must be text, found {type(value).__name__} {str(value)[:40]!r}", n)
     text = str(value).strip()
+    if len(text) > MAX_TEXT_CHARS:
+        raise IngestError(path, f"column {column!r} holds {len(text):,} characters; {TOO_LONG}", n)
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
