@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from bemerc.store.db import Store, StoreError
 
@@ -71,6 +74,62 @@ def check_run_dir(run_dir: str | Path, *, allow: Iterable[str] = (), option: str
         shown = ", ".join(taken[:3]) + (f" and {len(taken) - 3} more" if len(taken) > 3 else "")
         raise RunDirError(f"{path}: already holds {shown}; nothing was written (a run never writes over another's "
                           f"files): give {option} a new or empty folder")
+
+
+def write_run_files(run_dir: str | Path, write: Callable[[Path], None], *, replace: Iterable[str] = ()) -> list[str]:
+    """Write a run's (or a report's) files whole or not at all; returns the names written.
+
+    ``write(folder)`` fills a temporary folder beside ``run_dir`` (``.NAME.partial-XXXX``), which
+    then becomes ``run_dir``: one rename when ``run_dir`` is absent or empty, else its entries move in
+    (a seed group's folder holding its seed folders, a tuned run's working folder); entries of
+    ``run_dir`` matching the ``replace`` globs (an earlier report) go first. Any error (a full disk)
+    removes the temporary folder, so no half-written run folder stays behind, and an ``OSError``
+    that names no file is raised again naming ``run_dir``.
+    """
+    run_dir = Path(run_dir)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.partial-", dir=run_dir.parent))
+    try:
+        try:
+            write(staging)
+        except OSError as exc:
+            if exc.filename is None and exc.errno:  # a write() that failed: say where
+                raise OSError(exc.errno, exc.strerror, str(run_dir)) from exc
+            raise
+        names = sorted(os.listdir(staging))
+        patterns = list(replace)
+        if run_dir.is_dir():
+            for entry in run_dir.iterdir():
+                if any(fnmatch.fnmatchcase(entry.name, p) for p in patterns):
+                    shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+            if not any(run_dir.iterdir()):
+                run_dir.rmdir()
+        if not run_dir.exists():
+            staging.rename(run_dir)
+            return names
+        taken = [n for n in names if os.path.lexists(run_dir / n)]
+        if taken:
+            raise RunDirError(f"{run_dir}: already holds {', '.join(taken)}; nothing was written (a run never writes over "
+                              "another's files)")
+        for name in names:
+            (staging / name).rename(run_dir / name)
+        staging.rmdir()
+        return names
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def remove_run_files(run_dir: str | Path, names: Iterable[str]) -> None:
+    """Take back what :func:`write_run_files` wrote (the run could not be recorded); ``run_dir``
+    goes too when nothing else is left in it."""
+    run_dir = Path(run_dir)
+    for name in names:
+        path = run_dir / name
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+    try:
+        run_dir.rmdir()
+    except OSError:
+        pass  # not empty (a seed group's seed folders, a tuned run's checkpoint) or already gone
 
 
 def seed_groups(runs: list[dict]) -> dict[str, dict]:

@@ -96,3 +96,44 @@ def test_an_empty_folder_takes_a_run_and_a_report_replaces_an_earlier_report(sto
     assert (report / "report.md").is_file() and (report / "report.html").is_file()
     (report / "mine.txt").write_text("a file of mine")
     one_line(runner.invoke(app, ["compare", "--store", str(store.path), "--out", str(report)]), f"{report}: already holds mine.txt")
+
+
+def test_a_full_disk_leaves_no_half_written_run_folder_and_says_so_in_one_line(store, tmp_path):
+    """Run folders on a full tmpfs (the store elsewhere): each writer answers the one-line "no space
+    left" naming its folder, and neither the folder nor a temporary one stays behind."""
+    from test_faults import tmpfs
+
+    before = sorted(runs(store))
+    with tmpfs(tmp_path / "full", "1m") as mount:
+        filler = mount / "filler"
+        with open(filler, "wb") as fh:  # every block taken
+            try:
+                while True:
+                    fh.write(b"\0" * 65536)
+                    fh.flush()
+            except OSError:
+                pass
+        for writer in ("baseline", "fuse", "compare --out"):
+            target = mount / writer.split()[0]
+            line = one_line(runner.invoke(app, writers(store, target)[writer]), f"{target}: no space left on the device",
+                            "free space, then run the same command again")
+            assert "Traceback" not in line
+            assert sorted(p.name for p in mount.iterdir()) == ["filler"], writer  # no run folder, no .partial folder
+        assert sorted(runs(store)) == before
+
+
+def test_a_run_the_store_cannot_record_leaves_no_run_folder(store, tmp_path):
+    """The run folder is written whole, then the store records the run; when the store refuses (here
+    read-only), the folder is taken back: no run folder without its `runs` row."""
+    import shutil
+    import subprocess
+
+    from test_faults import tmpfs
+
+    with tmpfs(tmp_path / "ro", "20m") as mount:
+        copy = Path(shutil.copytree(store.path, mount / "store"))
+        assert subprocess.run(["mount", "-o", "remount,ro", str(mount)]).returncode == 0
+        elsewhere = tmp_path / "elsewhere"
+        one_line(runner.invoke(app, ["baseline", "--store", str(copy), "--feature-set", "text", "--run-dir", str(elsewhere)]),
+                 "read-only")
+        assert not elsewhere.exists() and list(tmp_path.glob(".elsewhere.partial-*")) == []

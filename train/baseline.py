@@ -409,10 +409,10 @@ class BaselineModel:
         """Write ``model_{name}.ubj`` per booster, ``baseline.npz`` (projections, logistic heads)
         and ``baseline.json`` (classes, config, feature sets, fusion weights); returns file names."""
         run_dir.mkdir(parents=True, exist_ok=True)
-        files = []
         for name, booster in self.boosters.items():
-            booster.save_model(str(run_dir / f"model_{name}.ubj"))
-            files.append(f"model_{name}.ubj")
+            # written by Python, not by XGBoost's own file stream: a full disk is an OSError (ENOSPC) that
+            # names the cause, not "FileStream.Write incomplete"
+            (run_dir / f"model_{name}.ubj").write_bytes(booster.save_raw(raw_format="ubj"))
         arrays = {}
         for m, proj in self.projections.items():
             arrays[f"projection/{m}/mean"] = proj.mean
@@ -434,7 +434,11 @@ class BaselineModel:
             "prior": self.prior.tolist(),
         }
         (run_dir / "baseline.json").write_text(json.dumps(manifest, indent=2))
-        return [*files, "baseline.npz", "baseline.json"]
+        return self.file_names()
+
+    def file_names(self) -> list[str]:
+        """The files :meth:`save` writes."""
+        return [*(f"model_{name}.ubj" for name in self.boosters), "baseline.npz", "baseline.json"]
 
     @classmethod
     def load(cls, run_dir: str | Path) -> BaselineModel:
@@ -651,7 +655,7 @@ def train_baseline(
         raise StoreError(f"{store.path}: {e}") from None
     run_id = run_id or new_run_id("baseline")
     run_dir = Path(run_dir) if run_dir else default_run_dir(store, run_id)
-    files = fit.model.save(run_dir)
+    files = fit.model.file_names()
     u = corpus.utterances
     evaluated = u["split"].is_in(list(EVAL_SPLITS)).to_numpy()
     fit.metrics["train_seconds"] = round(time.perf_counter() - started, 1)
@@ -669,5 +673,6 @@ def train_baseline(
         gold=u["label"].filter(evaluated).to_list(),
         probabilities=fit.probabilities[evaluated],
         dataset=datasets[0],
+        write_files=fit.model.save,
     )
     return BaselineResult(run_id=run_id, run_dir=run_dir, metrics=fit.metrics, seconds=time.perf_counter() - started)

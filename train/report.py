@@ -25,7 +25,7 @@ from bemerc.store import Store, StoreError
 from bemerc.store.schema import sql_quote
 from bemerc.train.evaluate import bootstrap_intervals, paired_test
 from bemerc.train.metrics import classification_metrics
-from bemerc.store.runs import GROUP_KIND, check_run_dir, list_runs
+from bemerc.store.runs import GROUP_KIND, check_run_dir, list_runs, write_run_files
 from bemerc.train.runs import GROUP_METRICS, seed_summary
 
 # The dataset name of the embedded synthetic demo (`make demo` ingests it as `--dataset demo`).
@@ -439,13 +439,16 @@ def write_report(data: dict, out_dir: str | Path) -> dict[str, Path]:
 
     Returns ``{"markdown": path, "html": path}``. ``out_dir`` must be new, empty or hold only an
     earlier report (:data:`REPORT_FILES`, which this one replaces): a file or a folder of other files
-    is refused (:class:`~bemerc.store.runs.RunDirError`), never written into.
+    is refused (:class:`~bemerc.store.runs.RunDirError`), never written into. The report is written
+    beside it first and moved in whole (:func:`~bemerc.store.runs.write_run_files`).
     """
     out_dir = Path(out_dir)
     check_run_dir(out_dir, allow=REPORT_FILES, option="--out")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    blocks = _blocks(data, out_dir)
-    markdown, page = out_dir / "report.md", out_dir / "report.html"
-    markdown.write_text(render_markdown(blocks, out_dir), encoding="utf-8")
-    page.write_text(render_html(blocks), encoding="utf-8")
-    return {"markdown": markdown, "html": page}
+
+    def write(folder: Path) -> None:  # whole or not at all: a full disk leaves the earlier report (or nothing)
+        blocks = _blocks(data, folder)
+        (folder / "report.md").write_text(render_markdown(blocks, folder), encoding="utf-8")
+        (folder / "report.html").write_text(render_html(blocks), encoding="utf-8")
+
+    write_run_files(out_dir, write, replace=REPORT_FILES)
+    return {"markdown": out_dir / "report.md", "html": out_dir / "report.html"}

@@ -10,6 +10,7 @@ import json
 import secrets
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import polars as pl
@@ -17,7 +18,7 @@ import pyarrow as pa
 
 from bemerc.store import Store
 from bemerc.store import schema as S
-from bemerc.store.runs import GROUP_KIND, check_run_dir, default_run_dir, list_runs
+from bemerc.store.runs import GROUP_KIND, check_run_dir, default_run_dir, list_runs, remove_run_files, write_run_files
 from bemerc.train.metrics import classification_metrics
 
 
@@ -46,17 +47,39 @@ def save_run(
     gold: list[str | None],
     probabilities: np.ndarray,
     dataset: str | None = None,
+    write_files: Callable[[Path], object] | None = None,
 ) -> Path:
-    """Write ``metrics.json`` (and ``config.json``) in ``run_dir``, then the run and its predictions
-    to the store (the run row last, so a run listed in ``runs`` always has its predictions).
+    """Write the run's files (``write_files(folder)``, e.g. its models, then ``metrics.json`` and
+    ``config.json``) into ``run_dir``, whole or not at all (:func:`~bemerc.store.runs.write_run_files`),
+    then the run and its predictions to the store (the run row last, so a run listed in ``runs``
+    always has its predictions). When the store cannot record the run (a full disk, a read-only
+    store), the files are taken back: no run folder without its ``runs`` row is left behind.
 
     ``probabilities`` is (N, C) in ``classes`` order; the predicted label is its argmax.
     """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    (run_dir / "config.json").write_text(json.dumps({"run_id": run_id, "kind": kind, "classes": classes,
-                                                     "feature_sets": feature_sets, **config}, indent=2, default=str))
+
+    def write(folder: Path) -> None:
+        if write_files is not None:
+            write_files(folder)
+        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        (folder / "config.json").write_text(json.dumps({"run_id": run_id, "kind": kind, "classes": classes,
+                                                        "feature_sets": feature_sets, **config}, indent=2, default=str))
+
+    written = write_run_files(run_dir, write)
+    try:
+        _record_run(store, run_id=run_id, kind=kind, run_dir=run_dir, classes=classes, feature_sets=feature_sets, config=config,
+                    metrics=metrics, uids=uids, splits=splits, gold=gold, probabilities=probabilities, dataset=dataset)
+    except BaseException:
+        remove_run_files(run_dir, written)
+        raise
+    return run_dir
+
+
+def _record_run(store: Store, *, run_id: str, kind: str, run_dir: Path, classes: list[str], feature_sets: list[str], config: dict,
+                metrics: dict, uids: list[str], splits: list[str], gold: list[str | None], probabilities: np.ndarray,
+                dataset: str | None) -> None:
+    """The predictions, then the ``runs`` row (see :func:`save_run`)."""
     probabilities = np.asarray(probabilities, dtype=np.float32)
     predicted = [classes[i] for i in probabilities.argmax(axis=1)]
     rows = pa.table(
@@ -86,7 +109,6 @@ def save_run(
             "run_dir": str(run_dir.resolve()),
         }
         store.upsert("runs", pa.Table.from_pylist([run], schema=S.RUNS))
-    return run_dir
 
 
 # -- seed groups ----------------------------------------------------------------------------------
