@@ -26,7 +26,7 @@ export BEMERC_STORE := $(STORE)
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: help setup features ingest tune baseline compare demo test bench serve clean
+.PHONY: help setup features ingest tune baseline compare demo test bench serve clean expression-model
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -90,6 +90,14 @@ bench: setup  ## speed benchmarks (ratios against baselines measured in the same
 	$(PY) bench/serve.py
 	$(PY) bench/cli.py
 	@echo "baseline sweep: $(PY) bench/baseline.py --store STORE; LLM tuning: $(PY) bench/tune.py --store STORE --model DIR (see its --help)"
+
+FACES_DIR ?= ../shared/data/faces
+expression-model: setup  ## rebuild bemerc's expression network from FACES_DIR (RAF-DB + FER2013, ~35 min on 2 cores) and ship it
+	$(BEMERC) models train-expression --out $(OUT)/expression --rafdb $(FACES_DIR)/rafdb_train.parquet --fer2013 $(FACES_DIR)/fer2013_train.parquet
+	cp $(OUT)/expression/expression_net.onnx bemerc/models/expression/expression_net.onnx
+	cp $(OUT)/expression/metrics.json bemerc/models/expression/metrics.json
+	@echo "shipped; its sha256 (pin it in configs/profiles/offline.toml, stages expression and visual):"
+	@sha256sum bemerc/models/expression/expression_net.onnx
 
 serve: setup  ## HTTP API and browse page on 127.0.0.1:8000
 	$(BEMERC) serve --report-dir $(OUT)/report

@@ -27,8 +27,10 @@ def _behavior(profile: Profile, device: str | None) -> Extractor:
 
 
 def _visual(profile: Profile, device: str | None) -> Extractor:
-    from bemerc.extract.visual import ClipVisualExtractor
+    from bemerc.extract.visual import ClipVisualExtractor, FaceEmbeddingExtractor
 
+    if profile.stage("visual").kind == "files":  # bemerc's face network (role `net`): the offline default
+        return FaceEmbeddingExtractor.from_profile(profile)
     return ClipVisualExtractor.from_profile(profile, device=device)
 
 

@@ -223,6 +223,8 @@ def sample_frames(
     decode the frames no other frame depends on (B-frames, most of an H.264 stream): a sample then
     lands on the nearest decoded frame, at most a few source frames (~0.1 s at 30 fps) from its time.
     """
+    if is_still(path):
+        return read_still(path, max_side)
     name, path = _open(path)
     info = _probe(name, path)
     if not info.has_video:
@@ -245,6 +247,47 @@ def sample_frames(
     frames = np.frombuffer(proc.stdout[: count * frame_bytes], dtype=np.uint8).reshape(count, height, width, 3)
     times = (np.arange(count) + 0.5) / fps
     return frames, times
+
+
+STILL_PAD = 0.5  # a still image is framed by this fraction of its longer side on every side (grey)
+def is_still(path: str | Path) -> bool:
+    """Whether the media file (or object) at ``path`` is a JPEG or PNG, by its first bytes."""
+    from bemerc.store.ingest.common import STILL_CONTAINERS, sniff_container  # not at import: it loads LanceDB
+
+    _, local = _open(path)
+    with open(local, "rb") as handle:
+        return sniff_container(handle.read(16)) in STILL_CONTAINERS
+
+
+def still_frame(image: np.ndarray, max_side: int = 640) -> np.ndarray:
+    """A still RGB image as the frame the face finder reads: scaled down so its longer side is at most
+    ``max_side``, then framed in grey by :data:`STILL_PAD` of that side. Photo corpora are often tight face
+    crops (RAF-DB, FER2013), and the face detector needs context around a face to find it."""
+    import cv2
+
+    height, width = image.shape[:2]
+    scale = min(1.0, max_side / max(height, width))
+    if scale < 1.0:
+        image = cv2.resize(image, (max(1, round(width * scale)), max(1, round(height * scale))), interpolation=cv2.INTER_AREA)
+    pad = int(round(STILL_PAD * max(image.shape[:2])))
+    return cv2.copyMakeBorder(image, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=(128, 128, 128))
+
+
+def read_still(path: str | Path, max_side: int = 640) -> tuple[np.ndarray, np.ndarray]:
+    """A JPEG or PNG as a one-frame video: ``(frames (1, H, W, 3) uint8 RGB, times_s [0.0])``, framed by
+    :func:`still_frame`; :class:`MediaError` when it cannot be decoded."""
+    import cv2
+
+    name, path = _open(path)
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as error:
+        raise MediaError(name, f"cannot read image ({error.strerror})") from None
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if image is None:
+        raise MediaError(name, "cannot decode image (not a readable JPEG or PNG)")
+    frame = still_frame(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), max_side)
+    return frame[None], np.zeros(1)
 
 
 def evenly_spaced(frames: np.ndarray, k: int) -> np.ndarray:

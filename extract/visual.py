@@ -147,3 +147,99 @@ class ClipVisualExtractor:
         with torch.inference_mode():
             mean = tower(batch).float().mean(dim=0)
         return (mean / mean.norm().clamp_min(1e-12)).cpu().numpy().astype(np.float32)
+
+
+class FaceEmbeddingExtractor:
+    """The speaker's face embedding per utterance (modality "visual"; the offline profile's default).
+
+    Frames are sampled at ``fps`` (at most ``max_frames``, evenly spread); the behaviour stage's face
+    finder and speaker rule pick the speaker's face in each; bemerc's expression network
+    (:class:`~bemerc.extract.behavior.expression.NetExpression`) embeds each face crop (its pooled
+    penultimate features, face and mirror image averaged); the mean over frames is L2-normalised.
+    An utterance where no face is found is a :class:`MediaError` (no row: the modality is absent).
+
+    It lives in the visual stage because that is what the visual vector is for downstream (baseline,
+    tune and /predict read it like any other modality), and offline it replaces an image tower of
+    random weights with one trained on real faces.
+    """
+
+    modality = "visual"
+    inputs = MEDIA_INPUTS
+    random_weights = False
+
+    def __init__(self, weights_path: str | Path | None = None, fps: float = 2.0, max_frames: int = 8, max_side: int = 640,
+                 face_files: dict[str, str | Path] | None = None, num_threads: int = 1):
+        from bemerc.extract.behavior.extractor import mediapipe_modules
+        from bemerc.extract.behavior.face import DEFAULT_FACE_FILES
+
+        self.weights_path = weights_path
+        self.fps = fps
+        self.max_frames = max_frames
+        self.max_side = max_side
+        self.num_threads = num_threads
+        modules = mediapipe_modules()
+        self.face_files = {role: modules / path for role, path in (face_files or DEFAULT_FACE_FILES).items()}
+        self.name = "bemerc-face"
+
+    @classmethod
+    def from_profile(cls, profile: Profile, **options) -> "FaceEmbeddingExtractor":
+        """The extractor of a profile's ``visual`` stage of kind ``files`` with the role ``net``, finding
+        faces with the profile's ``face`` stage."""
+        from bemerc.models.profiles import prepare_stage, stage_files
+
+        for stage in ("face", "visual"):
+            prepare_stage(profile.stage(stage))
+        options.pop("device", None)  # runs on CPU: a small network
+        return cls(stage_files(profile.stage("visual"))["net"], face_files=stage_files(profile.stage("face")), **options)
+
+    @cached_property
+    def _net(self):
+        from bemerc.extract.behavior.expression import NetExpression
+
+        return NetExpression(self.weights_path, num_threads=self.num_threads)
+
+    @cached_property
+    def _faces(self):
+        from bemerc.extract.behavior.face import FaceFinder
+
+        return FaceFinder(files=self.face_files)
+
+    @property
+    def dim(self) -> int:
+        return self._net.embed_dim
+
+    def config(self) -> dict:
+        from bemerc.extract.behavior.extractor import mediapipe_modules, mediapipe_version
+        from bemerc.models.profiles import cached_sha256
+
+        modules = mediapipe_modules()
+        graphs = {(p.relative_to(modules).as_posix() if p.is_relative_to(modules) else str(p)): cached_sha256(p)
+                  for p in self.face_files.values()}
+        return {"model": self.name, "net": self._net.config(), "fps": self.fps, "frame_sampling": FRAME_SAMPLING,
+                "max_frames": self.max_frames, "max_side": self.max_side, "mediapipe": mediapipe_version(),
+                "mediapipe_models": graphs, "speaker_rule": "mouth-motion-then-area", "dim": self.dim}
+
+    def fields(self) -> list[pa.Field]:
+        return [vector_field("vector", self.dim), pa.field("frames", pa.int32())]
+
+    def extract(self, items: list[UtteranceMedia]) -> list[dict | MediaError]:
+        """One row (or a MediaError naming the file and the problem) per item, in order."""
+        return rows_from_video(items, self.fps, self.max_side, self._row)
+
+    def _row(self, frames: np.ndarray, _times: np.ndarray, path: str) -> dict:
+        vector, count = self.embed(frames)
+        if vector is None:
+            raise MediaError(path, f"no face found in {len(frames)} frames")
+        return {"vector": vector, "frames": count}
+
+    def embed(self, frames: np.ndarray) -> tuple[np.ndarray | None, int]:
+        """(unit-length mean face embedding float32 (dim,) or None when no face is found, faces used)."""
+        from bemerc.extract.behavior.face import pick_speaker, track_faces
+
+        frames = evenly_spaced(frames, self.max_frames)
+        speaker = pick_speaker(track_faces([self._faces.find(frame) for frame in frames]), frames.shape[1:3])
+        if speaker is None:
+            return None, 0
+        crops = np.stack([self._net.crop(frames[t], face.box) for t, face in sorted(speaker.faces.items())])
+        mean = self._net.probabilities_and_embeddings(crops)[1].mean(axis=0)
+        return (mean / max(float(np.linalg.norm(mean)), 1e-12)).astype(np.float32), len(crops)

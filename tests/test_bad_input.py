@@ -279,7 +279,7 @@ BAD_ROWS = {
     "negative start": ({"start": "-1", "end": "1"}, "row 3: start must be a finite number"),
     "start after end": ({"start": "2", "end": "1"}, "row 3: the span must end after it starts"),
     "/dev/zero as video": ({"video": "/dev/zero"}, "row 3: video /dev/zero is not a regular file"),
-    "/etc/passwd as audio": ({"audio": "/etc/passwd"}, "row 3: audio file /etc/passwd is not audio or video"),
+    "/etc/passwd as audio": ({"audio": "/etc/passwd"}, "row 3: audio file /etc/passwd is not audio, video or a still image"),
     "a folder as video": ({"video": "/tmp"}, "row 3: video /tmp is a folder"),
     "turn 99999999999": ({"turn": "99999999999"}, "row 3: turn must be a whole number from 0 to 2147483647, found '99999999999'"),
     "negative turn": ({"turn": "-1"}, "row 3: turn must be a whole number"),

@@ -310,7 +310,7 @@ def test_a_profile_describer_writes_the_descriptions(tiny_vlm, ravdess_video, tm
     user.write_text(f'extends = "offline"\n[stages.describer]\nkind = "hf"\nsource = "{tiny_vlm}"\n'
                     'model_id = "tiny-vlm"\nframes = 2\nmax_new_tokens = 6\n')
     described, plain = build_extractor("behavior", str(user), "cpu"), build_extractor("behavior", "offline")
-    assert described.name == "mediapipe-fer-tiny-vlm" and config_hash(described) != config_hash(plain)
+    assert described.name == "mediapipe-bemerc-tiny-vlm" and config_hash(described) != config_hash(plain)
     assert described.config()["describer"]["frames"] == 2 and uses_gpu(described) and not uses_gpu(plain)
     item = UtteranceMedia("u1", video_path=str(ravdess_video))
     [row], [rule_row] = described.extract([item]), plain.extract([item])

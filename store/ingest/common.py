@@ -99,12 +99,17 @@ def media_checksum(digests: list[str]) -> str | None:
 def sniff_container(head: bytes) -> str | None:
     r"""The media container a file's first 16 bytes announce (``wav``, ``mp4``, ``mkv``, ...), or None.
 
-    Covers mp4/mov/m4a, mkv/webm, avi, flv, wav, flac, mp3 and ogg: enough to refuse a text file, a
-    device or a playlist before anything tries to decode it.
+    Covers mp4/mov/m4a, mkv/webm, avi, flv, wav, flac, mp3 and ogg, and the still images jpeg and png
+    (:data:`STILL_CONTAINERS`, read as one-frame videos): enough to refuse a text file, a device or a
+    playlist before anything tries to decode it.
 
     >>> sniff_container(b"RIFF\x24\x00\x00\x00WAVEfmt "), sniff_container(b"root:x:0:0:root:/root")
     ('wav', None)
     """
+    if head[:3] == b"\xff\xd8\xff":
+        return "jpeg"
+    if head[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
     if head[:4] == b"RIFF" and head[8:12] in (b"WAVE", b"AVI "):
         return "wav" if head[8:12] == b"WAVE" else "avi"
     if head[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide"):
@@ -122,7 +127,30 @@ def sniff_container(head: bytes) -> str | None:
     return None
 
 
-NOT_MEDIA = "is not audio or video (expected mp4/mov, mkv/webm, avi, flv, wav, flac, mp3, ogg or m4a by content)"
+NOT_MEDIA = ("is not audio, video or a still image (expected mp4/mov, mkv/webm, avi, flv, wav, flac, mp3, ogg, m4a, "
+             "jpeg or png by content)")
+STILL_CONTAINERS = ("jpeg", "png")  # still images: a video column may name one (a one-frame video), never audio
+
+
+def check_container(head: bytes, what: str, source: str | Path, row: int | None, column: str) -> None:
+    """IngestError unless ``head`` starts a known container that ``column`` may hold (no still image as audio)."""
+    kind = sniff_container(head)
+    if kind is None:
+        raise IngestError(source, f"{column} {what} {NOT_MEDIA}", row)
+    if kind in STILL_CONTAINERS and column == "audio":
+        raise IngestError(source, f"{column} {what} is a still image ({kind}), not audio", row)
+
+
+def check_still_readable(path: Path, source: str | Path, row: int | None, column: str) -> None:
+    """IngestError unless the JPEG or PNG at ``path`` decodes (Pillow reads it whole: a cut-short or
+    damaged image is refused at ingest, not at extraction)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise IngestError(source, f"{column} file {path} is not a readable image ({e})", row) from None
 
 
 def check_media_object(uri: str, source: str | Path, row: int | None, column: str) -> str:
@@ -136,8 +164,7 @@ def check_media_object(uri: str, source: str | Path, row: int | None, column: st
         raise IngestError(source, f"{column} object not found: {uri}" if e.missing else f"{column} {e}", row) from None
     if size == 0:
         raise IngestError(source, f"{column} object {uri} is empty", row)
-    if sniff_container(head) is None:
-        raise IngestError(source, f"{column} object {uri} {NOT_MEDIA}", row)
+    check_container(head, f"object {uri}", source, row, column)
     return uri
 
 
@@ -169,8 +196,9 @@ def check_media_file(path: str | Path, source: str | Path, row: int | None, colu
             head = fh.read(16)
     except OSError as e:
         raise IngestError(source, f"{column} file {path}: cannot read ({e.strerror or e})", row) from None
-    if sniff_container(head) is None:
-        raise IngestError(source, f"{column} file {path} {NOT_MEDIA}", row)
+    check_container(head, f"file {path}", source, row, column)
+    if sniff_container(head) in STILL_CONTAINERS:
+        check_still_readable(path, source, row, column)
     return str(path.resolve())
 
 
