@@ -94,7 +94,8 @@ class PredictRequest(BaseModel):
 class ServeLimits:
     """What one ``/predict`` request may ask for, and how many may wait.
 
-    Sizes bound the upload; ``max_media_s`` bounds the work (probed before anything is decoded);
+    Sizes bound the upload; ``max_media_s`` bounds the work (checked on the container's header, then on
+    what the upload decodes to, before any extractor runs);
     ``max_pending`` / ``max_media_pending`` bound the queue (more gets 503 with ``Retry-After``);
     ``request_timeout_s`` bounds one request's wall time, waiting included (503 when it could not
     start in time, 504 when its own work ran over).
@@ -127,8 +128,14 @@ def upload_slot(name: str, n_utterances: int) -> tuple[str, int]:
 
 def check_media(path: Path, kind: str, name: str, max_media_s: float | None = None) -> float:
     """The duration in seconds of ``path``, a real audio/video file with a ``kind`` stream; else a
-    :class:`PredictError`: 415 for what is not such media, 413 when it lasts over ``max_media_s``
-    (read from the container by ffprobe, before anything is decoded)."""
+    :class:`PredictError`: 415 for what is not such media, 413 when it lasts over ``max_media_s``.
+
+    The length is checked twice: from the container (ffprobe, before anything is decoded), then on
+    what decodes. A header may lie (an MP3 without a Xing header is estimated from its first
+    frame's bitrate: 2 s at 320 kbit/s then 10 min at 8 kbit/s probes at 32 s), so with a limit the
+    streams the extractors will decode (the audio of any upload, the video of a ``video_<i>``) are
+    decoded once, cheaply, and the decoding stops a moment past the limit (:func:`decoded_seconds`).
+    """
     with open(path, "rb") as handle:
         head = handle.read(16)
     container = sniff_container(head)
@@ -158,7 +165,68 @@ def check_media(path: Path, kind: str, name: str, max_media_s: float | None = No
         raise PredictError(415, f"upload {name!r}: its container does not say how long it is, so it is not decoded")
     if max_media_s is not None and duration > max_media_s:
         raise PredictError(413, f"upload {name!r} lasts {duration:.1f} s, over the limit of {max_media_s:g} s per utterance")
+    if max_media_s is None:
+        return duration
+    codec_types = {s.get("codec_type") for s in streams}
+    decoded = [kind] + (["audio"] if kind == "video" and "audio" in codec_types else [])
+    for stream in decoded:
+        seconds = decoded_seconds(path, stream, stop_after_s=max_media_s + 2 * DECODE_SLACK_S, name=name)
+        if seconds > max_media_s + DECODE_SLACK_S:
+            raise PredictError(413, f"upload {name!r}: its {stream} decodes to over {max_media_s:g} s (its container says "
+                                    f"{duration:.1f} s), over the limit of {max_media_s:g} s per utterance")
+        duration = max(duration, seconds)
     return duration
+
+
+DECODE_SLACK_S = 0.5  # decoded media may run this far past the limit (codec padding, frame rounding) and pass
+DECODE_TIMEOUT_S = 60.0  # wall time to decode an upload up to the limit
+
+
+def decoded_seconds(path: Path, stream: str, stop_after_s: float, name: str = "", timeout_s: float = DECODE_TIMEOUT_S) -> float:
+    """Seconds of the first ``stream`` (``"audio"`` or ``"video"``) of ``path`` as ffmpeg decodes it,
+    counted on the decoded output (not on any header or timestamp the container gives); decoding
+    stops once ``stop_after_s`` is reached, so the answer is at most about ``stop_after_s``.
+
+    Audio is counted in samples (decoded to 8 kHz mono), video in frames of the same frame-rate
+    filter :func:`bemerc.extract.media.sample_frames` uses (10 per second, each 2x2 grey), so a gap in
+    the timestamps counts as the frames the extractor would be given. ffmpeg's own ``-t`` ends the
+    decoding; the count ends it too where timestamps would keep ``-t`` from doing so. A file that
+    does not decode counts what it gave (its extractor names the failure later). A
+    :class:`PredictError` 415 when decoding up to the limit takes over ``timeout_s``.
+    """
+    exe = shutil.which("ffmpeg")
+    if exe is None:
+        raise PredictError(503, "ffmpeg is not installed on the server (install ffmpeg)")
+    if stream == "audio":
+        out, per_s = ["-map", "0:a:0", "-ac", "1", "-ar", "8000", "-f", "s16le"], 8000 * 2
+    else:
+        out, per_s = ["-map", "0:v:0", "-vf", "fps=10,scale=2:2", "-pix_fmt", "gray", "-f", "rawvideo"], 10 * 4
+    cmd = [exe, "-nostdin", "-v", "quiet", "-protocol_whitelist", "file", "-format_whitelist", DEMUXERS, "-i", str(path),
+           *out, "-t", f"{stop_after_s:.3f}", "pipe:1"]
+    enough = int(stop_after_s * per_s)
+    count = 0
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    timed_out = threading.Event()
+
+    def stop() -> None:
+        timed_out.set()
+        proc.kill()
+
+    timer = threading.Timer(timeout_s, stop)
+    timer.start()
+    try:
+        assert proc.stdout is not None
+        while count < enough and (chunk := proc.stdout.read(1 << 16)):
+            count += len(chunk)
+    finally:
+        timer.cancel()
+        if proc.poll() is None:
+            proc.kill()  # enough decoded: the rest is not looked at
+        proc.stdout.close()  # type: ignore[union-attr]
+        proc.wait()
+    if timed_out.is_set() and count < enough:
+        raise PredictError(415, f"upload {name!r}: decoding its {stream} up to the limit took over {timeout_s:g} s")
+    return count / per_s
 
 
 MAX_STILL_PIXELS = 50_000_000  # a still image larger than this is refused before it is decoded (a decompression bomb)
