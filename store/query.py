@@ -10,8 +10,11 @@ shape: (3, 6)   uid | text | label | speaker | split | distance
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -410,27 +413,73 @@ def export(store: Store, table: str, out: str | Path, fmt: str | None = None) ->
 
     CSV has no list type, so list columns (vectors, probabilities) are written as JSON arrays.
 
+    The file is written whole or not at all: into a temporary file beside ``out``, then renamed onto
+    it, so a failed write (a full disk, a folder that takes no files such as ``/proc``) leaves
+    ``out`` as it was and no partial file; the :class:`QueryError` names the real cause. An ``out``
+    that is a symbolic link is refused (its target is never written through the link), as is a folder.
+
     >>> export(store, "utterances", "utterances.csv")   # doctest: +SKIP
     11098
     """
     fmt = export_format(out, fmt)
     name = resolve_table(store, table)
-    data = store.read_arrow(name)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if fmt == "parquet":
-        import pyarrow.parquet as pq
+    if out.is_symlink():
+        raise QueryError(f"{out}: is a symbolic link (to {os.readlink(out)}); nothing was written: the export never "
+                         "writes through a link onto its target nor replaces the link (remove it, or name another file)")
+    if out.is_dir():
+        raise QueryError(f"{out}: is a folder; name a file to export to")
+    data = store.read_arrow(name)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, partial = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
+    except OSError as exc:
+        raise QueryError(f"{out}: cannot create a file in {out.parent} {_os_cause(exc)}; nothing was written") from exc
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            if fmt == "parquet":
+                import pyarrow.parquet as pq
 
-        pq.write_table(data, out)
-    else:
-        df = pl.from_arrow(data)
-        lists = [c for c, t in df.schema.items() if isinstance(t, (pl.List, pl.Array))]
-        df = df.with_columns(
-            pl.Series(c, [None if v is None else json.dumps(list(v)) for v in df[c].to_list()], dtype=pl.String)
-            for c in lists
-        )
-        df.write_csv(out)
+                pq.write_table(data, handle)
+            else:
+                df = pl.from_arrow(data)
+                lists = [c for c, t in df.schema.items() if isinstance(t, (pl.List, pl.Array))]
+                df = df.with_columns(
+                    pl.Series(c, [None if v is None else json.dumps(list(v)) for v in df[c].to_list()], dtype=pl.String)
+                    for c in lists
+                )
+                df.write_csv(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(partial, 0o666 & ~_umask())
+        os.replace(partial, out)
+    except BaseException as exc:
+        Path(partial).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            kept = "it was left as it was" if out.exists() else "no file was left"
+            raise QueryError(f"{out}: cannot write {_os_cause(exc)}; {kept}") from exc
+        raise
     return data.num_rows
+
+
+def _os_cause(exc: OSError) -> str:
+    """The cause of a failed write in words: ``(no space left on the device)``; polars and pyarrow
+    raise OSErrors whose text holds ``os error 28`` / ``[Errno 28]`` and no errno."""
+    code = exc.errno
+    if code is None:
+        match = re.search(r"os error (\d+)|\[Errno (\d+)\]", str(exc))
+        code = int(match.group(1) or match.group(2)) if match else None
+    if code == errno.ENOSPC:
+        return "(no space left on the device: free space, then export again)"
+    if code is not None:
+        return f"({os.strerror(code).lower()})"
+    return f"({exc})"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def to_records(rows: pl.DataFrame | list[dict]) -> list[dict]:

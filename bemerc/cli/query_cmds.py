@@ -167,8 +167,6 @@ def export(
         rows = Q.export(_open(store), table, out, fmt.value if fmt else None)
     except (Q.QueryError, StoreError) as exc:
         fail(str(exc))
-    except OSError as exc:
-        fail(f"{out}: cannot write ({exc.strerror})")
     console.print(f"wrote {rows:,} rows to {out}")
 
 
