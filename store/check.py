@@ -172,3 +172,112 @@ def probe_store(store: Store) -> list[Damage]:
 def check_store(store: Store) -> list[Damage]:
     """Every table read whole; the damaged ones, in table order (empty: the store reads)."""
     return [d for name in store.table_names() if (d := check_table(store, name)) is not None]
+
+
+# -- what belongs to no recorded run --------------------------------------------------------------
+# A run writer records its run last: its files go into their folder (through a ``.NAME.partial-*``
+# staging folder), then its predictions and its ``runs`` row in one hold of the write lock. Killed in
+# between (kill -9, a power cut), it leaves prediction rows or a run folder that no ``runs`` row
+# names. Readers never see them (they start from ``runs``); :func:`find_orphans` names them and
+# :func:`remove_orphans` takes them away.
+
+
+@dataclass(frozen=True)
+class Orphans:
+    predictions: dict[str, int]  # run id -> rows of ``predictions`` whose run has no ``runs`` row
+    folders: list[Path]  # entries of STORE/runs/ that are no recorded run's folder nor inside one
+    resumable: list[Path]  # of those, tune runs stopped with a checkpoint (`bemerc tune --resume` continues them)
+
+    def __bool__(self) -> bool:
+        return bool(self.predictions or self.folders)
+
+    def lines(self) -> list[str]:
+        out = [f"predictions of run {run_id!r} ({rows:,} rows): no `runs` row names the run" for run_id, rows in self.predictions.items()]
+        for folder in self.folders:
+            if folder in self.resumable:
+                out.append(f"{folder}: a tune run stopped with a checkpoint and not recorded (kept: `bemerc tune --resume "
+                           f"--run-dir {folder}` continues it)")
+            elif folder.name.startswith(".") and ".partial-" in folder.name:
+                out.append(f"{folder}: the half-written files of a run whose writer stopped")
+            else:
+                out.append(f"{folder}: a run folder that no `runs` row names")
+        return out
+
+
+def find_orphans(store: Store) -> Orphans:
+    """Prediction rows and run folders (in the store's own ``runs/`` folder; a ``--run-dir``
+    elsewhere cannot be found) that belong to no recorded run. Tables that cannot be read are
+    :func:`check_store`'s business: they count as empty here."""
+    def column(table: str, name: str) -> list:
+        if not store.has_table(table):
+            return []
+        try:
+            return store.read(table, [name])[name].to_list()
+        except Exception:  # noqa: BLE001 - a damaged table: check_store names it
+            return []
+
+    recorded = set(column("runs", "run_id"))
+    predictions: dict[str, int] = {}
+    for run_id in column("predictions", "run_id"):
+        if run_id not in recorded:
+            predictions[run_id] = predictions.get(run_id, 0) + 1
+    folders: list[Path] = []
+    resumable: list[Path] = []
+    root = Path(store.path) / "runs"
+    if "://" not in str(store.path) and root.is_dir():
+        run_dirs = [Path(d).resolve() for d in column("runs", "run_dir") if d]
+        for entry in sorted(root.iterdir()):
+            if not entry.is_dir() or entry.is_symlink():
+                continue
+            real = entry.resolve()
+            if any(real == d or d.is_relative_to(real) or real.is_relative_to(d) for d in run_dirs):
+                continue
+            folders.append(entry)
+            if (entry / "checkpoint.pt").is_file():
+                resumable.append(entry)
+    return Orphans(dict(sorted(predictions.items())), folders, resumable)
+
+
+def _age_s(folder: Path) -> float:
+    """Seconds since anything in ``folder`` last changed."""
+    import os
+    import time
+
+    newest = folder.stat().st_mtime
+    for parent, dirs, files in os.walk(folder):
+        for name in [*dirs, *files]:
+            try:
+                newest = max(newest, os.lstat(os.path.join(parent, name)).st_mtime)
+            except OSError:
+                continue
+    return time.time() - newest
+
+
+def remove_orphans(store: Store, min_age_s: float | None = None) -> tuple[dict[str, int], list[Path], list[Path]]:
+    """Remove, under the write lock, the prediction rows and run folders of :func:`find_orphans`:
+    ``(predictions removed by run id, folders removed, folders kept)``.
+
+    Under the lock no run is half-recorded (its predictions and ``runs`` row are written in one hold
+    of it), so the rows found then are final. A folder may belong to a writer that is still waiting
+    for the lock to record its run: only folders unchanged for ``min_age_s`` (default: the lock
+    timeout plus a minute, after which such a writer has given up and taken its files back) go, and
+    a stopped tune run's folder with its checkpoint never does.
+    """
+    import shutil
+
+    from bemerc.store.lock import lock_timeout_s
+    from bemerc.store.schema import sql_in
+
+    min_age_s = lock_timeout_s(None) + 60 if min_age_s is None else min_age_s
+    with store.lock:
+        orphans = find_orphans(store)
+        if orphans.predictions:
+            store.delete("predictions", f"run_id IN ({sql_in(orphans.predictions)})")
+        removed, kept = [], []
+        for folder in orphans.folders:
+            if folder in orphans.resumable or _age_s(folder) < min_age_s:
+                kept.append(folder)
+                continue
+            shutil.rmtree(folder)
+            removed.append(folder)
+    return orphans.predictions, removed, kept

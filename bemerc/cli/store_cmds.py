@@ -71,6 +71,10 @@ def check(
     restore: Annotated[bool, typer.Option(
         "--restore", help="For each table whose newest version cannot be opened (its version manifest cut short or "
                           "gone), make the newest older version that reads whole the newest again (the writes after it are lost).")] = False,
+    remove_orphans: Annotated[bool, typer.Option(
+        "--remove-orphans", help="Remove the prediction rows and run folders (in STORE/runs/) that belong to no recorded run "
+                                 "(left by a run writer that was killed); a folder changed in the last lock timeout + 1 min "
+                                 "(a writer may still record it) and a stopped tune run's checkpoint folder are kept.")] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Read every table whole (every row and column) and name each one that cannot be read: a data
@@ -78,10 +82,16 @@ def check(
     version that reads whole is named: `--restore` makes it the newest again). `store info` counts
     rows from the tables' manifests and cannot see all of it.
 
+    Also names what belongs to no recorded run (a run writer killed between writing its files or
+    predictions and its `runs` row): prediction rows by run id and folders in STORE/runs/; readers
+    ignore them, `--remove-orphans` removes them. They do not change the exit status.
+
     Exit status 1 when a table is damaged, with one line per damaged table. With --json prints
-    `{"tables": N, "damaged": [{"table", "path", "cause", "previous_version", "previous_rows"}]}`.
+    `{"tables": N, "damaged": [{"table", "path", "cause", "previous_version", "previous_rows"}],
+    "orphans": {"predictions": {RUN_ID: ROWS}, "folders": [PATH], "resumable": [PATH]}}`
+    (after --remove-orphans: what is left).
     """
-    from bemerc.store.check import check_store, restore_previous
+    from bemerc.store.check import check_store, find_orphans, remove_orphans as remove, restore_previous
 
     opened = open_store(store)
     damaged = check_store(opened)
@@ -91,11 +101,35 @@ def check(
             console.print(f"{d.path}: version {d.previous_version} ({d.previous_rows:,} rows) is the newest again; the damaged "
                           f"manifest(s) moved to {moved[0].parent}", highlight=False)
         damaged = check_store(opened)
+    removed_lines = []
+    if remove_orphans:
+        rows, folders, _ = remove(opened)
+        removed_lines = [f"removed the predictions of run {run_id!r} ({n:,} rows)" for run_id, n in rows.items()]
+        removed_lines += [f"removed {folder}" for folder in folders]
+    orphans = find_orphans(opened)
     if as_json:
-        print(json.dumps({"tables": len(opened.table_names()), "damaged": [d.__dict__ for d in damaged]}, indent=2))
+        print(json.dumps({"tables": len(opened.table_names()), "damaged": [d.__dict__ for d in damaged],
+                          "orphans": {"predictions": orphans.predictions, "folders": [str(f) for f in orphans.folders],
+                                      "resumable": [str(f) for f in orphans.resumable]}}, indent=2))
         if damaged:
             raise typer.Exit(1)
         return
+    for line in removed_lines:
+        console.print(line, highlight=False)
+    for line in orphans.lines():
+        console.print(f"[yellow]orphan[/] {line}", highlight=False)
+    if orphans:
+        removable = len(orphans.folders) - len(orphans.resumable)
+        if remove_orphans:
+            if orphans.predictions or removable:
+                console.print(f"kept {removable} folder(s) changed in the last lock timeout + 1 min: a run writer may still "
+                              "record them; run the check again later", highlight=False)
+        else:
+            rows = sum(orphans.predictions.values())
+            console.print(f"{rows:,} prediction row(s) and {len(orphans.folders)} folder(s) belong to no recorded run (a run "
+                          "writer was stopped before recording its run; readers ignore them)"
+                          + (f": `bemerc store check --remove-orphans --store {store}` removes them" if rows or removable else ""),
+                          highlight=False)
     for d in damaged:
         console.print(f"[red]damaged[/] {d.line(store)}", highlight=False)
     if damaged:
