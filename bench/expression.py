@@ -1,7 +1,7 @@
 """How well an expression model reads real faces, two ways in one run, per model.
 
     python bench/expression.py --faces ../shared/data/faces/rafdb_train.parquet --subset dev \\
-        [--model fer,bemerc | PATH.safetensors] [--limit N] [--json OUT.json]
+        [--model fer,bemerc,PATH.onnx] [--limit N] [--json OUT.json]
 
 For any face set in the shared format (Parquet: ``file``, ``label``, ``image`` bytes; labels in
 FER2013's words), each model is scored two ways:
@@ -39,8 +39,8 @@ from bemerc.extract.media import still_frame  # noqa: E402
 
 
 def load_model(ref: str):
-    """``fer``, ``bemerc`` (the shipped network) or the path of a network's .safetensors."""
-    if ref.endswith(".safetensors"):
+    """``fer``, ``bemerc`` (the shipped network) or the path of a network's .onnx (from train-expression)."""
+    if ref.endswith(".onnx"):
         return load_expression_model("bemerc", ref)
     return load_expression_model(ref)
 
@@ -84,7 +84,7 @@ def evaluate(model, images: list[np.ndarray], frames: list[np.ndarray], boxes: l
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--faces", required=True, help="face set (Parquet: file, label, image)")
-    parser.add_argument("--model", default="fer,bemerc", help="comma-separated: fer, bemerc, or PATH.safetensors")
+    parser.add_argument("--model", default="fer,bemerc", help="comma-separated: fer, bemerc, or PATH.onnx")
     parser.add_argument("--subset", choices=("all", "dev", "train"), default="all",
                         help="dev/train: bemerc's held-out split of a training set (dev_split)")
     parser.add_argument("--limit", type=int, help="score at most N faces (evenly spread over the set)")

