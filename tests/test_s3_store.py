@@ -203,3 +203,72 @@ def test_media_objects_are_downloaded_once_and_the_cache_stays_bounded(s3_server
     s3.put_object(Bucket="bemerc-test", Key="cache/truncated.mp4", Body=video.read_bytes()[:3000])
     with pytest.raises(MediaError, match=r"^s3://bemerc-test/cache/truncated.mp4: unreadable media"):
         sample_frames("s3://bemerc-test/cache/truncated.mp4")  # named by its URI, not the local copy
+
+
+HOLDER = """
+import sys
+import pyarrow as pa
+from bemerc.store import Store
+store = Store(sys.argv[1])
+store.lock.lease_s = float(sys.argv[2])  # a short lease (renewed every lease_s / 4 while held)
+fs = store.register_feature_set("text", "probe", "h1", {}, [pa.field("vector", pa.list_(pa.float32(), 2))])
+with store.lock:  # held across commits, as a command's writes are, until the process is killed
+    for n in range(100_000):
+        rows = pa.table({"uid": [f"dead{n:05d}"], "vector": pa.array([[float(n), 0.0]], pa.list_(pa.float32(), 2))})
+        store.write_features(fs, rows)
+        print(n, flush=True)  # committed
+"""
+
+
+def _read_lease(uri: str) -> dict:
+    bucket, prefix = uri.removeprefix("s3://").split("/", 1)
+    return json.loads(boto3.client("s3").get_object(Bucket=bucket, Key=f"{prefix}/{LOCK_FILE}")["Body"].read())
+
+
+def test_a_writer_killed_while_holding_the_lease_is_taken_over_once_its_lease_expires(s3_store, capsys):
+    """A real writer process SIGKILLed in the middle of its commits, lease held: a second writer is
+    refused while the dead holder's lease runs, waits, takes the lease over once it has expired
+    (nobody released it), and writes; every commit of the dead writer is there whole, once."""
+    import signal
+
+    lease_s = 4.0
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, s3_store, str(lease_s)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "0", "the writer made no commit"  # it holds the lease now
+        deadline = time.monotonic() + 60
+        while True:  # kill it just after a renewal, so that most of its lease is left to run
+            lease = _read_lease(s3_store)
+            if lease["expires_at"] - time.time() > lease_s - 1:
+                break
+            assert time.monotonic() < deadline, f"the holder never renewed its lease: {lease}"
+            time.sleep(0.05)
+        holder.send_signal(signal.SIGKILL)
+        assert holder.wait(30) == -signal.SIGKILL
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait(30)
+    committed = 1 + len(holder.stdout.read().split())  # commits it said were done; one more may have landed
+    holder.stdout.close()
+    lease = _read_lease(s3_store)
+    assert f"pid {holder.pid} on " in lease["holder"] and lease["expires_at"] > time.time(), lease  # dead, not released
+
+    store = Store(s3_store, lock_timeout_s=0)
+    fs = store.feature_set("text/probe")
+    rows = pa.table({"uid": ["after"], "vector": pa.array([[1.0, 1.0]], pa.list_(pa.float32(), 2))})
+    with pytest.raises(StoreLockedError, match=f"pid {holder.pid} on "):
+        store.write_features(fs, rows)  # its lease still runs: the holder may only be slow
+
+    store = Store(s3_store, lock_timeout_s=60)
+    assert store.write_features(fs, rows) == 1
+    assert time.time() >= lease["expires_at"]  # taken over, not before the dead lease expired
+    assert f"waiting for the store's writer (pid {holder.pid} on " in capsys.readouterr().err
+    after = _read_lease(s3_store)
+    assert after["expires_at"] == 0 and f"pid {holder.pid} " not in after["holder"]  # the new holder released it
+
+    uids = Store(s3_store, create=False).read_features(fs, ["uid"])["uid"].to_pylist()
+    dead = sorted(u for u in uids if u.startswith("dead"))
+    assert len(uids) == len(set(uids)) and "after" in uids
+    assert dead == [f"dead{n:05d}" for n in range(len(dead))] and len(dead) in (committed, committed + 1)
+    result = runner.invoke(app, ["store", "check", "--store", s3_store])
+    assert result.exit_code == 0, result.output
