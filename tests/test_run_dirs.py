@@ -137,3 +137,53 @@ def test_a_run_the_store_cannot_record_leaves_no_run_folder(store, tmp_path):
         one_line(runner.invoke(app, ["baseline", "--store", str(copy), "--feature-set", "text", "--run-dir", str(elsewhere)]),
                  "read-only")
         assert not elsewhere.exists() and list(tmp_path.glob(".elsewhere.partial-*")) == []
+
+
+def _fill(mount: Path) -> Path:
+    """Take every free block of the tmpfs ``mount``: a file ``filler``."""
+    filler = mount / "filler"
+    with open(filler, "wb") as fh:
+        try:
+            while True:
+                fh.write(b"\0" * 65536)
+                fh.flush()
+        except OSError:
+            pass
+    return filler
+
+
+def test_tune_on_a_full_disk_says_so_in_one_line_and_keeps_a_checkpoint_to_resume_from(store, tiny_llm, tmp_path):
+    """tune's own writes (checkpoint, log, adapter: torch, safetensors and Python files) on a full
+    tmpfs answer the run writers' one line naming the run folder. A fresh run leaves no folder; a run
+    with a checkpoint keeps it, whole, and the line says to resume, which then records the run."""
+    from test_faults import tmpfs
+
+    from bemerc.train.tune.loop import load_checkpoint
+
+    before = sorted(runs(store))
+    quick = ["tune", "--store", str(store.path), "--model", str(tiny_llm), "--layout", "utterance", "--train-limit", "16",
+             "--eval-limit", "8", "--epochs", "2", "--align-epochs", "0", "--project-epochs", "0", "--batch-size", "2", "--json"]
+    with tmpfs(tmp_path / "full", "1m") as mount:
+        _fill(mount)
+        target = mount / "tune"
+        one_line(runner.invoke(app, [*quick, "--run-dir", str(target)]), f"{target}: no space left on the device",
+                 "free space, then run the same command again")
+        assert sorted(p.name for p in mount.iterdir()) == ["filler"]  # no run folder, no .partial folder
+
+    with tmpfs(tmp_path / "room", "30m") as mount:
+        run_dir = mount / "run"
+        stopped = runner.invoke(app, [*quick, "--run-dir", str(run_dir), "--stop-after", "1"])
+        assert stopped.exit_code == 0 and json.loads(stopped.stdout).get("stopped"), stopped.stdout[-1500:]
+        checkpoint = (run_dir / "checkpoint.pt").read_bytes()
+        filler = _fill(mount)
+        resume = ["tune", "--store", str(store.path), "--resume", "--run-dir", str(run_dir), "--json"]
+        line = one_line(runner.invoke(app, resume), f"{run_dir}: no space left on the device",
+                        f"free space, then continue with `bemerc tune --resume --run-dir {run_dir}`")
+        assert "Traceback" not in line
+        assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.pt", "log.jsonl"]  # no checkpoint.tmp, no half adapter
+        assert (run_dir / "checkpoint.pt").read_bytes() == checkpoint and load_checkpoint(run_dir / "checkpoint.pt")["progress"]
+        assert sorted(runs(store)) == before
+        filler.unlink()
+        done = runner.invoke(app, resume)
+        assert done.exit_code == 0, done.output
+        assert json.loads(done.stdout)["run_id"] in runs(store) and (run_dir / "metrics.json").is_file()

@@ -147,7 +147,7 @@ def register(app: typer.Typer) -> None:
                 return
             result = run_tune(opened, config, resume=resume)
         except (TuneError, PromptError, StoreError, StoreLockedError, OSError, ValueError) as exc:
-            fail(str(exc))
+            fail(_fault_line(exc, str(store)))
         result.pop("probabilities", None)
         result.pop("probabilities_by_split", None)
         if as_json:
@@ -174,3 +174,21 @@ def register(app: typer.Typer) -> None:
         if "eval" in timing:
             console.print(f"eval (dev): {timing['eval']['seconds']:.0f} s, {timing['eval']['utterances_per_s']:.1f} utterances/s, "
                           f"{timing['eval']['tokens_per_s']:.0f} tokens/s")
+
+
+def _fault_line(exc: Exception, store: str) -> str:
+    """The one line of a failed ``tune``: a full or read-only disk as every run writer says it (naming
+    the run folder); when the folder holds a checkpoint, it stays, and the line says how to go on
+    from it."""
+    from pathlib import Path
+
+    from bemerc.cli.faults import describe
+
+    line = describe(exc, store) if isinstance(exc, OSError) else None
+    if line is None:
+        return str(exc)
+    folder = Path(exc.filename) if isinstance(exc.filename, str) else None
+    if folder is not None and (folder / "checkpoint.pt").is_file():
+        line = line.replace("run the same command again",
+                            f"continue with `bemerc tune --resume --run-dir {folder}` (its last checkpoint stays)")
+    return line

@@ -29,10 +29,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import functools
 import json
 import math
 import os
+import re
+import shutil
 import statistics
 import sys
 import time
@@ -244,8 +247,54 @@ def save_checkpoint(path: Path, model: MercModel, progress: dict, config: TuneCo
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
     }
     tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:  # Python's file: a full disk is an OSError in the error's chain, not only torch's words
+            torch.save(state, fh)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _os_fault(exc: BaseException) -> int | None:
+    """The errno of a file system fault behind ``exc`` (an ``OSError`` in its chain, or a Rust
+    library's ``os error N``: safetensors, torch), else None."""
+    seen = []
+    while exc is not None and exc not in seen:
+        seen.append(exc)
+        if isinstance(exc, OSError) and exc.errno:
+            return exc.errno
+        found = re.search(r"os error (\d+)", str(exc))
+        if found:
+            return int(found.group(1))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+@contextlib.contextmanager
+def _run_folder(run_dir: Path, fresh: bool):
+    """Writes into a tuning run's folder (checkpoints, log, adapter, summary): a full disk is an
+    ``OSError`` naming the folder (see :func:`_run_files_fault`), whatever library wrote."""
+    try:
+        yield
+    except BaseException as exc:
+        fault = _run_files_fault(run_dir, exc, fresh)
+        if fault is None:
+            raise
+        raise fault from exc
+
+
+def _run_files_fault(run_dir: Path, exc: BaseException, fresh: bool) -> OSError | None:
+    """A full disk (a quota, a read-only file system) while writing the run folder, as an ``OSError`` naming
+    ``run_dir``; None for any other error. A fresh run's folder goes unless it holds a whole
+    checkpoint (then ``--resume`` goes on from it); a resumed run's folder stays as it was, its last
+    checkpoint whole (replaced atomically)."""
+    code = _os_fault(exc)
+    if code not in (errno.ENOSPC, getattr(errno, "EDQUOT", -1), errno.EROFS) or not run_dir.is_dir():
+        return None
+    if fresh and not (run_dir / "checkpoint.pt").is_file():
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return OSError(code, os.strerror(code), str(run_dir))
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -567,7 +616,7 @@ def tune(store: Store, config: TuneConfig, resume: bool = False) -> dict:
         notes.append(f"every train utterance is {next(iter(trained_labels))!r}: the model learns to predict only that label")
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    with Progress(config.progress and accelerator.is_main_process) as bar:
+    with _run_folder(run_dir, fresh=not resume), Progress(config.progress and accelerator.is_main_process) as bar:
         for stage in stages:
             if stage in progress["done"]:
                 continue
@@ -616,7 +665,8 @@ def tune(store: Store, config: TuneConfig, resume: bool = False) -> dict:
                "eval_splits": {split: len(rows) for split, rows in data.eval_rows.items()}, "notes": notes,
                "majority": {"weighted_f1": majority["weighted_f1"], "accuracy": majority["accuracy"]}, "timing": timing}
     if accelerator.is_main_process:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        with _run_folder(run_dir, fresh=not resume):
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         save_run(store, run_id=run_id, kind=kind, run_dir=run_dir, classes=data.classes,
                  feature_sets=[s.feature_set for s in data.soft], config={**asdict(config), "summary": summary},
                  metrics=metrics, uids=uids, splits=splits, gold=gold, probabilities=probabilities, dataset=data.dataset)
