@@ -59,6 +59,10 @@ class ExpressionNetDims:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
 
 
+PROBABILITY_MEASURES = tuple(f"p_{label}" for label in EXPRESSIONS)
+"""The per-frame measure names of the seven probabilities, shared by every expression model."""
+
+
 class ExpressionModel(Protocol):
     name: str
     random_weights: bool
@@ -92,7 +96,7 @@ class FerExpression:
 
     name = "fer"
     random_weights = False
-    measure_names = tuple(f"p_{label}" for label in EXPRESSIONS)
+    measure_names = PROBABILITY_MEASURES
     INPUT_SIDE = 64
     BOX_SCALE = 1.1  # the mesh box is tight; FER2013 faces include a little hair and chin
 
@@ -146,7 +150,7 @@ class NetExpression:
 
     name = "bemerc"
     random_weights = False
-    measure_names = tuple(f"p_{label}" for label in EXPRESSIONS)
+    measure_names = PROBABILITY_MEASURES
 
     def __init__(self, weights_path: str | Path | None = None, num_threads: int = 1):
         self.weights_path = Path(weights_path) if weights_path else shipped_expression_net()
@@ -214,7 +218,7 @@ class FeatExpression:
         self.random_weights = random_weights
         self._model = MultitaskModel(device=device, weights_path=str(weights_path) if weights_path else None)
         self._emotion_order = [self._model.emotion_names.index(name) for name in self._FEAT_EMOTIONS]
-        self.measure_names = tuple(f"p_{label}" for label in EXPRESSIONS) + tuple(
+        self.measure_names = PROBABILITY_MEASURES + tuple(
             name.lower() for name in self._model.au_names
         )
 
