@@ -88,20 +88,20 @@ FACES_DIR = "../shared/data/faces"  # where the shared face sets lie beside a ch
 
 @models_app.command("train-expression")
 def train_expression_cmd(
-    out: Annotated[str, typer.Option("--out", help="Folder for expression_net.safetensors, metrics.json and the crop cache.")] = "out/expression",
+    out: Annotated[str, typer.Option("--out", help="Folder for expression_net.onnx (what extraction runs), .safetensors (PyTorch), metrics.json and the crop cache.")] = "out/expression",
     rafdb: Annotated[str, typer.Option("--rafdb", help="RAF-DB train faces (Parquet: file, label, image); 20% held out as dev.")] = f"{FACES_DIR}/rafdb_train.parquet",
     fer2013: Annotated[str, typer.Option("--fer2013", help="FER2013 train faces (Parquet), mixed into training; '' for none.")] = f"{FACES_DIR}/fer2013_train.parquet",
     epochs: Annotated[Optional[int], typer.Option("--epochs", help="Passes over the training faces (default: the shipped model's).")] = None,
-    limit: Annotated[Optional[int], typer.Option("--limit", help="Read only the first N faces of each set (a quick check).")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Read only N faces of each set, evenly spread (a quick check).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of initialisation, sampling and augmentation.")] = 0,
     threads: Annotated[int, typer.Option("--threads", help="CPU threads (and face-finder processes).")] = 2,
 ) -> None:
     """Rebuild bemerc's expression network from labelled real faces, on CPU.
 
-    Every face goes through the pipeline's face finder and mesh first, so the network learns the crop
-    that extraction gives it; a dev split of RAF-DB (20%, stratified, fixed) is scored after each epoch
-    (progress lines; also in OUT/metrics.json). The shipped weights (bemerc/models/expression) came from
-    the defaults: see the MODEL_CARD.md beside them for the time it takes and what it scores.
+    Every face goes through the pipeline's face finder and mesh first, so the network learns the crop that
+    extraction gives it; a dev split of RAF-DB (20%, stratified, fixed) is scored after each epoch (progress
+    lines; also in OUT/metrics.json). The shipped network (bemerc/models/expression) came from the defaults
+    (about 46 min on 2 cores); `make expression-model` rebuilds and ships it. See its MODEL_CARD.md.
     """
     import logging
 
