@@ -16,18 +16,9 @@ from typer.testing import CliRunner
 from bemerc.cli import app
 from bemerc.store import Store
 from conftest import ngram_store
+from test_faults import one_line
 
 runner = CliRunner()
-
-
-def one_line(result, *needles: str) -> str:
-    assert result.exit_code == 1, result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -105,14 +96,7 @@ def test_a_full_disk_leaves_no_half_written_run_folder_and_says_so_in_one_line(s
 
     before = sorted(runs(store))
     with tmpfs(tmp_path / "full", "1m") as mount:
-        filler = mount / "filler"
-        with open(filler, "wb") as fh:  # every block taken
-            try:
-                while True:
-                    fh.write(b"\0" * 65536)
-                    fh.flush()
-            except OSError:
-                pass
+        _fill(mount)  # every block taken
         for writer in ("baseline", "fuse", "compare --out"):
             target = mount / writer.split()[0]
             line = one_line(runner.invoke(app, writers(store, target)[writer]), f"{target}: no space left on the device",
