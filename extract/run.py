@@ -197,96 +197,100 @@ def run_extractor(
     Text uses the utterance's text, or the transcript stored by the audio extractor when it has none.
     Off a terminal, progress is a plain line every ``progress_every_s`` seconds.
     ``engine`` computes the results (default :func:`local_engine`; see
-    :class:`bemerc.extract.ray_engine.RayEngine`); this function alone writes them.
+    :class:`bemerc.extract.ray_engine.RayEngine`); this function alone writes them. It holds the feature
+    set's claim (:meth:`Store.extract_claim`) while it works: a second extraction of the same feature set
+    waits, then finds these rows stored.
 
     >>> run_extractor(Store("store"), build_extractor("text"))   # doctest: +SKIP
     """
     t0 = time.perf_counter()
     batch_size = batch_size or DEFAULT_BATCH.get(extractor.modality, 8)
     fs = register(store, extractor)
-    summary = RunSummary(feature_set=fs.id)
-    utterances = store.utterances()
-    if limit is not None:
-        utterances = utterances.head(limit)
-    rows = utterances.to_dicts()
-    inputs = extractor_inputs(extractor)
-    current = store.input_digests(inputs, rows)  # before the text of a text run is filled in below
-    if extractor.modality == "text":
-        spoken = store.transcripts()
+    # One extraction of a feature set at a time: a second process waits here, then finds the rows stored.
+    with store.extract_claim(fs):
+        summary = RunSummary(feature_set=fs.id)
+        utterances = store.utterances()
+        if limit is not None:
+            utterances = utterances.head(limit)
+        rows = utterances.to_dicts()
+        inputs = extractor_inputs(extractor)
+        current = store.input_digests(inputs, rows)  # before the text of a text run is filled in below
+        if extractor.modality == "text":
+            spoken = store.transcripts()
+            for r in rows:
+                r["text"] = spoken_text(r, spoken)
+        stored = store.stored_digests(fs)
+        failed_before = set()
+        if not retry_failures:
+            failures = store.read("failures", ["uid", "feature_set"])
+            failed_before = set(failures.filter(pl.col("feature_set") == fs.id)["uid"].to_list())
+        todo, stale, gone = [], set(), []
         for r in rows:
-            r["text"] = spoken_text(r, spoken)
-    stored = store.stored_digests(fs)
-    failed_before = set()
-    if not retry_failures:
-        failures = store.read("failures", ["uid", "feature_set"])
-        failed_before = set(failures.filter(pl.col("feature_set") == fs.id)["uid"].to_list())
-    todo, stale, gone = [], set(), []
-    for r in rows:
-        uid = r["uid"]
-        if uid in stored and stored[uid] is not None and stored[uid] == current[uid]:
-            summary.already += 1
-        elif not _needs(extractor.modality, r):
-            summary.not_applicable += 1
-            if uid in stored:
-                gone.append(uid)
-        elif uid in stored:
-            stale.add(uid)
-            todo.append(r)
-        elif uid in failed_before:
-            summary.skipped_failed += 1
-        else:
-            todo.append(r)
-    if gone:  # computed from an input the utterance no longer has (its text removed, say)
-        store.delete(fs.table_name, f"uid IN ({sql_in(gone)})")
-        summary.removed = len(gone)
-    # no work: the model library stays unloaded
-    schema = feature_schema([*extractor.fields(), digest_field(inputs)]) if todo else None
-    pending: list[dict] = []
-    pending_failures: list[tuple[str, str]] = []
-    last_flush = time.monotonic()
-
-    def flush() -> None:
-        nonlocal last_flush
+            uid = r["uid"]
+            if uid in stored and stored[uid] is not None and stored[uid] == current[uid]:
+                summary.already += 1
+            elif not _needs(extractor.modality, r):
+                summary.not_applicable += 1
+                if uid in stored:
+                    gone.append(uid)
+            elif uid in stored:
+                stale.add(uid)
+                todo.append(r)
+            elif uid in failed_before:
+                summary.skipped_failed += 1
+            else:
+                todo.append(r)
+        if gone:  # computed from an input the utterance no longer has (its text removed, say)
+            store.delete(fs.table_name, f"uid IN ({sql_in(gone)})")
+            summary.removed = len(gone)
+        # no work: the model library stays unloaded
+        schema = feature_schema([*extractor.fields(), digest_field(inputs)]) if todo else None
+        pending: list[dict] = []
+        pending_failures: list[tuple[str, str]] = []
         last_flush = time.monotonic()
-        if pending:
-            store.write_features(fs, pa.Table.from_pylist(pending, schema=schema))
-            pending.clear()
-        if pending_failures:
-            outdated = [uid for uid, _ in pending_failures if uid in stale]
-            if outdated:  # its old row was computed from inputs that are gone: a failure now, not a row
-                store.delete(fs.table_name, f"uid IN ({sql_in(outdated)})")
-            store.record_failures(fs, pending_failures)
-            pending_failures.clear()
 
-    with RunProgress(fs.modality, len(todo), console, progress_every_s) as progress, sigterm_as_interrupt():
-        try:
-            items = [
-                UtteranceMedia(
-                    uid=r["uid"], text=r.get("text"), video_path=r.get("video_path"), audio_path=r.get("audio_path"),
-                    start_s=r.get("start_s"), end_s=r.get("end_s"),
-                )
-                for r in todo
-            ]
-            for batch in (engine or local_engine)(extractor, items, batch_size):
-                for item, result in batch:
-                    if isinstance(result, MediaError):
-                        pending_failures.append((item.uid, result.reason))
-                        summary.failed += 1
-                        key = result.reason.split("(")[0].strip()
-                        summary.reasons[key] = summary.reasons.get(key, 0) + 1
-                    else:
-                        pending.append({"uid": item.uid, **result, DIGEST_COLUMN: current[item.uid]})
-                        if item.uid in stale:
-                            summary.stale += 1
-                            summary.unverified += stored[item.uid] is None
+        def flush() -> None:
+            nonlocal last_flush
+            last_flush = time.monotonic()
+            if pending:
+                store.write_features(fs, pa.Table.from_pylist(pending, schema=schema))
+                pending.clear()
+            if pending_failures:
+                outdated = [uid for uid, _ in pending_failures if uid in stale]
+                if outdated:  # its old row was computed from inputs that are gone: a failure now, not a row
+                    store.delete(fs.table_name, f"uid IN ({sql_in(outdated)})")
+                store.record_failures(fs, pending_failures)
+                pending_failures.clear()
+
+        with RunProgress(fs.modality, len(todo), console, progress_every_s) as progress, sigterm_as_interrupt():
+            try:
+                items = [
+                    UtteranceMedia(
+                        uid=r["uid"], text=r.get("text"), video_path=r.get("video_path"), audio_path=r.get("audio_path"),
+                        start_s=r.get("start_s"), end_s=r.get("end_s"),
+                    )
+                    for r in todo
+                ]
+                for batch in (engine or local_engine)(extractor, items, batch_size):
+                    for item, result in batch:
+                        if isinstance(result, MediaError):
+                            pending_failures.append((item.uid, result.reason))
+                            summary.failed += 1
+                            key = result.reason.split("(")[0].strip()
+                            summary.reasons[key] = summary.reasons.get(key, 0) + 1
                         else:
-                            summary.done += 1
-                if len(pending) + len(pending_failures) >= flush_rows or time.monotonic() - last_flush >= flush_seconds:
-                    flush()
-                progress.advance(len(batch))
-                if on_batch:
-                    on_batch(len(batch))
-        finally:
-            flush()  # on Ctrl-C and SIGTERM too: what was computed is kept
-    summary.seconds = time.perf_counter() - t0
-    return summary
+                            pending.append({"uid": item.uid, **result, DIGEST_COLUMN: current[item.uid]})
+                            if item.uid in stale:
+                                summary.stale += 1
+                                summary.unverified += stored[item.uid] is None
+                            else:
+                                summary.done += 1
+                    if len(pending) + len(pending_failures) >= flush_rows or time.monotonic() - last_flush >= flush_seconds:
+                        flush()
+                    progress.advance(len(batch))
+                    if on_batch:
+                        on_batch(len(batch))
+            finally:
+                flush()  # on Ctrl-C and SIGTERM too: what was computed is kept
+        summary.seconds = time.perf_counter() - t0
+        return summary

@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from bemerc.store import inputs as I
 from bemerc.store import schema as S
-from bemerc.store.lock import ObjectStoreLock, WriteLock
+from bemerc.store.lock import CLAIM_PREFIX, ObjectStoreLock, WriteLock
 from bemerc.store.objects import is_uri
 
 
@@ -142,6 +142,16 @@ class Store:
 
     def __repr__(self) -> str:
         return f"Store({str(self.path)!r})"
+
+    def extract_claim(self, fs: "FeatureSet") -> WriteLock | ObjectStoreLock:
+        """The claim one extraction holds on ``fs`` while it computes rows (``with store.extract_claim(fs):``):
+        a second extraction of the same feature set waits (as long as it takes: Ctrl-C stops it) and then
+        finds the first one's rows stored, so two processes never compute the same rows. A lock file (an
+        OS lock, released when its holder dies), or a lease object on object storage."""
+        name, work = f"{CLAIM_PREFIX}{fs.table_name}.lock", f"extracting {fs.id}"
+        if is_uri(self.path):
+            return ObjectStoreLock(str(self.path), float("inf"), name=name, work=work)
+        return WriteLock(Path(self.path), float("inf"), name=name, work=work)
 
     # -- tables -------------------------------------------------------------------------------
     def table_names(self) -> list[str]:

@@ -10,6 +10,10 @@ never take it and never block.
   object ``.bemerc-write.lock`` beside the tables written with conditional PUTs (create only if
   absent; replace only if unchanged since read), which S3, GCS and Azure apply atomically. The holder
   renews the lease while it writes; a lease not renewed for ``lease_s`` (a dead holder) is taken over.
+
+The same two locks, under another name, are an extraction's claim on a feature set
+(``Store.extract_claim``): a second ``bemerc extract`` of the same feature set waits for the first,
+then finds its rows stored instead of computing them again.
 """
 
 from __future__ import annotations
@@ -24,6 +28,15 @@ import time
 from pathlib import Path
 
 LOCK_FILE = ".bemerc-write.lock"
+WRITE_WORK = "writing the store"  # what the write lock guards (its messages keep their own words)
+
+
+def _busy_lines(work: str) -> tuple[str, str]:
+    """(refusal, waiting line) templates with ``{holder}`` for a lock that guards ``work``."""
+    if work == WRITE_WORK:
+        return "the store is being written by {holder}", "waiting for the store's writer ({holder}) to finish..."
+    return f"{work} is being done by {{holder}}", f"waiting for {work} by {{holder}} to finish..."
+CLAIM_PREFIX = ".bemerc-extract-"  # + feature table name + ".lock": the claim of one extraction (see Store.extract_claim)
 
 
 class StoreLockedError(RuntimeError):
@@ -65,9 +78,11 @@ class WriteLock(_Lock):
     OS releases the lock when the holder dies, so a crash never leaves a stale lock behind.
     """
 
-    def __init__(self, store_path: Path, timeout_s: float | None = None):
-        self.path = Path(store_path) / LOCK_FILE
+    def __init__(self, store_path: Path, timeout_s: float | None = None, name: str = LOCK_FILE,
+                 work: str = WRITE_WORK):
+        self.path = Path(store_path) / name
         self.timeout_s = lock_timeout_s(timeout_s)
+        self.work = work
         self._fd: int | None = None
         self._depth = 0
 
@@ -93,11 +108,11 @@ class WriteLock(_Lock):
                 if time.monotonic() >= deadline:
                     os.close(fd)
                     raise StoreLockedError(
-                        f"{self.path.parent}: the store is being written by {self.holder()}; "
+                        f"{self.path.parent}: {_busy_lines(self.work)[0].format(holder=self.holder())}; "
                         f"waited {self.timeout_s:.0f} s (set BEMERC_LOCK_TIMEOUT to wait longer)"
                     ) from None
                 if not told:
-                    print(f"waiting for the store's writer ({self.holder()}) to finish...", file=sys.stderr)
+                    print(_busy_lines(self.work)[1].format(holder=self.holder()), file=sys.stderr)
                     told = True
                 time.sleep(0.2)
         os.ftruncate(fd, 0)
@@ -132,10 +147,12 @@ class ObjectStoreLock(_Lock):
     ...     table.merge_insert("uid")...
     """
 
-    def __init__(self, store_uri: str, timeout_s: float | None = None, lease_s: float = 60.0):
+    def __init__(self, store_uri: str, timeout_s: float | None = None, lease_s: float = 60.0, name: str = LOCK_FILE,
+                 work: str = WRITE_WORK):
         from bemerc.store.objects import open_object
 
-        self.uri = f"{store_uri.rstrip('/')}/{LOCK_FILE}"
+        self.uri = f"{store_uri.rstrip('/')}/{name}"
+        self.work = work
         self._store, self._key = open_object(self.uri)
         self.timeout_s = lock_timeout_s(timeout_s)
         self.lease_s = lease_s
@@ -200,11 +217,11 @@ class ObjectStoreLock(_Lock):
                 break
             if time.monotonic() >= deadline:
                 raise StoreLockedError(
-                    f"{self.uri}: the store is being written by {holder}; waited {self.timeout_s:.0f} s "
+                    f"{self.uri}: {_busy_lines(self.work)[0].format(holder=holder)}; waited {self.timeout_s:.0f} s "
                     f"(set BEMERC_LOCK_TIMEOUT to wait longer)"
                 )
             if not told:
-                print(f"waiting for the store's writer ({holder}) to finish...", file=sys.stderr)
+                print(_busy_lines(self.work)[1].format(holder=holder), file=sys.stderr)
                 told = True
             time.sleep(0.2)
         self._depth = 1

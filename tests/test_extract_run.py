@@ -173,3 +173,43 @@ def test_killed_run_resumes_without_duplicates(tmp_path, meld_dir):
     assert f"{3000 - partial} extracted, {partial} already stored" in result.output
     uids = Store(store).read_features("text", ["uid"])["uid"].to_pylist()
     assert len(uids) == 3000 == len(set(uids))
+
+
+def test_two_extractions_of_one_feature_set_compute_each_row_once(tmp_path, meld_dir):
+    """A second `bemerc extract` of the feature set another process is extracting waits for it (its claim)
+    and then finds the rows stored: every row is computed once, the store holds each once."""
+    import fcntl
+
+    from bemerc.store.ingest import read_meld, write_utterances
+    from bemerc.store.lock import CLAIM_PREFIX
+
+    store_path = tmp_path / "store"
+    rows = [r for r in read_meld(meld_dir).rows if r["split"] == "train"][:300]
+    write_utterances(Store(store_path), rows)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "bemerc", "extract", "--modality", "text", "--store", str(store_path)]
+    first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def claimed() -> bool:  # the first process holds its claim (an OS lock on the claim file)
+        for path in store_path.glob(f"{CLAIM_PREFIX}*.lock"):
+            with open(path) as fh:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(fh, fcntl.LOCK_UN)
+                except BlockingIOError:
+                    return True
+        return False
+
+    deadline = time.monotonic() + 120
+    while not claimed():
+        assert first.poll() is None and time.monotonic() < deadline, "the first extraction never claimed its rows"
+        time.sleep(0.05)
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 0 and second.returncode == 0, (err, second.stderr)
+    assert "300 extracted" in out, out
+    assert "waiting for extracting text/" in second.stderr and f"pid {first.pid}" in second.stderr, second.stderr
+    assert " 0 extracted, 300 already stored" in second.stdout, second.stdout
+    store = Store(store_path)
+    uids = store.read_features(store.feature_set("text"), ["uid"])["uid"].to_pylist()
+    assert len(uids) == len(set(uids)) == 300
