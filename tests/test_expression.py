@@ -196,3 +196,17 @@ def test_bench_scores_both_ways(tmp_path):
             assert 0 <= r["accuracy"] <= 1 and len(r["confusion"]) == 7 and r["ms_per_face"] > 0
     assert "not found" in proc.stdout or "missed" in proc.stdout
     assert result["models"]["bemerc"]["pipeline"]["accuracy"] > result["models"]["fer"]["pipeline"]["accuracy"]
+
+
+def test_the_fer_profile_keeps_fer2013_and_flags_its_random_visual_tower(models_cache):
+    from bemerc.extract.behavior import BehaviorExtractor
+    from bemerc.extract.factory import build_extractor
+    from bemerc.models.profiles import load_profile
+
+    fer, offline = load_profile("fer"), load_profile("offline")
+    assert BehaviorExtractor.from_profile(fer).expression_kind == "fer"
+    assert BehaviorExtractor.from_profile(offline).expression_kind == "bemerc"
+    visual = build_extractor("visual", fer)
+    assert visual.random_weights and visual.name.endswith("-random")
+    face = build_extractor("visual", offline)
+    assert not face.random_weights and face.name == "bemerc-face" and face.dim == 192
