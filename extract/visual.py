@@ -155,7 +155,7 @@ class FaceEmbeddingExtractor:
     Frames are sampled at ``fps`` (at most ``max_frames``, evenly spread); the behaviour stage's face
     finder and speaker rule pick the speaker's face in each; bemerc's expression network
     (:class:`~bemerc.extract.behavior.expression.NetExpression`) embeds each face crop (its pooled
-    penultimate features, face and mirror image averaged); the mean over frames is L2-normalised.
+    penultimate features); the mean over frames is L2-normalised.
     An utterance where no face is found is a :class:`MediaError` (no row: the modality is absent).
 
     It lives in the visual stage because that is what the visual vector is for downstream (baseline,
@@ -170,7 +170,7 @@ class FaceEmbeddingExtractor:
 
     def __init__(self, weights_path: str | Path | None = None, fps: float = 2.0, max_frames: int = 8, max_side: int = 640,
                  face_files: dict[str, str | Path] | None = None, num_threads: int = 1):
-        from bemerc.extract.behavior.extractor import mediapipe_modules
+        from bemerc.extract.behavior.extractor import mediapipe_graphs
         from bemerc.extract.behavior.face import DEFAULT_FACE_FILES
 
         self.weights_path = weights_path
@@ -178,8 +178,7 @@ class FaceEmbeddingExtractor:
         self.max_frames = max_frames
         self.max_side = max_side
         self.num_threads = num_threads
-        modules = mediapipe_modules()
-        self.face_files = {role: modules / path for role, path in (face_files or DEFAULT_FACE_FILES).items()}
+        self.face_files = mediapipe_graphs(face_files or DEFAULT_FACE_FILES)
         self.name = "bemerc-face"
 
     @classmethod
@@ -210,12 +209,9 @@ class FaceEmbeddingExtractor:
         return self._net.embed_dim
 
     def config(self) -> dict:
-        from bemerc.extract.behavior.extractor import mediapipe_modules, mediapipe_version
-        from bemerc.models.profiles import cached_sha256
+        from bemerc.extract.behavior.extractor import graph_digests, mediapipe_version
 
-        modules = mediapipe_modules()
-        graphs = {(p.relative_to(modules).as_posix() if p.is_relative_to(modules) else str(p)): cached_sha256(p)
-                  for p in self.face_files.values()}
+        graphs = graph_digests(self.face_files.values())
         return {"model": self.name, "net": self._net.config(), "fps": self.fps, "frame_sampling": FRAME_SAMPLING,
                 "max_frames": self.max_frames, "max_side": self.max_side, "mediapipe": mediapipe_version(),
                 "mediapipe_models": graphs, "speaker_rule": "mouth-motion-then-area", "dim": self.dim}

@@ -14,7 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from bemerc.cli import app
-from bemerc.extract.behavior.expression import EXPRESSIONS, NetExpression, shipped_expression_net
+from bemerc.extract.behavior.expression import EXPRESSIONS, NetExpression
 from bemerc.extract.behavior.expression_net import load_expression_net
 from bemerc.extract.behavior.train_expression import dev_split, read_faces
 from conftest import ROOT, SHARED_DATA

