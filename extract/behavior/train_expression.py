@@ -104,12 +104,13 @@ def cut_crops(images: list[bytes], box_scale: float, side: int = CACHE_SIDE, mar
     crops = np.zeros((len(images), side, side, 3), dtype=np.uint8)
     found = np.zeros(len(images), dtype=bool)
     for i, data in enumerate(images):
-        frame = still_frame(decode_image(data))
+        image = decode_image(data)
+        frame = still_frame(image)
         box = pipeline_face_box(finder, frame)
         if box is None:  # train on the whole image's face region instead (the original, unpadded)
-            h, w = decode_image(data).shape[:2]
+            h, w = image.shape[:2]
             pad_y, pad_x = (frame.shape[0] - h) / 2, (frame.shape[1] - w) / 2
-            box = np.array([pad_x, pad_y, pad_x + w, pad_y + h]) 
+            box = np.array([pad_x, pad_y, pad_x + w, pad_y + h])
             scale = margin  # the aligned image is already about the face box
         else:
             found[i] = True
@@ -206,11 +207,12 @@ def augment(model_input_side: int, crops, generator, train: bool):
 
 
 def scores(labels: np.ndarray, predicted: np.ndarray) -> dict:
-    """accuracy, weighted and macro F1, recall per class and the confusion matrix (rows: true)."""
+    """accuracy, weighted and macro F1, recall per class and the confusion matrix (rows: true) of
+    class indices; a prediction of -1 (no face found) is wrong for every score, and left out of the matrix."""
     from sklearn.metrics import confusion_matrix, f1_score
 
     confusion = confusion_matrix(labels, predicted, labels=list(range(len(EXPRESSIONS))))
-    support = confusion.sum(axis=1)
+    support = np.bincount(labels, minlength=len(EXPRESSIONS))  # every face of a class, found or not (-1)
     recall = np.divide(np.diag(confusion), support, out=np.zeros(len(support)), where=support > 0)
     return {
         "accuracy": float((labels == predicted).mean()) if len(labels) else 0.0,
@@ -259,13 +261,12 @@ def train_expression(
     raf = cached_crops(rafdb, cache_dir, dims.box_scale, limit, threads, say)
     raf_labels = np.array([EXPRESSIONS.index(label) for label in raf["label"]])
     is_dev = dev_split(raf["file"], raf["label"])
-    train_x, train_y = [raf["crops"][~is_dev]], [raf_labels[~is_dev]]
+    raf_x, raf_y = raf["crops"][~is_dev], raf_labels[~is_dev]
     dev_x, dev_y, dev_found = raf["crops"][is_dev], raf_labels[is_dev], raf["found"][is_dev]
     fer_x = fer_y = None
     if fer2013:
         fer = cached_crops(fer2013, cache_dir, dims.box_scale, limit, threads, say)
         fer_x, fer_y = fer["crops"], np.array([EXPRESSIONS.index(label) for label in fer["label"]])
-    raf_x, raf_y = train_x[0], train_y[0]
     counts = np.bincount(np.concatenate([raf_y] + ([fer_y] if fer_y is not None else [])), minlength=len(EXPRESSIONS))
     class_weight = torch.tensor((counts.max() / np.maximum(counts, 1)) ** 0.5, dtype=torch.float32)
     class_weight /= (class_weight * torch.tensor(counts / counts.sum(), dtype=torch.float32)).sum()
@@ -281,22 +282,20 @@ def train_expression(
     bf16 = has_bf16_matrix_units()
     generator = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
-    mean = torch.tensor(dims.mean).view(1, 3, 1, 1)
-    std = torch.tensor(dims.std).view(1, 3, 1, 1)
-    history = []
+    history, dev = [], None
 
-    def evaluate() -> tuple[dict, np.ndarray]:
+    def evaluate() -> dict:
         net = ema.module
         net.eval()
         probs = []
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             for i in range(0, len(dev_x), 512):
-                x = ((augment(dims.input_side, dev_x[i : i + 512], None, False) - mean) / std).contiguous(memory_format=torch.channels_last)
+                x = net.standardise(augment(dims.input_side, dev_x[i : i + 512], None, False))
                 probs.append(net(x).float().softmax(-1))  # as extraction runs it: the face alone
         probs = torch.cat(probs).numpy() if probs else np.zeros((0, len(EXPRESSIONS)))
         predicted = probs.argmax(1) if len(probs) else np.zeros(0, int)
         predicted = np.where(dev_found, predicted, -1)  # a face the pipeline misses counts as wrong
-        return scores(dev_y, predicted), probs
+        return scores(dev_y, predicted)
 
     for epoch in range(epochs):
         epoch_start = time.monotonic()
@@ -310,7 +309,7 @@ def train_expression(
         total, seen = 0.0, 0
         for i in range(0, len(order), batch_size):
             index = np.sort(order[i : i + batch_size])
-            x = ((augment(dims.input_side, xs[index], generator, True) - mean) / std).contiguous(memory_format=torch.channels_last)
+            x = model.standardise(augment(dims.input_side, xs[index], generator, True))
             y = torch.from_numpy(ys[index])
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 logits = model(x)
@@ -322,14 +321,14 @@ def train_expression(
             ema.update_parameters(model)
             total += loss.item() * len(index)
             seen += len(index)
-        dev, _ = evaluate()
+        dev = evaluate()
         history.append({"epoch": epoch + 1, "loss": total / max(seen, 1), "seconds": time.monotonic() - epoch_start,
                         **{k: dev[k] for k in ("accuracy", "macro_f1", "weighted_f1", "recall")}})
         say(f"epoch {epoch + 1}/{epochs}: loss {total / max(seen, 1):.3f}, dev accuracy {dev['accuracy']:.3f}, "
             f"macro F1 {dev['macro_f1']:.3f}, min recall {min(dev['recall'].values()):.2f} "
             f"({time.monotonic() - epoch_start:.0f} s; {time.monotonic() - started:.0f} s in all)")
 
-    dev, _ = evaluate()
+    dev = dev or evaluate()  # the last epoch's scores (0 epochs: the untrained network's)
     facts = {"seed": seed, "epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "ema_decay": ema_decay,
              "label_smoothing": label_smoothing, "fer_fraction": fer_fraction if fer2013 else 0.0, "limit": limit,
              "train_faces": {"rafdb": int(len(raf_y)), "fer2013": 0 if fer_y is None else int(len(fer_y))},
