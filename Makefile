@@ -20,7 +20,7 @@ TUNE_ARGS ?=
 SEEDS ?=
 SEED_ARGS = $(if $(SEEDS),--seeds $(SEEDS))
 LATEST = $(if $(SEEDS),-group):latest
-# the demo's tuned model is a seed group: with 31 train utterances one run's dev score swings 0.33-1.00 by seed (README, The tuned model)
+# the demo's tuned model is a seed group: with 31 train utterances one run's dev score swings widely by seed (docs/tune.md)
 DEMO_SEEDS ?= 0,1,2
 export BEMERC_STORE := $(STORE)
 export HF_HUB_OFFLINE ?= 1

@@ -8,7 +8,7 @@ The stage packages are ``bemerc.store`` (LanceDB feature store, ingest), ``bemer
 import os
 
 # Before torch loads libgomp: OpenMP threads that spin while waiting collapse when another process
-# shares these few cores (MiniLM on 2 threads measured 34 against 178 utterances/s with PASSIVE).
+# shares these few cores (measured in docs/pipeline.md, Benchmarks).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"

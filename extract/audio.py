@@ -12,7 +12,7 @@ output of block k, and the last layer is taken after ``ln_post``, as the stock e
 Several layers are averaged frame by frame, then pooled over the voiced frames only
 (:func:`voiced_frames`: room silence and pauses left out), so ``vector`` keeps one width. The middle
 layers carry more of the speaker's emotion than the last one, which is specialised for
-transcription (see the README and ``bench/audio_layers.py``); blocks above the deepest layer kept
+transcription (docs/audio.md, measured with ``bench/audio_layers.py``); blocks above the deepest layer kept
 are not run.
 
 Silence is judged on the loudest part of the signal (:func:`loudness_dbfs`): quiet speech with a

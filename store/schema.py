@@ -21,7 +21,7 @@ SPLITS = ("train", "dev", "test")
 # The most characters one cell of an utterance may hold (its text, speaker, ids), at every entry point:
 # manifests of any format (a longer cell stops the ingest with one line naming the row) and /predict
 # (422). An utterance's text is a few hundred characters; 5,000 leaves room for a long monologue's
-# transcript while a pasted book (10 MB: 22 s and 4 GB to extract 5 rows) stays out.
+# transcript while a pasted book (seconds and gigabytes to extract a few rows; docs/store.md) stays out.
 MAX_TEXT_CHARS = 5_000
 
 

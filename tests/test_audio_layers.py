@@ -36,7 +36,7 @@ def write_float_wav(path: Path, samples: np.ndarray) -> Path:
 
 def test_profiles_name_the_layers_they_keep():
     offline, hub = load_profile("offline").stage("speech"), load_profile("hub").stage("speech")
-    assert offline.options["layers"] == [2, 3, 4, 5]  # of whisper-base's 6 blocks: chosen on RAVDESS dev (README)
+    assert offline.options["layers"] == [2, 3, 4, 5]  # of whisper-base's 6 blocks: chosen on RAVDESS dev (docs/audio.md)
     assert hub.options["layers"] == [4, 5, 6, 7, 8, 9, 10]  # whisper-small, 12 blocks: the same depths
     # The layers decide the extractor's output, not the prepared weights: the model is not converted again.
     from dataclasses import replace

@@ -65,9 +65,8 @@ def dialogue_starts(utterances: pl.DataFrame) -> np.ndarray:
 # Voice and face vectors say who is speaking before what they feel. Each speaker's vectors are
 # standardised on their own mean and spread and put back on the train rows' mean and spread (the
 # speaker-level z-normalisation of speech emotion work, and OpenFace's person-specific calibration of
-# action units). On RAVDESS (actors 1-9 train, 10-12 dev, dev weighted F1): the tuned LLM 0.658 ±
-# 0.017 as stored, 0.725 ± 0.034 normalised (seeds 0-4); XGBoost 0.716 -> 0.729 (README, Speaker
-# normalisation). Text vectors are left as they are: a speaker's words are what they say, not how they sound.
+# action units); what it gains on RAVDESS, and where it does not, is in docs/speakers.md. Text vectors
+# are left as they are: a speaker's words are what they say, not how they sound.
 SPEAKER_NORMALISED = ("audio", "behavior", "visual")
 SPEAKER_PRIOR = 5.0  # the train mean and variance count as this many utterances in each speaker's estimates
 

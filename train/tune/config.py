@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 # padded tokens one forward pass holds (a training batch over it is cut into micro-batches with gradient
 # accumulation; evaluation batches windows up to it): bounds memory; peak RSS per window length is in
-# README.md (Tune memory)
+# docs/tune.md (Tune memory)
 MICRO_BATCH_TOKENS = 2048
 STAGES = {"align": ["align"], "project": ["project"], "merc": ["merc"], "all": ["align", "project", "merc"]}
 LAYOUTS = ("dialogue", "utterance")
@@ -44,7 +44,7 @@ class TuneConfig:
     demos: int = 0  # K retrieved labelled train utterances shown before each dialogue (0 = none)
     train_limit: int | None = None  # first N train utterances (whole dialogues)
     eval_limit: int | None = None  # first N utterances of each eval split (whole dialogues)
-    epochs: int = 2  # merc epochs (chosen on RAVDESS and MELD dev; README "Epochs")
+    epochs: int = 2  # merc epochs (chosen on RAVDESS and MELD dev; docs/tune.md, Epochs)
     align_epochs: int = 1
     project_epochs: int = 1  # epochs of the project stage (0 = none)
     batch_size: int = 4  # utterances (utterance layout) or dialogue windows (dialogue layout) per step

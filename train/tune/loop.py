@@ -7,9 +7,9 @@ trains the projectors of voice and behaviour (every soft modality but the text e
 says what the words say) with the LLM frozen to answer each train utterance's emotion from their soft
 tokens alone (its words and description left out), as LLaVA aligns its projector before tuning the
 LLM: trained together from the start, LoRA learns the words and the label prior faster than a new
-projector learns to say anything, and the LLM learns to ignore the soft tokens (RAVDESS, where the
-words are the same for every emotion: dev weighted F1 0.38 after one joint epoch, 0.71 with the LLM
-frozen). Stage 2 (``merc``) trains LoRA and every projector on the emotion answer, with the loss on
+projector learns to say anything, and the LLM learns to ignore the soft tokens (measured on RAVDESS,
+where the words are the same for every emotion: docs/tune.md, Stages). Stage 2 (``merc``) trains LoRA
+and every projector on the emotion answer, with the loss on
 the answer tokens only, in one of two layouts (:mod:`bemerc.train.tune.prompt`): ``dialogue`` (default: one causal sequence per
 dialogue, every turn answered, the system prompt once) or ``utterance`` (one prompt per utterance
 with its last N turns). Evaluation scores every label of every labelled evaluation split (dev, and

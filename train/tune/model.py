@@ -61,10 +61,10 @@ class Projector(nn.Module):
 
     Why the per-feature standardisation: LayerNorm normalises each vector across its own features,
     which keeps what all vectors share. Pooled speech-encoder states are nearly one vector plus small
-    differences (RAVDESS, Whisper-base mean+std pooled: after LayerNorm the mean cosine between two
-    clips' vectors is 0.98; after standardising each feature on the training rows, 0.00), so every
-    clip gave the projector the same input and the tuned LLM stayed at the majority class while a
-    linear probe on standardised vectors read the emotions well. (MiniLM text embeddings: 0.14.)
+    differences (Whisper's pooled states after LayerNorm point nearly the same way for every clip; after
+    standardising each feature on the training rows they do not), so every clip gave the projector the
+    same input and the tuned LLM stayed at the majority class while a linear probe on standardised
+    vectors read the emotions well (measured in docs/tune.md, Soft tokens).
     """
 
     def __init__(self, spec: SoftInput, hidden: int, embed_std: float):
