@@ -195,6 +195,10 @@ def fuse_runs(
     if len(set(run_ids)) < 2:
         raise FusionError(f"fusion needs at least two different runs, got {', '.join(run_ids) or 'none'}")
     runs = [by_id[r] for r in dict.fromkeys(run_ids)]
+    labels_only = [r["run_id"] for r in runs if r["config"].get("probabilities") is False]  # an external run of labels
+    if labels_only:
+        raise FusionError(f"run(s) {', '.join(labels_only)} hold labels, not probabilities: fusion weighs probabilities "
+                          "(ingest the predictions with one probability column per label)")
     class_lists = {tuple(r["classes"]) for r in runs}
     if len(class_lists) > 1:
         raise FusionError("runs have different class lists: " + "; ".join(f"{r['run_id']} ({', '.join(r['classes'])})" for r in runs))

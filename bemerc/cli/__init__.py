@@ -39,6 +39,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "extract": ("extract_cmds", "Extract features for every utterance in the store that lacks them."),
     "baseline": ("train_cmds", "Train the XGBoost late-fusion baseline on the store."),
     "tune": ("tune_cmds", "Instruction-tune an LLM with LoRA on the store (BeMERC's model) and evaluate it on dev (and test)."),
+    "export": ("export_cmds", "Write the store's instruction data, feature sets and runs' predictions in the formats "
+               "other tools read (LLaMA-Factory, TRL, axolotl, numpy)."),
     "fuse": ("fuse_cmds", "Fuse the stored probabilities of two or more runs, with weights fit on dev."),
     "compare": ("train_cmds", "Compare runs side by side in a report."),
     "query": ("query_cmds", "Query stored utterances, embeddings and predictions."),

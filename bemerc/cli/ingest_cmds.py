@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.progress import Progress
 
-from bemerc.cli.common import DEFAULT_STORE, StoreOption, console, fail
+from bemerc.cli.common import DEFAULT_STORE, StoreOption, console, fail, open_store
 
 ingest_app = typer.Typer(
     help=(
@@ -92,6 +92,37 @@ def manifest(
     Example: `bemerc ingest manifest my_corpus/manifest.csv --labels happy,sad,neutral`
     """
     _write(store, "read_manifest", "manifest", file, labels=labels, dataset=dataset)
+
+
+@ingest_app.command("predictions")
+def predictions(
+    file: Annotated[str, typer.Argument(help="CSV, JSONL or Parquet file: `uid`, then `label` or one probability column per label (any order).", show_default=False)],
+    name: Annotated[str, typer.Option(help="Name of the model that made them (letters, digits, '.', '_', '-'); the run id is external-NAME-....", show_default=False)],
+    store: StoreOption = DEFAULT_STORE,
+    run_dir: Annotated[Path | None, typer.Option(help="Folder of the run's config.json and metrics.json (default: runs/RUN_ID inside the store).")] = None,
+) -> None:
+    """Record predictions made elsewhere as a run of kind `external`, scored against the store's labels.
+
+    Every uid must be in the store (one dataset), every label one of the dataset's, every row's
+    probabilities sum to 1 (within 0.01), and every split predicted have labels; otherwise one line
+    names the row and nothing is written. `bemerc compare` then scores the run beside bemerc's (with
+    the paired test), `bemerc fuse external:latest baseline:latest` stacks it (probabilities only),
+    and `/runs` and the browse page list it. The same file under the same name is recorded once.
+
+    Example: `bemerc ingest predictions qwen7b-dev.csv --name qwen7b`
+    """
+    from bemerc.store import Store, StoreError, StoreLockedError
+    from bemerc.store.ingest import IngestError
+    from bemerc.train.external import ingest_predictions
+
+    try:
+        result = ingest_predictions(open_store(store), file, name, run_dir=run_dir)
+    except (IngestError, StoreError, StoreLockedError, ValueError) as e:
+        fail(str(e))
+    kind = "probabilities" if result.probabilities else "labels only (not fusable)"
+    scores = ", ".join(f"{s} weighted F1 {m['weighted_f1']:.4f} (n={m['n']:,})" for s, m in result.metrics.items() if isinstance(m, dict) and "weighted_f1" in m)
+    console.print(f"{result.run_id}: {result.rows:,} predictions, {kind}; {scores}"
+                  f"{' (already stored)' if result.reused else ''}", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

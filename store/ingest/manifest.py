@@ -38,9 +38,10 @@ WHOLE_NUMBER = re.compile(r"\s*\+?[0-9]{1,12}(\.0*)?\s*")
 OPTIONAL = ("speaker", "text", "label", "split", "video", "audio", "start", "end", "sentiment")
 
 
-def _load(path: str | Path) -> tuple[list[str], list[tuple[int, dict]]]:
+def read_table_rows(path: str | Path) -> tuple[list[str], list[tuple[int, dict]]]:
     """(columns, [(row number as a person counts it, row)]) of a CSV, JSONL or Parquet file (local or
-    an object URI)."""
+    an object URI): a manifest, or the predictions of ``bemerc ingest predictions``. CSV cells are
+    strings; JSONL and Parquet keep their types."""
     suffix = PurePosixPath(str(path)).suffix.lower()
     if suffix == ".parquet":
         data = read_source(path)
@@ -75,7 +76,7 @@ def _load(path: str | Path) -> tuple[list[str], list[tuple[int, dict]]]:
                                         f"{TOO_LONG}", reader.line_num + 1) from None
             raise IngestError(path, f"unreadable CSV ({e})", reader.line_num) from None
         return list(reader.fieldnames or []), rows
-    raise IngestError(path, f"unknown manifest format {suffix!r} (expected .csv, .jsonl or .parquet)")
+    raise IngestError(path, f"unknown file format {suffix!r} (expected .csv, .jsonl or .parquet)")
 
 
 def _blank(value: object) -> bool:
@@ -161,7 +162,7 @@ def read_manifest(path: str | Path, labels: str | list[str] = "meld", dataset: s
             dataset.encode("utf-8")
         except UnicodeEncodeError:
             raise IngestError(path, f"the dataset name {dataset!r} holds characters that are not valid Unicode") from None
-    columns, raw = _load(path)
+    columns, raw = read_table_rows(path)
     missing = [c for c in REQUIRED if c not in columns]
     if missing:
         raise IngestError(path, f"missing column(s) {', '.join(missing)}; found {', '.join(columns) or 'none'}")

@@ -150,7 +150,10 @@ class Prompter:
 
     ``soft_tokens`` maps each modality the model projects to its number of soft tokens K; its
     markers appear in every MERC prompt (a modality missing for an utterance still takes its K
-    positions, filled by the model's learned "missing" embedding).
+    positions, filled by the model's learned "missing" embedding). With ``tokenizer=None`` only the
+    text methods work (:meth:`messages`, :meth:`merc_user`, :meth:`dialogue_user`,
+    :meth:`dialogue_system`, :meth:`answer_text`): the messages before any chat template, which
+    ``bemerc export instructions`` writes for other trainers.
     """
 
     def __init__(
@@ -170,6 +173,9 @@ class Prompter:
         self.merc_template = merc if isinstance(merc, Template) else load_template(merc)
         self.align_template = align if isinstance(align, Template) else load_template(align)
         self.max_len = max_len
+        if tokenizer is None:  # text only (messages, answers: what `bemerc export instructions` writes); no ids
+            self.placeholder_id, self.end_ids = 0, []
+            return
         # Soft positions hold any real id: the model overwrites their embeddings.
         self.placeholder_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
         self.end_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
@@ -192,12 +198,16 @@ class Prompter:
                   "text": target.text, "cues": cues, "labels": ", ".join(self.classes)}
         return _format(t, "user", t.user, fields)
 
+    @staticmethod
+    def messages(template: Template, user: str) -> list[dict[str, str]]:
+        """The chat turn of a prompt, before any chat template: the template's system message and ``user``."""
+        return [{"role": "system", "content": template.system}, {"role": "user", "content": user}]
+
     def chat_text(self, template: Template, user: str) -> str:
-        """The full prompt text: the tokenizer's chat template (ending where the answer starts) or
-        the template's ``plain`` layout."""
+        """The full prompt text: the tokenizer's chat template over :meth:`messages` (ending where the
+        answer starts) or the template's ``plain`` layout."""
         if getattr(self.tokenizer, "chat_template", None):
-            messages = [{"role": "system", "content": template.system}, {"role": "user", "content": user}]
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return self.tokenizer.apply_chat_template(self.messages(template, user), tokenize=False, add_generation_prompt=True)
         return _format(template, "plain", template.plain, {"system": template.system, "user": user})
 
     # -- ids ----------------------------------------------------------------------------------
@@ -220,11 +230,15 @@ class Prompter:
             ids += [self.placeholder_id] * k
         return ids, positions
 
+    @staticmethod
+    def answer_text(template: Template, **fields) -> str:
+        """The rendered answer (``answer`` of the template), e.g. the label."""
+        return _format(template, "answer", template.answer, fields)
+
     def answer_ids(self, template: Template, **fields) -> list[int]:
         """Ids of the rendered answer followed by the end-of-turn token (so the model learns to stop
         and label scores compare whole answers)."""
-        answer = _format(template, "answer", template.answer, fields)
-        return self.tokenizer(answer, add_special_tokens=False)["input_ids"] + self.end_ids
+        return self.tokenizer(self.answer_text(template, **fields), add_special_tokens=False)["input_ids"] + self.end_ids
 
     def label_ids(self) -> list[list[int]]:
         """The answer ids of every class, in ``classes`` order."""
