@@ -4,11 +4,13 @@ majority class, in one run.
 Speed: for each layout (``utterance``: one prompt per utterance with its last --context turns, the
 layout before whole-dialogue tuning; ``dialogue``: one sequence per dialogue) and each thread count,
 ``--speed-steps`` optimiser steps of the ``merc`` stage on the whole train split (and of the
-``project`` stage, for the dialogue layout of a store with soft features); prints train tokens per
-utterance, utterances per second and the projected wall time of one epoch of all train utterances.
+``project`` stage, for the dialogue layout of a store with soft features), in each of ``--precisions``
+(fp32 and bf16 side by side where the CPU has bf16 matrix units), each in its own process; prints train
+tokens per utterance, utterances and tokens per second, seconds per step, peak memory (RSS) and the
+projected wall time of one epoch of all train utterances, and the bf16 / fp32 ratio.
 Accuracy (unless ``--speed-only``): trains the chosen layouts on the first ``--train-limit`` train
-utterances (default: all) and scores dev with each, with the untouched model (zero-shot) and the
-majority class. Everything goes to ``OUT/bench.json``.
+utterances (default: all) and scores dev with each (in each precision), with the untouched model
+(zero-shot) and the majority class. Everything goes to ``OUT/bench.json``.
 
 Probe (``--probe``): the check that the soft-token path works, on any corpus. For each soft modality
 the store holds (or ``--modalities``), the tuned LLM with that modality's soft tokens alone beside a
@@ -40,6 +42,7 @@ import bemerc  # noqa: F401  (OpenMP wait policy before torch)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from bemerc.precision import cpu_has_bf16  # noqa: E402
 from bemerc.store import Store  # noqa: E402
 from bemerc.train.tune.loop import SOFT_MODALITIES, TuneConfig, project_modalities, tune  # noqa: E402
 
@@ -52,17 +55,31 @@ def stored_soft(store: Store) -> list[str]:
     return [m for m in SOFT_MODALITIES if m in stored]
 
 
-def speed(store: Store, out: Path, common: dict, layout: str, threads: int, steps: int, n_train: int, stage: str = "merc") -> dict:
-    """Tokens per utterance and utterances/s of ``stage`` over ``steps`` steps (the first, warm-up, left out)."""
-    run_dir = out / f"speed-{stage}-{layout}-{threads}t"
-    tune(store, TuneConfig(**common, stage=stage, layout=layout, threads=threads, stop_after=steps,
-                           checkpoint_every=10_000, run_dir=str(run_dir), progress=False))
+def speed(store_path: str, out: Path, common: dict, layout: str, threads: int, steps: int, n_train: int, stage: str = "merc",
+          precision: str = "fp32") -> dict:
+    """Tokens per utterance, utterances/s and peak RSS of ``stage`` over ``steps`` steps (the first,
+    warm-up, left out). Run in a process of its own (:func:`isolated`), so the peak is this run's."""
+    import resource
+
+    run_dir = out / f"speed-{stage}-{layout}-{threads}t-{precision}"
+    tune(Store(store_path), TuneConfig(**common, stage=stage, layout=layout, threads=threads, stop_after=steps, precision=precision,
+                                       checkpoint_every=10_000, run_dir=str(run_dir), progress=False))
     log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()][1:]
     seconds, utterances, tokens = (sum(h[k] for h in log) for k in ("seconds", "utterances", "tokens"))
     rate = utterances / seconds
-    return {"stage": stage, "layout": layout, "threads": threads, "steps": len(log), "tokens_per_utterance": tokens / utterances,
-            "utterances_per_s": rate, "tokens_per_s": tokens / seconds, "step_s_median": statistics.median(h["seconds"] for h in log),
-            "epoch_minutes": n_train / rate / 60}
+    return {"stage": stage, "layout": layout, "threads": threads, "precision": precision, "steps": len(log),
+            "tokens_per_utterance": tokens / utterances, "utterances_per_s": rate, "tokens_per_s": tokens / seconds,
+            "step_s_median": statistics.median(h["seconds"] for h in log), "epoch_minutes": n_train / rate / 60,
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def isolated(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` in a fresh process (spawned), so its peak memory is its own."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args, **kwargs).result()
 
 
 def linear_probe(store: Store, config: TuneConfig, modality: str) -> dict:
@@ -140,13 +157,17 @@ def main() -> None:
     parser.add_argument("--speaker-norm", action=argparse.BooleanOptionalAction, default=DEFAULTS.speaker_norm,
                         help="normalise voice/face soft inputs per speaker (tune's default); the probe reads the same inputs")
     parser.add_argument("--modalities", default=None, help="--probe: comma-separated soft modalities (default: every stored one)")
+    parser.add_argument("--lora-dropout", type=float, default=DEFAULTS.lora_dropout)
+    parser.add_argument("--precisions", default=None,
+                        help="comma-separated: fp32,bf16 (default: both where the CPU has bf16 matrix units, else fp32)")
     args = parser.parse_args()
 
     store, out = Store(args.store), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     layouts, thread_counts = args.layouts.split(","), [int(t) for t in args.threads.split(",")]
     common = dict(model=args.model, context=args.context, batch_size=args.batch_size, seed=args.seed, lr=args.lr,
-                  speaker_norm=args.speaker_norm)
+                  speaker_norm=args.speaker_norm, lora_dropout=args.lora_dropout)
+    precisions = args.precisions.split(",") if args.precisions else ["fp32", "bf16"] if cpu_has_bf16() else ["fp32"]
     if args.probe:
         probe(store, out, common, args)
         return
@@ -157,12 +178,19 @@ def main() -> None:
         for threads in thread_counts:
             # the project stage (soft tokens alone, dialogue layout) only where the store has a voice or behaviour modality
             for stage in ["merc", "project"] if soft and layout == "dialogue" and DEFAULTS.project_epochs else ["merc"]:
-                row = speed(store, out, common, layout, threads, args.speed_steps, n_train, stage)
-                report["speed"].append(row)
-                print(f"{layout:9s} {stage:7s} {threads} thread(s): {row['tokens_per_utterance']:.0f} train tokens/utterance, "
-                      f"{row['utterances_per_s']:.2f} utterances/s, {row['tokens_per_s']:.0f} tokens/s -> one epoch of "
-                      f"{n_train:,} train utterances in {row['epoch_minutes']:.1f} min", flush=True)
-    by = {(r["layout"], r["threads"]): r for r in report["speed"] if r["stage"] == "merc"}
+                for precision in precisions:
+                    row = isolated(speed, args.store, out, common, layout, threads, args.speed_steps, n_train, stage, precision)
+                    report["speed"].append(row)
+                    print(f"{layout:9s} {stage:7s} {threads} thread(s) {precision}: {row['tokens_per_utterance']:.0f} train tokens/utterance, "
+                          f"{row['utterances_per_s']:.2f} utterances/s, {row['tokens_per_s']:.0f} tokens/s, {row['step_s_median']:.2f} s/step, "
+                          f"peak {row['peak_rss_gb']:.2f} GB -> one epoch of {n_train:,} train utterances in {row['epoch_minutes']:.1f} min",
+                          flush=True)
+                if len(precisions) > 1:
+                    a, b = report["speed"][-len(precisions)], report["speed"][-1]
+                    print(f"{layout:9s} {stage:7s} {threads} thread(s): {b['precision']} / {a['precision']} "
+                          f"{b['utterances_per_s'] / a['utterances_per_s']:.2f}x utterances/s, "
+                          f"peak memory {b['peak_rss_gb'] / a['peak_rss_gb']:.2f}x", flush=True)
+    by = {(r["layout"], r["threads"]): r for r in report["speed"] if r["stage"] == "merc" and r["precision"] == precisions[-1]}
     for r in report["speed"]:
         if r["stage"] == "project":
             merc = by[(r["layout"], r["threads"])]["epoch_minutes"]
@@ -181,16 +209,19 @@ def main() -> None:
         accuracy["zero_shot"] = zero["metrics"]["dev"]["weighted_f1"]
         accuracy["majority"] = zero["majority"]["weighted_f1"]
         for layout in layouts:
-            t0 = time.perf_counter()
-            run = tune(store, TuneConfig(**common, stage="all", layout=layout, threads=fastest, epochs=args.epochs,
-                                         train_limit=args.train_limit, eval_limit=args.eval_limit, demos=args.demos,
-                                         run_dir=str(out / f"tuned-{layout}"), progress=False))
-            accuracy[layout] = run["metrics"]["dev"]["weighted_f1"]
-            report[f"run_{layout}"] = {"run_id": run["run_id"], "train_utterances": run["train_utterances"],
-                                       "eval_utterances": run["eval_utterances"], "wall_minutes": (time.perf_counter() - t0) / 60,
-                                       "timing": run["timing"]}
-            print(f"{layout}: dev weighted F1 {accuracy[layout]:.3f} ({run['eval_utterances']} dev utterances, trained on "
-                  f"{run['train_utterances']}), {report[f'run_{layout}']['wall_minutes']:.1f} min", flush=True)
+            for precision in precisions:
+                name = layout if len(precisions) == 1 else f"{layout} {precision}"
+                t0 = time.perf_counter()
+                run = tune(store, TuneConfig(**common, stage="all", layout=layout, threads=fastest, epochs=args.epochs,
+                                             train_limit=args.train_limit, eval_limit=args.eval_limit, demos=args.demos,
+                                             precision=precision, run_dir=str(out / f"tuned-{layout}-{precision}"), progress=False))
+                accuracy[name] = run["metrics"]["dev"]["weighted_f1"]
+                report[f"run_{name}"] = {"run_id": run["run_id"], "train_utterances": run["train_utterances"],
+                                         "eval_utterances": run["eval_utterances"], "wall_minutes": (time.perf_counter() - t0) / 60,
+                                         "timing": run["timing"]}
+                print(f"{name}: dev weighted F1 {accuracy[name]:.3f} ({run['eval_utterances']} dev utterances, trained on "
+                      f"{run['train_utterances']}), {report[f'run_{name}']['wall_minutes']:.1f} min "
+                      f"({run['timing'].get('train_tokens_per_s', 0):.0f} train tokens/s)", flush=True)
         report["dev_weighted_f1"] = accuracy
         report["wall_seconds"] = time.perf_counter() - start
         print("dev weighted F1: " + ", ".join(f"{k} {v:.3f}" for k, v in accuracy.items()))

@@ -27,9 +27,20 @@ MEDIA_INPUTS = ("media_sha256", "start_s", "end_s")
 DEFAULT_INPUTS = {"text": ("spoken_text",), "audio": MEDIA_INPUTS, "behavior": MEDIA_INPUTS, "visual": MEDIA_INPUTS}
 # Where an extractor's torch model runs: "auto" is CUDA when torch sees a GPU, else the CPU.
 DEVICES = ("auto", "cpu", "cuda")
+# Device files of a GPU driver (NVIDIA, AMD ROCm, WSL2): without any, "auto" is the CPU, known without torch.
+GPU_DEVICE_NODES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg")
 # The modalities whose models run on a GPU when given one; behaviour's MediaPipe and TFLite run on CPUs
 # (its optional describer is the exception: an extractor's ``gpu_capable`` says so, see uses_gpu).
 GPU_MODALITIES = ("text", "audio", "visual")
+
+
+def resolve_precision(precision: str, device: str | None) -> str:
+    """``fp32`` or ``bf16`` for an encoder on ``device`` (see :func:`resolve_device`): the rule of
+    :func:`bemerc.precision.resolve`. A feature set computed in bf16 records ``precision`` in its
+    config (a new feature set); fp32 records nothing, so the sets made before the option keep their ids."""
+    from bemerc.precision import resolve
+
+    return resolve(precision, resolve_device(device))
 
 
 def uses_gpu(extractor: "Extractor") -> bool:
@@ -50,8 +61,8 @@ def resolve_device(device: str | None = None) -> str:
     device = device or os.environ.get("BEMERC_DEVICE") or "auto"
     if device not in DEVICES:
         raise ValueError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
-    if device == "cpu":
-        return "cpu"
+    if device == "cpu" or (device == "auto" and not any(os.path.exists(node) for node in GPU_DEVICE_NODES)):
+        return "cpu"  # no GPU driver: torch could not see one, and is not imported to ask
     import torch
 
     if torch.cuda.is_available():

@@ -6,27 +6,28 @@ from typing import Callable
 
 from bemerc.extract.base import Extractor
 from bemerc.models.profiles import Profile, load_profile
+from bemerc.precision import DEFAULT_PRECISION
 
 
-def _text(profile: Profile, device: str | None) -> Extractor:
+def _text(profile: Profile, device: str | None, precision: str) -> Extractor:
     from bemerc.extract.text import TextExtractor
 
-    return TextExtractor(profile, device=device)
+    return TextExtractor(profile, device=device, precision=precision)
 
 
-def _audio(profile: Profile, device: str | None) -> Extractor:
+def _audio(profile: Profile, device: str | None, precision: str) -> Extractor:
     from bemerc.extract.audio import AudioExtractor
 
-    return AudioExtractor(profile, device=device)
+    return AudioExtractor(profile, device=device, precision=precision)
 
 
-def _behavior(profile: Profile, device: str | None) -> Extractor:
+def _behavior(profile: Profile, device: str | None, precision: str) -> Extractor:
     from bemerc.extract.behavior.extractor import BehaviorExtractor
 
     return BehaviorExtractor.from_profile(profile, device=device)  # the device is the describer's, when there is one
 
 
-def _visual(profile: Profile, device: str | None) -> Extractor:
+def _visual(profile: Profile, device: str | None, precision: str) -> Extractor:
     from bemerc.extract.visual import ClipVisualExtractor, FaceEmbeddingExtractor
 
     if profile.stage("visual").kind == "files":  # bemerc's face network (role `net`): the offline default
@@ -35,7 +36,9 @@ def _visual(profile: Profile, device: str | None) -> Extractor:
 
 
 # Model libraries are imported inside each builder, so asking for text never loads mediapipe.
-EXTRACTORS: dict[str, Callable[[Profile, str | None], Extractor]] = {
+# The precision (bemerc.precision) is the text and speech encoders'; behaviour and visual run their
+# networks as they are (ONNX/TFLite on CPUs, open_clip in fp32).
+EXTRACTORS: dict[str, Callable[[Profile, str | None, str], Extractor]] = {
     "text": _text,
     "audio": _audio,
     "behavior": _behavior,
@@ -43,10 +46,13 @@ EXTRACTORS: dict[str, Callable[[Profile, str | None], Extractor]] = {
 }
 
 
-def build_extractor(modality: str, profile: Profile | str | None = None, device: str | None = None) -> Extractor:
+def build_extractor(modality: str, profile: Profile | str | None = None, device: str | None = None,
+                    precision: str = DEFAULT_PRECISION) -> Extractor:
     """The extractor of ``modality`` configured by ``profile`` (a name or a TOML path; None: the default),
     its model on ``device`` (``auto``, ``cpu``, ``cuda``; None: ``$BEMERC_DEVICE`` or auto; see
-    :func:`bemerc.extract.base.resolve_device`). The device never changes the feature set.
+    :func:`bemerc.extract.base.resolve_device`) in ``precision`` (``auto``, ``fp32``, ``bf16``; see
+    :func:`bemerc.extract.base.resolve_precision`). The device never changes the feature set; a bf16
+    precision does.
 
     >>> build_extractor("text").name   # doctest: +SKIP
     'all-MiniLM-L6-v2'
@@ -54,4 +60,4 @@ def build_extractor(modality: str, profile: Profile | str | None = None, device:
     if modality not in EXTRACTORS:
         raise ValueError(f"unknown modality {modality!r}: expected one of {', '.join(EXTRACTORS)}")
     profile = profile if isinstance(profile, Profile) else load_profile(profile)
-    return EXTRACTORS[modality](profile, device)
+    return EXTRACTORS[modality](profile, device, precision)

@@ -46,17 +46,20 @@ WORKER_ENV_NAMES = ("AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS
 
 @dataclass(frozen=True)
 class ExtractorRecipe:
-    """How a worker builds the extractor: ``build_extractor(modality, profile, device)`` (a profile
-    name, a TOML path or a loaded :class:`~bemerc.models.profiles.Profile`). Small and picklable."""
+    """How a worker builds the extractor: ``build_extractor(modality, profile, device, precision)`` (a
+    profile name, a TOML path or a loaded :class:`~bemerc.models.profiles.Profile`). Small and picklable.
+    The driver passes the precision it resolved (``fp32`` or ``bf16``), so every worker computes the
+    driver's feature set whatever its own hardware."""
 
     modality: str
     profile: object = None
     device: str | None = None
+    precision: str = "auto"
 
     def __call__(self) -> Extractor:
         from bemerc.extract.factory import build_extractor
 
-        return build_extractor(self.modality, self.profile, self.device)
+        return build_extractor(self.modality, self.profile, self.device, self.precision)
 
 
 def actor_gpus(gpu_capable: bool, requested: float | None, cluster_gpus: float, device: str | None = None) -> float:

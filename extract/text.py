@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from bemerc.extract.base import UtteranceMedia, resolve_device, vector_field
+from bemerc.extract.base import UtteranceMedia, resolve_device, resolve_precision, vector_field
 from bemerc.extract.media import MediaError
 from bemerc.models.profiles import Profile, ProfileError, load_profile, model_path
+from bemerc.precision import DEFAULT_PRECISION
 
 
 class TextExtractor:
@@ -40,10 +41,12 @@ class TextExtractor:
         max_length: int | None = None,
         num_threads: int | None = None,
         device: str | None = None,
+        precision: str = DEFAULT_PRECISION,
     ):
         profile = load_profile(profile) if isinstance(profile, str) else profile
         self.entry = profile.stage("text")
         self.requested_device = device  # resolved with the model: a run with nothing to do imports no torch
+        self.requested_precision = precision
         self.name = self.entry.model_id
         self.random_weights = self.entry.random_weights
         self.batch_size = batch_size
@@ -67,11 +70,17 @@ class TextExtractor:
         return resolve_device(self.requested_device)
 
     @cached_property
+    def precision(self) -> str:
+        return resolve_precision(self.requested_precision, self.requested_device)
+
+    @cached_property
     def model(self):
+        import torch
         from transformers import AutoModel
 
         try:
-            return AutoModel.from_pretrained(self.path).to(self.device).eval()
+            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32  # weights held in bf16, not cast per call
+            return AutoModel.from_pretrained(self.path, dtype=dtype).to(self.device).eval()
         except (OSError, ValueError) as exc:
             raise ProfileError(f"{self.entry.label}: cannot load a text encoder from {self.path}: {exc}") from exc
 
@@ -83,6 +92,7 @@ class TextExtractor:
             "pooling": "mean",
             "normalize": True,
             "max_length": self.max_length,
+            **({"precision": "bf16"} if self.precision == "bf16" else {}),
         }
 
     def fields(self) -> list[pa.Field]:
@@ -100,7 +110,7 @@ class TextExtractor:
                 batch = order[start : start + self.batch_size]
                 tokens = self.tokenizer([texts[i] for i in batch], padding=True, truncation=True,
                                         max_length=self.max_length, return_tensors="pt").to(self.device)
-                hidden = self.model(**tokens).last_hidden_state  # (B, T, dim)
+                hidden = self.model(**tokens).last_hidden_state.float()  # (B, T, dim); pooled in fp32
                 mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
                 out[batch] = torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()

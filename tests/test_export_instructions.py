@@ -1,5 +1,5 @@
 """`bemerc export instructions` on real MELD dialogues with behaviour descriptions: the files load as
-JSON-lines tables (what `datasets.load_dataset("json")` reads, through pyarrow), LLaMA-Factory's
+Hugging Face datasets (`datasets.load_dataset("json")`, as LLaMA-Factory reads them), LLaMA-Factory's
 dataset_info.json points at them, and the prompts are `bemerc tune --show-prompt`'s through a chat
 template; `--with-media` on a manifest of real clips; `bemerc export features` against the stored vectors."""
 
@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.json as pj
 import pytest
 from typer.testing import CliRunner
 
@@ -62,9 +61,15 @@ def _export(store: Store, out: Path, *args: str) -> dict:
     return json.loads(result.output)
 
 
+def _dataset(path: str | Path):
+    """The exported file as `datasets` loads it (LLaMA-Factory's loader), cached beside the file."""
+    from datasets import load_dataset
+
+    return load_dataset("json", data_files=str(path), split="train", cache_dir=str(Path(path).parent / ".hf-cache"))
+
+
 def _records(path: str | Path) -> list[dict]:
-    """The exported file as a table (pyarrow's JSON-lines reader, which `datasets` uses for .jsonl), as rows."""
-    return pj.read_json(path).to_pylist()
+    return _dataset(path).to_list()
 
 
 def _show_prompt(store: Store, tiny_llm: Path, uid: str, layout: str) -> str:
@@ -82,9 +87,9 @@ def test_sharegpt_utterance_prompt_is_tunes_prompt_through_the_chat_template(sto
     info = json.loads((tmp_path / "dataset_info.json").read_text())
     entry = info["meld_utterance_dev"]
     assert entry["formatting"] == "sharegpt" and entry["columns"] == {"messages": "conversations", "system": "system"}
-    table = pj.read_json(tmp_path / entry["file_name"])
+    table = _dataset(tmp_path / entry["file_name"])
     assert {"conversations", "system"} <= set(table.column_names) and table.num_rows == done["utterances"]["dev"]
-    first = table.to_pylist()[0]
+    first = table[0]
     (human, gpt), uid = first["conversations"], first["uids"][0]
     assert (human["from"], gpt["from"]) == ("human", "gpt") and uid == "dev/dia0_utt0"
     assert "Phoebe's behaviour: Phoebe smiles" in human["value"]  # the stored description travels
@@ -92,7 +97,7 @@ def test_sharegpt_utterance_prompt_is_tunes_prompt_through_the_chat_template(sto
     rendered = tokenizer.apply_chat_template([{"role": "system", "content": first["system"]}, {"role": "user", "content": human["value"]}],
                                              tokenize=False, add_generation_prompt=True) + gpt["value"] + tokenizer.eos_token
     assert rendered == _show_prompt(store, tiny_llm, uid, "utterance")
-    second = table.to_pylist()[1]  # context turns are shown, as tune shows them
+    second = table[1]  # context turns are shown, as tune shows them
     assert second["uids"] == ["dev/dia0_utt1"] and "Phoebe: Oh my God" in second["conversations"][0]["value"]
 
 

@@ -17,7 +17,8 @@ from bemerc.store.ingest import read_meld, write_utterances
 from bemerc.store.runs import list_runs
 from bemerc.train.tune.infer import TunedModel, dialogue_windows, merc_examples
 from bemerc.train.tune.loop import TuneConfig, TuneError, load_data, lr_factor, tune
-from bemerc.train.tune.model import LoraSettings, build_model, collate, collate_windows, load_llm, load_tuned
+from bemerc.precision import resolve as resolve_precision
+from bemerc.train.tune.model import LoraSettings, base_dtype, build_model, collate, collate_windows, load_llm, load_tuned
 from bemerc.train.tune.prompt import DialogueTurn, Prompter, Turn, load_template
 from bemerc.train.tune.score import answer_scores, label_probabilities, label_scores
 
@@ -167,7 +168,7 @@ def test_all_stages_train_evaluate_and_record_the_run(tiny_llm, store, tmp_path)
 def _untrained(tiny_llm: Path, store: Store, config: TuneConfig):
     """(data, tokenizer, adapter state before training) as ``tune`` builds them for ``config``."""
     data = load_data(store, config)
-    llm, tokenizer = load_llm(tiny_llm)
+    llm, tokenizer = load_llm(tiny_llm, base_dtype(resolve_precision(config.precision), cuda=False))  # LoRA starts from the same draw
     torch.manual_seed(config.seed)
     initial = build_model(llm, data.soft, LoraSettings(config.lora_r, config.lora_alpha, config.lora_dropout))
     initial.fit_input_scaling(data.features, data.train_rows, data.speaker_stats)  # as tune does: the projectors' input statistics

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 from rich.console import Console
+
+from bemerc.precision import PRECISIONS
 
 if TYPE_CHECKING:
     from bemerc.store import Store
@@ -39,6 +42,15 @@ SpeakerNormOption = Annotated[bool | None, typer.Option(
     help="Standardise each speaker's audio, behaviour and visual vectors on the speaker's own mean and spread, "
          "scaled back to the train rows', before the model reads them (a speaker heard once is barely moved), "
          "the same at /predict (default: on). Off: the stored vectors as they are.")]
+
+Precision = Enum("Precision", {name: name for name in PRECISIONS}, type=str)
+
+
+# `tune`, `extract` and `serve`: numeric precision of the neural models (the rule: bemerc.precision.resolve)
+PrecisionOption = Annotated[Precision | None, typer.Option(
+    show_default=False,
+    help="auto (default): bf16 where the hardware multiplies bf16 matrices (a CUDA GPU with bf16, or a CPU with "
+         "AMX or AVX512-BF16), else fp32; fp32 or bf16 to choose. Recorded with the run or feature set.")]
 
 # Every command that takes a profile takes it this way; None (not given) means the default of
 # `load_profile`, the one place that names it (`offline`).

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from bemerc.cli.common import DEFAULT_STORE, ProfileOption, StoreOption, console, err_console, fail, open_store
+from bemerc.cli.common import DEFAULT_STORE, PrecisionOption, ProfileOption, StoreOption, console, err_console, fail, open_store
 from bemerc.store.schema import MODALITIES
 
 
@@ -38,6 +38,7 @@ def register(app: typer.Typer) -> None:
         ray_address: Annotated[str | None, typer.Option(help="With --engine ray: `auto` (the cluster of this node), `ray://HEAD:10001`, or none for a Ray on this machine.")] = None,
         workers: Annotated[int, typer.Option(min=1, help="With --engine ray: actors, each with the extractor loaded once.")] = 1,
         device: Annotated[Device, typer.Option(help="Where text, audio and visual models (and a profile's behaviour describer) run: `auto` (CUDA when torch sees a GPU), `cpu` or `cuda`. MediaPipe and FER run on CPUs. Never changes the feature set. Default: $BEMERC_DEVICE or auto.", show_default=False)] = None,
+        precision: PrecisionOption = None,
         worker_gpus: Annotated[float | None, typer.Option(min=0, help="With --engine ray: GPUs per actor. Default: 1 for text, audio, visual (and behaviour with a describer) when the cluster has GPUs (unless --device cpu), else 0.", show_default=False)] = None,
         store: StoreOption = DEFAULT_STORE,
     ) -> None:
@@ -56,6 +57,7 @@ def register(app: typer.Typer) -> None:
         """
         from bemerc.extract.base import DEVICES, MODALITY_ORDER, feature_set_id, resolve_device, uses_gpu
         from bemerc.extract.factory import build_extractor
+        from bemerc.precision import DEFAULT_PRECISION
         from bemerc.models.profiles import ProfileError, load_profile
         from bemerc.store.summary import recall, remember, tables_state
 
@@ -70,7 +72,8 @@ def register(app: typer.Typer) -> None:
             device_name = device.value if device else os.environ.get("BEMERC_DEVICE") or None
             if device_name not in (None, *DEVICES):
                 raise ValueError(f"BEMERC_DEVICE={device_name!r}: expected one of {', '.join(DEVICES)}")
-            extractors = {name: build_extractor(name, chosen, device_name) for name in modalities}
+            precision_name = precision.value if precision else DEFAULT_PRECISION
+            extractors = {name: build_extractor(name, chosen, device_name, precision_name) for name in modalities}
         except (ProfileError, OSError, ValueError) as e:
             fail(str(e))
         if engine == EngineName.local and device_name == "cuda" and any(uses_gpu(e) for e in extractors.values()):
@@ -102,7 +105,8 @@ def register(app: typer.Typer) -> None:
                 if engine == EngineName.ray:
                     from bemerc.extract.ray_engine import ExtractorRecipe, RayEngine
 
-                    runner = RayEngine(ExtractorRecipe(name, chosen, device_name), workers=workers, address=ray_address,
+                    resolved = getattr(extractor, "precision", precision_name)  # the driver's: every worker computes one feature set
+                    runner = RayEngine(ExtractorRecipe(name, chosen, device_name, resolved), workers=workers, address=ray_address,
                                        gpus_per_worker=worker_gpus)
                 summary = run_extractor(db, extractor, limit=limit, batch_size=batch_size, retry_failures=retry_failures,
                                         console=console, engine=runner)

@@ -11,8 +11,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from bemerc.cli.common import (DEFAULT_STORE, SEEDS_HELP, JsonOption, SpeakerNormOption, StoreOption, console, err_console, fail,
-                               open_store)
+from bemerc.cli.common import (DEFAULT_STORE, SEEDS_HELP, JsonOption, PrecisionOption, SpeakerNormOption, StoreOption, console,
+                               err_console, fail, open_store)
 from bemerc.train.tune.config import DEFAULT_MAX_LEN, TuneConfig
 
 _DEFAULTS = {f.name: f.default for f in fields(TuneConfig) if f.default is not MISSING}
@@ -87,6 +87,7 @@ def register(app: typer.Typer) -> None:
         seed: Annotated[int | None, typer.Option(help="Seed of initialisation, data order and dropout.", show_default=_default("seed"))] = None,
         seeds: Annotated[str | None, typer.Option(show_default=False, help=SEEDS_HELP)] = None,
         threads: Annotated[int | None, typer.Option(help="Torch CPU threads.", show_default=_default("threads"))] = None,
+        precision: PrecisionOption = None,
         checkpoint_every: Annotated[int | None, typer.Option(help="Write RUN_DIR/checkpoint.pt every N optimiser steps.", show_default=_default("checkpoint_every"))] = None,
         stop_after: Annotated[int | None, typer.Option(help="Stop after N optimiser steps with a checkpoint (continue with --resume).")] = None,
         resume: Annotated[bool, typer.Option(help="Continue the run in --run-dir from its checkpoint (its saved settings are used).")] = False,
@@ -118,7 +119,7 @@ def register(app: typer.Typer) -> None:
             "layout": layout.value if layout else None, "context": context, "overlap": overlap, "demos": demos,
             "max_len": max_len, "epochs": epochs, "align_epochs": align_epochs, "project_epochs": project_epochs, "lr": lr, "align_lr": align_lr, "projector_lr": projector_lr,
             "batch_size": batch_size, "micro_batch_tokens": micro_batch_tokens, "balance": balance, "lora_r": lora_r, "lora_alpha": 2 * lora_r if lora_r else None,
-            "normalize_scores": normalize_scores, "speaker_norm": speaker_norm, "seed": seed, "threads": threads, "checkpoint_every": checkpoint_every,
+            "normalize_scores": normalize_scores, "speaker_norm": speaker_norm, "seed": seed, "threads": threads, "precision": precision.value if precision else None, "checkpoint_every": checkpoint_every,
         }
         try:
             config = TuneConfig(

@@ -34,6 +34,7 @@ import numpy as np
 from bemerc.extract.behavior.expression_net import (
     EXPRESSIONS, ExpressionNet, ExpressionNetDims, export_onnx, save_expression_net,
 )
+from bemerc.precision import cpu_has_bf16
 
 DEV_FRACTION = 0.2
 CROP_MARGIN = 1.25  # cached crops are this much wider than the network's crop (room for shifts and zooms)
@@ -160,15 +161,6 @@ def cached_crops(path: str | Path, cache_dir: Path, box_scale: float, limit: int
     return {**faces, "crops": crops, "found": found}
 
 
-def has_bf16_matrix_units() -> bool:
-    """True when the CPU has bf16 matrix instructions (AMX or AVX512-BF16); read from /proc/cpuinfo."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
 def augment(model_input_side: int, crops, generator, train: bool):
     """uint8 crops (N, S, S, 3) of side CACHE_SIDE -> float (N, 3, side, side) in [0, 1]: the centre
     (the pipeline's crop) for eval; for training, a random flip, rotation (+-12 deg), zoom (0.9-1.1) and
@@ -206,6 +198,20 @@ def augment(model_input_side: int, crops, generator, train: bool):
     return x
 
 
+def cut_mix(x, generator):
+    """CutMix in place: one random rectangle of every face in the batch ``x`` (N, C, H, W) is replaced by
+    the same rectangle of face ``mixed[i]``; returns ``mixed`` and the share of each face left its own."""
+    import torch
+
+    n, _, h, w = x.shape
+    mixed = torch.randperm(n, generator=generator)
+    keep = torch.rand(1, generator=generator).item()  # Beta(1, 1)
+    ch, cw = int(h * math.sqrt(1 - keep)), int(w * math.sqrt(1 - keep))
+    y0, x0 = torch.randint(0, h - ch + 1, (1,), generator=generator).item(), torch.randint(0, w - cw + 1, (1,), generator=generator).item()
+    x[:, :, y0 : y0 + ch, x0 : x0 + cw] = x[mixed, :, y0 : y0 + ch, x0 : x0 + cw].clone()
+    return mixed, 1.0 - ch * cw / (h * w)
+
+
 def scores(labels: np.ndarray, predicted: np.ndarray) -> dict:
     """accuracy, weighted and macro F1, recall per class and the confusion matrix (rows: true) of
     class indices; a prediction of -1 (no face found) is wrong for every score, and left out of the matrix."""
@@ -234,6 +240,7 @@ def train_expression(
     label_smoothing: float = 0.1,
     fer_fraction: float = 0.25,
     ema_decay: float = 0.999,
+    cutmix: float = 0.0,
     seed: int = 0,
     limit: int | None = None,
     threads: int = 2,
@@ -245,7 +252,9 @@ def train_expression(
 
     ``fer_fraction``: the share of FER2013 train faces drawn (afresh) in each epoch, beside all RAF-DB
     train faces. ``ema_decay``: the scored and saved network is the exponential moving average of the
-    trained one's weights (and BatchNorm statistics) over steps. ``limit``: read only N rows of each
+    trained one's weights (and BatchNorm statistics) over steps. ``cutmix``: the share of batches in which
+    a rectangle of each face is replaced by the same rectangle of another face of the batch, the loss
+    mixing both labels by area (CutMix). ``limit``: read only N rows of each
     face set, evenly spread (a quick check)."""
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
     import torch
@@ -279,7 +288,7 @@ def train_expression(
     per_epoch = len(raf_y) + (0 if fer_y is None else int(fer_fraction * len(fer_y)))
     steps = epochs * max(1, math.ceil(per_epoch / batch_size))
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.15)
-    bf16 = has_bf16_matrix_units()
+    bf16 = cpu_has_bf16()
     generator = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
     history, dev = [], None
@@ -311,9 +320,13 @@ def train_expression(
             index = np.sort(order[i : i + batch_size])
             x = model.standardise(augment(dims.input_side, xs[index], generator, True))
             y = torch.from_numpy(ys[index])
+            mixed, share = cut_mix(x, generator) if torch.rand(1, generator=generator).item() < cutmix else (None, 1.0)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 logits = model(x)
-            loss = torch.nn.functional.cross_entropy(logits.float(), y, weight=class_weight, label_smoothing=label_smoothing)
+            loss = share * torch.nn.functional.cross_entropy(logits.float(), y, weight=class_weight, label_smoothing=label_smoothing)
+            if mixed is not None:
+                loss = loss + (1 - share) * torch.nn.functional.cross_entropy(
+                    logits.float(), y[mixed], weight=class_weight, label_smoothing=label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -329,7 +342,7 @@ def train_expression(
             f"({time.monotonic() - epoch_start:.0f} s; {time.monotonic() - started:.0f} s in all)")
 
     dev = dev or evaluate()  # the last epoch's scores (0 epochs: the untrained network's)
-    facts = {"seed": seed, "epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "ema_decay": ema_decay,
+    facts = {"seed": seed, "epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "ema_decay": ema_decay, "cutmix": cutmix,
              "label_smoothing": label_smoothing, "fer_fraction": fer_fraction if fer2013 else 0.0, "limit": limit,
              "train_faces": {"rafdb": int(len(raf_y)), "fer2013": 0 if fer_y is None else int(len(fer_y))},
              "dev": {"set": "rafdb_train dev_split (20%, sha1 of file name, per label)", "faces": int(len(dev_y)),

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from bemerc.precision import DEFAULT_PRECISION, PRECISIONS
+
 # padded tokens one forward pass holds (a training batch over it is cut into micro-batches with gradient
 # accumulation; evaluation batches windows up to it): bounds memory; peak RSS per window length is in
 # docs/tune.md (Tune memory)
@@ -66,6 +68,7 @@ class TuneConfig:
     zero_shot: bool = False  # no training: score labels with the base model (no LoRA, no soft tokens)
     seed: int = 0
     threads: int = 2  # torch CPU threads
+    precision: str = DEFAULT_PRECISION  # auto | fp32 | bf16: frozen base weights and matmuls (bemerc.precision); LoRA, projectors and optimiser stay fp32
     gradient_checkpointing: bool | None = None  # None = on when a GPU is used
     checkpoint_every: int = 50
     stop_after: int | None = None  # stop (with a checkpoint) after this many optimiser steps of the run
@@ -76,6 +79,8 @@ class TuneConfig:
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
             raise TuneError(f"--stage must be one of {', '.join(STAGES)}, found {self.stage!r}")
+        if self.precision not in PRECISIONS:
+            raise TuneError(f"--precision must be one of {', '.join(PRECISIONS)}, found {self.precision!r}")
         if self.layout not in LAYOUTS:
             raise TuneError(f"--layout must be one of {', '.join(LAYOUTS)}, found {self.layout!r}")
         if self.max_len is None:

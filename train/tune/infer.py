@@ -235,6 +235,7 @@ class TunedModel:
         return [[windows[j] for j in chunk] for chunk in micro_batches(lengths, list(range(len(windows))), self.max_tokens)]
 
     def _autocast(self):
+        """The caller's autocast (tuning passes its accelerator's), else the run's precision."""
         if self.autocast is not None:
             return self.autocast()
-        return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.info.precision == "bf16")

@@ -47,6 +47,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from bemerc.precision import resolve as resolve_precision
 from bemerc.progress import LOG_EVERY_S, progress_line
 from bemerc.store import Store
 from bemerc.store.schema import run_classes
@@ -57,7 +58,7 @@ from bemerc.train.tensors import SPEAKER_NORMALISED, Corpus, load_corpus
 from bemerc.train.tune.config import (DEFAULT_MAX_LEN, EVAL_SPLITS, LAYOUTS, SOFT_MODALITIES, STAGES, WORDS_MODALITIES, TuneConfig,
                                       TuneError)
 from bemerc.train.tune.infer import DemoRetriever, Inputs, TunedModel, corpus_inputs, dialogue_windows, merc_examples, soft_values
-from bemerc.train.tune.model import (IGNORE, Batch, LoraSettings, MercModel, SoftInput, TuneInfo, build_model,
+from bemerc.train.tune.model import (IGNORE, Batch, LoraSettings, MercModel, SoftInput, TuneInfo, base_dtype, build_model,
                                      collate, collate_windows, load_llm, micro_batches, save_adapter)
 from bemerc.train.tune.prompt import Prompter
 
@@ -546,6 +547,7 @@ def tune(store: Store, config: TuneConfig, resume: bool = False) -> dict:
     record the run; returns ``{"run_id", "run_dir", "metrics", "majority", "timing", ...}`` or, when
     ``stop_after`` interrupted training, ``{"stopped": True, ...}``."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     cuda = torch.cuda.is_available()
     if resume:
@@ -555,6 +557,7 @@ def tune(store: Store, config: TuneConfig, resume: bool = False) -> dict:
         # the run's settings, but the folder given now: a run folder moved since it stopped goes on where it is
         saved = {k: v for k, v in checkpoint["config"].items() if k not in ("stop_after", "progress", "run_dir")}
         saved.setdefault("speaker_norm", False)  # a run checkpointed before speaker normalisation read the vectors as stored
+        saved.setdefault("precision", "fp32")  # a run checkpointed before --precision trained in fp32 on a CPU
         config = replace(config, **saved)
     else:
         checkpoint = None
@@ -566,11 +569,15 @@ def tune(store: Store, config: TuneConfig, resume: bool = False) -> dict:
     run_id = (checkpoint or {}).get("progress", {}).get("run_id") or new_run_id(kind)
     run_dir = Path(config.run_dir) if config.run_dir else default_run_dir(store, run_id)
     config = replace(config, run_dir=str(run_dir))
-    accelerator = Accelerator(mixed_precision="bf16" if cuda else "no", cpu=not cuda)
+    precision = resolve_precision(config.precision, "cuda" if cuda else "cpu")
+    mixed = "bf16" if precision == "bf16" else "no"
+    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != mixed:
+        AcceleratorState._reset_state()  # a second run in this process at another precision (the process group stays)
+    accelerator = Accelerator(mixed_precision=mixed, cpu=not cuda)
 
     data = load_data(store, config)
     torch.manual_seed(config.seed)
-    llm, tokenizer = load_llm(config.model)
+    llm, tokenizer = load_llm(config.model, base_dtype(precision, cuda))
     lora = None if config.zero_shot else LoraSettings(config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_layers)
     model = build_model(llm, data.soft, lora)
     model.fit_input_scaling(data.features, data.train_rows, data.speaker_stats)
@@ -585,7 +592,7 @@ def tune(store: Store, config: TuneConfig, resume: bool = False) -> dict:
     info = TuneInfo(base_model=str(config.model), classes=data.classes, layout=config.layout, context=config.context,
                     max_len=config.max_len, overlap=config.overlap, demos=config.demos,
                     demo_feature_set=data.corpus.modalities["text"].feature_set.id if config.demos else None,
-                    normalize_scores=config.normalize_scores, dataset=data.dataset, soft=data.soft)
+                    normalize_scores=config.normalize_scores, dataset=data.dataset, soft=data.soft, precision=precision)
 
     progress = {"run_id": run_id, "done": [], "stage": None, "epoch": 0, "batch": 0, "history": []}
     if checkpoint is not None:
@@ -661,7 +668,7 @@ def tune(store: Store, config: TuneConfig, resume: bool = False) -> dict:
     majority = majority_metrics(data, dev)
     train_rows = len(data.train_rows) if stages else 0
     timing = {**_timing(progress["history"]), "eval": eval_timing["dev"], "eval_by_split": eval_timing}
-    summary = {"train_utterances": train_rows, "eval_utterances": len(dev), "layout": config.layout,
+    summary = {"train_utterances": train_rows, "eval_utterances": len(dev), "layout": config.layout, "precision": precision,
                "eval_splits": {split: len(rows) for split, rows in data.eval_rows.items()}, "notes": notes,
                "majority": {"weighted_f1": majority["weighted_f1"], "accuracy": majority["accuracy"]}, "timing": timing}
     if accelerator.is_main_process:

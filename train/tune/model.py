@@ -339,6 +339,12 @@ class MercModel(nn.Module):
                              f"unexpected {sorted(unexpected)[:3]}")
 
 
+def base_dtype(precision: str, cuda: bool) -> torch.dtype:
+    """dtype of the frozen base weights: bf16 on a CPU running in bf16 (held so, not cast on every call
+    as autocast would); fp32 on a GPU, where autocast's casts are cheap, and wherever precision is fp32."""
+    return torch.bfloat16 if precision == "bf16" and not cuda else torch.float32
+
+
 def load_llm(path: str | Path, dtype: torch.dtype = torch.float32):
     """(model, tokenizer) of a local Hugging Face folder or a hub id. The tokenizer pads on the right
     and always has a pad id (its end-of-sequence id when it has none)."""
@@ -397,6 +403,7 @@ class TuneInfo:
     normalize_scores: bool = False
     dataset: str | None = None
     soft: list[SoftInput] = field(default_factory=list)
+    precision: str = "fp32"  # what the run trained and scored in (fp32 | bf16); loading uses it, so predictions match the run's
 
     @classmethod
     def from_dict(cls, values: dict) -> "TuneInfo":
@@ -450,7 +457,7 @@ def load_tuned(folder: str | Path, base: str | Path | None = None) -> tuple[Merc
     if not (folder / "tune.json").is_file():
         raise FileNotFoundError(f"{folder}: not a bemerc adapter folder (no tune.json)")
     info = TuneInfo.from_dict(json.loads((folder / "tune.json").read_text()))
-    llm, tokenizer = load_llm(base or info.base_model)
+    llm, tokenizer = load_llm(base or info.base_model, base_dtype(info.precision, cuda=False))
     llm = PeftModel.from_pretrained(llm, str(folder))
     model = MercModel(llm, info.soft)
     if (folder / "projectors.safetensors").is_file():
