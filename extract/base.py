@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -87,6 +88,23 @@ class UtteranceMedia:
     audio_path: str | None = None
     start_s: float | None = None
     end_s: float | None = None
+
+
+# What part of an utterance each modality is computed from: text from its text; audio from its audio
+# file, else the soundtrack of its video; behaviour and visual from its video. The first is preferred.
+INPUT_SOURCES = {"text": ("text",), "audio": ("audio", "video"), "behavior": ("video",), "visual": ("video",)}
+SOURCE_FIELDS = {"text": "text", "audio": "audio_path", "video": "video_path"}  # where UtteranceMedia holds each
+
+
+def has_input(modality: str, item: "UtteranceMedia | Mapping") -> bool:
+    """Whether ``item`` (an :class:`UtteranceMedia`, or a row with its field names) has what
+    ``modality`` is computed from (:data:`INPUT_SOURCES`); an utterance without it gets no row.
+
+    >>> has_input("audio", UtteranceMedia(uid="u", video_path="a.mp4")), has_input("visual", {"audio_path": "a.wav"})
+    (True, False)
+    """
+    get = item.get if isinstance(item, Mapping) else lambda name: getattr(item, name, None)
+    return any(get(SOURCE_FIELDS[source]) for source in INPUT_SOURCES[modality])
 
 
 @runtime_checkable

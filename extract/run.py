@@ -25,7 +25,7 @@ import pyarrow as pa
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from bemerc.extract.base import Extractor, UtteranceMedia, config_hash, extractor_inputs
+from bemerc.extract.base import Extractor, UtteranceMedia, config_hash, extractor_inputs, has_input
 from bemerc.extract.media import MediaError
 from bemerc.progress import LOG_EVERY_S, progress_line
 from bemerc.store import FeatureSet, Store
@@ -88,14 +88,6 @@ class RunSummary:
         if self.not_applicable:
             parts.append(f"{self.not_applicable} without input")
         return f"{self.feature_set}: " + ", ".join(parts) + f" in {self.seconds:.1f} s"
-
-
-def _needs(modality: str, row: dict) -> bool:
-    if modality == "text":
-        return bool(row.get("text"))
-    if modality == "audio":
-        return bool(row.get("audio_path") or row.get("video_path"))
-    return bool(row.get("video_path"))
 
 
 class RunProgress:
@@ -229,7 +221,7 @@ def run_extractor(
             uid = r["uid"]
             if uid in stored and stored[uid] is not None and stored[uid] == current[uid]:
                 summary.already += 1
-            elif not _needs(extractor.modality, r):
+            elif not has_input(extractor.modality, r):
                 summary.not_applicable += 1
                 if uid in stored:
                     gone.append(uid)

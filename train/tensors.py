@@ -181,15 +181,31 @@ def load_corpus(
         table = store.read_features(fs, ["uid", "vector", *wanted])
         rows = np.array([index.get(u, -1) for u in table["uid"].to_pylist()], dtype=np.int64)
         keep = rows >= 0
-        vectors = np.zeros((utterances.height, fs.dim), dtype=np.float32)
-        present = np.zeros(utterances.height, dtype=bool)
-        vectors[rows[keep]] = vectors_of(table)[keep]
-        present[rows[keep]] = True
-        extras = {}
-        for c in wanted:
-            values: list = [None] * utterances.height
-            for r, v in zip(rows[keep], np.array(table[c].to_pylist(), dtype=object)[keep]):
-                values[r] = v
-            extras[c] = values
-        modalities[fs.modality] = ModalityArrays(fs, vectors, present, extras)
+        extras = {c: np.array(table[c].to_pylist(), dtype=object)[keep] for c in wanted}
+        modalities[fs.modality] = pack_rows(fs, utterances.height, rows[keep], vectors_of(table)[keep], extras)
     return Corpus(utterances, modalities)
+
+
+def pack_rows(fs: FeatureSet, n: int, rows, vectors, extras: dict | None = None) -> ModalityArrays:
+    """The :class:`ModalityArrays` of ``n`` utterances given the results of those at ``rows``:
+    ``vectors[k]`` (and each ``extras[name][k]``) belongs to utterance ``rows[k]``; every other
+    utterance is absent (a zero row, ``present`` False, None in each extra). The one packing of
+    feature rows into arrays: :func:`load_corpus` packs stored rows, ``/predict`` freshly extracted ones.
+
+    >>> fs = FeatureSet("text", "fake", "0", "features_text", 2, False, {})
+    >>> a = pack_rows(fs, 3, [2], np.ones((1, 2)), {"tokens": [7]})
+    >>> a.present.tolist(), a.vectors[2].tolist(), a.extras["tokens"]
+    ([False, False, True], [1.0, 1.0], [None, None, 7])
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    packed = np.zeros((n, fs.dim), dtype=np.float32)
+    present = np.zeros(n, dtype=bool)
+    packed[rows] = np.asarray(vectors, dtype=np.float32).reshape(len(rows), fs.dim)
+    present[rows] = True
+    columns: dict[str, list] = {}
+    for name, values in (extras or {}).items():
+        column: list = [None] * n
+        for r, v in zip(rows, values):
+            column[r] = v
+        columns[name] = column
+    return ModalityArrays(fs, packed, present, columns)
