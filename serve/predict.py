@@ -1,10 +1,10 @@
 """``POST /predict``: a dialogue in, a label with probabilities per utterance out.
 
-The request names no server file: text comes as JSON, media only as uploaded bytes, which are
-checked (size, magic bytes, ffprobe with a demuxer whitelist, duration) and written under a private
-temporary folder that is deleted after the request. The run decides everything else: its feature
-sets say which extractors to run (rebuilt from a profile and checked against the stored config
-hash), its kind which model scores the features.
+The run decides everything: its feature sets say which extractors to run (rebuilt from a profile and
+checked against the stored config hash), its kind which model scores the features. Text is extracted
+here, media in the :class:`~bemerc.serve.worker.MediaWorker` process, from uploads that
+:mod:`bemerc.serve.uploads` has checked; the results are packed into arrays as stored features are
+(:func:`bemerc.train.tensors.pack_rows`).
 
 A modality that an utterance lacks, or whose upload cannot be decoded, is left out of that
 utterance's prediction (the run fuses the others, as in training) and named in its ``errors``; an
@@ -19,256 +19,25 @@ utterance left with no usable input at all is a 422 naming the part.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import re
-import shutil
-import subprocess
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from bemerc.extract.base import MODALITY_ORDER  # audio first: a transcript can stand in for a missing text
+from bemerc.extract.base import INPUT_SOURCES, MODALITY_ORDER  # audio first: a transcript can stand in for a missing text
 from bemerc.models.profiles import DEFAULT_PROFILE
+from bemerc.serve.request import PredictError, PredictRequest
+from bemerc.serve.uploads import MEDIA_KINDS
+from bemerc.serve.worker import MediaWorker
 from bemerc.store import Store, StoreError
 from bemerc.store import schema as S
-from bemerc.store.ingest.common import STILL_CONTAINERS, sniff_container
 from bemerc.store.runs import list_runs
-from bemerc.train.tensors import Corpus, ModalityArrays
-
-MEDIA_KINDS = ("audio", "video")
-UPLOAD_NAME = re.compile(r"^(audio|video)_(\d{1,4})$")
-# Demuxers ffprobe may use on an upload: real containers only, never playlists or concat lists that
-# could make ffmpeg open other files or URLs.
-DEMUXERS = "wav,mp3,flac,ogg,aac,mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi,flv"
-# Keys that would name a media file by path inside the JSON body: refused, media must be uploaded.
-PATH_KEYS = {"audio", "video", "audio_path", "video_path", "path", "file", "media", "url"}
-
-
-class PredictError(Exception):
-    """A request that cannot be served; ``status`` is the HTTP status, ``str()`` the message and
-    ``retry_after_s`` (503 only) when to try again."""
-
-    def __init__(self, status: int, message: str, retry_after_s: int | None = None):
-        self.status = status
-        self.retry_after_s = retry_after_s
-        super().__init__(message)
-
-
-class PredictUtterance(BaseModel):
-    """One turn of the dialogue. Media for turn ``i`` is uploaded as ``audio_i`` / ``video_i``."""
-
-    model_config = ConfigDict(extra="forbid")
-    speaker: str | None = Field(None, max_length=200)
-    text: str | None = Field(None, max_length=S.MAX_TEXT_CHARS)  # the limit of every entry point (manifests too)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _no_paths(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            named = sorted(PATH_KEYS & set(data))
-            if named:
-                raise ValueError(
-                    f"field {named[0]!r} is not accepted: media is never read from a path or URL; upload it as a "
-                    "multipart file named audio_<index> or video_<index> with the JSON in the form field 'dialogue'"
-                )
-        return data
-
-
-class PredictRequest(BaseModel):
-    """``{"utterances": [{"speaker": ..., "text": ...}, ...], "run": RUN_ID}``; run defaults to the newest."""
-
-    model_config = ConfigDict(extra="forbid")
-    utterances: list[PredictUtterance] = Field(..., min_length=1)
-    run: str | None = Field(None, max_length=200)
-
-
-@dataclass(frozen=True)
-class ServeLimits:
-    """What one ``/predict`` request may ask for, and how many may wait.
-
-    Sizes bound the upload; ``max_media_s`` bounds the work (checked on the container's header, then on
-    what the upload decodes to, before any extractor runs);
-    ``max_pending`` / ``max_media_pending`` bound the queue (more gets 503 with ``Retry-After``);
-    ``request_timeout_s`` bounds one request's wall time, waiting included (503 when it could not
-    start in time, 504 when its own work ran over).
-    """
-
-    max_upload_bytes: int = 50 * 1024 * 1024  # per file
-    max_request_bytes: int = 200 * 1024 * 1024  # the whole request body
-    max_utterances: int = 64
-    max_media_s: float = 60.0  # duration of one uploaded file (one utterance)
-    max_pending: int = 16  # /predict requests in the server at once, running or waiting
-    max_media_pending: int = 2  # of those, requests that upload media (their work is long)
-    request_timeout_s: float = 120.0
-    receive_timeout_s: float = 30.0  # to receive a request's headers and its whole body (a slow client is cut off)
-    retry_after_s: int = 10  # what a 503 tells the client
-
-
-# --- uploads -------------------------------------------------------------------------------------
-
-
-def upload_slot(name: str, n_utterances: int) -> tuple[str, int]:
-    """``"audio_3"`` -> ``("audio", 3)``; a :class:`PredictError` (422) for any other field name."""
-    match = UPLOAD_NAME.match(name)
-    if not match:
-        raise PredictError(422, f"unexpected upload field {name!r}: files must be named audio_<index> or video_<index>")
-    kind, index = match.group(1), int(match.group(2))
-    if index >= n_utterances:
-        raise PredictError(422, f"upload {name!r} refers to utterance {index}, but the dialogue has {n_utterances}")
-    return kind, index
-
-
-def check_media(path: Path, kind: str, name: str, max_media_s: float | None = None) -> float:
-    """The duration in seconds of ``path``, a real audio/video file with a ``kind`` stream; else a
-    :class:`PredictError`: 415 for what is not such media, 413 when it lasts over ``max_media_s``.
-
-    The length is checked twice: from the container (ffprobe, before anything is decoded), then on
-    what decodes. A header may lie (an MP3 without a Xing header is estimated from its first
-    frame's bitrate: 2 s at 320 kbit/s then 10 min at 8 kbit/s probes at 32 s), so with a limit the
-    streams the extractors will decode (the audio of any upload, the video of a ``video_<i>``) are
-    decoded once, cheaply, and the decoding stops a moment past the limit (:func:`decoded_seconds`).
-    """
-    with open(path, "rb") as handle:
-        head = handle.read(16)
-    container = sniff_container(head)
-    if container is None:
-        raise PredictError(415, f"upload {name!r} is not a supported media file (expected wav, mp3, flac, ogg, mp4/mov, "
-                                "mkv/webm, avi or flv by content, or a jpeg or png as video)")
-    if container in STILL_CONTAINERS:
-        return check_still(path, kind, name, container)
-    exe = shutil.which("ffprobe")
-    if exe is None:
-        raise PredictError(503, "ffprobe is not installed on the server (install ffmpeg)")
-    cmd = [exe, "-v", "error", "-protocol_whitelist", "file", "-format_whitelist", DEMUXERS,
-           "-print_format", "json", "-show_streams", "-show_format", str(path)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
-    except subprocess.TimeoutExpired:
-        raise PredictError(415, f"upload {name!r}: probing the media took over 30 s") from None
-    probe = json.loads(proc.stdout or "{}") if proc.returncode == 0 else {}
-    streams = probe.get("streams", [])
-    if not streams:
-        raise PredictError(415, f"upload {name!r} looks like {container} but ffprobe cannot read it")
-    if not any(s.get("codec_type") == kind for s in streams):
-        found = ", ".join(sorted({str(s.get("codec_type")) for s in streams}))
-        raise PredictError(415, f"upload {name!r} has no {kind} stream (found: {found})")
-    duration = media_duration_s(probe)
-    if duration is None:
-        raise PredictError(415, f"upload {name!r}: its container does not say how long it is, so it is not decoded")
-    if max_media_s is not None and duration > max_media_s:
-        raise PredictError(413, f"upload {name!r} lasts {duration:.1f} s, over the limit of {max_media_s:g} s per utterance")
-    if max_media_s is None:
-        return duration
-    codec_types = {s.get("codec_type") for s in streams}
-    decoded = [kind] + (["audio"] if kind == "video" and "audio" in codec_types else [])
-    for stream in decoded:
-        seconds = decoded_seconds(path, stream, stop_after_s=max_media_s + 2 * DECODE_SLACK_S, name=name)
-        if seconds > max_media_s + DECODE_SLACK_S:
-            raise PredictError(413, f"upload {name!r}: its {stream} decodes to over {max_media_s:g} s (its container says "
-                                    f"{duration:.1f} s), over the limit of {max_media_s:g} s per utterance")
-        duration = max(duration, seconds)
-    return duration
-
-
-DECODE_SLACK_S = 0.5  # decoded media may run this far past the limit (codec padding, frame rounding) and pass
-DECODE_TIMEOUT_S = 60.0  # wall time to decode an upload up to the limit
-
-
-def decoded_seconds(path: Path, stream: str, stop_after_s: float, name: str = "", timeout_s: float = DECODE_TIMEOUT_S) -> float:
-    """Seconds of the first ``stream`` (``"audio"`` or ``"video"``) of ``path`` as ffmpeg decodes it,
-    counted on the decoded output (not on any header or timestamp the container gives); decoding
-    stops once ``stop_after_s`` is reached, so the answer is at most about ``stop_after_s``.
-
-    Audio is counted in samples (decoded to 8 kHz mono), video in frames of the same frame-rate
-    filter :func:`bemerc.extract.media.sample_frames` uses (10 per second, each 2x2 grey), so a gap in
-    the timestamps counts as the frames the extractor would be given. ffmpeg's own ``-t`` ends the
-    decoding; the count ends it too where timestamps would keep ``-t`` from doing so. A file that
-    does not decode counts what it gave (its extractor names the failure later). A
-    :class:`PredictError` 415 when decoding up to the limit takes over ``timeout_s``.
-    """
-    exe = shutil.which("ffmpeg")
-    if exe is None:
-        raise PredictError(503, "ffmpeg is not installed on the server (install ffmpeg)")
-    if stream == "audio":
-        out, per_s = ["-map", "0:a:0", "-ac", "1", "-ar", "8000", "-f", "s16le"], 8000 * 2
-    else:
-        out, per_s = ["-map", "0:v:0", "-vf", "fps=10,scale=2:2", "-pix_fmt", "gray", "-f", "rawvideo"], 10 * 4
-    cmd = [exe, "-nostdin", "-v", "quiet", "-protocol_whitelist", "file", "-format_whitelist", DEMUXERS, "-i", str(path),
-           *out, "-t", f"{stop_after_s:.3f}", "pipe:1"]
-    enough = int(stop_after_s * per_s)
-    count = 0
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    timed_out = threading.Event()
-
-    def stop() -> None:
-        timed_out.set()
-        proc.kill()
-
-    timer = threading.Timer(timeout_s, stop)
-    timer.start()
-    try:
-        assert proc.stdout is not None
-        while count < enough and (chunk := proc.stdout.read(1 << 16)):
-            count += len(chunk)
-    finally:
-        timer.cancel()
-        if proc.poll() is None:
-            proc.kill()  # enough decoded: the rest is not looked at
-        proc.stdout.close()  # type: ignore[union-attr]
-        proc.wait()
-    if timed_out.is_set() and count < enough:
-        raise PredictError(415, f"upload {name!r}: decoding its {stream} up to the limit took over {timeout_s:g} s")
-    return count / per_s
-
-
-MAX_STILL_PIXELS = 50_000_000  # a still image larger than this is refused before it is decoded (a decompression bomb)
-
-
-def check_still(path: Path, kind: str, name: str, container: str) -> float:
-    """0.0 (a one-frame video) for a readable JPEG or PNG uploaded as video; else a :class:`PredictError`."""
-    from PIL import Image
-
-    if kind != "video":
-        raise PredictError(415, f"upload {name!r} is a still image ({container}), not {kind}")
-    try:
-        with Image.open(path) as image:
-            if image.width * image.height > MAX_STILL_PIXELS:
-                raise PredictError(413, f"upload {name!r} is {image.width}x{image.height} pixels, over the limit of "
-                                        f"{MAX_STILL_PIXELS:,} for a still image")
-            image.load()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise PredictError(415, f"upload {name!r} looks like {container} but cannot be read ({error})") from None
-    return 0.0
-
-
-def media_duration_s(probe: dict) -> float | None:
-    """The longest duration ffprobe's JSON (``-show_format -show_streams``) gives, or None.
-
-    >>> media_duration_s({"format": {"duration": "3.34"}, "streams": [{"duration": "3.37"}]})
-    3.37
-    >>> media_duration_s({"format": {}, "streams": [{"codec_type": "audio"}]}) is None
-    True
-    """
-    values = [probe.get("format", {}).get("duration"), *(s.get("duration") for s in probe.get("streams", []))]
-    seconds = []
-    for value in values:
-        try:
-            seconds.append(float(value))
-        except (TypeError, ValueError):
-            continue
-    finite = [s for s in seconds if s == s and s not in (float("inf"), float("-inf"))]
-    return max(finite) if finite else None
-
-
-# --- extractors and models -----------------------------------------------------------------------
+from bemerc.train.tensors import Corpus, ModalityArrays, pack_rows
 
 
 class RunModel(Protocol):
@@ -449,114 +218,7 @@ def _part(modality: str, index: int, uploads: dict[tuple[str, int], Path]) -> st
     """The part of the request a modality of utterance ``index`` came from: ``audio_0``, ``text``, ..."""
     if modality == "text":
         return f"utterances.{index}.text"
-    kinds = ("audio", "video") if modality == "audio" else ("video",)
-    return next((f"{k}_{index}" for k in kinds if (k, index) in uploads), f"{modality} of utterance {index}")
-
-
-class MediaWorker:
-    """Media extraction (audio, behaviour, visual) in one separate process, started on first use.
-
-    Whisper's decoding loop and the media decoders then take neither the server's interpreter lock
-    nor more than ``threads`` cores, at a lower priority, so ``/similar`` and text-only ``/predict``
-    keep their latency while long audio is transcribed. The worker builds its extractors from the same profile (the
-    server has checked their config hash against the run's feature sets). One worker per profile
-    serves every app of the process (:meth:`shared`); it ends with the server.
-    """
-
-    _shared: dict[tuple[str, int], "MediaWorker"] = {}
-
-    def __init__(self, profile: Any, threads: int):
-        self.profile = profile
-        self.threads = threads
-        self._pool = None
-        self._lock = threading.Lock()
-
-    @classmethod
-    def shared(cls, profile: Any, threads: int) -> "MediaWorker":
-        """The process's worker for ``profile`` (created once)."""
-        key = (repr(profile), threads)
-        if key not in cls._shared:
-            cls._shared[key] = cls(profile, threads)
-        return cls._shared[key]
-
-    def extract(self, modality: str, items: list, deadline: float | None = None) -> list:
-        """The extractor's results for ``items`` (dicts, or ``MediaError`` per item); a 504 once
-        ``deadline`` passes."""
-        from concurrent.futures import TimeoutError as FutureTimeout
-        from concurrent.futures.process import BrokenProcessPool
-
-        from bemerc.extract.media import MediaError
-
-        with self._lock:
-            if self._pool is None:
-                import multiprocessing
-                from concurrent.futures import ProcessPoolExecutor
-
-                self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_start)
-            pool = self._pool
-        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-        try:
-            packed = pool.submit(_worker_extract, modality, self.profile, self.threads, items).result(timeout)
-        except FutureTimeout:
-            raise PredictError(504, f"the request ran over the server's time limit while extracting {modality} "
-                                    "features; send shorter media or fewer utterances") from None
-        except BrokenProcessPool as exc:
-            with self._lock:
-                self._pool = None  # the next request starts a fresh worker
-            return [MediaError(item.uid, f"the media worker stopped ({exc})") for item in items]
-        return [MediaError(item.uid, r["error"]) if "error" in r else r for item, r in zip(items, packed)]
-
-    def close(self) -> None:
-        """Stop the worker now, even in the middle of an extraction."""
-        with self._lock:
-            if self._pool is not None:
-                processes = list((getattr(self._pool, "_processes", None) or {}).values())
-                self._pool.shutdown(wait=False, cancel_futures=True)
-                for process in processes:
-                    process.terminate()
-                self._pool = None
-
-
-def _worker_start() -> None:
-    """In the media worker: run at a lower priority than the server (media work is batch work beside
-    interactive requests) and end with the server, even when it is killed (its parent changes)."""
-    try:
-        os.nice(10)
-    except OSError:
-        pass
-    parent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(0)
-
-    threading.Thread(target=watch, daemon=True, name="bemerc-parent-watch").start()
-
-
-_WORKER_EXTRACTORS: dict[tuple[str, str], Any] = {}
-
-
-def _worker_extract(modality: str, profile: Any, threads: int, items: list) -> list[dict]:
-    """In the media worker: run the (cached) extractor of ``modality``; a MediaError becomes
-    ``{"error": reason}`` and any other failure of an item the same, so one odd upload ends nothing."""
-    from bemerc.extract.factory import build_extractor
-    from bemerc.extract.media import MediaError
-
-    key = (modality, repr(profile))
-    if key not in _WORKER_EXTRACTORS:
-        extractor = build_extractor(modality, profile)
-        if hasattr(extractor, "num_threads"):
-            extractor.num_threads = threads
-        _WORKER_EXTRACTORS[key] = extractor
-    out = []
-    for item in items:
-        try:
-            [result] = _WORKER_EXTRACTORS[key].extract([item])
-        except Exception as exc:  # noqa: BLE001 - reported with the item
-            result = MediaError(item.uid, f"{modality} extraction failed ({type(exc).__name__}: {exc})")
-        out.append({"error": result.reason} if isinstance(result, MediaError) else result)
-    return out
+    return next((f"{k}_{index}" for k in INPUT_SOURCES[modality] if (k, index) in uploads), f"{modality} of utterance {index}")
 
 
 def _extract(extractor, fs, texts: list[str | None], uploads: dict[tuple[str, int], Path], errors: list[dict],
@@ -569,7 +231,7 @@ def _extract(extractor, fs, texts: list[str | None], uploads: dict[tuple[str, in
     Media is extracted one utterance at a time so that ``deadline`` is checked between them (a 504
     once it has passed); an utterance whose media fails to decode gets the reason in ``errors``.
     """
-    from bemerc.extract.base import UtteranceMedia
+    from bemerc.extract.base import UtteranceMedia, has_input
     from bemerc.extract.media import MediaError
 
     n = len(texts)
@@ -579,10 +241,8 @@ def _extract(extractor, fs, texts: list[str | None], uploads: dict[tuple[str, in
                        video_path=str(uploads[("video", i)]) if ("video", i) in uploads else None)
         for i in range(n)
     ]
-    wanted = [i for i, item in enumerate(items) if _has_input(fs.modality, item)]
-    vectors = np.zeros((n, fs.dim), dtype=np.float32)
-    present = np.zeros(n, dtype=bool)
-    extras: dict[str, list] = {f.name: [None] * n for f in extractor.fields() if f.name != "vector"}
+    wanted = [i for i, item in enumerate(items) if has_input(fs.modality, item)]
+    extra_names = [f.name for f in extractor.fields() if f.name != "vector"]
     step = max(1, len(wanted)) if fs.modality == "text" else 1
     results: list = []
     with hold() if wanted else contextlib.nullcontext():
@@ -599,24 +259,19 @@ def _extract(extractor, fs, texts: list[str | None], uploads: dict[tuple[str, in
                 if fs.modality == "text":
                     raise
                 results += [MediaError(chunk[0].uid, f"{fs.modality} extraction failed ({type(exc).__name__}: {exc})")]
+    done = []
     for i, result in zip(wanted, results):
         if isinstance(result, MediaError):
             errors[i][fs.modality] = result.reason
-            continue
-        vectors[i] = np.asarray(result["vector"], dtype=np.float32)
-        present[i] = True
-        for key in extras:
-            value = result.get(key)
-            extras[key][i] = value.tolist() if isinstance(value, np.ndarray) else value
-    return ModalityArrays(fs, vectors, present, extras)
+        else:
+            done.append((i, result))
+    extras = {name: [_plain(result.get(name)) for _, result in done] for name in extra_names}
+    return pack_rows(fs, n, [i for i, _ in done], [result["vector"] for _, result in done], extras)
 
 
-def _has_input(modality: str, item) -> bool:
-    if modality == "text":
-        return bool(item.text)
-    if modality == "audio":
-        return bool(item.audio_path or item.video_path)
-    return bool(item.video_path)
+def _plain(value):
+    """An extractor's extra value as JSON gives it back (arrays become lists)."""
+    return value.tolist() if isinstance(value, np.ndarray) else value
 
 
 def _utterance_frame(request: PredictRequest, texts: list[str | None], dataset: str | None) -> pl.DataFrame:

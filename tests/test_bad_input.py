@@ -25,8 +25,8 @@ from typer.testing import CliRunner
 
 from bemerc.cli import app
 from bemerc.serve import create_app
-from bemerc.serve.api import Admission
-from bemerc.serve.predict import PredictError, ServeLimits
+from bemerc.serve.request import PredictError, ServeLimits
+from bemerc.serve.routes.predict import Admission
 from bemerc.store import Store
 from bemerc.store.runs import list_runs
 from conftest import LOCAL, running_server, small_store

@@ -17,7 +17,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from bemerc.serve import create_app
-from bemerc.serve.predict import PredictError, ServeLimits, check_media, decoded_seconds
+from bemerc.serve.request import PredictError, ServeLimits
+from bemerc.serve.uploads import check_media, decoded_seconds
 from bemerc.store import Store
 from conftest import LOCAL
 

@@ -16,7 +16,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from bemerc.serve import create_app
-from bemerc.serve.predict import PredictError, ServeLimits, check_media
+from bemerc.serve.request import PredictError, ServeLimits
+from bemerc.serve.uploads import check_media
 from bemerc.store import Store
 from bemerc.store import query as Q
 from bemerc.store.ingest.common import sniff_container
@@ -267,7 +268,7 @@ def timed_server(app, limits: ServeLimits):
     uvicorn leaves logging alone, so its warnings reach pytest's caplog."""
     import uvicorn
 
-    from bemerc.serve.api import server_config
+    from bemerc.serve.server import server_config
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))

@@ -49,8 +49,9 @@ def register(app: typer.Typer) -> None:
         import uvicorn
 
         from bemerc.serve import create_app
-        from bemerc.serve.api import LOOPBACK_NAMES, WILDCARD_HOSTS, server_config
-        from bemerc.serve.predict import ServeLimits
+        from bemerc.serve.guard import LOOPBACK_NAMES, WILDCARD_HOSTS
+        from bemerc.serve.request import ServeLimits
+        from bemerc.serve.server import server_config
 
         open_store(store)  # a one-line error when there is no store
         if host not in LOOPBACK_NAMES and not token:
