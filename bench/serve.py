@@ -39,6 +39,7 @@ import numpy as np
 
 from bemerc.store import Store
 from bemerc.store.runs import list_runs
+from bemerc.train.runs import BASELINE
 
 ROOT = Path(__file__).resolve().parents[1]
 MELD_DIR = ROOT.parent / "shared" / "data" / "meld"
@@ -148,12 +149,12 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="bemerc-bench-serve-") as tmp:
         store = Store(args.store, create=False) if args.store else build_store(Path(tmp) / "store")
-        runs = [r for r in list_runs(store) if r["kind"] == "baseline"]
+        runs = [r for r in list_runs(store) if r.kind == BASELINE]
         if not runs:
             print(f"error: {store.path} has no baseline run (train one with `bemerc baseline`)", file=sys.stderr)
             return 1
-        run_id = runs[-1]["run_id"]
-        audio_runs = [r["run_id"] for r in runs if any(f.startswith("audio/") for f in r["feature_sets"])]
+        run_id = runs[-1].run_id
+        audio_runs = [r.run_id for r in runs if any(f.startswith("audio/") for f in r.feature_sets)]
         speech = long_speech(Path(tmp))
         rng = random.Random(0)
         dev = store.utterances("dev")

@@ -23,7 +23,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -36,48 +36,13 @@ from bemerc.serve.uploads import MEDIA_KINDS
 from bemerc.serve.worker import MediaWorker
 from bemerc.store import Store, StoreError
 from bemerc.store import schema as S
-from bemerc.store.runs import list_runs
+from bemerc.store.runs import Run, list_runs
+from bemerc.train.runs import MembersGoneError, ModelLoadError, NoModelError, RunModel, load_model
 from bemerc.train.tensors import Corpus, ModalityArrays, pack_rows
 
 
-class RunModel(Protocol):
-    """A trained run that scores a corpus: (N, C) probabilities in the run's class order."""
-
-    def predict_proba(self, corpus: Corpus) -> np.ndarray: ...
-
-
-def load_run_model(run: dict, store: Store) -> RunModel:
-    """The model of a run, by its kind (a :class:`PredictError` 501 for kinds that cannot predict);
-    ``store`` serves tuned runs that show retrieved demonstrations and the members of fusion runs."""
-    if run["kind"] == "baseline":
-        from bemerc.train.baseline import BaselineModel
-
-        try:
-            return BaselineModel.load(run["run_dir"])
-        except (FileNotFoundError, KeyError, ValueError) as exc:
-            raise PredictError(500, f"run {run['run_id']!r}: cannot load its saved model: {exc}") from None
-    if run["kind"] == "tune":
-        adapter = Path(run["run_dir"] or "") / "adapter"
-        if not (adapter / "tune.json").is_file():
-            raise PredictError(501, f"run {run['run_id']!r} saved no adapter (a zero-shot run?); /predict serves "
-                                    "tuned runs that have RUN_DIR/adapter")
-        from bemerc.train.tune.infer import TunedModel
-
-        try:
-            return TunedModel.load(adapter, store=store)
-        except (FileNotFoundError, KeyError, ValueError) as exc:
-            raise PredictError(500, f"run {run['run_id']!r}: cannot load its adapter: {exc}") from None
-    if run["kind"] == "fusion":
-        from bemerc.train.fuse import FusionModel
-
-        weights = run["config"].get("weights", {})
-        runs = {r["run_id"]: r for r in list_runs(store)}
-        gone = [m for m, w in weights.items() if w > 0 and m not in runs]
-        if gone:
-            raise PredictError(409, f"fusion run {run['run_id']!r} needs member run(s) {', '.join(gone)}, which are gone from the store")
-        return FusionModel({m: load_run_model(runs[m], store) for m, w in weights.items() if w > 0}, weights)
-    raise PredictError(501, f"run {run['run_id']!r} is of kind {run['kind']!r}, which /predict does not serve; "
-                            "pick a baseline, tune or fusion run with \"run\"")
+# The HTTP status of a run whose model cannot be loaded, by the reason (any other: 500).
+LOAD_STATUS = {NoModelError: 501, MembersGoneError: 409}
 
 
 class Predictor:
@@ -114,7 +79,7 @@ class Predictor:
         finally:
             lock.release()
 
-    def run(self, run_id: str | None) -> dict:
+    def run(self, run_id: str | None) -> Run:
         """The runs row of ``run_id``, or the newest run when None."""
         runs = list_runs(self.store)
         if not runs:
@@ -122,9 +87,9 @@ class Predictor:
         if run_id is None:
             return runs[-1]
         for r in runs:
-            if r["run_id"] == run_id:
+            if r.run_id == run_id:
                 return r
-        raise PredictError(404, f"no run {run_id!r} in the store (runs: {', '.join(r['run_id'] for r in runs)})")
+        raise PredictError(404, f"no run {run_id!r} in the store (runs: {', '.join(r.run_id for r in runs)})")
 
     def extractor(self, feature_set: str):
         """The cached extractor that reproduces ``feature_set`` (its config hash must match)."""
@@ -150,11 +115,15 @@ class Predictor:
                 self._extractors[feature_set] = (fs, extractor)
             return self._extractors[feature_set]
 
-    def model(self, run: dict) -> RunModel:
+    def model(self, run: Run) -> RunModel:
+        """The cached model of ``run`` (:func:`bemerc.train.runs.load_model`)."""
         with self._load_lock:
-            if run["run_id"] not in self._models:
-                self._models[run["run_id"]] = load_run_model(run, self.store)
-            return self._models[run["run_id"]]
+            if run.run_id not in self._models:
+                try:
+                    self._models[run.run_id] = load_model(run, self.store)
+                except ModelLoadError as exc:
+                    raise PredictError(LOAD_STATUS.get(type(exc), 500), str(exc)) from None
+            return self._models[run.run_id]
 
     def predict(self, request: PredictRequest, uploads: dict[tuple[str, int], Path], deadline: float | None = None) -> dict:
         """Labels and probabilities for every utterance of ``request``.
@@ -168,7 +137,7 @@ class Predictor:
         for i, u in enumerate(request.utterances):
             if not (u.text or "").strip() and not any((k, i) in uploads for k in MEDIA_KINDS):
                 raise PredictError(422, f"utterance {i} has neither text nor an uploaded audio_{i}/video_{i}")
-        sets = sorted((self.extractor(f) for f in run["feature_sets"]), key=lambda p: MODALITY_ORDER.index(p[0].modality))
+        sets = sorted((self.extractor(f) for f in run.feature_sets), key=lambda p: MODALITY_ORDER.index(p[0].modality))
         model = self.model(run)
         texts = [(u.text or "").strip() or None for u in request.utterances]
         modalities: dict[str, ModalityArrays] = {}
@@ -183,19 +152,19 @@ class Predictor:
         for i in range(n):
             if modalities and not any(a.present[i] for a in modalities.values()):
                 problems = "; ".join(f"{_part(m, i, uploads)}: {reason}" for m, reason in errors[i].items())
-                raise PredictError(422, f"utterance {i} has no usable input for run {run['run_id']} "
+                raise PredictError(422, f"utterance {i} has no usable input for run {run.run_id} "
                                         f"(modalities {', '.join(modalities)}){': ' + problems if problems else ''}")
-        corpus = Corpus(_utterance_frame(request, texts, run.get("dataset")), modalities)
-        with self._using(f"run:{run['run_id']}", deadline):
+        corpus = Corpus(_utterance_frame(request, texts, run.dataset), modalities)
+        with self._using(f"run:{run.run_id}", deadline):
             probabilities = np.asarray(model.predict_proba(corpus), dtype=np.float64)
-        classes = list(run["classes"])
+        classes = list(run.classes)
         if probabilities.shape != (n, len(classes)):
-            raise PredictError(500, f"run {run['run_id']} returned probabilities of shape {probabilities.shape}, "
+            raise PredictError(500, f"run {run.run_id} returned probabilities of shape {probabilities.shape}, "
                                     f"expected {(n, len(classes))}")
         extras = {m: a.extras for m, a in modalities.items()}
         return {
-            "run": run["run_id"],
-            "kind": run["kind"],
+            "run": run.run_id,
+            "kind": run.kind,
             "classes": classes,
             "utterances": [
                 {

@@ -1,7 +1,8 @@
-"""Trained runs as the store records them: the ``runs`` table read back, and where a run's files go.
+"""Trained runs as the store records them: the ``runs`` table read back as :class:`Run` records, and
+where a run's files go.
 
-Training (``bemerc.train``) writes runs; the API, reports and fusion read them here, so nothing
-that only reads runs goes through ``train``.
+Training (``bemerc.train``) writes runs and says what each kind means (:mod:`bemerc.train.runs`:
+the kinds, their models, seed groups); the API, reports and fusion read the records here.
 """
 
 from __future__ import annotations
@@ -11,30 +12,59 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass, fields
+from datetime import datetime
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from bemerc.store.db import Store, StoreError
 
-GROUP_KIND = "group"  # the kind of a seed group's run (see seed_groups)
+
+@dataclass(frozen=True)
+class Run:
+    """One trained run, as its row in the ``runs`` table records it (JSON columns decoded).
+
+    Fields are read as attributes (``run.kind``); ``run["kind"]`` reads them too, for scripts written
+    when runs were dicts.
+    """
+
+    run_id: str
+    kind: str  # what trained it: one of bemerc.train.runs.KINDS
+    created_at: datetime  # UTC, whole seconds
+    dataset: str | None
+    classes: list[str]  # the order of its predictions' probabilities
+    feature_sets: list[str]  # ids of the feature sets it read
+    config: dict
+    metrics: dict  # the metrics.json layout: {split: {"weighted_f1", ...}, ...}
+    table_versions: dict  # {table: version} it read
+    run_dir: str | None  # the folder of its files
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in RUN_FIELDS:
+            raise KeyError(name)
+        return getattr(self, name)
 
 
-def list_runs(store: Store) -> list[dict]:
+RUN_FIELDS = tuple(f.name for f in fields(Run))
+
+
+def list_runs(store: Store) -> list[Run]:
     """Runs in the store, oldest first, with ``config``/``metrics``/``table_versions`` decoded.
 
     ``created_at`` has whole seconds, so runs recorded in the same second keep the order they were
     written in (the table's row order; a stable sort): the last one written is the newest, and
     ``KIND:latest`` names it every time.
 
-    >>> [r["run_id"] for r in list_runs(Store("store"))]   # doctest: +SKIP
+    >>> [r.run_id for r in list_runs(Store("store"))]   # doctest: +SKIP
     ['baseline-20261122-031500-4f2a', 'tune-20261122-041200-9c1e']
     """
-    runs = store.read("runs").sort("created_at", maintain_order=True).to_dicts()
-    for r in runs:
-        r["config"] = json.loads(r.pop("config_json") or "{}")
-        r["metrics"] = json.loads(r.pop("metrics_json") or "{}")
-        r["table_versions"] = json.loads(r.pop("table_versions_json") or "{}")
-    return runs
+    return [
+        Run(run_id=r["run_id"], kind=r["kind"], created_at=r["created_at"], dataset=r.get("dataset"), classes=r["classes"],
+            feature_sets=r["feature_sets"], config=json.loads(r.get("config_json") or "{}"),
+            metrics=json.loads(r.get("metrics_json") or "{}"), table_versions=json.loads(r.get("table_versions_json") or "{}"),
+            run_dir=r.get("run_dir"))
+        for r in store.read("runs").sort("created_at", maintain_order=True).to_dicts()
+    ]
 
 
 def default_run_dir(store: Store, run_id: str) -> Path:
@@ -131,18 +161,3 @@ def remove_run_files(run_dir: str | Path, names: Iterable[str]) -> None:
     except OSError:
         pass  # not empty (a seed group's seed folders, a tuned run's checkpoint) or already gone
 
-
-def seed_groups(runs: list[dict]) -> dict[str, dict]:
-    """The seed groups among ``runs`` (as :func:`list_runs` gives them), by group run id:
-    ``{"member_kind", "seeds", "members": {seed: run_id}, "failed": {seed: reason}}``. A group is a
-    run of kind ``group`` (``bemerc baseline --seeds``, ``bemerc tune --seeds``); its members are
-    ordinary runs, tied to it only by its config, so stores written before groups read unchanged.
-
-    >>> seed_groups(list_runs(Store("store")))   # doctest: +SKIP
-    {'baseline-group-20261202-052813-3d09': {'member_kind': 'baseline', 'seeds': [0, 1, 2], 'members': {...}, 'failed': {}}}
-    """
-    return {
-        r["run_id"]: {"member_kind": r["config"].get("member_kind"), "seeds": r["config"].get("seeds", []),
-                      "members": r["config"].get("members", {}), "failed": r["config"].get("failed", {})}
-        for r in runs if r["kind"] == GROUP_KIND
-    }

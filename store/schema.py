@@ -88,7 +88,7 @@ FAILURES = pa.schema(
 RUNS = pa.schema(
     [
         pa.field("run_id", pa.string(), nullable=False),
-        pa.field("kind", pa.string(), nullable=False),  # "baseline", "tune", "zero-shot", "fusion"
+        pa.field("kind", pa.string(), nullable=False),  # what made the run: one of bemerc.train.runs.KINDS
         pa.field("created_at", pa.timestamp("s", tz="UTC"), nullable=False),
         pa.field("dataset", pa.string()),
         pa.field("classes", pa.list_(pa.string()), nullable=False),  # order of predictions.probabilities

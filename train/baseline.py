@@ -33,7 +33,7 @@ from bemerc.store.runs import check_run_dir, default_run_dir
 from bemerc.store.schema import MODALITIES, run_classes
 from bemerc.train.evaluate import bootstrap_intervals
 from bemerc.train.metrics import classification_metrics, weighted_f1
-from bemerc.train.runs import new_run_id, save_run, split_metrics
+from bemerc.train.runs import BASELINE, new_run_id, save_run, split_metrics
 from bemerc.train.tensors import SPEAKER_NORMALISED, Corpus, load_corpus, normalise_speakers, speaker_groups
 
 EVAL_SPLITS = ("dev", "test")
@@ -653,7 +653,7 @@ def train_baseline(
         fit = fit_baseline(corpus, config, log)
     except StoreError as e:
         raise StoreError(f"{store.path}: {e}") from None
-    run_id = run_id or new_run_id("baseline")
+    run_id = run_id or new_run_id(BASELINE)
     run_dir = Path(run_dir) if run_dir else default_run_dir(store, run_id)
     files = fit.model.file_names()
     u = corpus.utterances
@@ -662,7 +662,7 @@ def train_baseline(
     save_run(
         store,
         run_id=run_id,
-        kind="baseline",
+        kind=BASELINE,
         run_dir=run_dir,
         classes=fit.model.classes,
         feature_sets=list(fit.model.feature_sets.values()),

@@ -27,9 +27,8 @@ from bemerc.store.runs import check_run_dir, default_run_dir, list_runs
 from bemerc.store.schema import SPLITS, run_classes
 from bemerc.train.evaluate import bootstrap_intervals
 from bemerc.train.metrics import classification_metrics
-from bemerc.train.runs import new_run_id, save_run, split_metrics
+from bemerc.train.runs import EXTERNAL, new_run_id, save_run, split_metrics
 
-KIND = "external"
 # |sum of a row's probabilities - 1| allowed: a file written with 3 decimals (7 labels) is off by up
 # to 0.0035; logits, percentages or unnormalised scores are far off
 PROBABILITY_TOLERANCE = 0.01
@@ -137,8 +136,8 @@ def ingest_predictions(store: Store, path: str | Path, name: str, *, run_dir: st
     dataset, classes, uids, probabilities, has_probabilities = read_predictions(store, path)
     digest = file_sha256(path)
     for r in list_runs(store) if store.has_table("runs") else []:
-        if r["kind"] == KIND and r["config"].get("name") == name and r["config"].get("sha256") == digest:
-            return ExternalRun(r["run_id"], Path(r["run_dir"]), r["metrics"], len(uids), has_probabilities, reused=True)
+        if r.kind == EXTERNAL and r.config.get("name") == name and r.config.get("sha256") == digest:
+            return ExternalRun(r.run_id, Path(r.run_dir), r.metrics, len(uids), has_probabilities, reused=True)
 
     utterances = store.read("utterances", ["uid", "split", "dialogue_id", "label"])
     info = {u: (s, d, g) for u, s, d, g in zip(*(utterances[c].to_list() for c in ("uid", "split", "dialogue_id", "label")))}
@@ -154,10 +153,10 @@ def ingest_predictions(store: Store, path: str | Path, name: str, *, run_dir: st
             metrics[split] = classification_metrics(y[rows], predicted[rows], classes)
             groups = np.array([f"{split}/{info[u][1]}" for u in uids])[rows]
             metrics[split]["ci"] = bootstrap_intervals(y[rows], predicted[rows], len(classes), n_resamples, groups=groups, seed=seed)
-    run_id = new_run_id(f"{KIND}-{name}")
+    run_id = new_run_id(f"{EXTERNAL}-{name}")
     folder = Path(run_dir) if run_dir else default_run_dir(store, run_id)
     config = {"name": name, "source": str(path), "sha256": digest, "rows": len(uids), "probabilities": has_probabilities}
-    save_run(store, run_id=run_id, kind=KIND, run_dir=folder, classes=classes, feature_sets=[], config=config,
+    save_run(store, run_id=run_id, kind=EXTERNAL, run_dir=folder, classes=classes, feature_sets=[], config=config,
              metrics=split_metrics(metrics), uids=uids, splits=splits, gold=gold, probabilities=probabilities, dataset=dataset)
     return ExternalRun(run_id, folder, split_metrics(metrics), len(uids), has_probabilities)
 
@@ -172,16 +171,16 @@ def write_predictions(store: Store, run_id: str, path: str | Path) -> Path:
 
     from bemerc.store.schema import sql_quote
 
-    run = next((r for r in list_runs(store) if r["run_id"] == run_id), None)
+    run = next((r for r in list_runs(store) if r.run_id == run_id), None)
     if run is None:
         raise ValueError(f"{store.path}: no run {run_id!r}")
     preds = store.read("predictions", ["uid", "probabilities"], where=f"run_id = {sql_quote(run_id)}").sort("uid")
-    values = np.array(preds["probabilities"].to_list(), dtype=np.float32).reshape(preds.height, len(run["classes"]))
-    frame = pl.DataFrame({"uid": preds["uid"], **{c: values[:, i] for i, c in enumerate(run["classes"])}})
+    values = np.array(preds["probabilities"].to_list(), dtype=np.float32).reshape(preds.height, len(run.classes))
+    frame = pl.DataFrame({"uid": preds["uid"], **{c: values[:, i] for i, c in enumerate(run.classes)}})
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".csv":  # each float32 as the shortest decimal that reads back to it
-        frame = frame.with_columns(pl.col(c).map_elements(lambda v: repr(float(v)), return_dtype=pl.String) for c in run["classes"])
+        frame = frame.with_columns(pl.col(c).map_elements(lambda v: repr(float(v)), return_dtype=pl.String) for c in run.classes)
         frame.write_csv(path)
     elif suffix in (".jsonl", ".ndjson"):
         frame.write_ndjson(path)

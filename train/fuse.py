@@ -32,8 +32,8 @@ from bemerc.store.schema import sql_in
 from bemerc.train.baseline import EVAL_SPLITS, fuse, select_weights
 from bemerc.train.evaluate import bootstrap_intervals
 from bemerc.train.metrics import classification_metrics, weighted_f1
-from bemerc.store.runs import GROUP_KIND, check_run_dir, default_run_dir, list_runs
-from bemerc.train.runs import new_run_id, save_run, split_metrics
+from bemerc.store.runs import Run, check_run_dir, default_run_dir, list_runs
+from bemerc.train.runs import FUSION, GROUP, new_run_id, save_run, split_metrics
 
 LATEST = ":latest"
 
@@ -64,12 +64,12 @@ class FusionResult:
     reused: bool = False  # an identical fusion run (same members, settings and inputs) was already stored
 
 
-def _is_kind(run: dict, kind: str) -> bool:
+def _is_kind(run: Run, kind: str) -> bool:
     """``kind`` as a ref names it: a run's kind, or ``MEMBER-group`` for a seed group of ``MEMBER`` runs."""
     member, _, group = kind.rpartition("-")
-    if group == GROUP_KIND and member:
-        return run["kind"] == GROUP_KIND and run["config"].get("member_kind") == member
-    return run["kind"] == kind
+    if group == GROUP and member:
+        return run.kind == GROUP and run.config.get("member_kind") == member
+    return run.kind == kind
 
 
 def resolve_runs(store: Store, refs: list[str], skip_missing: bool = False) -> list[str]:
@@ -82,14 +82,14 @@ def resolve_runs(store: Store, refs: list[str], skip_missing: bool = False) -> l
     ['baseline-20261130-101500-4f2a', 'tune-20261130-121000-9b1c']
     """
     runs = list_runs(store) if store.has_table("runs") else []
-    ids = [r["run_id"] for r in runs]
+    ids = [r.run_id for r in runs]
     resolved: list[str] = []
     for ref in refs:
         if ref.endswith(LATEST):
             kind = ref[: -len(LATEST)]
-            of_kind = [r["run_id"] for r in runs if _is_kind(r, kind)]  # oldest first
+            of_kind = [r.run_id for r in runs if _is_kind(r, kind)]  # oldest first
             found = of_kind[-1] if of_kind else None
-            missing = f"no run of kind {kind!r} (kinds stored: {', '.join(sorted({r['kind'] for r in runs})) or 'none'})"
+            missing = f"no run of kind {kind!r} (kinds stored: {', '.join(sorted({r.kind for r in runs})) or 'none'})"
         else:
             found = ref if ref in ids else None
             missing = f"no run {ref!r} (runs: {', '.join(ids) or 'none'})"
@@ -112,14 +112,14 @@ class _Inputs:
     counts: dict[str, dict[str, int]]  # split -> member -> utterances it predicted
 
 
-def _load(store: Store, runs: list[dict]) -> _Inputs:
-    n_classes = len(runs[0]["classes"])
+def _load(store: Store, runs: list[Run]) -> _Inputs:
+    n_classes = len(runs[0].classes)
     rows = store.read("predictions", ["run_id", "uid", "split", "gold", "probabilities"],
-                      where=f"run_id IN ({sql_in(r['run_id'] for r in runs)})")
+                      where=f"run_id IN ({sql_in(r.run_id for r in runs)})")
     inputs = _Inputs({}, {}, {}, {})
     for split in EVAL_SPLITS:
         part = rows.filter(pl.col("split") == split)
-        by_run = {r["run_id"]: part.filter(pl.col("run_id") == r["run_id"]) for r in runs}
+        by_run = {r.run_id: part.filter(pl.col("run_id") == r.run_id) for r in runs}
         inputs.counts[split] = {run_id: p.height for run_id, p in by_run.items()}
         shared = set.intersection(*(set(p["uid"].to_list()) for p in by_run.values()))
         if not shared:
@@ -129,7 +129,7 @@ def _load(store: Store, runs: list[dict]) -> _Inputs:
         inputs.probabilities[split] = {}
         for run_id, p in by_run.items():
             p = p.filter(pl.col("uid").is_in(uids)).sort("uid")
-            if run_id == runs[0]["run_id"]:
+            if run_id == runs[0].run_id:
                 inputs.gold[split] = p["gold"].to_list()
             values = np.array(p["probabilities"].to_list(), dtype=np.float64).reshape(len(uids), n_classes)
             inputs.probabilities[split][run_id] = values / values.sum(axis=1, keepdims=True)
@@ -188,24 +188,24 @@ def fuse_runs(
     started = time.perf_counter()
     if run_dir is not None:
         check_run_dir(run_dir)  # before any work: a taken folder is refused, never written over
-    by_id = {r["run_id"]: r for r in list_runs(store)} if store.has_table("runs") else {}
+    by_id = {r.run_id: r for r in list_runs(store)} if store.has_table("runs") else {}
     unknown = [r for r in run_ids if r not in by_id]
     if unknown:
         raise FusionError(f"{store.path}: no run {', '.join(map(repr, unknown))} (runs: {', '.join(by_id) or 'none'})")
     if len(set(run_ids)) < 2:
         raise FusionError(f"fusion needs at least two different runs, got {', '.join(run_ids) or 'none'}")
     runs = [by_id[r] for r in dict.fromkeys(run_ids)]
-    labels_only = [r["run_id"] for r in runs if r["config"].get("probabilities") is False]  # an external run of labels
+    labels_only = [r.run_id for r in runs if r.config.get("probabilities") is False]  # an external run of labels
     if labels_only:
         raise FusionError(f"run(s) {', '.join(labels_only)} hold labels, not probabilities: fusion weighs probabilities "
                           "(ingest the predictions with one probability column per label)")
-    class_lists = {tuple(r["classes"]) for r in runs}
+    class_lists = {tuple(r.classes) for r in runs}
     if len(class_lists) > 1:
-        raise FusionError("runs have different class lists: " + "; ".join(f"{r['run_id']} ({', '.join(r['classes'])})" for r in runs))
-    datasets = {r["dataset"] for r in runs}
+        raise FusionError("runs have different class lists: " + "; ".join(f"{r.run_id} ({', '.join(r.classes)})" for r in runs))
+    datasets = {r.dataset for r in runs}
     if len(datasets) > 1:
-        raise FusionError("runs are of different datasets: " + "; ".join(f"{r['run_id']} ({r['dataset']})" for r in runs))
-    classes, dataset, members = list(runs[0]["classes"]), runs[0]["dataset"], [r["run_id"] for r in runs]
+        raise FusionError("runs are of different datasets: " + "; ".join(f"{r.run_id} ({r.dataset})" for r in runs))
+    classes, dataset, members = list(runs[0].classes), runs[0].dataset, [r.run_id for r in runs]
 
     inputs = _load(store, runs)
     index = {c: i for i, c in enumerate(classes)}
@@ -222,11 +222,11 @@ def fuse_runs(
 
     digest = _digest(inputs)
     for r in by_id.values():
-        c = r["config"]
-        if (r["kind"] == "fusion" and c.get("members") == members and c.get("inputs_sha256") == digest
+        c = r.config
+        if (r.kind == FUSION and c.get("members") == members and c.get("inputs_sha256") == digest
                 and all(c.get(k) == v for k, v in asdict(config).items())):
-            log(f"already fused as {r['run_id']}: reused")
-            return FusionResult(r["run_id"], Path(r["run_dir"]), members, c["weights"], r["metrics"], c.get("summary", {}), reused=True)
+            log(f"already fused as {r.run_id}: reused")
+            return FusionResult(r.run_id, Path(r.run_dir), members, c["weights"], r.metrics, c.get("summary", {}), reused=True)
 
     utterances = store.read("utterances", ["uid", "dataset", "split", "dialogue_id"])
     dialogue_of = dict(zip(utterances["uid"].to_list(),
@@ -268,16 +268,16 @@ def fuse_runs(
     metrics["fusion_weights"] = weights
     metrics["fit_seconds"] = round(time.perf_counter() - started, 1)
 
-    run_id = run_id or new_run_id("fusion")
+    run_id = run_id or new_run_id(FUSION)
     run_dir = Path(run_dir) if run_dir else default_run_dir(store, run_id)
     splits = list(inputs.uids)
     save_run(
         store,
         run_id=run_id,
-        kind="fusion",
+        kind=FUSION,
         run_dir=run_dir,
         classes=classes,
-        feature_sets=list(dict.fromkeys(f for r in runs for f in r["feature_sets"])),
+        feature_sets=list(dict.fromkeys(f for r in runs for f in r.feature_sets)),
         config={**asdict(config), "members": members, "weights": weights, "inputs_sha256": digest, "summary": summary},
         metrics=metrics,
         uids=[u for s in splits for u in inputs.uids[s]],

@@ -25,8 +25,8 @@ from bemerc.store import Store, StoreError
 from bemerc.store.schema import sql_quote
 from bemerc.train.evaluate import bootstrap_intervals, paired_test
 from bemerc.train.metrics import classification_metrics
-from bemerc.store.runs import GROUP_KIND, check_run_dir, list_runs, write_run_files
-from bemerc.train.runs import GROUP_METRICS, seed_summary
+from bemerc.store.runs import Run, check_run_dir, list_runs, write_run_files
+from bemerc.train.runs import BASELINE, FUSION, GROUP, GROUP_METRICS, seed_summary
 
 # The dataset name of the embedded synthetic demo (`make demo` ingests it as `--dataset demo`).
 DEMO_DATASET = "demo"
@@ -55,7 +55,7 @@ def comparison(store: Store, run_ids: list[str] | None = None, split: str = "dev
     runs = list_runs(store)
     if not runs:
         raise StoreError(f"{store.path}: no runs yet; train one with `bemerc baseline`")
-    by_id = {r["run_id"]: r for r in runs}
+    by_id = {r.run_id: r for r in runs}
     if run_ids:
         unknown = [r for r in run_ids if r not in by_id]
         if unknown:
@@ -64,31 +64,31 @@ def comparison(store: Store, run_ids: list[str] | None = None, split: str = "dev
     utterances = store.read("utterances", ["uid", "dataset", "split", "dialogue_id"])
     dialogue_of = dict(zip(utterances["uid"].to_list(),
                            (utterances["dataset"] + "/" + utterances["split"] + "/" + utterances["dialogue_id"]).to_list()))
-    groups = {r["run_id"]: r for r in runs if r["kind"] == GROUP_KIND}
+    groups = {r.run_id: r for r in runs if r.kind == GROUP}
     named = set(run_ids or [])
-    folded = {m for g in groups.values() for m in g["config"].get("members", {}).values()} - named
+    folded = {m for g in groups.values() for m in g.config.get("members", {}).values()} - named
     scored, skipped, outcomes = [], [], {}
     for run in runs:
-        if run["run_id"] in folded:  # a selected group's member: one of its seeds, not a row of its own
+        if run.run_id in folded:  # a selected group's member: one of its seeds, not a row of its own
             continue
         entry, outcome = _score_run(store, run, split, dialogue_of, n_resamples, seed)
         if entry is None:
-            skipped.append({"run_id": run["run_id"], "reason": f"no labelled {split} predictions"})
+            skipped.append({"run_id": run.run_id, "reason": f"no labelled {split} predictions"})
             continue
-        if run["run_id"] in groups:
+        if run.run_id in groups:
             entry["seed_mean"] = {k: entry[k] for k in (*GROUP_METRICS, "ci")}
             entry.update(_group_scores(store, run, by_id, split, dialogue_of))
         scored.append(entry)
-        outcomes[run["run_id"]] = outcome
+        outcomes[run.run_id] = outcome
     ablation = {
-        r["run_id"]: {"ablation": r["metrics"].get("ablation", {}), "models": r["metrics"].get("models", {}),
-                      "fusion_weights": r["metrics"].get("fusion_weights", {})}
-        for r in runs if r["kind"] == "baseline" and r["metrics"].get("ablation")
+        r.run_id: {"ablation": r.metrics.get("ablation", {}), "models": r.metrics.get("models", {}),
+                   "fusion_weights": r.metrics.get("fusion_weights", {})}
+        for r in runs if r.kind == BASELINE and r.metrics.get("ablation")
     }
     fusion = {
-        r["run_id"]: {"weights": r["config"].get("weights", {}), "models": r["metrics"].get("models", {}),
-                      "cross_fit_dev_weighted_f1": r["config"].get("summary", {}).get("cross_fit_dev_weighted_f1")}
-        for r in runs if r["kind"] == "fusion"
+        r.run_id: {"weights": r.config.get("weights", {}), "models": r.metrics.get("models", {}),
+                   "cross_fit_dev_weighted_f1": r.config.get("summary", {}).get("cross_fit_dev_weighted_f1")}
+        for r in runs if r.kind == FUSION
     }
     return {
         "store": str(store.path),
@@ -102,16 +102,16 @@ def comparison(store: Store, run_ids: list[str] | None = None, split: str = "dev
     }
 
 
-def _score_run(store: Store, run: dict, split: str, dialogue_of: dict, n_resamples: int = 1000, seed: int = 0,
+def _score_run(store: Store, run: Run, split: str, dialogue_of: dict, n_resamples: int = 1000, seed: int = 0,
                intervals: bool = True) -> tuple[dict | None, dict]:
     """A run's scores on ``split`` from its stored predictions (with bootstrap intervals unless
     ``intervals`` is false), and {uid: (gold, predicted)}; (None, {}) when it has no labelled
     prediction there."""
-    preds = store.read("predictions", ["uid", "label", "gold"], where=f"run_id = {sql_quote(run['run_id'])} AND split = {sql_quote(split)}")
-    preds = preds.filter(pl.col("gold").is_not_null() & pl.col("gold").is_in(run["classes"])).sort("uid")
+    preds = store.read("predictions", ["uid", "label", "gold"], where=f"run_id = {sql_quote(run.run_id)} AND split = {sql_quote(split)}")
+    preds = preds.filter(pl.col("gold").is_not_null() & pl.col("gold").is_in(run.classes)).sort("uid")
     if preds.height == 0:
         return None, {}
-    classes = list(run["classes"])
+    classes = list(run.classes)
     index = {c: i for i, c in enumerate(classes)}
     gold = np.array([index[g] for g in preds["gold"]])
     pred = np.array([index[p] for p in preds["label"]])
@@ -119,11 +119,11 @@ def _score_run(store: Store, run: dict, split: str, dialogue_of: dict, n_resampl
     m = classification_metrics(gold, pred, classes)
     ci = bootstrap_intervals(gold, pred, len(classes), n_resamples, groups=groups, seed=seed) if intervals else {}
     entry = {
-        "run_id": run["run_id"],
-        "kind": run["kind"],
-        "created_at": str(run["created_at"]),
-        "dataset": run["dataset"],
-        "feature_sets": list(run["feature_sets"]),
+        "run_id": run.run_id,
+        "kind": run.kind,
+        "created_at": str(run.created_at),
+        "dataset": run.dataset,
+        "feature_sets": list(run.feature_sets),
         "n": m["n"],
         "weighted_f1": m["weighted_f1"],
         "ci": {k: {"low": v["low"], "high": v["high"]} for k, v in ci.items()},
@@ -136,11 +136,11 @@ def _score_run(store: Store, run: dict, split: str, dialogue_of: dict, n_resampl
     return entry, dict(zip(preds["uid"].to_list(), zip(preds["gold"].to_list(), preds["label"].to_list())))
 
 
-def _group_scores(store: Store, group: dict, by_id: dict, split: str, dialogue_of: dict) -> dict:
+def _group_scores(store: Store, group: Run, by_id: dict, split: str, dialogue_of: dict) -> dict:
     """What a group's row holds beside its own scores: each finished seed scored from its own
     predictions (``per_seed``), the mean (``weighted_f1``, ``accuracy``, ``macro_f1``) and sample
     standard deviation (``std``) over them, ``seeds`` (how many) and ``failed`` ({seed: reason})."""
-    config = group["config"]
+    config = group.config
     values, failed = {}, dict(config.get("failed", {}))
     for s, member in config.get("members", {}).items():
         run = by_id.get(member)
@@ -171,7 +171,7 @@ def _best_two_test(scored: list[dict], outcomes: dict, dialogue_of: dict, seed: 
     pred_a = np.array([index[outcomes[a["run_id"]][u][1]] for u in shared])
     pred_b = np.array([index[outcomes[b["run_id"]][u][1]] for u in shared])
     test = paired_test(gold, pred_a, pred_b, len(labels), seed=seed)
-    groups = [r["run_id"] for r in (a, b) if r["kind"] == GROUP_KIND]
+    groups = [r["run_id"] for r in (a, b) if r["kind"] == GROUP]
     return {"run_a": a["run_id"], "run_b": b["run_id"], **test, "groups": groups}
 
 
@@ -284,7 +284,7 @@ def _blocks(data: dict, out_dir: Path) -> list[Block]:
         Block("h2", "Runs"),
         Block("table", headers=RUN_TABLE_HEADERS, rows=tuple(run_table_rows(runs))),
     ]
-    groups = [r for r in runs if r["kind"] == GROUP_KIND]
+    groups = [r for r in runs if r["kind"] == GROUP]
     if groups:
         blocks += [
             Block("h2", "Seed groups"),
@@ -369,7 +369,7 @@ def run_table_rows(runs: list[dict], per_seed: bool = False) -> list[tuple[str, 
     rows = []
     for r in runs:
         base = (r["run_id"], r["kind"], ", ".join(r["feature_sets"]) or "-", str(r["n"]))
-        if r["kind"] == GROUP_KIND and "std" in r:
+        if r["kind"] == GROUP and "std" in r:
             rows.append((*base, str(r["seeds"]) + (f" ({len(r['failed'])} failed)" if r["failed"] else ""),
                          *(f"{r[k]:.4f} ± {r['std'][k]:.4f}" for k in GROUP_METRICS)))
             if per_seed:

@@ -1,7 +1,14 @@
-"""Record a trained run: ``RUN_DIR/metrics.json``, a row in ``runs`` and its ``predictions``.
+"""Runs: their kinds, recording one (``RUN_DIR/metrics.json``, a row in ``runs`` and its
+``predictions``), loading the model of one, and seed groups.
 
-The baseline and the tuned LLM both end here, so ``bemerc compare`` and the API read every run the
-same way.
+Every trainer ends in :func:`save_run`, so ``bemerc compare``, fusion and the API read every run the
+same way (:func:`bemerc.store.runs.list_runs` gives :class:`~bemerc.store.runs.Run` records). The
+kind names are spelt here once (:data:`KINDS`), and :data:`MODELS` says, per kind, how its model is
+loaded, as whisper's ``load_model`` sits beside its model:
+
+>>> run = list_runs(Store("store"))[-1]                  # doctest: +SKIP
+>>> load_model(run, store).predict_proba(corpus).shape   # doctest: +SKIP
+(13, 7)
 """
 
 from __future__ import annotations
@@ -10,7 +17,7 @@ import json
 import secrets
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import numpy as np
 import polars as pl
@@ -18,8 +25,21 @@ import pyarrow as pa
 
 from bemerc.store import Store
 from bemerc.store import schema as S
-from bemerc.store.runs import GROUP_KIND, check_run_dir, default_run_dir, list_runs, remove_run_files, write_run_files
+from bemerc.store.runs import Run, check_run_dir, default_run_dir, list_runs, remove_run_files, write_run_files
 from bemerc.train.metrics import classification_metrics
+
+if TYPE_CHECKING:
+    from bemerc.train.tensors import Corpus
+
+# -- kinds ----------------------------------------------------------------------------------------
+# What made a run, as its ``runs`` row says: the one place these names are spelt.
+BASELINE = "baseline"  # XGBoost late fusion (bemerc.train.baseline)
+TUNE = "tune"  # the instruction-tuned LLM with its adapter (bemerc.train.tune)
+ZERO_SHOT = "zero-shot"  # the LLM prompted without training: predictions, no adapter
+FUSION = "fusion"  # stored runs stacked with weights fit on dev (bemerc.train.fuse)
+GROUP = "group"  # a seed group: its members' mean probabilities (save_group)
+EXTERNAL = "external"  # predictions made elsewhere (bemerc.train.external)
+KINDS = (BASELINE, TUNE, ZERO_SHOT, FUSION, GROUP, EXTERNAL)
 
 
 def new_run_id(kind: str) -> str:
@@ -184,10 +204,10 @@ def save_group(
     of kind ``group``; returns (group run id, run folder, metrics). Needs at least one member."""
     if not members:
         raise ValueError("every seed failed: " + "; ".join(f"seed {s}: {r}" for s, r in failed.items()))
-    by_id = {r["run_id"]: r for r in list_runs(store)}
+    by_id = {r.run_id: r for r in list_runs(store)}
     runs = {seed: by_id[run_id] for seed, run_id in members.items()}
     first = next(iter(runs.values()))
-    classes = list(first["classes"])
+    classes = list(first.classes)
     preds = store.read("predictions", ["run_id", "uid", "split", "gold", "probabilities"],
                        where=f"run_id IN ({S.sql_in(members.values())})")
     by_run = {run_id: preds.filter(pl.col("run_id") == run_id) for run_id in members.values()}
@@ -204,7 +224,7 @@ def save_group(
     metrics: dict = {}
     splits = np.array(split_of)
     for split in sorted(set(splits)):
-        per_seed = {seed: r["metrics"][split] for seed, r in runs.items() if split in r["metrics"]}
+        per_seed = {seed: r.metrics[split] for seed, r in runs.items() if split in r.metrics}
         if not per_seed:
             continue
         y = np.array([index.get(g, -1) if g is not None else -1 for g in gold])
@@ -213,15 +233,15 @@ def save_group(
         if keep.any():
             ensemble = classification_metrics(y[keep], mean[keep].argmax(axis=1), classes)
             metrics[split]["seed_mean_probabilities"] = {k: ensemble[k] for k in ("n", *GROUP_METRICS)}
-    group_id = new_run_id(f"{member_kind}-{GROUP_KIND}")
+    group_id = new_run_id(f"{member_kind}-{GROUP}")
     run_dir = Path(run_dir) if run_dir else default_run_dir(store, group_id)
     save_run(
         store,
         run_id=group_id,
-        kind=GROUP_KIND,
+        kind=GROUP,
         run_dir=run_dir,
         classes=classes,
-        feature_sets=list(first["feature_sets"]),
+        feature_sets=list(first.feature_sets),
         config={**(config or {}), "member_kind": member_kind, "seeds": sorted([*members, *failed]),
                 "members": {str(s): r for s, r in members.items()}, "failed": {str(s): r for s, r in failed.items()}},
         metrics=metrics,
@@ -229,10 +249,25 @@ def save_group(
         splits=split_of,
         gold=gold,
         probabilities=mean,
-        dataset=first["dataset"],
+        dataset=first.dataset,
     )
     return group_id, run_dir, metrics
 
+
+def seed_groups(runs: list[Run]) -> dict[str, dict]:
+    """The seed groups among ``runs`` (as :func:`~bemerc.store.runs.list_runs` gives them), by group run id:
+    ``{"member_kind", "seeds", "members": {seed: run_id}, "failed": {seed: reason}}``. A group is a
+    run of kind ``group`` (``bemerc baseline --seeds``, ``bemerc tune --seeds``); its members are
+    ordinary runs, tied to it only by its config, so stores written before groups read unchanged.
+
+    >>> seed_groups(list_runs(Store("store")))   # doctest: +SKIP
+    {'baseline-group-20261202-052813-3d09': {'member_kind': 'baseline', 'seeds': [0, 1, 2], 'members': {...}, 'failed': {}}}
+    """
+    return {
+        r.run_id: {"member_kind": r.config.get("member_kind"), "seeds": r.config.get("seeds", []),
+                   "members": r.config.get("members", {}), "failed": r.config.get("failed", {})}
+        for r in runs if r.kind == GROUP
+    }
 
 def train_group(store: Store, member_kind: str, seeds: list[int], train_one, *, run_dir: str | Path | None = None,
                 config: dict | None = None, log=lambda message: None) -> dict:
@@ -249,3 +284,75 @@ def train_group(store: Store, member_kind: str, seeds: list[int], train_one, *, 
     group_id, group_dir, metrics = save_group(store, member_kind=member_kind, members=members, failed=failed,
                                               run_dir=base, config=config)
     return {"group_id": group_id, "run_dir": str(group_dir), "members": members, "failed": failed, "metrics": metrics}
+
+
+# -- loading a run's model ------------------------------------------------------------------------
+
+
+class RunModel(Protocol):
+    """A trained run that scores a corpus: (N, C) probabilities in the run's class order."""
+
+    def predict_proba(self, corpus: "Corpus") -> np.ndarray: ...
+
+
+class ModelLoadError(Exception):
+    """A run whose model cannot be loaded: its saved files are missing or unreadable."""
+
+
+class NoModelError(ModelLoadError):
+    """A run that has no model to load: its kind has none (zero-shot, a seed group, external
+    predictions), or it saved none."""
+
+
+class MembersGoneError(ModelLoadError):
+    """A fusion run whose member runs are gone from the store."""
+
+
+def _load_baseline(run: Run, store: Store) -> RunModel:
+    from bemerc.train.baseline import BaselineModel
+
+    try:
+        return BaselineModel.load(run.run_dir)
+    except (FileNotFoundError, KeyError, ValueError) as exc:
+        raise ModelLoadError(f"run {run.run_id!r}: cannot load its saved model: {exc}") from None
+
+
+def _load_tuned(run: Run, store: Store) -> RunModel:
+    adapter = Path(run.run_dir or "") / "adapter"
+    if not (adapter / "tune.json").is_file():
+        raise NoModelError(f"run {run.run_id!r} saved no adapter (a zero-shot run?); /predict serves "
+                           "tuned runs that have RUN_DIR/adapter")
+    from bemerc.train.tune.infer import TunedModel
+
+    try:
+        return TunedModel.load(adapter, store=store)
+    except (FileNotFoundError, KeyError, ValueError) as exc:
+        raise ModelLoadError(f"run {run.run_id!r}: cannot load its adapter: {exc}") from None
+
+
+def _load_fusion(run: Run, store: Store) -> RunModel:
+    from bemerc.train.fuse import FusionModel
+
+    weights = run.config.get("weights", {})
+    runs = {r.run_id: r for r in list_runs(store)}
+    gone = [m for m, w in weights.items() if w > 0 and m not in runs]
+    if gone:
+        raise MembersGoneError(f"fusion run {run.run_id!r} needs member run(s) {', '.join(gone)}, which are gone from the store")
+    return FusionModel({m: load_model(runs[m], store) for m, w in weights.items() if w > 0}, weights)
+
+
+# The kinds whose runs have a model, and how each is loaded (its classes import their libraries when loaded).
+MODELS: dict[str, Callable[[Run, Store], RunModel]] = {BASELINE: _load_baseline, TUNE: _load_tuned, FUSION: _load_fusion}
+
+
+def load_model(run: Run, store: Store) -> RunModel:
+    """The model of ``run``, by its kind (:data:`MODELS`); ``store`` serves tuned runs that show
+    retrieved demonstrations and the members of fusion runs. A :class:`NoModelError` for a run
+    without one, a :class:`ModelLoadError` when its files cannot be read."""
+    loader = MODELS.get(run.kind)
+    if loader is None:
+        kinds = [*MODELS]
+        either = ", ".join(kinds[:-1]) + " or " + kinds[-1]
+        raise NoModelError(f"run {run.run_id!r} is of kind {run.kind!r}, which /predict does not serve; "
+                           f"pick a {either} run with \"run\"")
+    return loader(run, store)
