@@ -53,7 +53,7 @@ from bemerc.store import Store
 from bemerc.store.schema import run_classes
 from bemerc.train.metrics import classification_metrics
 from bemerc.store.runs import check_run_dir, default_run_dir
-from bemerc.train.runs import new_run_id, save_run
+from bemerc.train.runs import TUNE, ZERO_SHOT, new_run_id, save_run
 from bemerc.train.tensors import SPEAKER_NORMALISED, Corpus, load_corpus
 from bemerc.train.tune.config import (DEFAULT_MAX_LEN, EVAL_SPLITS, LAYOUTS, SOFT_MODALITIES, STAGES, WORDS_MODALITIES, TuneConfig,
                                       TuneError)
@@ -565,7 +565,7 @@ def tune(store: Store, config: TuneConfig, resume: bool = False) -> dict:
             check_run_dir(config.run_dir)  # before any work: a taken folder is refused, never written over
     if not cuda:
         torch.set_num_threads(config.threads)
-    kind = "zero-shot" if config.zero_shot else "tune"  # so `tune:latest` (make compare) is a trained run
+    kind = ZERO_SHOT if config.zero_shot else TUNE  # so `tune:latest` (make compare) is a trained run
     run_id = (checkpoint or {}).get("progress", {}).get("run_id") or new_run_id(kind)
     run_dir = Path(config.run_dir) if config.run_dir else default_run_dir(store, run_id)
     config = replace(config, run_dir=str(run_dir))
