@@ -31,7 +31,7 @@ import pyarrow as pa
 
 from bemerc.extract.base import MEDIA_INPUTS, UtteranceMedia, resolve_device, resolve_precision, vector_field
 from bemerc.extract.media import SAMPLE_RATE, MediaError, decode_audio
-from bemerc.models.profiles import Profile, ProfileError, load_profile, model_path
+from bemerc.models.profiles import DEFAULT_PROFILE, Profile, ProfileError, load_profile, model_path
 from bemerc.precision import DEFAULT_PRECISION
 
 HOP = 160  # samples per mel frame at 16 kHz (10 ms), as in whisper.audio
@@ -104,7 +104,7 @@ class AudioExtractor:
 
     def __init__(
         self,
-        profile: Profile | str = "offline",
+        profile: Profile | str = DEFAULT_PROFILE,
         *,
         transcribe: bool = False,
         pooling: str = "mean+std",

@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from bemerc.extract.base import UtteranceMedia, resolve_device, resolve_precision, vector_field
 from bemerc.extract.media import MediaError
-from bemerc.models.profiles import Profile, ProfileError, load_profile, model_path
+from bemerc.models.profiles import DEFAULT_PROFILE, Profile, ProfileError, load_profile, model_path
 from bemerc.precision import DEFAULT_PRECISION
 
 
@@ -35,7 +35,7 @@ class TextExtractor:
 
     def __init__(
         self,
-        profile: Profile | str = "offline",
+        profile: Profile | str = DEFAULT_PROFILE,
         *,
         batch_size: int = 32,
         max_length: int | None = None,

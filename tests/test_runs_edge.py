@@ -87,9 +87,10 @@ def test_micro_batches_stay_within_the_token_budget():
 
 
 def test_training_in_micro_batches_takes_the_same_steps(store, tiny_llm, tmp_path):
-    # no dropout: its masks are drawn per forward pass, so micro-batches would draw other ones
-    whole = tune(store, _config(tiny_llm, tmp_path / "whole", micro_batch_tokens=10**6, lora_dropout=0.0))
-    split = tune(store, _config(tiny_llm, tmp_path / "split", micro_batch_tokens=1, lora_dropout=0.0))  # every item alone
+    # no dropout: its masks are drawn per forward pass, so micro-batches would draw other ones; fp32: bf16
+    # rounds each pass's sums at 8 bits, which would hide a wrong step under its rounding
+    whole = tune(store, _config(tiny_llm, tmp_path / "whole", micro_batch_tokens=10**6, lora_dropout=0.0, precision="fp32"))
+    split = tune(store, _config(tiny_llm, tmp_path / "split", micro_batch_tokens=1, lora_dropout=0.0, precision="fp32"))  # every item alone
     a, b = _log(tmp_path / "whole"), _log(tmp_path / "split")
     assert len(a) == len(b) > 2 and [h["tokens"] for h in a] == [h["tokens"] for h in b]
     assert [h["loss"] for h in a] == pytest.approx([h["loss"] for h in b], rel=1e-4)
@@ -114,7 +115,7 @@ def test_micro_batches_under_two_processes_take_the_steps_of_one(store, tiny_llm
         "from bemerc.train.tune.loop import TuneConfig, tune\n"
         f"tune(Store({str(store.path)!r}), TuneConfig(model={str(tiny_llm)!r}, stage='merc', run_dir=sys.argv[2], modalities=['text'], layout='utterance', context=2, "
         "train_limit=24, eval_limit=6, batch_size=int(sys.argv[1]), micro_batch_tokens=int(sys.argv[3]), lr=1e-2, lora_dropout=0.0, "
-        "threads=1, progress=False))\n")
+        "threads=1, precision='fp32', progress=False))\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     one = subprocess.run([sys.executable, str(script), "4", str(tmp_path / "one"), "1000000"], env=env, capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-2000:]

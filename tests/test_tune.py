@@ -17,7 +17,7 @@ from bemerc.store.ingest import read_meld, write_utterances
 from bemerc.store.runs import list_runs
 from bemerc.train.tune.infer import TunedModel, dialogue_windows, merc_examples
 from bemerc.train.tune.loop import TuneConfig, TuneError, load_data, lr_factor, tune
-from bemerc.precision import resolve as resolve_precision
+from bemerc.precision import cpu_has_bf16, resolve as resolve_precision
 from bemerc.train.tune.model import LoraSettings, base_dtype, build_model, collate, collate_windows, load_llm, load_tuned
 from bemerc.train.tune.prompt import DialogueTurn, Prompter, Turn, load_template
 from bemerc.train.tune.score import answer_scores, label_probabilities, label_scores
@@ -163,6 +163,27 @@ def test_all_stages_train_evaluate_and_record_the_run(tiny_llm, store, tmp_path)
     peft_model = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
     lora = {k: v for k, v in peft_model.state_dict().items() if "lora_B" in k}
     assert lora and any(v.abs().sum() > 0 for v in lora.values())
+
+
+@pytest.mark.skipif(not cpu_has_bf16(), reason="this CPU has no bf16 matrix units")
+def test_bf16_holds_the_frozen_llm_in_bf16_and_trains_fp32_adapters(tiny_llm, store, tmp_path):
+    """--precision bf16 (auto on this CPU): the run records it (summary, run config, tune.json); LoRA
+    and projector weights are trained and saved in fp32; the saved adapter loads its base in bf16 and
+    reproduces the run's probabilities; fp32 and bf16 runs learn the same task to within rounding."""
+    runs = {p: tune(store, _config(tiny_llm, tmp_path / p, stage="merc", precision=p)) for p in ("fp32", "bf16")}
+    assert {p: r["precision"] for p, r in runs.items()} == {"fp32": "fp32", "bf16": "bf16"}
+    info = json.loads((tmp_path / "bf16" / "adapter" / "tune.json").read_text())
+    assert info["precision"] == "bf16"
+    adapter = torch.load(tmp_path / "bf16" / "checkpoint.pt", weights_only=False)["adapter"]
+    assert adapter and all(v.dtype == torch.float32 for v in adapter.values())
+    tuned = TunedModel.load(tmp_path / "bf16" / "adapter")
+    assert tuned.model.causal_lm.get_input_embeddings().weight.dtype == torch.bfloat16
+    data = load_data(store, _config(tiny_llm, tmp_path / "bf16"))
+    again = tuned.predict_proba(data.corpus, data.eval_rows["dev"])
+    assert np.allclose(again, runs["bf16"]["probabilities_by_split"]["dev"], atol=1e-4)
+    fp32, bf16 = (r["probabilities_by_split"]["dev"] for r in runs.values())
+    assert not np.array_equal(fp32, bf16) and np.abs(fp32 - bf16).max() < 0.1
+    assert (fp32.argmax(1) == bf16.argmax(1)).mean() >= 0.8
 
 
 def _untrained(tiny_llm: Path, store: Store, config: TuneConfig):

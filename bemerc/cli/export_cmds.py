@@ -104,7 +104,7 @@ def features(
     float32, zeros where `present` is false; `present`: (N,) bool; with --speaker-norm also
     `train_mean`, `train_std`) or OUT/features.npy and OUT/present.npy; OUT/index.csv (row, uid,
     dataset, split, dialogue_id, turn, speaker, label, present) and OUT/meta.json (feature set, shape,
-    normalisation). For Arrow tools, the store's Lance tables need no export (README).
+    normalisation). Arrow tools (polars, pandas, duckdb) read the store's Lance tables as they are (docs/store.md).
 
     Example: `bemerc export features feats/audio --modality audio --speaker-norm`
     """

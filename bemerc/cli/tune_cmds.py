@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from bemerc.cli.common import (DEFAULT_STORE, SEEDS_HELP, JsonOption, PrecisionOption, SpeakerNormOption, StoreOption, console,
+from bemerc.cli.common import (DEFAULT_STORE, SEEDS_HELP, JsonOption, PrecisionOption, ProfileOption, SpeakerNormOption, StoreOption, console,
                                err_console, fail, open_store)
 from bemerc.train.tune.config import DEFAULT_MAX_LEN, TuneConfig
 
@@ -35,10 +35,12 @@ class Stage(str, Enum):
     all = "all"
 
 
-def _default_model(profile: str) -> str:
-    """The profile's LLM as a local folder (the offline profile's GGUF is converted once, on first use)."""
-    from bemerc.models.profiles import ProfileError, load_profile, prepare_stage
+def _default_model(profile: str | None) -> str:
+    """The LLM of the profile (None: the default profile) as a local folder (the offline profile's GGUF
+    is converted once, on first use): the default --model."""
+    from bemerc.models.profiles import DEFAULT_PROFILE, ProfileError, load_profile, prepare_stage
 
+    profile = profile or DEFAULT_PROFILE
     try:
         path = prepare_stage(load_profile(profile).stage("llm"), lambda stage, message: err_console.print(f"{stage}: {message}"))
     except ProfileError as exc:
@@ -58,7 +60,7 @@ def register(app: typer.Typer) -> None:
     def tune(
         store: StoreOption = DEFAULT_STORE,
         model: Annotated[str | None, typer.Option(help="Hugging Face causal LM: a local folder or a hub id. Default: the LLM of --profile.")] = None,
-        profile: Annotated[str, typer.Option(envvar="BEMERC_PROFILE", help="Profile whose `llm` stage gives the default --model.")] = "offline",
+        profile: ProfileOption = None,
         stage: Annotated[Stage, typer.Option(help="align: the behaviour projector learns to describe behaviour; project: the voice and behaviour projectors (not the text embedding's) learn, with the LLM frozen, to answer the emotion from their soft tokens alone; merc: emotion instruction tuning (LoRA and projectors); all: the three in that order (align is skipped without behaviour descriptions, project without a voice or behaviour modality).")] = Stage.all,
         layout: Annotated[Layout | None, typer.Option(help="dialogue: one sequence per dialogue, every turn answered in one pass (labels scored by their first token); utterance: one prompt per utterance with its last --context turns.", show_default=_default("layout"))] = None,
         run_dir: Annotated[Path | None, typer.Option(help="Output folder (default: runs/<run_id> inside the store).")] = None,
@@ -77,7 +79,7 @@ def register(app: typer.Typer) -> None:
         align_lr: Annotated[float | None, typer.Option(help="Peak learning rate of the align stage.", show_default=_default("align_lr"))] = None,
         projector_lr: Annotated[float | None, typer.Option(help="Peak learning rate of the projectors in every stage. Default: the stage's own (--lr, --align-lr).")] = None,
         batch_size: Annotated[int | None, typer.Option(help="Utterances (utterance layout) or dialogue windows (dialogue layout) per optimiser step and device.", show_default=_default("batch_size"))] = None,
-        micro_batch_tokens: Annotated[int | None, typer.Option(min=1, help="Padded tokens per forward pass: a batch over it is trained in micro-batches with gradient accumulation (same step, bounded memory; peak memory per window length: README, Tune memory).", show_default=_default("micro_batch_tokens"))] = None,
+        micro_batch_tokens: Annotated[int | None, typer.Option(min=1, help="Padded tokens per forward pass: a batch over it is trained in micro-batches with gradient accumulation (same step, bounded memory; peak memory per window length: docs/tune.md, Tune memory).", show_default=_default("micro_batch_tokens"))] = None,
         balance: Annotated[float | None, typer.Option(help="Class-balanced loss: weight examples by (class share) ** -BALANCE (0 = off, 0.5 = inverse square root, 1 = inverse frequency).", show_default=_default("balance"))] = None,
         lora_r: Annotated[int | None, typer.Option(help="LoRA rank (alpha = 2 * rank).", show_default=_default("lora_r"))] = None,
         lora_layers: Annotated[int | None, typer.Option(help="LoRA on the top N decoder blocks only (faster, but learns much less). Default: all.")] = None,
@@ -136,11 +138,11 @@ def register(app: typer.Typer) -> None:
                 from dataclasses import replace
 
                 from bemerc.cli.train_cmds import print_group
-                from bemerc.train.runs import parse_seeds, train_group
+                from bemerc.train.runs import TUNE, ZERO_SHOT, parse_seeds, train_group
 
                 log = (lambda message: None) if as_json else (lambda message: console.print(f"  {message}", highlight=False))
                 group = train_group(
-                    opened, "zero-shot" if zero_shot else "tune", parse_seeds(seeds),
+                    opened, ZERO_SHOT if zero_shot else TUNE, parse_seeds(seeds),
                     lambda s, folder: run_tune(opened, replace(config, seed=s, run_dir=str(folder) if folder else None))["run_id"],
                     run_dir=run_dir, config={"model": config.model, **{k: v for k, v in given.items() if v is not None and k != "seed"},
                                              "train_limit": train_limit, "eval_limit": eval_limit}, log=log)
