@@ -196,7 +196,7 @@ class AudioExtractor:
     def blocks(self):
         """The encoder's transformer blocks as :meth:`encode_layers` runs them: in bf16 (linear layers
         held in bf16, layer norms in fp32 as whisper computes them) when the precision is bf16, else the
-        model's own. The convolutions stay fp32 (bf16 did not make them faster: docs/audio.md), and
+        model's own. The convolutions stay fp32 (2% of the encoder's time: docs/audio.md), and
         transcription uses the fp32 model, so a transcript does not depend on the precision."""
         import copy
 

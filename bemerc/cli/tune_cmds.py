@@ -82,6 +82,7 @@ def register(app: typer.Typer) -> None:
         micro_batch_tokens: Annotated[int | None, typer.Option(min=1, help="Padded tokens per forward pass: a batch over it is trained in micro-batches with gradient accumulation (same step, bounded memory; peak memory per window length: docs/tune.md, Tune memory).", show_default=_default("micro_batch_tokens"))] = None,
         balance: Annotated[float | None, typer.Option(help="Class-balanced loss: weight examples by (class share) ** -BALANCE (0 = off, 0.5 = inverse square root, 1 = inverse frequency).", show_default=_default("balance"))] = None,
         lora_r: Annotated[int | None, typer.Option(help="LoRA rank (alpha = 2 * rank).", show_default=_default("lora_r"))] = None,
+        lora_dropout: Annotated[float | None, typer.Option(min=0.0, max=0.9, help="Dropout on the LoRA layers' inputs (its masks cost as much as the MLP's bf16 work on a CPU).", show_default=_default("lora_dropout"))] = None,
         lora_layers: Annotated[int | None, typer.Option(help="LoRA on the top N decoder blocks only (faster, but learns much less). Default: all.")] = None,
         speaker_norm: SpeakerNormOption = None,
         normalize_scores: Annotated[bool | None, typer.Option("--normalize-scores", help="utterance layout: score a label by its mean token log-probability instead of the sum.")] = None,
@@ -120,7 +121,7 @@ def register(app: typer.Typer) -> None:
         given = {  # only what the user gave: TuneConfig holds the defaults
             "layout": layout.value if layout else None, "context": context, "overlap": overlap, "demos": demos,
             "max_len": max_len, "epochs": epochs, "align_epochs": align_epochs, "project_epochs": project_epochs, "lr": lr, "align_lr": align_lr, "projector_lr": projector_lr,
-            "batch_size": batch_size, "micro_batch_tokens": micro_batch_tokens, "balance": balance, "lora_r": lora_r, "lora_alpha": 2 * lora_r if lora_r else None,
+            "batch_size": batch_size, "micro_batch_tokens": micro_batch_tokens, "balance": balance, "lora_r": lora_r, "lora_alpha": 2 * lora_r if lora_r else None, "lora_dropout": lora_dropout,
             "normalize_scores": normalize_scores, "speaker_norm": speaker_norm, "seed": seed, "threads": threads, "precision": precision.value if precision else None, "checkpoint_every": checkpoint_every,
         }
         try:
