@@ -18,6 +18,7 @@ MELD_LABELS = ("neutral", "joy", "surprise", "anger", "sadness", "disgust", "fea
 IEMOCAP_LABELS = ("happy", "sad", "neutral", "angry", "excited", "frustrated")
 LABEL_SETS: dict[str, tuple[str, ...]] = {"meld": MELD_LABELS, "iemocap": IEMOCAP_LABELS}
 SPLITS = ("train", "dev", "test")
+EVAL_SPLITS = ("dev", "test")  # scored when labelled; anything a model chooses is chosen on dev only
 # The most characters one cell of an utterance may hold (its text, speaker, ids), at every entry point:
 # manifests of any format (a longer cell stops the ingest with one line naming the row) and /predict
 # (422). An utterance's text is a few hundred characters; 5,000 leaves room for a long monologue's

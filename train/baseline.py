@@ -30,13 +30,12 @@ import xgboost as xgb  # bemerc/__init__.py has set OMP_WAIT_POLICY=PASSIVE: nth
 
 from bemerc.store import Store, StoreError
 from bemerc.store.runs import check_run_dir, default_run_dir
-from bemerc.store.schema import MODALITIES, run_classes
+from bemerc.store.schema import EVAL_SPLITS, MODALITIES, run_classes
 from bemerc.train.evaluate import bootstrap_intervals
-from bemerc.train.metrics import classification_metrics, weighted_f1
+from bemerc.train.metrics import class_weights, classification_metrics, weighted_f1
 from bemerc.train.runs import BASELINE, new_run_id, save_run, split_metrics
 from bemerc.train.tensors import SPEAKER_NORMALISED, Corpus, load_corpus, normalise_speakers, speaker_groups
 
-EVAL_SPLITS = ("dev", "test")
 
 
 @dataclass(frozen=True)
@@ -193,19 +192,6 @@ def model_inputs(parts: list[np.ndarray], dialogues: Dialogues) -> np.ndarray:
 
 
 # -- heads ---------------------------------------------------------------------------------------
-def class_weights(y: np.ndarray, n_classes: int, power: float) -> np.ndarray:
-    """(C,) weight per class, ``(N / (C * n_c)) ** power``; 1 for classes absent from ``y``.
-
-    >>> class_weights(np.array([0, 0, 0, 1]), 2, 1.0).tolist()
-    [0.6666666666666666, 2.0]
-    """
-    counts = np.bincount(y, minlength=n_classes).astype(float)
-    weights = np.ones(n_classes)
-    seen = counts > 0
-    weights[seen] = (len(y) / (n_classes * counts[seen])) ** power
-    return weights
-
-
 def fit_xgboost(x: np.ndarray, y: np.ndarray, x_dev: np.ndarray, y_dev: np.ndarray, n_classes: int,
                 config: BaselineConfig) -> xgb.Booster:
     """A softprob booster on (x, y) with class-weighted samples, stopped early on dev's weighted

@@ -28,8 +28,8 @@ import numpy as np
 import polars as pl
 
 from bemerc.store import Store
-from bemerc.store.schema import sql_in
-from bemerc.train.baseline import EVAL_SPLITS, fuse, select_weights
+from bemerc.store.schema import EVAL_SPLITS, sql_in
+from bemerc.train.baseline import fuse, select_weights
 from bemerc.train.evaluate import bootstrap_intervals
 from bemerc.train.metrics import classification_metrics, weighted_f1
 from bemerc.store.runs import Run, check_run_dir, default_run_dir, list_runs

@@ -7,6 +7,21 @@ from __future__ import annotations
 import numpy as np
 
 
+def class_weights(y: np.ndarray, n_classes: int, power: float) -> np.ndarray:
+    """(C,) weight per class for a class-balanced loss, ``(N / (C * n_c)) ** power`` (0: all 1, 1: inverse
+    frequency); 1 for classes absent from ``y``. The baseline weighs XGBoost's samples by it, tune its
+    examples (scaled to mean 1).
+
+    >>> class_weights(np.array([0, 0, 0, 1]), 2, 1.0).tolist()
+    [0.6666666666666666, 2.0]
+    """
+    counts = np.bincount(y, minlength=n_classes).astype(float)
+    weights = np.ones(n_classes)
+    seen = counts > 0
+    weights[seen] = (len(y) / (n_classes * counts[seen])) ** power
+    return weights
+
+
 def confusion(gold: np.ndarray, pred: np.ndarray, n_classes: int) -> np.ndarray:
     """(C, C) counts; rows are gold classes, columns predicted ones."""
     matrix = np.zeros((n_classes, n_classes), dtype=np.int64)

@@ -23,7 +23,6 @@ SOFT_MODALITIES = ("text", "audio", "behavior")  # projected by default when the
 # Soft modalities that embed the words the LLM already reads: the project stage leaves them out (their
 # projector learns in merc, beside the words); it exists for what the words do not say.
 WORDS_MODALITIES = ("text",)
-EVAL_SPLITS = ("dev", "test")  # scored when labelled; model selection uses dev only
 DEFAULT_MAX_LEN = {"utterance": 512, "dialogue": 1024}
 
 

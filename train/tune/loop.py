@@ -50,12 +50,12 @@ import torch
 from bemerc.precision import resolve as resolve_precision
 from bemerc.progress import LOG_EVERY_S, progress_line
 from bemerc.store import Store
-from bemerc.store.schema import run_classes
-from bemerc.train.metrics import classification_metrics
+from bemerc.store.schema import EVAL_SPLITS, run_classes
+from bemerc.train.metrics import class_weights as balanced_weights, classification_metrics
 from bemerc.store.runs import check_run_dir, default_run_dir
 from bemerc.train.runs import TUNE, ZERO_SHOT, new_run_id, save_run
 from bemerc.train.tensors import SPEAKER_NORMALISED, Corpus, load_corpus
-from bemerc.train.tune.config import (DEFAULT_MAX_LEN, EVAL_SPLITS, LAYOUTS, SOFT_MODALITIES, STAGES, WORDS_MODALITIES, TuneConfig,
+from bemerc.train.tune.config import (DEFAULT_MAX_LEN, LAYOUTS, SOFT_MODALITIES, STAGES, WORDS_MODALITIES, TuneConfig,
                                       TuneError)
 from bemerc.train.tune.infer import DemoRetriever, Inputs, TunedModel, corpus_inputs, dialogue_windows, merc_examples, soft_values
 from bemerc.train.tune.model import (IGNORE, Batch, LoraSettings, MercModel, SoftInput, TuneInfo, base_dtype, build_model,
@@ -186,16 +186,15 @@ def make_retriever(store: Store, data: Data, config: TuneConfig) -> DemoRetrieve
 
 
 def class_weights(labels: list[str], balance: float) -> np.ndarray:
-    """(N,) loss weights, (share of the example's class * number of classes) ** -balance scaled to
-    mean 1: 0 weighs all examples alike, 0.5 by inverse square-root class frequency, 1 by inverse
-    frequency (every class then weighs the same in total).
+    """(N,) loss weights: each example's class weight (:func:`bemerc.train.metrics.class_weights` over
+    the classes present, power ``balance``) scaled to mean 1: 0 weighs all examples alike, 0.5 by inverse
+    square-root class frequency, 1 by inverse frequency (every class then weighs the same in total).
 
     >>> class_weights(["a", "a", "a", "b"], 1.0).round(2).tolist()
     [0.67, 0.67, 0.67, 2.0]
     """
-    counts = Counter(labels)
-    shares = np.array([counts[label] / len(labels) * len(counts) for label in labels])
-    weights = shares ** -balance
+    names, y = np.unique(np.asarray(labels, dtype=object), return_inverse=True)
+    weights = balanced_weights(y, len(names), balance)[y]
     return weights / weights.mean()
 
 
