@@ -10,6 +10,22 @@ from __future__ import annotations
 LOG_EVERY_S = 30.0  # seconds between two progress lines when the output is not a terminal
 
 
+class LiveBar:
+    """What both progress classes share: ``bar`` (a rich Progress on a terminal, else None) runs while
+    the object is used as a context."""
+
+    bar = None
+
+    def __enter__(self):
+        if self.bar:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar:
+            self.bar.stop()
+
+
 def progress_line(name: str, done: int, total: int, elapsed_s: float, info: str, left_s: float | None = None) -> str:
     """``NAME: done/total  INFO  N s elapsed, ETA M min SS s``; the time left defaults to the rate
     so far (a resumed run passes its own: it did not start at 0)."""

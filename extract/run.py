@@ -27,7 +27,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from bemerc.extract.base import Extractor, UtteranceMedia, config_hash, extractor_inputs, has_input
 from bemerc.extract.media import MediaError
-from bemerc.progress import LOG_EVERY_S, progress_line
+from bemerc.progress import LOG_EVERY_S, LiveBar, progress_line
 from bemerc.store import FeatureSet, Store
 from bemerc.store.inputs import DIGEST_COLUMN, digest_field, spoken_text
 from bemerc.store.schema import feature_schema, sql_in
@@ -90,7 +90,7 @@ class RunSummary:
         return f"{self.feature_set}: " + ", ".join(parts) + f" in {self.seconds:.1f} s"
 
 
-class RunProgress:
+class RunProgress(LiveBar):
     """Progress of one run: a rich bar on a terminal; otherwise (output to a file or a pipe) a plain
     line every ``every_s`` seconds and at the end: modality, done/total, items/s and the time left.
     Nothing when there is no work."""
@@ -105,15 +105,9 @@ class RunProgress:
             self.bar = Progress(*columns, console=self.console, transient=False)
             self.task = self.bar.add_task(label, total=total)
 
-    def __enter__(self) -> "RunProgress":
-        if self.bar:
-            self.bar.start()
-        return self
-
     def __exit__(self, *exc) -> None:
-        if self.bar:
-            self.bar.stop()
-        elif self.total and self.done and self.done < self.total:
+        super().__exit__(*exc)
+        if not self.bar and self.total and self.done and self.done < self.total:
             self.log(time.monotonic())  # stopped early: say how far it got
 
     def advance(self, n: int) -> None:

@@ -43,7 +43,12 @@ SpeakerNormOption = Annotated[bool | None, typer.Option(
          "scaled back to the train rows', before the model reads them (a speaker heard once is barely moved), "
          "the same at /predict (default: on). Off: the stored vectors as they are.")]
 
-Precision = Enum("Precision", {name: name for name in PRECISIONS}, type=str)
+def choices(name: str, values) -> type[Enum]:
+    """A typer choice type whose values are ``values`` (their one home stays where they are defined)."""
+    return Enum(name, {value: value for value in values}, type=str)
+
+
+Precision = choices("Precision", PRECISIONS)
 
 
 # `tune`, `extract` and `serve`: numeric precision of the neural models (the rule: bemerc.precision.resolve)

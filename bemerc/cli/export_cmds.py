@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from bemerc.cli.common import DEFAULT_STORE, JsonOption, StoreOption, console, fail, open_store
+from bemerc.cli.tune_cmds import Layout
 
 export_app = typer.Typer(
     help="Write the store's instruction data, feature sets and runs' predictions in the formats other tools read (LLaMA-Factory, TRL, axolotl, numpy).",
@@ -21,11 +22,6 @@ class Format(str, Enum):
     sharegpt = "sharegpt"
     alpaca = "alpaca"
     jsonl = "jsonl"
-
-
-class Layout(str, Enum):
-    dialogue = "dialogue"
-    utterance = "utterance"
 
 
 class FeatureFormat(str, Enum):

@@ -4,24 +4,21 @@ from __future__ import annotations
 
 import json
 import os
-from enum import Enum
 from typing import Annotated
 
 import typer
 
-from bemerc.cli.common import DEFAULT_STORE, PrecisionOption, ProfileOption, StoreOption, console, err_console, fail, open_store
+from bemerc.cli.common import DEFAULT_STORE, PrecisionOption, choices, ProfileOption, StoreOption, console, err_console, fail, open_store
 from bemerc.store.schema import MODALITIES
 
 
-Modality = Enum("Modality", {**{m: m for m in MODALITIES}, "all": "all"}, type=str)
+Modality = choices("Modality", (*MODALITIES, "all"))
 
 
-Device = Enum("Device", {d: d for d in ("auto", "cpu", "cuda")}, type=str)
+Device = choices("Device", ("auto", "cpu", "cuda"))  # extract.base.DEVICES (not imported: --help loads no stage)
 
 
-class EngineName(str, Enum):
-    local = "local"
-    ray = "ray"
+EngineName = choices("EngineName", ("local", "ray"))
 
 
 def register(app: typer.Typer) -> None:

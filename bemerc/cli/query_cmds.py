@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
-from bemerc.cli.common import DEFAULT_STORE, JsonOption, StoreOption, console, fail, open_store
+from bemerc.cli.common import DEFAULT_STORE, JsonOption, StoreOption, choices, console, fail, open_store
 from bemerc.store.schema import MODALITIES
 
 if TYPE_CHECKING:
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 query_app = typer.Typer(help="Query stored utterances, embeddings and predictions.", no_args_is_help=True)
 
 
-Modality = Enum("Modality", {m: m for m in MODALITIES}, type=str)
+Modality = choices("Modality", MODALITIES)
 
 
 class Format(str, Enum):

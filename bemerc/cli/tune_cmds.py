@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import json
 from dataclasses import MISSING, fields
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from bemerc.cli.common import (DEFAULT_STORE, SEEDS_HELP, JsonOption, PrecisionOption, ProfileOption, SpeakerNormOption, StoreOption, console,
+from bemerc.cli.common import (DEFAULT_STORE, SEEDS_HELP, JsonOption, choices, PrecisionOption, ProfileOption, SpeakerNormOption, StoreOption, console,
                                err_console, fail, open_store)
-from bemerc.train.tune.config import DEFAULT_MAX_LEN, TuneConfig
+from bemerc.train.tune.config import DEFAULT_MAX_LEN, LAYOUTS, STAGES, TuneConfig
 
 _DEFAULTS = {f.name: f.default for f in fields(TuneConfig) if f.default is not MISSING}
 
@@ -28,11 +27,8 @@ def _default(name: str) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-class Stage(str, Enum):
-    align = "align"
-    project = "project"
-    merc = "merc"
-    all = "all"
+Stage = choices("Stage", STAGES)
+Layout = choices("Layout", LAYOUTS)
 
 
 def _default_model(profile: str | None) -> str:
@@ -48,11 +44,6 @@ def _default_model(profile: str | None) -> str:
     if path is None:
         fail(f"the {profile!r} profile's llm stage has no local weights; pass --model DIR_OR_HUB_ID")
     return str(path)
-
-
-class Layout(str, Enum):
-    dialogue = "dialogue"
-    utterance = "utterance"
 
 
 def register(app: typer.Typer) -> None:

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from bemerc.precision import resolve as resolve_precision
-from bemerc.progress import LOG_EVERY_S, progress_line
+from bemerc.progress import LOG_EVERY_S, LiveBar, progress_line
 from bemerc.store import Store
 from bemerc.store.schema import EVAL_SPLITS, run_classes
 from bemerc.train.metrics import class_weights as balanced_weights, classification_metrics
@@ -304,7 +304,7 @@ def load_checkpoint(path: Path) -> dict:
 
 
 # -- training ---------------------------------------------------------------------------------
-class Progress:
+class Progress(LiveBar):
     """Progress of the stages: a rich bar on a terminal; otherwise (output to a file or a pipe) a
     plain line every ``LOG_EVERY_S`` seconds and at the end of each task: stage, step/total, loss,
     utterances/s and the time left. Nothing when disabled."""
@@ -317,15 +317,6 @@ class Progress:
 
             self.bar = Bar(TextColumn("{task.description:<6}"), BarColumn(), MofNCompleteColumn(),
                            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn())
-
-    def __enter__(self) -> "Progress":
-        if self.bar:
-            self.bar.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.bar:
-            self.bar.stop()
 
     def task(self, name: str, total: int, done: int = 0) -> str:
         now = time.perf_counter()
