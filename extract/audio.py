@@ -29,7 +29,7 @@ import os
 import numpy as np
 import pyarrow as pa
 
-from bemerc.extract.base import MEDIA_INPUTS, UtteranceMedia, resolve_device, resolve_precision, vector_field
+from bemerc.extract.base import MEDIA_INPUTS, TorchDevice, UtteranceMedia, vector_field
 from bemerc.extract.media import SAMPLE_RATE, MediaError, decode_audio
 from bemerc.models.profiles import DEFAULT_PROFILE, Profile, ProfileError, load_profile, model_path
 from bemerc.precision import DEFAULT_PRECISION
@@ -88,7 +88,7 @@ def silence_error(audio: np.ndarray, threshold_dbfs: float = SILENCE_DBFS) -> st
     return None
 
 
-class AudioExtractor:
+class AudioExtractor(TorchDevice):
     """Whisper encoder embedding, eGeMAPSv02 functionals and (when needed) a Whisper transcript.
 
     The transcript is computed only for items without text, or for all items when built with
@@ -176,10 +176,6 @@ class AudioExtractor:
                                feature_level=opensmile.FeatureLevel.Functionals)
 
     @cached_property
-    def device(self) -> str:
-        return resolve_device(self.requested_device)
-
-    @cached_property
     def model(self):
         import whisper
 
@@ -187,10 +183,6 @@ class AudioExtractor:
             return whisper.load_model(str(self.path), device=self.device).eval()
         except Exception as exc:  # torch.load and load_state_dict raise many types
             raise ProfileError(f"{self.entry.label}: cannot load a whisper checkpoint from {self.path}: {exc}") from exc
-
-    @cached_property
-    def precision(self) -> str:
-        return resolve_precision(self.requested_precision, self.requested_device)
 
     @cached_property
     def blocks(self):

@@ -13,6 +13,7 @@ import os
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Protocol, runtime_checkable
 
 import pyarrow as pa
@@ -42,6 +43,23 @@ def resolve_precision(precision: str, device: str | None) -> str:
     from bemerc.precision import resolve
 
     return resolve(precision, resolve_device(device))
+
+
+class TorchDevice:
+    """The device (and precision) an extractor's torch model runs on, resolved on first use from what
+    it was asked for (``requested_device``, ``requested_precision``), so a run with nothing to do
+    imports no torch. Text, audio and visual extractors share it."""
+
+    requested_device: str | None = None
+    requested_precision: str = "fp32"  # an extractor that runs bf16 sets the requested precision
+
+    @cached_property
+    def device(self) -> str:
+        return resolve_device(self.requested_device)
+
+    @cached_property
+    def precision(self) -> str:
+        return resolve_precision(self.requested_precision, self.requested_device)
 
 
 def uses_gpu(extractor: "Extractor") -> bool:

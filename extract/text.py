@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from bemerc.extract.base import UtteranceMedia, resolve_device, resolve_precision, vector_field
+from bemerc.extract.base import TorchDevice, UtteranceMedia, vector_field
 from bemerc.extract.media import MediaError
 from bemerc.models.profiles import DEFAULT_PROFILE, Profile, ProfileError, load_profile, model_path
 from bemerc.precision import DEFAULT_PRECISION
 
 
-class TextExtractor:
+class TextExtractor(TorchDevice):
     """Embed ``item.text`` with the ``text`` stage of a profile.
 
     >>> extractor = TextExtractor("offline")  # doctest: +SKIP
@@ -64,14 +64,6 @@ class TextExtractor:
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(self.path)
-
-    @cached_property
-    def device(self) -> str:
-        return resolve_device(self.requested_device)
-
-    @cached_property
-    def precision(self) -> str:
-        return resolve_precision(self.requested_precision, self.requested_device)
 
     @cached_property
     def model(self):

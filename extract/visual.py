@@ -18,7 +18,7 @@ from functools import cached_property
 import numpy as np
 import pyarrow as pa
 
-from bemerc.extract.base import MEDIA_INPUTS, UtteranceMedia, resolve_device, vector_field
+from bemerc.extract.base import MEDIA_INPUTS, TorchDevice, UtteranceMedia, vector_field
 from bemerc.extract.behavior.extractor import rows_from_video
 from bemerc.extract.media import FRAME_SAMPLING, MediaError, evenly_spaced
 from bemerc.models.profiles import Profile
@@ -38,7 +38,7 @@ def open_clip_config(model_name: str) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-class ClipVisualExtractor:
+class ClipVisualExtractor(TorchDevice):
     """One L2-normalised open_clip image embedding per utterance (modality "visual").
 
     Frames are sampled at ``fps`` (at most ``max_frames``, evenly spread over the utterance), each is
@@ -83,10 +83,6 @@ class ClipVisualExtractor:
         """The extractor of a profile's ``visual`` stage (an ``open-clip`` entry)."""
         entry = profile.stage("visual")
         return cls(entry.source, entry.options.get("pretrained"), **options)
-
-    @cached_property
-    def device(self) -> str:
-        return resolve_device(self.requested_device)
 
     @cached_property
     def _model(self):
