@@ -44,7 +44,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from bemerc.precision import cpu_has_bf16  # noqa: E402
 from bemerc.store import Store  # noqa: E402
-from bemerc.train.tune.loop import SOFT_MODALITIES, TuneConfig, project_modalities, tune  # noqa: E402
+from bemerc.train.tune.config import SOFT_MODALITIES  # noqa: E402
+from bemerc.train.tune.data import load_data, project_modalities  # noqa: E402
+from bemerc.train.tune.loop import TuneConfig, tune  # noqa: E402
 
 DEFAULTS = TuneConfig(model="")  # the tune defaults, so the bench measures what `bemerc tune` runs
 
@@ -91,7 +93,6 @@ def linear_probe(store: Store, config: TuneConfig, modality: str) -> dict:
 
     from bemerc.train.baseline import BaselineConfig, LogisticHead
     from bemerc.train.metrics import classification_metrics
-    from bemerc.train.tune.loop import load_data
 
     data = load_data(store, replace(config, modalities=[modality]))
     values, present = data.features[modality]
@@ -107,7 +108,6 @@ def linear_probe(store: Store, config: TuneConfig, modality: str) -> dict:
 def probe(store: Store, out: Path, common: dict, args) -> dict:
     """The probe table: per soft modality, the tuned LLM (that modality's soft tokens and the words),
     a linear probe on the same vectors and the majority class; and the LLM on the words alone."""
-    from bemerc.train.tune.loop import load_data
 
     modalities = args.modalities.split(",") if args.modalities else stored_soft(store)
     dataset = load_data(store, TuneConfig(model=args.model, zero_shot=True)).dataset

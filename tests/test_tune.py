@@ -15,8 +15,9 @@ from typer.testing import CliRunner
 from bemerc.store import Store
 from bemerc.store.ingest import read_meld, write_utterances
 from bemerc.store.runs import list_runs
-from bemerc.train.tune.infer import TunedModel, dialogue_windows, merc_examples
-from bemerc.train.tune.loop import TuneConfig, TuneError, load_data, lr_factor, tune
+from bemerc.train.tune.data import dialogue_windows, load_data, make_prompter, merc_examples, stage_examples
+from bemerc.train.tune.infer import TunedModel
+from bemerc.train.tune.loop import TuneConfig, TuneError, lr_factor, tune
 from bemerc.precision import cpu_has_bf16, resolve as resolve_precision
 from bemerc.train.tune.model import LoraSettings, base_dtype, build_model, collate, collate_windows, load_llm, load_tuned
 from bemerc.train.tune.prompt import DialogueTurn, Prompter, Turn, load_template
@@ -221,7 +222,6 @@ def test_project_stage_trains_every_projector_on_the_soft_tokens_alone(tiny_llm,
     assert {h["stage"] for h in log} == {"project"} and {h["epoch"] for h in log} == {0, 1}
     assert not (tmp_path / "project" / "metrics.json").exists()  # no emotion evaluation without the merc stage
 
-    from bemerc.train.tune.loop import make_prompter, stage_examples
 
     prompter = make_prompter(tokenizer, data, config)
     shown = [tokenizer.decode(item.input_ids[0]) for item in
@@ -250,7 +250,6 @@ def test_project_stage_leaves_the_text_embedding_to_the_merc_stage(tiny_llm, sto
     after = load_tuned(tmp_path / "project" / "adapter")[0].adapter_state()
     assert {k.split(".")[1] for k in initial if not torch.equal(initial[k], after[k])} == {"audio"}
 
-    from bemerc.train.tune.loop import make_prompter, stage_examples
 
     prompter = make_prompter(tokenizer, data, config)
     assert set(prompter.soft_tokens) == {"text", "audio"}
@@ -465,7 +464,7 @@ def text_store(tmp_path_factory) -> Store:
 
 
 def test_retrieved_demonstrations_come_from_other_train_dialogues(tiny_llm, text_store):
-    from bemerc.train.tune.infer import DemoRetriever
+    from bemerc.train.tune.data import DemoRetriever
 
     config = _config(tiny_llm, Path("unused"), layout="dialogue", demos=3)
     data = load_data(text_store, config)

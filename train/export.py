@@ -37,7 +37,7 @@ import numpy as np
 from bemerc.store import Store
 from bemerc.store.schema import SPLITS
 from bemerc.train.tune.config import LAYOUTS, TuneConfig, TuneError
-from bemerc.train.tune.loop import Data, load_data, make_prompter
+from bemerc.train.tune.data import Data, load_data, make_prompter
 from bemerc.train.tune.prompt import MARKER, Prompter
 
 FORMATS = ("sharegpt", "alpaca", "jsonl")

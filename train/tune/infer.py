@@ -9,161 +9,18 @@ caller from Python: a :class:`TunedModel` scores every label of every utterance 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from bemerc.train.tensors import Corpus, normalise_speakers, speaker_groups
+from bemerc.train.tensors import Corpus
 from bemerc.train.tune.config import MICRO_BATCH_TOKENS
-from bemerc.train.tune.model import (MercModel, SoftInput, TuneInfo, collate, collate_windows, load_tuned,
-                                     micro_batches)
-from bemerc.train.tune.prompt import DialogueTurn, Encoded, Prompter, Turn, Window
+from bemerc.train.tune.data import DemoRetriever, Inputs, corpus_inputs, dialogue_windows, merc_examples
+from bemerc.train.tune.model import MercModel, TuneInfo, collate, collate_windows, load_tuned, micro_batches
+from bemerc.train.tune.prompt import Prompter, Window
 from bemerc.train.tune.score import answer_scores, label_probabilities, label_scores
-
-# corpus rows of one dialogue -> the (text, label) demonstrations shown before it
-Demos = Callable[[list[int]], list[tuple[str, str]]]
-
-
-@dataclass
-class Inputs:
-    """What the prompts read from a corpus, one entry per utterance: speakers, texts, behaviour
-    descriptions, the (N, K*D) features and (N,) present mask of each soft modality, and the first
-    row of each utterance's dialogue."""
-
-    speakers: list[str]
-    texts: list[str]
-    descriptions: list[str | None]
-    features: dict[str, tuple[np.ndarray, np.ndarray]]
-    dialogue_start: np.ndarray
-    dialogue_keys: list[str]  # "split/dialogue_id" of each utterance
-    text_vectors: tuple[np.ndarray, np.ndarray] | None = None  # stored text embeddings and present mask (demo retrieval)
-
-    def turn(self, row: int) -> Turn:
-        return Turn(self.speakers[row], self.texts[row])
-
-    def dialogue_turn(self, row: int) -> DialogueTurn:
-        return DialogueTurn(self.speakers[row], self.texts[row], self.descriptions[row], row)
-
-    def context(self, row: int, n: int) -> list[Turn]:
-        start = max(int(self.dialogue_start[row]), row - n)
-        return [self.turn(r) for r in range(start, row)]
-
-    def dialogues(self, rows: np.ndarray) -> list[list[int]]:
-        """``rows`` grouped by dialogue, each group extended to its whole dialogue from its start
-        (so context turns are present), in order."""
-        groups: dict[int, int] = {}
-        for r in rows:
-            start = int(self.dialogue_start[r])
-            groups[start] = max(groups.get(start, start), int(r))
-        return [list(range(start, last + 1)) for start, last in sorted(groups.items())]
-
-
-def soft_values(corpus: Corpus, s: SoftInput) -> tuple[np.ndarray, np.ndarray]:
-    """(N, K*D) stored features of one soft input, as stored, and the (N,) present mask (all False
-    when the corpus lacks the modality)."""
-    n = corpus.utterances.height
-    arrays = corpus.modalities.get(s.modality)
-    values = np.zeros((n, s.n_tokens * s.dim), dtype=np.float32)
-    if arrays is None:
-        return values, np.zeros(n, dtype=bool)
-    if s.column == "vector":
-        return arrays.vectors, arrays.present
-    for i, v in enumerate(arrays.extras[s.column]):  # e.g. behaviour tokens: (N, K * D), zeros where absent
-        if v is not None:
-            values[i] = v
-    return values, arrays.present
-
-
-def corpus_inputs(corpus: Corpus, soft: list[SoftInput],
-                  speaker_stats: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> Inputs:
-    """:class:`Inputs` of a corpus for a model projecting ``soft`` (a modality the corpus lacks is
-    absent for every utterance: the model's learned "missing" tokens stand in). A speaker-normalised
-    soft input has each speaker's features normalised to its ``speaker_stats`` entry (the train mean
-    and std, :func:`~bemerc.train.tensors.normalise_speakers`)."""
-    u = corpus.utterances
-    n = u.height
-    features = {}
-    groups = speaker_groups(u) if any(s.speaker_norm for s in soft) else None
-    for s in soft:
-        values, present = soft_values(corpus, s)
-        if s.speaker_norm:
-            if not speaker_stats or s.modality not in speaker_stats:
-                raise ValueError(f"{s.modality} soft tokens are normalised per speaker: give the train mean and std they are normalised to")
-            values = normalise_speakers(values, present, groups, *speaker_stats[s.modality])
-        features[s.modality] = (values, present)
-    behavior = corpus.modalities.get("behavior")
-    descriptions = (behavior.extras.get("description") if behavior else None) or [None] * n
-    text = corpus.modalities.get("text")
-    return Inputs([s or "Speaker" for s in u["speaker"].to_list()], [t or "" for t in u["text"].to_list()],
-                  list(descriptions), features, corpus.dialogue_start, (u["split"] + "/" + u["dialogue_id"]).to_list(),
-                  (text.vectors, text.present) if text is not None else None)
-
-
-class DemoRetriever:
-    """Retrieved demonstrations: for each turn of a dialogue the nearest labelled *train* utterances
-    of ``dataset`` by the stored text embedding (a LanceDB vector search on the feature set's
-    table; never an evaluation split, never the dialogue itself), the ``k`` closest overall, as
-    ``(text, label)``.
-
-    >>> retriever = DemoRetriever(store, "text/minilm-l6@ea2f1d25add8", k=4, dataset="meld")  # doctest: +SKIP
-    >>> retriever(vectors, exclude="train/12")[:1]                                           # doctest: +SKIP
-    [('Oh my God!', 'surprise')]
-    """
-
-    def __init__(self, store, feature_set: str, k: int, dataset: str | None):
-        from bemerc.store.schema import sql_quote
-
-        self.k = k
-        self.table = store.table(store.feature_set(feature_set).table_name)
-        where = "split = 'train' AND label IS NOT NULL" + (f" AND dataset = {sql_quote(dataset)}" if dataset else "")
-        u = store.read("utterances", ["uid", "split", "dialogue_id", "text", "label"], where=where)
-        self.train = {uid: (f"{split}/{d}", text or "", label) for uid, split, d, text, label in
-                      zip(u["uid"], u["split"], u["dialogue_id"], u["text"], u["label"])}
-        self.where = "uid LIKE " + sql_quote("train/%")
-
-    def __call__(self, vectors: np.ndarray, exclude: str | None = None) -> list[tuple[str, str]]:
-        found: dict[str, float] = {}
-        for vector in vectors:
-            hits = self.table.search(vector).where(self.where, prefilter=True).limit(self.k + 32).select(["uid"]).to_list()
-            for hit in hits:
-                known = self.train.get(hit["uid"])
-                if known is not None and known[0] != exclude:
-                    found[hit["uid"]] = min(found.get(hit["uid"], np.inf), hit["_distance"])
-        return [self.train[uid][1:] for uid in sorted(found, key=found.get)[: self.k]]
-
-    def for_inputs(self, inputs: Inputs) -> Demos:
-        """The demonstrations of a dialogue of ``inputs`` given its corpus rows."""
-        if inputs.text_vectors is None:
-            raise ValueError("demonstrations need the utterances' text embeddings (a text feature set)")
-        vectors, present = inputs.text_vectors
-
-        def demos(rows: list[int]) -> list[tuple[str, str]]:
-            return self(vectors[[r for r in rows if present[r]]], exclude=inputs.dialogue_keys[rows[0]])
-
-        return demos
-
-
-def merc_examples(prompter: Prompter, inputs: Inputs, rows, labels: list[str | None] | None = None) -> list[Encoded]:
-    """``utterance`` layout: one prompt per row (its last ``prompter.context`` turns as context)."""
-    labels = labels or [None] * len(rows)
-    return [prompter.merc(inputs.context(r, prompter.context), inputs.turn(r), inputs.descriptions[r], label)
-            for r, label in zip(rows, labels)]
-
-
-def dialogue_windows(prompter: Prompter, inputs: Inputs, rows, overlap: int, demos: Demos | None = None,
-                     soft_only: bool = False) -> list[Window]:
-    """``dialogue`` layout: the windows of the dialogues holding ``rows`` (whole dialogues, from
-    their first turn), each dialogue preceded by its retrieved demonstrations when ``demos`` is given;
-    ``soft_only``: every turn shown by its soft tokens alone (the ``project`` stage)."""
-    windows = []
-    for dialogue in inputs.dialogues(np.asarray(rows)):
-        shown = demos(dialogue) if demos is not None else []
-        windows += prompter.dialogue([inputs.dialogue_turn(r) for r in dialogue], shown, overlap, soft_only)
-    return windows
-
 
 class TunedModel:
     """A tuned (or zero-shot) MERC model: the LLM with its LoRA and projectors, its prompter and its

@@ -1,4 +1,4 @@
-"""Instruction tuning of the MERC model, in the order it happens: config, data, model, optimiser,
+"""Instruction tuning of the MERC model, in the order it happens: config, data (:mod:`bemerc.train.tune.data`), model, optimiser,
 loop, checkpoint/resume, evaluation, saving.
 
 Stage 1 (``align``) trains the behaviour projector (LoRA too with ``align_lora``) to make the LLM
@@ -28,7 +28,6 @@ and epoch, and the RNG state is restored).
 from __future__ import annotations
 
 import contextlib
-import copy
 import errno
 import functools
 import json
@@ -40,9 +39,8 @@ import statistics
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -50,153 +48,15 @@ import torch
 from bemerc.precision import resolve as resolve_precision
 from bemerc.progress import LOG_EVERY_S, LiveBar, progress_line
 from bemerc.store import Store
-from bemerc.store.schema import EVAL_SPLITS, run_classes
-from bemerc.train.metrics import class_weights as balanced_weights, classification_metrics
 from bemerc.store.runs import check_run_dir, default_run_dir
+from bemerc.train.metrics import classification_metrics
 from bemerc.train.runs import TUNE, ZERO_SHOT, new_run_id, save_run
-from bemerc.train.tensors import SPEAKER_NORMALISED, Corpus, load_corpus
-from bemerc.train.tune.config import (DEFAULT_MAX_LEN, LAYOUTS, SOFT_MODALITIES, STAGES, WORDS_MODALITIES, TuneConfig,
-                                      TuneError)
-from bemerc.train.tune.infer import DemoRetriever, Inputs, TunedModel, corpus_inputs, dialogue_windows, merc_examples, soft_values
-from bemerc.train.tune.model import (IGNORE, Batch, LoraSettings, MercModel, SoftInput, TuneInfo, base_dtype, build_model,
-                                     collate, collate_windows, load_llm, micro_batches, save_adapter)
-from bemerc.train.tune.prompt import Prompter
-
-# -- data ---------------------------------------------------------------------------------------
-@dataclass
-class Data:
-    """The corpus with what the prompts need (:class:`~bemerc.train.tune.infer.Inputs`), its classes
-    and soft inputs, and the selected rows: train, and each labelled evaluation split's."""
-
-    corpus: Corpus
-    dataset: str | None
-    classes: list[str]
-    labels: list[str | None]
-    soft: list[SoftInput]
-    inputs: Inputs
-    train_rows: np.ndarray
-    eval_rows: dict[str, np.ndarray]  # split -> rows, dev first
-    speaker_stats: dict[str, tuple[np.ndarray, np.ndarray]]  # speaker-normalised modality -> (K*D,) train mean and std
-
-    @property
-    def features(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        return self.inputs.features
-
-    @property
-    def descriptions(self) -> list[str | None]:
-        return self.inputs.descriptions
-
-    def label(self, row: int) -> str:
-        return self.labels[row]
-
-
-def first_dialogues(rows: np.ndarray, dialogue_start: np.ndarray, limit: int | None) -> np.ndarray:
-    """The longest prefix of ``rows`` (in order) made of whole dialogues with at most ``limit`` rows
-    (at least one dialogue)."""
-    if limit is None or len(rows) <= limit:
-        return rows
-    starts = dialogue_start[rows]
-    cut = next((i for i in range(limit, 0, -1) if starts[i] != starts[i - 1]), None)
-    if cut is None:  # the first dialogue alone is longer than the limit
-        cut = int(np.argmax(starts != starts[0])) or len(rows)
-    return rows[:cut]
-
-
-def _soft_input(store: Store, fs, modality: str, speaker_norm: bool) -> SoftInput:
-    """Behaviour with ``tokens`` (K from the feature set's ``tokens_k``) gives K soft tokens; any
-    other feature set its ``vector`` as one. Voice, face and frame features are normalised per
-    speaker when ``speaker_norm``."""
-    schema = store.table(fs.table_name).schema
-    k = fs.config.get("tokens_k")
-    normalised = speaker_norm and modality in SPEAKER_NORMALISED
-    if modality == "behavior" and "tokens" in schema.names and k:
-        return SoftInput(modality, "tokens", int(k), schema.field("tokens").type.list_size // int(k), fs.id, normalised)
-    return SoftInput(modality, "vector", 1, fs.dim, fs.id, normalised)
-
-
-def load_data(store: Store, config: TuneConfig) -> Data:
-    """Read the store once: utterances, the soft modalities' features and behaviour descriptions."""
-    utterances = store.read("utterances", ["dataset"])
-    if utterances.height == 0:
-        raise TuneError(f"{store.path}: the store has no utterances; run `bemerc ingest` first")
-    datasets = sorted(set(utterances["dataset"].to_list()))
-    dataset = config.dataset or (datasets[0] if len(datasets) == 1 else None)
-    if dataset is None or dataset not in datasets:
-        raise TuneError(f"{store.path}: choose a dataset with --dataset (the store holds {', '.join(datasets)})")
-
-    stored = {fs.modality: fs for fs in store.feature_sets()}
-    if config.zero_shot:
-        modalities = []
-    elif config.modalities is None:
-        modalities = [m for m in SOFT_MODALITIES if m in stored]
-    else:
-        modalities = list(config.modalities)
-    unknown = [m for m in modalities if m not in stored]
-    if unknown:
-        raise TuneError(f"{store.path}: no feature set for modality {', '.join(unknown)} "
-                        f"(stored: {', '.join(sorted(stored)) or 'none'}); run `bemerc extract` or change --modalities")
-    if config.demos and "text" not in stored:
-        raise TuneError(f"{store.path}: --demos needs a text feature set to retrieve by; run `bemerc extract --modality text`")
-    soft = [_soft_input(store, stored[m], m, config.speaker_norm) for m in modalities]
-    behavior = stored.get("behavior")
-    has_description = behavior is not None and "description" in store.table(behavior.table_name).schema.names
-    refs = sorted({s.feature_set for s in soft} | ({behavior.id} if has_description else set())
-                  | ({stored["text"].id} if config.demos else set()))
-    extra: dict[str, list[str]] = {}
-    for s in soft:
-        if s.column != "vector":
-            extra.setdefault(s.feature_set, []).append(s.column)
-    if has_description:
-        extra.setdefault(behavior.id, []).append("description")
-    corpus = load_corpus(store, refs, extra, dataset)
-
-    u = corpus.utterances
-    labelled = u["label"].is_not_null().to_numpy()
-    train = np.flatnonzero(corpus.split_mask("train") & labelled)
-    evaluation = {split: np.flatnonzero(corpus.split_mask(split) & labelled) for split in EVAL_SPLITS}
-    evaluation = {split: first_dialogues(rows, corpus.dialogue_start, config.eval_limit)
-                  for split, rows in evaluation.items() if len(rows)}
-    if "dev" not in evaluation:
-        raise TuneError(f"{store.path}: dataset {dataset!r} has no labelled 'dev' utterances (needed to evaluate and select)")
-    if len(train) == 0 and not config.zero_shot:
-        raise TuneError(f"{store.path}: dataset {dataset!r} has no labelled train utterances")
-    labels = u["label"].to_list()
-    train = first_dialogues(train, corpus.dialogue_start, config.train_limit)
-    stats = {}
-    for s in soft:
-        if s.speaker_norm:  # the train rows' mean and std, that every speaker is normalised to
-            values, present = soft_values(corpus, s)
-            fit = values[train[present[train]]] if present[train].any() else np.zeros((1, values.shape[1]), np.float32)
-            stats[s.modality] = (fit.mean(axis=0), fit.std(axis=0))
-    return Data(corpus, dataset, run_classes(dataset, labels), labels, soft, corpus_inputs(corpus, soft, stats),
-                train, evaluation, stats)
-
-
-def make_prompter(tokenizer, data: Data, config: TuneConfig) -> Prompter:
-    """The run's prompter: its classes, templates, context and soft tokens."""
-    return Prompter(tokenizer, data.classes, config.context, {s.modality: s.n_tokens for s in data.soft},
-                    config.merc_prompt, config.align_prompt, config.max_len)
-
-
-def make_retriever(store: Store, data: Data, config: TuneConfig) -> DemoRetriever | None:
-    """The demonstrations' retriever when ``config.demos`` asks for them (by the stored text embedding)."""
-    if not config.demos:
-        return None
-    return DemoRetriever(store, data.corpus.modalities["text"].feature_set.id, config.demos, data.dataset)
-
-
-def class_weights(labels: list[str], balance: float) -> np.ndarray:
-    """(N,) loss weights: each example's class weight (:func:`bemerc.train.metrics.class_weights` over
-    the classes present, power ``balance``) scaled to mean 1: 0 weighs all examples alike, 0.5 by inverse
-    square-root class frequency, 1 by inverse frequency (every class then weighs the same in total).
-
-    >>> class_weights(["a", "a", "a", "b"], 1.0).round(2).tolist()
-    [0.67, 0.67, 0.67, 2.0]
-    """
-    names, y = np.unique(np.asarray(labels, dtype=object), return_inverse=True)
-    weights = balanced_weights(y, len(names), balance)[y]
-    return weights / weights.mean()
-
+from bemerc.train.tune.config import STAGES, TuneConfig, TuneError
+from bemerc.train.tune.data import (Data, Examples, dialogue_windows, load_data, make_prompter, make_retriever, merc_examples,
+                                    project_modalities, stage_examples)
+from bemerc.train.tune.infer import TunedModel
+from bemerc.train.tune.model import (IGNORE, LoraSettings, MercModel, TuneInfo, base_dtype, build_model, load_llm,
+                                     micro_batches, save_adapter)
 
 def epoch_batches(lengths: list[int], batch_size: int, seed: int) -> list[np.ndarray]:
     """Shuffled batches (indices into ``lengths``) of similar lengths, to pad little: shuffle, sort
@@ -342,16 +202,6 @@ class Progress(LiveBar):
             print(progress_line(name, t["done"], t["total"], now - t["start"], info, left), flush=True)
 
 
-def project_modalities(soft) -> list[str]:
-    """The soft modalities (names, in order) that the ``project`` stage trains: all but
-    :data:`WORDS_MODALITIES`.
-
-    >>> project_modalities(["text", "audio", "behavior"])
-    ['audio', 'behavior']
-    """
-    return [m for m in soft if m not in WORDS_MODALITIES]
-
-
 def _trainable(model: MercModel, stage: str, config: TuneConfig) -> list[torch.nn.Parameter]:
     """Set requires_grad for the stage and return the parameters it trains: align, the behaviour
     projector (and LoRA with ``align_lora``); project, the projectors of :func:`project_modalities`;
@@ -364,50 +214,6 @@ def _trainable(model: MercModel, stage: str, config: TuneConfig) -> list[torch.n
         elif "lora_" in name:
             p.requires_grad_(stage == "merc" or (stage == "align" and config.align_lora))
     return [p for p in model.parameters() if p.requires_grad]
-
-
-@dataclass
-class Examples:
-    """What one stage trains on: ``lengths[i]`` tokens and ``utterances[i]`` answered utterances of
-    item i (a prompt or a dialogue window), and ``batch(items)`` that collates a list of items."""
-
-    lengths: list[int]
-    utterances: list[int]
-    batch: Callable[[list[int]], Batch]
-
-
-def stage_examples(stage: str, prompter: Prompter, data: Data, config: TuneConfig, demos=None) -> Examples:
-    """The items of ``stage``: align prompts, or the MERC prompts/windows of the train rows, with
-    class-balanced loss weights (see :func:`class_weights`); for ``project`` the MERC windows with
-    every utterance's words, description and text soft tokens left out (and no demonstrations), so
-    the soft tokens of :func:`project_modalities` alone must carry the answer."""
-    pad_id = prompter.tokenizer.pad_token_id
-    if stage == "align":
-        rows = np.array([r for r in data.train_rows if data.descriptions[r]], dtype=np.int64)
-        prompts = [prompter.align(data.descriptions[r]) for r in rows]
-        return Examples([len(e) for e in prompts], [1] * len(prompts),
-                        lambda items: collate([prompts[i] for i in items], rows[items].tolist(), data.features, pad_id))
-    project = stage == "project"
-    if project:  # only the soft tokens of what the words do not say
-        prompter = copy.copy(prompter)
-        prompter.soft_tokens = {m: prompter.soft_tokens[m] for m in project_modalities(prompter.soft_tokens)}
-    if project and config.layout == "utterance":  # no words, no description, no context turns
-        n = len(data.inputs.texts)
-        data = replace(data, inputs=replace(data.inputs, texts=[""] * n, descriptions=[None] * n))
-        prompter.context = 0
-    rows = data.train_rows
-    weights = class_weights([data.label(r) for r in rows], config.balance)
-    if config.layout == "utterance":
-        prompts = merc_examples(prompter, data.inputs, rows, [data.label(r) for r in rows])
-        return Examples([len(e) for e in prompts], [1] * len(prompts), lambda items: collate(
-            [prompts[i] for i in items], rows[items].tolist(), data.features, pad_id, weights=weights[items].tolist()))
-    first_ids = dict(zip(data.classes, prompter.answer_first_ids()))
-    answers = {int(r): first_ids[data.label(r)] for r in rows}
-    weight_of = dict(zip(rows.tolist(), weights.tolist()))
-    windows = [w for w in dialogue_windows(prompter, data.inputs, rows, config.overlap, None if project else demos, project)
-               if any(new and r in answers for r, new in zip(w.rows, w.new))]
-    return Examples([len(w) for w in windows], [sum(new and r in answers for r, new in zip(w.rows, w.new)) for w in windows],
-                    lambda items: collate_windows([windows[i] for i in items], data.features, pad_id, answers, weight_of))
 
 
 def accumulate_gradients(wrapped, examples: Examples, items: list[int], budget: int, accelerator) -> tuple[torch.Tensor, torch.Tensor, int]:
