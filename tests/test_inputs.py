@@ -114,7 +114,13 @@ def test_changed_text_media_and_span_are_recomputed_and_match_a_fresh_store(tmp_
     fresh = {m: vectors(Store(fresh_path), m) for m in ("text", "audio")}
     for m in fresh:
         assert fresh[m].keys() == after[m].keys()
-        assert max(float(np.abs(fresh[m][u] - after[m][u]).max()) for u in fresh[m]) < 1e-4, m
+        if Store(fresh_path).feature_set(m).config.get("precision") == "bf16":
+            # bf16 (auto on a CPU with bf16 units): a vector depends on its batch's padding to bf16's
+            # rounding, so a row re-extracted alone matches the fresh store's to that rounding
+            cosine = min(float(fresh[m][u] @ after[m][u] / np.linalg.norm(fresh[m][u]) / np.linalg.norm(after[m][u])) for u in fresh[m])
+            assert cosine > 0.999, m
+        else:
+            assert max(float(np.abs(fresh[m][u] - after[m][u]).max()) for u in fresh[m]) < 1e-4, m
 
 
 def test_a_store_from_before_input_digests_is_reported_then_checked(tmp_path, meld_dir, models_cache, caplog):
