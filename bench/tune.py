@@ -44,8 +44,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from bemerc.precision import cpu_has_bf16  # noqa: E402
 from bemerc.store import Store  # noqa: E402
-from bemerc.train.tune.config import SOFT_MODALITIES  # noqa: E402
-from bemerc.train.tune.data import load_data, project_modalities  # noqa: E402
+from bemerc.train.tune.config import SOFT_MODALITIES, project_modalities  # noqa: E402
+from bemerc.train.tune.data import load_data  # noqa: E402
 from bemerc.train.tune.loop import TuneConfig, tune  # noqa: E402
 
 DEFAULTS = TuneConfig(model="")  # the tune defaults, so the bench measures what `bemerc tune` runs

@@ -384,7 +384,7 @@ def test_the_shared_system_prompt_gives_the_same_loss_and_gradients(tiny_llm, st
 
     def loss_and_gradients():
         model.zero_grad()
-        loss = model(batch)
+        loss = model.loss(batch)
         loss.backward()
         return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 

@@ -26,6 +26,16 @@ WORDS_MODALITIES = ("text",)
 DEFAULT_MAX_LEN = {"utterance": 512, "dialogue": 1024}
 
 
+def project_modalities(soft) -> list[str]:
+    """The soft modalities (names, in order) that the ``project`` stage trains: all but
+    :data:`WORDS_MODALITIES`.
+
+    >>> project_modalities(["text", "audio", "behavior"])
+    ['audio', 'behavior']
+    """
+    return [m for m in soft if m not in WORDS_MODALITIES]
+
+
 class TuneError(ValueError):
     """A tuning request that cannot run (no data, unknown modality, bad option); one-line message."""
 

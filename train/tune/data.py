@@ -17,7 +17,7 @@ from bemerc.store import Store
 from bemerc.store.schema import EVAL_SPLITS, run_classes
 from bemerc.train.metrics import class_weights as balanced_weights
 from bemerc.train.tensors import SPEAKER_NORMALISED, Corpus, load_corpus, normalise_speakers, speaker_groups
-from bemerc.train.tune.config import SOFT_MODALITIES, WORDS_MODALITIES, TuneConfig, TuneError
+from bemerc.train.tune.config import SOFT_MODALITIES, TuneConfig, TuneError, project_modalities
 from bemerc.train.tune.model import Batch, SoftInput, collate, collate_windows
 from bemerc.train.tune.prompt import DialogueTurn, Encoded, Prompter, Turn, Window
 
@@ -297,16 +297,6 @@ def class_weights(labels: list[str], balance: float) -> np.ndarray:
     names, y = np.unique(np.asarray(labels, dtype=object), return_inverse=True)
     weights = balanced_weights(y, len(names), balance)[y]
     return weights / weights.mean()
-
-
-def project_modalities(soft) -> list[str]:
-    """The soft modalities (names, in order) that the ``project`` stage trains: all but
-    :data:`WORDS_MODALITIES`.
-
-    >>> project_modalities(["text", "audio", "behavior"])
-    ['audio', 'behavior']
-    """
-    return [m for m in soft if m not in WORDS_MODALITIES]
 
 
 @dataclass

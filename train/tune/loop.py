@@ -51,9 +51,9 @@ from bemerc.store import Store
 from bemerc.store.runs import check_run_dir, default_run_dir
 from bemerc.train.metrics import classification_metrics
 from bemerc.train.runs import TUNE, ZERO_SHOT, new_run_id, save_run
-from bemerc.train.tune.config import STAGES, TuneConfig, TuneError
+from bemerc.train.tune.config import STAGES, TuneConfig, TuneError, project_modalities
 from bemerc.train.tune.data import (Data, Examples, dialogue_windows, load_data, make_prompter, make_retriever, merc_examples,
-                                    project_modalities, stage_examples)
+                                    stage_examples)
 from bemerc.train.tune.infer import TunedModel
 from bemerc.train.tune.model import (IGNORE, LoraSettings, MercModel, TuneInfo, base_dtype, build_model, load_llm,
                                      micro_batches, save_adapter)
@@ -202,20 +202,6 @@ class Progress(LiveBar):
             print(progress_line(name, t["done"], t["total"], now - t["start"], info, left), flush=True)
 
 
-def _trainable(model: MercModel, stage: str, config: TuneConfig) -> list[torch.nn.Parameter]:
-    """Set requires_grad for the stage and return the parameters it trains: align, the behaviour
-    projector (and LoRA with ``align_lora``); project, the projectors of :func:`project_modalities`;
-    merc, LoRA and every projector."""
-    projected = project_modalities(model.projectors)
-    for name, p in model.named_parameters():
-        if name.startswith("projectors."):
-            p.requires_grad_(stage == "merc" or name.startswith("projectors.behavior.")
-                             or (stage == "project" and name.split(".")[1] in projected))
-        elif "lora_" in name:
-            p.requires_grad_(stage == "merc" or (stage == "align" and config.align_lora))
-    return [p for p in model.parameters() if p.requires_grad]
-
-
 def accumulate_gradients(wrapped, examples: Examples, items: list[int], budget: int, accelerator) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Forward and backward one optimiser step's ``items`` in :func:`micro_batches` of at most
     ``budget`` padded tokens, so memory is bounded by the budget (and the longest item), not by the
@@ -233,7 +219,7 @@ def accumulate_gradients(wrapped, examples: Examples, items: list[int], budget: 
     for n, batch in enumerate(chunks):
         with accelerator.no_sync(wrapped) if n < len(chunks) - 1 else contextlib.nullcontext():
             with accelerator.autocast():
-                loss_sum, _ = wrapped(batch, mean=False)
+                loss_sum, _ = wrapped(batch)
             accelerator.backward(loss_sum / weight * world)
         total = total + loss_sum.detach().float()
     return total, weight, sum(b.tokens for b in chunks)
@@ -249,13 +235,9 @@ def train_stage(stage: str, model: MercModel, examples: Examples, config: TuneCo
     n = len(examples.lengths)
     per_epoch = n // (config.batch_size * world) + bool(n % (config.batch_size * world))
     total = max(1, per_epoch * epochs)
-    params = _trainable(model, stage, config)
+    params = model.trainable(stage, config.align_lora)
     lr = config.align_lr if stage == "align" else config.lr
-    names = {id(p): n for n, p in model.named_parameters()}
-    projector = [p for p in params if names[id(p)].startswith("projectors.")]
-    others = [p for p in params if not names[id(p)].startswith("projectors.")]
-    groups = [{"params": others, "lr": lr}, {"params": projector, "lr": config.projector_lr or lr}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(model.param_groups(lr, config.projector_lr), weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, total=total, warmup=config.warmup))
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])

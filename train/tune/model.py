@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bemerc.train.tune.config import MICRO_BATCH_TOKENS
+from bemerc.train.tune.config import MICRO_BATCH_TOKENS, project_modalities
 from bemerc.train.tune.prompt import Encoded, Prompter, Window, load_template
 
 IGNORE = -100  # target value of positions without a loss
@@ -315,21 +315,44 @@ class MercModel(nn.Module):
                             past_key_values=cache, use_cache=True).last_hidden_state
         return torch.cat([head.last_hidden_state.expand(len(embeds), -1, -1), rest], dim=1)
 
-    def forward(self, batch: Batch, mean: bool = True) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Cross-entropy of the answer tokens (every other position is left out), averaged with their
-        weights; with ``mean=False`` the weighted sum and the sum of the weights (to average across
-        processes)."""
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weighted sum of the answer tokens' cross-entropy, sum of their weights): every other
+        position is left out; sums, so micro-batches and processes can be averaged over the whole batch."""
         hidden = self.hidden(batch)
         where = batch.targets != IGNORE
         logits = self.lm_head(hidden[where])  # (n_answer_tokens, V)
         losses = F.cross_entropy(logits.float(), batch.targets[where], reduction="none")
         weights = batch.weights[where]
-        total = (losses * weights).sum()
-        return total / weights.sum().clamp_min(1e-8) if mean else (total, weights.sum())
+        return (losses * weights).sum(), weights.sum()
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        """The weighted mean cross-entropy of the batch's answer tokens."""
+        total, weight = self(batch)
+        return total / weight.clamp_min(1e-8)
+
+    def trainable(self, stage: str, align_lora: bool = False) -> list[nn.Parameter]:
+        """Set ``requires_grad`` for ``stage`` and return the parameters it trains: ``align``, the
+        behaviour projector (and LoRA with ``align_lora``); ``project``, the projectors of
+        :func:`~bemerc.train.tune.config.project_modalities`; ``merc``, LoRA and every projector."""
+        projected = project_modalities(self.projectors)
+        for name, p in self.named_parameters():
+            if name.startswith("projectors."):
+                p.requires_grad_(stage == "merc" or name.startswith("projectors.behavior.")
+                                 or (stage == "project" and name.split(".")[1] in projected))
+            elif _is_lora(name):
+                p.requires_grad_(stage == "merc" or (stage == "align" and align_lora))
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def param_groups(self, lr: float, projector_lr: float | None = None) -> list[dict]:
+        """AdamW groups of what trains now (see :meth:`trainable`): LoRA at ``lr``, the projectors at
+        ``projector_lr`` (default ``lr``); an empty group is left out."""
+        lora = [p for name, p in self.named_parameters() if p.requires_grad and not name.startswith("projectors.")]
+        projectors = [p for p in self.projectors.parameters() if p.requires_grad]
+        return [g for g in ({"params": lora, "lr": lr}, {"params": projectors, "lr": projector_lr or lr}) if g["params"]]
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """What training changes: LoRA and projector weights (the frozen base is left out)."""
-        return {k: v for k, v in self.state_dict().items() if "lora_" in k or k.startswith("projectors.")}
+        return {k: v for k, v in self.state_dict().items() if _is_lora(k) or k.startswith("projectors.")}
 
     def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
         _, unexpected = self.load_state_dict(state, strict=False)
@@ -337,6 +360,11 @@ class MercModel(nn.Module):
         if unexpected or expected - set(state):
             raise ValueError(f"adapter weights do not fit the model: missing {sorted(expected - set(state))[:3]}, "
                              f"unexpected {sorted(unexpected)[:3]}")
+
+
+def _is_lora(name: str) -> bool:
+    """Whether a parameter (or state) name is one of peft's LoRA weights."""
+    return "lora_" in name
 
 
 def base_dtype(precision: str, cuda: bool) -> torch.dtype:
