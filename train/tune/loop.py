@@ -320,6 +320,51 @@ def _timing(history: list[dict]) -> dict:
                               for stage in dict.fromkeys(h["stage"] for h in history)}}
 
 
+def plan_stages(store: Store, config: TuneConfig, data: Data, soft: list[str]) -> tuple[list[str], list[str]]:
+    """(the stages this run trains, notes on those it leaves out and why): ``project`` needs a soft
+    modality beyond the words and ``--project-epochs``; ``align`` a behaviour projector and a described
+    train utterance. Asked for alone, a stage that cannot run is an error (one line)."""
+    stages = [] if config.zero_shot else list(STAGES[config.stage])
+    notes = []
+    if "project" in stages and (not project_modalities(soft) or not config.project_epochs):
+        reason = ("no soft modality" if not soft else "--project-epochs 0" if not config.project_epochs
+                  else f"its only soft modality, {', '.join(soft)}, embeds the words the LLM reads")
+        if config.stage == "project":
+            raise TuneError(f"{store.path}: cannot run the project stage: {reason}")
+        stages.remove("project")
+        if soft:
+            notes.append(f"project stage skipped: {reason}")
+    has_description = any(data.descriptions[r] for r in data.train_rows)
+    if "align" in stages and ("behavior" not in soft or not has_description):
+        reason = ("the model has no behaviour projector (no behavior feature set)" if "behavior" not in soft
+                  else "no training utterance has a behaviour description")
+        if config.stage == "align":
+            raise TuneError(f"{store.path}: cannot run the align stage: {reason}")
+        stages.remove("align")
+        notes.append(f"align stage skipped: {reason}")
+    trained_labels = {data.label(r) for r in data.train_rows}
+    if stages and len(trained_labels) == 1:  # as the baseline: train anyway, and say what it means
+        notes.append(f"every train utterance is {next(iter(trained_labels))!r}: the model learns to predict only that label")
+    return stages, notes
+
+
+def score_splits(data: Data, scored: dict) -> tuple[dict, list, list, list, np.ndarray, dict]:
+    """(metrics per split, and the rows as the run records them: uids, splits, gold labels,
+    probabilities, timing per split) of ``scored`` (split -> (probabilities, timing))."""
+    uids, splits, gold, metrics, eval_timing = [], [], [], {}, {}
+    u = data.corpus.utterances
+    for split, rows in data.eval_rows.items():
+        labels = [data.label(r) for r in rows]
+        metrics[split] = classification_metrics(np.array([data.classes.index(g) for g in labels]),
+                                                scored[split][0].argmax(1), data.classes)
+        uids += u["uid"].gather(rows).to_list()
+        splits += [split] * len(rows)
+        gold += labels
+        eval_timing[split] = scored[split][1]
+    probabilities = np.concatenate([scored[split][0] for split in data.eval_rows])
+    return metrics, uids, splits, gold, probabilities, eval_timing
+
+
 def tune(store: Store, config: TuneConfig, resume: bool = False) -> dict:
     """Run the stages of ``config`` (or resume ``config.run_dir``), evaluate, save the adapter and
     record the run; returns ``{"run_id", "run_dir", "metrics", "majority", "timing", ...}`` or, when
@@ -378,27 +423,7 @@ def tune(store: Store, config: TuneConfig, resume: bool = False) -> dict:
         progress = checkpoint["progress"]
         _set_rng_state(checkpoint["rng"])
 
-    stages = [] if config.zero_shot else list(STAGES[config.stage])
-    notes = []
-    if "project" in stages and (not project_modalities(model.soft) or not config.project_epochs):
-        reason = ("no soft modality" if not model.soft else "--project-epochs 0" if not config.project_epochs
-                  else f"its only soft modality, {', '.join(model.soft)}, embeds the words the LLM reads")
-        if config.stage == "project":
-            raise TuneError(f"{store.path}: cannot run the project stage: {reason}")
-        stages.remove("project")
-        if model.soft:
-            notes.append(f"project stage skipped: {reason}")
-    has_description = any(data.descriptions[r] for r in data.train_rows)
-    if "align" in stages and ("behavior" not in model.soft or not has_description):
-        reason = ("the model has no behaviour projector (no behavior feature set)" if "behavior" not in model.soft
-                  else "no training utterance has a behaviour description")
-        if config.stage == "align":
-            raise TuneError(f"{store.path}: cannot run the align stage: {reason}")
-        stages.remove("align")
-        notes.append(f"align stage skipped: {reason}")
-    trained_labels = {data.label(r) for r in data.train_rows}
-    if stages and len(trained_labels) == 1:  # as the baseline: train anyway, and say what it means
-        notes.append(f"every train utterance is {next(iter(trained_labels))!r}: the model learns to predict only that label")
+    stages, notes = plan_stages(store, config, data, list(model.soft))
 
     run_dir.mkdir(parents=True, exist_ok=True)
     with _run_folder(run_dir, fresh=not resume), Progress(config.progress and accelerator.is_main_process) as bar:
@@ -431,17 +456,7 @@ def tune(store: Store, config: TuneConfig, resume: bool = False) -> dict:
                            autocast=accelerator.autocast, retriever=retriever, max_tokens=config.micro_batch_tokens)
         scored = {split: evaluate(tuned, data, rows, bar, split) for split, rows in data.eval_rows.items()}
 
-    uids, splits, gold, metrics, eval_timing = [], [], [], {}, {}
-    u = data.corpus.utterances
-    for split, rows in data.eval_rows.items():
-        labels = [data.label(r) for r in rows]
-        metrics[split] = classification_metrics(np.array([data.classes.index(g) for g in labels]),
-                                                scored[split][0].argmax(1), data.classes)
-        uids += u["uid"].gather(rows).to_list()
-        splits += [split] * len(rows)
-        gold += labels
-        eval_timing[split] = scored[split][1]
-    probabilities = np.concatenate([scored[split][0] for split in data.eval_rows])
+    metrics, uids, splits, gold, probabilities, eval_timing = score_splits(data, scored)
     dev = data.eval_rows["dev"]
     majority = majority_metrics(data, dev)
     train_rows = len(data.train_rows) if stages else 0
