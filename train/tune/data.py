@@ -7,7 +7,6 @@ Training (``loop.py``), evaluation and ``/predict`` (``infer.py``) and ``bemerc 
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -321,13 +320,12 @@ def stage_examples(stage: str, prompter: Prompter, data: Data, config: TuneConfi
         return Examples([len(e) for e in prompts], [1] * len(prompts),
                         lambda items: collate([prompts[i] for i in items], rows[items].tolist(), data.features, pad_id))
     project = stage == "project"
-    if project:  # only the soft tokens of what the words do not say
-        prompter = copy.copy(prompter)
-        prompter.soft_tokens = {m: prompter.soft_tokens[m] for m in project_modalities(prompter.soft_tokens)}
-    if project and config.layout == "utterance":  # no words, no description, no context turns
+    if project:  # only the soft tokens of what the words do not say (and, one prompt per utterance, no context turns)
+        prompter = prompter.but(soft_tokens={m: prompter.soft_tokens[m] for m in project_modalities(prompter.soft_tokens)},
+                                context=0 if config.layout == "utterance" else None)
+    if project and config.layout == "utterance":  # no words, no description
         n = len(data.inputs.texts)
         data = replace(data, inputs=replace(data.inputs, texts=[""] * n, descriptions=[None] * n))
-        prompter.context = 0
     rows = data.train_rows
     weights = class_weights([data.label(r) for r in rows], config.balance)
     if config.layout == "utterance":

@@ -180,6 +180,13 @@ class Prompter:
         self.placeholder_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
         self.end_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
+    def but(self, soft_tokens: dict[str, int] | None = None, context: int | None = None) -> "Prompter":
+        """This prompter with other soft tokens and/or context turns (the project stage's); the
+        templates, classes and tokenizer are shared."""
+        return Prompter(self.tokenizer, self.classes, self.context if context is None else context,
+                        self.soft_tokens if soft_tokens is None else soft_tokens, self.merc_template,
+                        self.align_template, self.max_len)
+
     # -- text ---------------------------------------------------------------------------------
     def merc_user(self, context: list[Turn], target: Turn, description: str | None = None) -> str:
         """The user message of a MERC prompt (soft-token markers included) for the given context turns."""
