@@ -30,6 +30,13 @@ def cpu_has_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     return any(flag in flags for flag in CPU_BF16_FLAGS)
 
 
+def torch_dtype(precision: str):
+    """The torch dtype of a resolved precision (``fp32`` or ``bf16``)."""
+    import torch
+
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
 def resolve(precision: str, device: str = "cpu") -> str:
     """``auto`` | ``fp32`` | ``bf16`` -> ``fp32`` or ``bf16`` for ``device`` (``cpu`` or ``cuda``)."""
     if precision not in PRECISIONS:

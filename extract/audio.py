@@ -32,7 +32,7 @@ import pyarrow as pa
 from bemerc.extract.base import MEDIA_INPUTS, TorchDevice, UtteranceMedia, vector_field
 from bemerc.extract.media import SAMPLE_RATE, MediaError, decode_audio
 from bemerc.models.profiles import DEFAULT_PROFILE, Profile, ProfileError, load_profile, model_path
-from bemerc.precision import DEFAULT_PRECISION
+from bemerc.precision import DEFAULT_PRECISION, torch_dtype
 
 HOP = 160  # samples per mel frame at 16 kHz (10 ms), as in whisper.audio
 MAX_FRAMES = 3000  # Whisper's context: 30 s of mel frames; longer audio is encoded in 30 s windows
@@ -207,7 +207,7 @@ class AudioExtractor(TorchDevice):
             "model": self.name,
             "source": self.entry.source,
             "weights_sha256": self.entry.sha256,
-            **({"precision": "bf16"} if self.precision == "bf16" else {}),
+            **self.precision_config(),
             "encoder": "true-length",
             "pooling": self.pooling,
             "layers": list(self.layers),
@@ -246,7 +246,7 @@ class AudioExtractor(TorchDevice):
         import whisper
 
         encoder, blocks = self.model.encoder, self.blocks
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+        dtype = torch_dtype(self.precision)
         n_layer = len(blocks)
         deepest = max(layers)
         mel = whisper.log_mel_spectrogram(torch.from_numpy(audio).to(self.device), n_mels=self.model.dims.n_mels)  # (n_mels, T)
@@ -288,6 +288,7 @@ class AudioExtractor(TorchDevice):
         torch.set_num_threads(self.num_threads)
         if not self.decode_ahead:
             return [self._extract_one(item, self._decode(item)) for item in items]
+        self.smile  # built here, once, not by the threads that share it
         with ThreadPoolExecutor(max_workers=self.decode_ahead) as pool:
             decoded = [pool.submit(self._decode, item) for item in items]
             return [self._extract_one(item, future.result()) for item, future in zip(items, decoded)]

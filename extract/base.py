@@ -38,8 +38,7 @@ GPU_MODALITIES = ("text", "audio", "visual")
 
 def resolve_precision(precision: str, device: str | None) -> str:
     """``fp32`` or ``bf16`` for an encoder on ``device`` (see :func:`resolve_device`): the rule of
-    :func:`bemerc.precision.resolve`. A feature set computed in bf16 records ``precision`` in its
-    config (a new feature set); fp32 records nothing, so the sets made before the option keep their ids."""
+    :func:`bemerc.precision.resolve` (what a feature set records of it: :meth:`TorchDevice.precision_config`)."""
     from bemerc.precision import resolve
 
     return resolve(precision, resolve_device(device))
@@ -60,6 +59,11 @@ class TorchDevice:
     @cached_property
     def precision(self) -> str:
         return resolve_precision(self.requested_precision, self.requested_device)
+
+    def precision_config(self) -> dict:
+        """What the feature set's config records of the precision: ``{"precision": "bf16"}`` in bf16,
+        nothing in fp32 (so the sets made before the option keep their ids)."""
+        return {"precision": "bf16"} if self.precision == "bf16" else {}
 
 
 def uses_gpu(extractor: "Extractor") -> bool:

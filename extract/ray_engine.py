@@ -35,6 +35,7 @@ import pyarrow as pa
 
 from bemerc.extract.base import Extractor, UtteranceMedia, config_hash, uses_gpu
 from bemerc.extract.media import MediaError
+from bemerc.precision import DEFAULT_PRECISION
 
 FIELDS = ("uid", "text", "video_path", "audio_path", "start_s", "end_s")
 # Environment the workers need to find models offline and media on object storage, passed to a cluster
@@ -54,7 +55,7 @@ class ExtractorRecipe:
     modality: str
     profile: object = None
     device: str | None = None
-    precision: str = "auto"
+    precision: str = DEFAULT_PRECISION
 
     def __call__(self) -> Extractor:
         from bemerc.extract.factory import build_extractor

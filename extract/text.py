@@ -19,7 +19,7 @@ import pyarrow as pa
 from bemerc.extract.base import TorchDevice, UtteranceMedia, vector_field
 from bemerc.extract.media import MediaError
 from bemerc.models.profiles import DEFAULT_PROFILE, Profile, ProfileError, load_profile, model_path
-from bemerc.precision import DEFAULT_PRECISION
+from bemerc.precision import DEFAULT_PRECISION, torch_dtype
 
 
 class TextExtractor(TorchDevice):
@@ -67,12 +67,10 @@ class TextExtractor(TorchDevice):
 
     @cached_property
     def model(self):
-        import torch
         from transformers import AutoModel
 
-        try:
-            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32  # weights held in bf16, not cast per call
-            return AutoModel.from_pretrained(self.path, dtype=dtype).to(self.device).eval()
+        try:  # weights held in the precision's dtype, not cast on every call
+            return AutoModel.from_pretrained(self.path, dtype=torch_dtype(self.precision)).to(self.device).eval()
         except (OSError, ValueError) as exc:
             raise ProfileError(f"{self.entry.label}: cannot load a text encoder from {self.path}: {exc}") from exc
 
@@ -84,7 +82,7 @@ class TextExtractor(TorchDevice):
             "pooling": "mean",
             "normalize": True,
             "max_length": self.max_length,
-            **({"precision": "bf16"} if self.precision == "bf16" else {}),
+            **self.precision_config(),
         }
 
     def fields(self) -> list[pa.Field]:

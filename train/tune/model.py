@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bemerc.precision import torch_dtype
 from bemerc.train.tune.config import MICRO_BATCH_TOKENS, project_modalities
 from bemerc.train.tune.prompt import Encoded, Prompter, Window, load_template
 
@@ -370,7 +371,7 @@ def _is_lora(name: str) -> bool:
 def base_dtype(precision: str, cuda: bool) -> torch.dtype:
     """dtype of the frozen base weights: bf16 on a CPU running in bf16 (held so, not cast on every call
     as autocast would); fp32 on a GPU, where autocast's casts are cheap, and wherever precision is fp32."""
-    return torch.bfloat16 if precision == "bf16" and not cuda else torch.float32
+    return torch_dtype("fp32" if cuda else precision)
 
 
 def load_llm(path: str | Path, dtype: torch.dtype = torch.float32):
