@@ -2,7 +2,7 @@
 
 :func:`export_instructions` writes the messages ``bemerc tune`` builds (the same templates, speaker
 names, behaviour descriptions, context turns and answers, through the same
-:func:`~bemerc.train.tune.loop.load_data` and :class:`~bemerc.train.tune.prompt.Prompter`) as
+:func:`~bemerc.train.tune.data.load_data` and :class:`~bemerc.train.tune.prompt.Prompter`) as
 LLaMA-Factory's ShareGPT or Alpaca data with a ``dataset_info.json`` it reads as is, or as the
 ``messages`` JSONL of TRL and axolotl. No tokenizer and no model is loaded: the files hold the
 messages *before* a chat template, which the other trainer applies (``template: qwen`` in
@@ -38,7 +38,7 @@ from bemerc.store import Store
 from bemerc.store.schema import SPLITS
 from bemerc.train.tune.config import LAYOUTS, TuneConfig, TuneError
 from bemerc.train.tune.data import Data, load_data, make_prompter
-from bemerc.train.tune.prompt import MARKER, Prompter
+from bemerc.train.tune.prompt import MARKER
 
 FORMATS = ("sharegpt", "alpaca", "jsonl")
 FEATURE_FORMATS = ("safetensors", "npy")
@@ -89,7 +89,7 @@ def instruction_examples(data: Data, config: TuneConfig, rows: list[int], with_m
     prompters = {None: make_prompter(None, data, config)}
     base = prompters[None]
     for kind in MEDIA_TAGS if with_media else ():
-        prompters[kind] = Prompter(None, data.classes, config.context, {kind: 1}, base.merc_template, base.align_template, config.max_len)
+        prompters[kind] = base.but(soft_tokens={kind: 1})
     inputs, template = data.inputs, base.merc_template
     columns = ["uid", "video_path", "audio_path", "start_s", "end_s"]
     utterances = data.corpus.utterances.select(columns).to_dicts()
@@ -109,8 +109,7 @@ def instruction_examples(data: Data, config: TuneConfig, rows: list[int], with_m
             clip = clips[r]
             prompter = prompters[clip["kind"] if clip else None]
             user = prompter.merc_user(inputs.context(r, config.context), inputs.turn(r), inputs.descriptions[r])
-            system = prompter.messages(template, user)[0]["content"]
-            examples.append((system, [_Turn(utterances[r]["uid"], placeholders(user), answer(r), [clip] if clip else [])]))
+            examples.append((template.system, [_Turn(utterances[r]["uid"], placeholders(user), answer(r), [clip] if clip else [])]))
         return examples
     wanted = set(rows)
     system = base.dialogue_system()
