@@ -23,7 +23,7 @@ from fastapi.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from bemerc.serve.request import PredictError, ServeLimits
-from bemerc.store.ingest.common import STILL_CONTAINERS, sniff_container
+from bemerc.store.ingest.common import STILL_CONTAINERS, StillImageError, decode_still, sniff_container
 
 MEDIA_KINDS = ("audio", "video")
 UPLOAD_NAME = re.compile(r"^(audio|video)_(\d{1,4})$")
@@ -151,17 +151,14 @@ MAX_STILL_PIXELS = 50_000_000  # a still image larger than this is refused befor
 
 def check_still(path: Path, kind: str, name: str, container: str) -> float:
     """0.0 (a one-frame video) for a readable JPEG or PNG uploaded as video; else a :class:`PredictError`."""
-    from PIL import Image
-
     if kind != "video":
         raise PredictError(415, f"upload {name!r} is a still image ({container}), not {kind}")
     try:
-        with Image.open(path) as image:
-            if image.width * image.height > MAX_STILL_PIXELS:
-                raise PredictError(413, f"upload {name!r} is {image.width}x{image.height} pixels, over the limit of "
-                                        f"{MAX_STILL_PIXELS:,} for a still image")
-            image.load()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        decode_still(path, MAX_STILL_PIXELS)
+    except StillImageError as error:
+        if error.size:
+            raise PredictError(413, f"upload {name!r} is {error.size[0]}x{error.size[1]} pixels, over the limit of "
+                                    f"{MAX_STILL_PIXELS:,} for a still image") from None
         raise PredictError(415, f"upload {name!r} looks like {container} but cannot be read ({error})") from None
     return 0.0
 

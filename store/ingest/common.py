@@ -143,15 +143,38 @@ def check_container(head: bytes, what: str, source: str | Path, row: int | None,
     return kind
 
 
-def check_still_readable(path: Path, source: str | Path, row: int | None, column: str) -> None:
-    """IngestError unless the JPEG or PNG at ``path`` decodes (Pillow reads it whole: a cut-short or
-    damaged image is refused at ingest, not at extraction)."""
+class StillImageError(ValueError):
+    """Why a still image cannot be used (Pillow's words); ``size`` (width, height) when it is over the
+    pixel limit it was checked against."""
+
+    def __init__(self, reason: str, size: tuple[int, int] | None = None):
+        super().__init__(reason)
+        self.size = size
+
+
+def decode_still(path: Path, max_pixels: int | None = None) -> None:
+    """Decode the JPEG or PNG at ``path`` whole (a cut-short or damaged image fails); with
+    ``max_pixels``, one over it is refused from its header, before it is decoded (a decompression
+    bomb). :class:`StillImageError` says why. Ingest and ``/predict`` both check stills with it."""
     from PIL import Image
 
     try:
         with Image.open(path) as image:
+            if max_pixels is not None and image.width * image.height > max_pixels:
+                raise StillImageError(f"{image.width}x{image.height} pixels", (image.width, image.height))
             image.load()
+    except StillImageError:
+        raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise StillImageError(str(e)) from None
+
+
+def check_still_readable(path: Path, source: str | Path, row: int | None, column: str) -> None:
+    """IngestError unless the JPEG or PNG at ``path`` decodes (a cut-short or damaged image is refused
+    at ingest, not at extraction)."""
+    try:
+        decode_still(path)
+    except StillImageError as e:
         raise IngestError(source, f"{column} file {path} is not a readable image ({e})", row) from None
 
 
