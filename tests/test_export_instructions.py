@@ -233,3 +233,12 @@ def test_behaviour_tokens_come_out_as_k_tokens(store, tmp_path):
     assert load_file(str(tmp_path / "features.safetensors"))["features"].shape[1:] == (K, D)
     missing = runner.invoke(app, ["export", "features", str(tmp_path / "v"), "--modality", "visual", "--store", str(store.path)])
     assert missing.exit_code == 1 and "no feature set for modality visual" in missing.output
+
+
+def test_an_out_that_cannot_be_written_is_one_line_naming_it(store, tmp_path):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    for args in (["instructions", str(blocked / "out")], ["features", str(blocked / "out"), "--modality", "audio"]):
+        result = runner.invoke(app, ["export", *args, "--store", str(store.path)])
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.exception  # no traceback
+        assert str(blocked / "out") in result.output and len(result.output.strip().splitlines()) == 1, result.output

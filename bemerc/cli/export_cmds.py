@@ -68,7 +68,7 @@ def instructions(
     try:
         result = export_instructions(open_store(store), out, fmt=fmt.value, layout=layout.value, splits=splits, with_media=with_media,
                                      dataset=dataset, context=context, merc_prompt=prompt)
-    except (ExportError, TuneError, PromptError, StoreError) as exc:
+    except (ExportError, TuneError, PromptError, StoreError, OSError) as exc:  # OSError: OUT cannot be written
         fail(str(exc))
     if as_json:
         print(json.dumps({"files": {s: str(p) for s, p in result.files.items()}, "examples": result.examples,
@@ -110,7 +110,7 @@ def features(
 
     try:
         result = export_features(open_store(store), out, modality, fmt=fmt.value, speaker_norm=speaker_norm, dataset=dataset)
-    except (ExportError, TuneError, StoreError) as exc:
+    except (ExportError, TuneError, StoreError, OSError) as exc:
         fail(str(exc))
     if as_json:
         print(json.dumps({"files": [str(p) for p in result.files], "feature_set": result.feature_set, "shape": result.shape,
@@ -140,7 +140,7 @@ def predictions(
     try:
         db = open_store(store)
         path = write_predictions(db, resolve_runs(db, [run])[0], out)
-    except (FusionError, StoreError, ValueError) as exc:
+    except (FusionError, StoreError, ValueError, OSError) as exc:
         fail(str(exc))
     console.print(f"{run} -> {path}", highlight=False)
 
