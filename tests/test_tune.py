@@ -193,7 +193,7 @@ def _untrained(tiny_llm: Path, store: Store, config: TuneConfig):
     llm, tokenizer = load_llm(tiny_llm, base_dtype(resolve_precision(config.precision), cuda=False))  # LoRA starts from the same draw
     torch.manual_seed(config.seed)
     initial = build_model(llm, data.soft, LoraSettings(config.lora_r, config.lora_alpha, config.lora_dropout))
-    initial.fit_input_scaling(data.features, data.train_rows, data.speaker_stats)  # as tune does: the projectors' input statistics
+    initial.fit_input_scaling(data.features, data.train_rows)  # as tune does: the projectors' input statistics
     return data, tokenizer, initial.adapter_state()
 
 
@@ -447,6 +447,42 @@ def test_dialogue_layout_trains_scores_dev_and_test_and_logs_progress_off_a_term
     again = tuned.predict_proba(data.corpus, dev)
     expected = np.array([stored[u] for u in data.corpus.utterances["uid"].gather(dev).to_list()])
     assert np.allclose(again, expected, atol=1e-4)
+
+
+def test_the_speaker_normaliser_is_saved_beside_the_adapter_and_an_old_adapter_still_loads(tiny_llm, store, tmp_path):
+    """The train mean and std each speaker is normalised to are ``speaker_norm.safetensors`` (no
+    longer projector buffers); an adapter saved before that file, its statistics in
+    ``projectors.safetensors``, loads to the same normaliser and the same probabilities."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from bemerc.train.tensors import SpeakerNorm
+    from bemerc.train.tune.model import load_speaker_norm
+
+    run_dir = tmp_path / "run"
+    tune(store, _config(tiny_llm, run_dir, stage="merc", epochs=1))
+    adapter = run_dir / "adapter"
+    data = load_data(store, _config(tiny_llm, run_dir, stage="merc"))
+    saved = SpeakerNorm.load(adapter)
+    assert sorted(saved.stats) == ["audio", "behavior"]
+    for m, (mean, std) in data.norm.stats.items():
+        assert np.array_equal(saved.stats[m][0], mean) and np.array_equal(saved.stats[m][1], std)
+    projectors = load_file(str(adapter / "projectors.safetensors"))
+    assert not [k for k in projectors if "speaker" in k]
+    # the old layout: the statistics as projector buffers, no speaker_norm.safetensors
+    old = tmp_path / "old"
+    shutil.copytree(adapter, old)
+    (old / SpeakerNorm.FILE).unlink()
+    for m, (mean, std) in saved.stats.items():
+        projectors[f"{m}.speaker_mean"], projectors[f"{m}.speaker_std"] = mean, std
+    save_file(projectors, str(old / "projectors.safetensors"))
+    assert {m: [a.tolist() for a in v] for m, v in load_speaker_norm(old).stats.items()} == \
+        {m: [a.tolist() for a in v] for m, v in saved.stats.items()}
+    rows = data.eval_rows["dev"]
+    new_p = TunedModel.load(adapter).predict_proba(data.corpus, rows)
+    old_p = TunedModel.load(old).predict_proba(data.corpus, rows)
+    assert np.array_equal(new_p, old_p)
 
 
 @pytest.fixture(scope="module")

@@ -277,7 +277,7 @@ def export_features(store: Store, out: str | Path, modality: str, *, fmt: str = 
     out.mkdir(parents=True, exist_ok=True)
     tensors = {"features": features, "present": np.ascontiguousarray(present, dtype=bool)}
     if soft.speaker_norm:
-        mean, std = data.speaker_stats[modality]
+        mean, std = data.norm.stats[modality]
         tensors.update(train_mean=np.asarray(mean, np.float32), train_std=np.asarray(std, np.float32))
     meta = {"feature_set": soft.feature_set, "modality": modality, "column": soft.column, "n_tokens": soft.n_tokens,
             "dim": soft.dim, "shape": list(features.shape), "speaker_norm": soft.speaker_norm, "dataset": data.dataset,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -117,6 +118,64 @@ def normalise_speakers(values: np.ndarray, present: np.ndarray, groups: np.ndarr
     ratio = np.where(spread > 1e-12, np.sqrt(var) / np.maximum(spread, 1e-12), 1.0)
     out[rows] = (mean + (x - centre[inverse]) * ratio[inverse]).astype(np.float32)
     return out
+
+
+@dataclass
+class SpeakerNorm:
+    """The per-speaker normaliser of a tuned model, fitted once on its train rows and saved beside its
+    adapter (``speaker_norm.safetensors``): for each speaker-normalised modality the (K*D,) train mean
+    and std that every speaker's features are brought to (:func:`normalise_speakers`). Empty: nothing
+    is normalised.
+
+    >>> norm = SpeakerNorm({"audio": (np.array([1.0], np.float32), np.array([2.0], np.float32))})
+    >>> norm.apply("audio", np.array([[10.0], [14.0]]), np.ones(2, bool), np.array([0, 0]), prior=2).ravel().tolist()
+    [4.5, 8.5]
+    """
+
+    stats: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+    FILE = "speaker_norm.safetensors"
+
+    @classmethod
+    def fit(cls, features: dict[str, tuple[np.ndarray, np.ndarray]], modalities: list[str], rows: np.ndarray) -> "SpeakerNorm":
+        """The train mean and std of ``rows`` (those that have the modality; zeros when none does)
+        of each of ``modalities``, from ``features`` (modality -> (N, K*D) values, (N,) present)."""
+        stats = {}
+        for m in modalities:
+            values, present = features[m]
+            fit = values[rows[present[rows]]] if present[rows].any() else np.zeros((1, values.shape[1]), np.float32)
+            stats[m] = (fit.mean(axis=0), fit.std(axis=0))
+        return cls(stats)
+
+    def __contains__(self, modality: str) -> bool:
+        return modality in self.stats
+
+    def apply(self, modality: str, values: np.ndarray, present: np.ndarray, groups: np.ndarray,
+              prior: float = SPEAKER_PRIOR) -> np.ndarray:
+        """``values`` with each speaker (``groups``, :func:`speaker_groups`) normalised to ``modality``'s train mean and std."""
+        return normalise_speakers(values, present, groups, *self.stats[modality], prior=prior)
+
+    def save(self, folder) -> None:
+        """``FOLDER/speaker_norm.safetensors`` (tensors ``MODALITY.mean`` and ``MODALITY.std``, float32); nothing when empty."""
+        if not self.stats:
+            return
+        from safetensors.numpy import save_file
+
+        tensors = {f"{m}.{k}": np.ascontiguousarray(v, dtype=np.float32) for m, pair in self.stats.items()
+                   for k, v in zip(("mean", "std"), pair)}
+        save_file(tensors, str(Path(folder) / self.FILE))
+
+    @classmethod
+    def load(cls, folder) -> "SpeakerNorm | None":
+        """The normaliser saved in ``folder``, or None when it holds none."""
+        path = Path(folder) / cls.FILE
+        if not path.is_file():
+            return None
+        from safetensors.numpy import load_file
+
+        tensors = load_file(str(path))
+        modalities = dict.fromkeys(name.rsplit(".", 1)[0] for name in tensors)
+        return cls({m: (tensors[f"{m}.mean"], tensors[f"{m}.std"]) for m in modalities})
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """The tuning data path, read top to bottom: the store becomes a :class:`Data` once
-(:func:`load_data`: the corpus, its classes, the soft inputs with their speaker statistics, the train
+(:func:`load_data`: the corpus, its classes, the soft inputs and their speaker normaliser, the train
 and evaluation rows), its :class:`Inputs` (words, speakers, descriptions, soft values) become the
 prompts of the utterance layout (:func:`merc_examples`) or the windows of the dialogue layout
 (:func:`dialogue_windows`), and each training stage's items and collation are :func:`stage_examples`.
@@ -15,7 +15,7 @@ import numpy as np
 from bemerc.store import Store
 from bemerc.store.schema import EVAL_SPLITS, run_classes
 from bemerc.train.metrics import class_weights as balanced_weights
-from bemerc.train.tensors import SPEAKER_NORMALISED, Corpus, load_corpus, normalise_speakers, speaker_groups
+from bemerc.train.tensors import SPEAKER_NORMALISED, Corpus, SpeakerNorm, load_corpus, speaker_groups
 from bemerc.train.tune.config import SOFT_MODALITIES, TuneConfig, TuneError, project_modalities
 from bemerc.train.tune.model import Batch, SoftInput, collate, collate_windows
 from bemerc.train.tune.prompt import DialogueTurn, Encoded, Prompter, Turn, Window
@@ -74,22 +74,23 @@ def soft_values(corpus: Corpus, s: SoftInput) -> tuple[np.ndarray, np.ndarray]:
     return values, arrays.present
 
 
-def corpus_inputs(corpus: Corpus, soft: list[SoftInput],
-                  speaker_stats: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> Inputs:
+def corpus_inputs(corpus: Corpus, soft: list[SoftInput], norm: SpeakerNorm | None = None,
+                  stored: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> Inputs:
     """:class:`Inputs` of a corpus for a model projecting ``soft`` (a modality the corpus lacks is
     absent for every utterance: the model's learned "missing" tokens stand in). A speaker-normalised
-    soft input has each speaker's features normalised to its ``speaker_stats`` entry (the train mean
-    and std, :func:`~bemerc.train.tensors.normalise_speakers`)."""
+    soft input has each speaker's features normalised by ``norm`` (the train mean and std,
+    :class:`~bemerc.train.tensors.SpeakerNorm`): the one place the normaliser is applied.
+    ``stored``: the soft inputs' stored values when the caller has them (:func:`soft_values`)."""
     u = corpus.utterances
     n = u.height
     features = {}
     groups = speaker_groups(u) if any(s.speaker_norm for s in soft) else None
     for s in soft:
-        values, present = soft_values(corpus, s)
+        values, present = stored[s.modality] if stored else soft_values(corpus, s)
         if s.speaker_norm:
-            if not speaker_stats or s.modality not in speaker_stats:
+            if norm is None or s.modality not in norm:
                 raise ValueError(f"{s.modality} soft tokens are normalised per speaker: give the train mean and std they are normalised to")
-            values = normalise_speakers(values, present, groups, *speaker_stats[s.modality])
+            values = norm.apply(s.modality, values, present, groups)
         features[s.modality] = (values, present)
     behavior = corpus.modalities.get("behavior")
     descriptions = (behavior.extras.get("description") if behavior else None) or [None] * n
@@ -176,7 +177,7 @@ class Data:
     inputs: Inputs
     train_rows: np.ndarray
     eval_rows: dict[str, np.ndarray]  # split -> rows, dev first
-    speaker_stats: dict[str, tuple[np.ndarray, np.ndarray]]  # speaker-normalised modality -> (K*D,) train mean and std
+    norm: SpeakerNorm  # the speaker-normalised modalities' train mean and std (saved with the adapter)
 
     @property
     def features(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -262,14 +263,10 @@ def load_data(store: Store, config: TuneConfig) -> Data:
         raise TuneError(f"{store.path}: dataset {dataset!r} has no labelled train utterances")
     labels = u["label"].to_list()
     train = first_dialogues(train, corpus.dialogue_start, config.train_limit)
-    stats = {}
-    for s in soft:
-        if s.speaker_norm:  # the train rows' mean and std, that every speaker is normalised to
-            values, present = soft_values(corpus, s)
-            fit = values[train[present[train]]] if present[train].any() else np.zeros((1, values.shape[1]), np.float32)
-            stats[s.modality] = (fit.mean(axis=0), fit.std(axis=0))
-    return Data(corpus, dataset, run_classes(dataset, labels), labels, soft, corpus_inputs(corpus, soft, stats),
-                train, evaluation, stats)
+    stored = {s.modality: soft_values(corpus, s) for s in soft}
+    norm = SpeakerNorm.fit(stored, [s.modality for s in soft if s.speaker_norm], train)  # every speaker is brought to the train rows
+    return Data(corpus, dataset, run_classes(dataset, labels), labels, soft, corpus_inputs(corpus, soft, norm, stored),
+                train, evaluation, norm)
 
 
 def make_prompter(tokenizer, data: Data, config: TuneConfig) -> Prompter:

@@ -15,16 +15,17 @@ from typing import Callable
 import numpy as np
 import torch
 
-from bemerc.train.tensors import Corpus
+from bemerc.train.tensors import Corpus, SpeakerNorm
 from bemerc.train.tune.config import MICRO_BATCH_TOKENS
 from bemerc.train.tune.data import DemoRetriever, Inputs, corpus_inputs, dialogue_windows, merc_examples
-from bemerc.train.tune.model import MercModel, TuneInfo, collate, collate_windows, load_tuned, micro_batches
+from bemerc.train.tune.model import MercModel, TuneInfo, collate, collate_windows, load_speaker_norm, load_tuned, micro_batches
 from bemerc.train.tune.prompt import Prompter, Window
 from bemerc.train.tune.score import answer_scores, label_probabilities, label_scores
 
 class TunedModel:
     """A tuned (or zero-shot) MERC model: the LLM with its LoRA and projectors, its prompter and its
-    :class:`TuneInfo`. :meth:`predict_proba` scores every label of the requested rows in the run's
+    :class:`TuneInfo` and its speaker normaliser (:class:`~bemerc.train.tensors.SpeakerNorm`, applied
+    to a corpus's features as in training). :meth:`predict_proba` scores every label of the requested rows in the run's
     layout, in batches sorted by length (less padding), and puts them back in order: ``batch_size``
     prompts at a time (``utterance`` layout) or as many dialogue windows as fit in ``max_tokens``
     padded tokens (``dialogue`` layout: short windows, such as one-utterance dialogues, go many to a
@@ -32,7 +33,7 @@ class TunedModel:
 
     def __init__(self, model: MercModel, prompter: Prompter, info: TuneInfo, batch_size: int = 8,
                  device: torch.device | str = "cpu", autocast: Callable | None = None, retriever: DemoRetriever | None = None,
-                 max_tokens: int = MICRO_BATCH_TOKENS):
+                 max_tokens: int = MICRO_BATCH_TOKENS, norm: SpeakerNorm | None = None):
         if info.demos and retriever is None:
             raise ValueError(f"the model was trained with {info.demos} retrieved demonstrations: pass a DemoRetriever "
                              f"(a store holding {info.demo_feature_set})")
@@ -40,12 +41,14 @@ class TunedModel:
         self.batch_size, self.max_tokens, self.device = batch_size, max_tokens, torch.device(device)
         self.autocast = autocast
         self.retriever = retriever
+        self.norm = norm if norm is not None else SpeakerNorm()
 
     @classmethod
     def load(cls, folder: str | Path, base: str | Path | None = None, store=None, **kwargs) -> "TunedModel":
         """A saved adapter folder (``RUN_DIR/adapter``) as a ready model (CPU); ``store`` is needed
         when the run shows retrieved demonstrations (they come from its train split)."""
         model, prompter, info = load_tuned(folder, base)
+        kwargs.setdefault("norm", load_speaker_norm(folder))
         if info.demos and store is not None:
             kwargs["retriever"] = DemoRetriever(store, info.demo_feature_set, info.demos, info.dataset)
         return cls(model, prompter, info, **kwargs)
@@ -57,7 +60,7 @@ class TunedModel:
     def predict_proba(self, corpus: Corpus | Inputs, rows=None, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
         """(len(rows), C) label probabilities (all rows of ``corpus`` by default), in ``classes``
         order; ``progress(n_done, n_tokens)`` is called after every batch."""
-        inputs = corpus if isinstance(corpus, Inputs) else corpus_inputs(corpus, self.info.soft, self.model.speaker_stats())
+        inputs = corpus if isinstance(corpus, Inputs) else corpus_inputs(corpus, self.info.soft, self.norm)
         rows = np.arange(len(inputs.texts)) if rows is None else np.asarray(rows)
         self.model.eval()
         scored: dict[int, np.ndarray] = {}

@@ -403,7 +403,7 @@ def tune(store: Store, config: TuneConfig, resume: bool = False) -> dict:
     llm, tokenizer = load_llm(config.model, base_dtype(precision, cuda))
     lora = None if config.zero_shot else LoraSettings(config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_layers)
     model = build_model(llm, data.soft, lora)
-    model.fit_input_scaling(data.features, data.train_rows, data.speaker_stats)
+    model.fit_input_scaling(data.features, data.train_rows)
     if config.gradient_checkpointing if config.gradient_checkpointing is not None else cuda:
         model.causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(accelerator.device)
@@ -448,12 +448,13 @@ def tune(store: Store, config: TuneConfig, resume: bool = False) -> dict:
 
         templates = {"merc": prompter.merc_template.source, "align": prompter.align_template.source}
         if stages and accelerator.is_main_process:
-            save_adapter(accelerator.unwrap_model(model), run_dir / "adapter", info, templates)
+            save_adapter(accelerator.unwrap_model(model), run_dir / "adapter", info, templates, data.norm)
         if "merc" not in stages and not config.zero_shot:
             return {"run_id": run_id, "run_dir": str(run_dir), "notes": notes, "timing": _timing(progress["history"])}
 
         tuned = TunedModel(model, prompter, info, batch_size=2 * config.batch_size, device=accelerator.device,
-                           autocast=accelerator.autocast, retriever=retriever, max_tokens=config.micro_batch_tokens)
+                           autocast=accelerator.autocast, retriever=retriever, max_tokens=config.micro_batch_tokens,
+                           norm=data.norm)
         scored = {split: evaluate(tuned, data, rows, bar, split) for split, rows in data.eval_rows.items()}
 
     metrics, uids, splits, gold, probabilities, eval_timing = score_splits(data, scored)

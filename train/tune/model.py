@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bemerc.precision import torch_dtype
+from bemerc.train.tensors import SpeakerNorm
 from bemerc.train.tune.config import MICRO_BATCH_TOKENS, project_modalities
 from bemerc.train.tune.prompt import Encoded, Prompter, Window, load_template
 
@@ -39,7 +40,7 @@ class SoftInput:
     n_tokens: int  # K
     dim: int  # D, the width of one token's features
     feature_set: str
-    speaker_norm: bool = False  # features normalised per speaker to the train mean and std (bemerc.train.tensors.normalise_speakers)
+    speaker_norm: bool = False  # features normalised per speaker to the train mean and std (bemerc.train.tensors.SpeakerNorm)
 
 
 @dataclass(frozen=True)
@@ -73,9 +74,6 @@ class Projector(nn.Module):
         self.k, self.d = spec.n_tokens, spec.dim
         self.register_buffer("shift", torch.zeros(spec.n_tokens * spec.dim))
         self.register_buffer("scale", torch.ones(spec.n_tokens * spec.dim))
-        if spec.speaker_norm:  # the train mean and std each speaker's features are normalised to (before shift and scale)
-            self.register_buffer("speaker_mean", torch.zeros(spec.n_tokens * spec.dim))
-            self.register_buffer("speaker_std", torch.ones(spec.n_tokens * spec.dim))
         self.norm = nn.LayerNorm(spec.dim)
         self.mlp = nn.Sequential(nn.Linear(spec.dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
         # Start at the scale of the LLM's word embeddings so the first steps do not swamp the prompt.
@@ -256,23 +254,12 @@ class MercModel(nn.Module):
         std = float(embeddings.detach().float().std())
         self.projectors = nn.ModuleDict({s.modality: Projector(s, embeddings.shape[1], std) for s in soft})
 
-    def fit_input_scaling(self, features: dict[str, tuple[np.ndarray, np.ndarray]], rows: np.ndarray,
-                          speaker_stats: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> None:
+    def fit_input_scaling(self, features: dict[str, tuple[np.ndarray, np.ndarray]], rows: np.ndarray) -> None:
         """Standardise each projector's inputs with the statistics of ``rows`` (the training rows)
-        that have the modality (see :meth:`Projector.fit_scaling`), and keep the train mean and std
-        the speaker-normalised modalities were normalised to (``speaker_stats``)."""
+        that have the modality (see :meth:`Projector.fit_scaling`)."""
         for modality, projector in self.projectors.items():
             values, present = features[modality]
             projector.fit_scaling(values[rows[present[rows]]])
-            if self.soft[modality].speaker_norm:
-                mean, std = speaker_stats[modality]
-                projector.speaker_mean.copy_(torch.from_numpy(np.asarray(mean, dtype=np.float32)))
-                projector.speaker_std.copy_(torch.from_numpy(np.asarray(std, dtype=np.float32)))
-
-    def speaker_stats(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """modality -> the (K*D,) train mean and std its speakers are normalised to (speaker-normalised modalities)."""
-        return {m: (p.speaker_mean.detach().cpu().float().numpy(), p.speaker_std.detach().cpu().float().numpy())
-                for m, p in self.projectors.items() if self.soft[m].speaker_norm}
 
     @property
     def causal_lm(self) -> nn.Module:
@@ -356,11 +343,17 @@ class MercModel(nn.Module):
         return {k: v for k, v in self.state_dict().items() if _is_lora(k) or k.startswith("projectors.")}
 
     def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+        # a checkpoint written before the SpeakerNorm file kept its statistics in projector buffers; resuming refits them
+        state = {k: v for k, v in state.items() if not k.endswith(LEGACY_SPEAKER_KEYS)}
         _, unexpected = self.load_state_dict(state, strict=False)
         expected = set(self.adapter_state())
         if unexpected or expected - set(state):
             raise ValueError(f"adapter weights do not fit the model: missing {sorted(expected - set(state))[:3]}, "
                              f"unexpected {sorted(unexpected)[:3]}")
+
+
+# Where adapters saved before speaker_norm.safetensors kept each projector's speaker statistics (its buffers).
+LEGACY_SPEAKER_KEYS = (".speaker_mean", ".speaker_std")
 
 
 def _is_lora(name: str) -> bool:
@@ -442,10 +435,11 @@ class TuneInfo:
         return info
 
 
-def save_adapter(model: MercModel, folder: Path, info: TuneInfo, templates: dict[str, str]) -> Path:
+def save_adapter(model: MercModel, folder: Path, info: TuneInfo, templates: dict[str, str], norm: SpeakerNorm | None = None) -> Path:
     """Write the LoRA adapter in peft's format (``adapter_config.json``, ``adapter_model.safetensors``)
-    plus ``projectors.safetensors``, ``tune.json`` (:class:`TuneInfo`) and the prompt templates, so
-    ``PeftModel.from_pretrained(base, folder)`` and :func:`load_tuned` both work."""
+    plus ``projectors.safetensors``, ``tune.json`` (:class:`TuneInfo`), the prompt templates and the
+    speaker normaliser (``speaker_norm.safetensors``, when the run normalises a modality per speaker),
+    so ``PeftModel.from_pretrained(base, folder)``, :func:`load_tuned` and :func:`load_speaker_norm` work."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -455,6 +449,8 @@ def save_adapter(model: MercModel, folder: Path, info: TuneInfo, templates: dict
     if projectors:
         save_file(projectors, str(folder / "projectors.safetensors"))
     (folder / "tune.json").write_text(json.dumps(asdict(info), indent=2))
+    if norm is not None:
+        norm.save(folder)
     (folder / "prompts").mkdir(exist_ok=True)
     for name, text in templates.items():
         (folder / "prompts" / f"{name}.toml").write_text(text)
@@ -463,7 +459,9 @@ def save_adapter(model: MercModel, folder: Path, info: TuneInfo, templates: dict
 
 def load_projectors(model: MercModel, state: dict[str, torch.Tensor], folder: Path) -> None:
     """Load projector weights; an adapter saved before input standardisation (no ``shift``/``scale``)
-    keeps the identity scaling it was trained with."""
+    keeps the identity scaling it was trained with; one saved before ``speaker_norm.safetensors``
+    holds speaker statistics in its projectors (read by :func:`load_speaker_norm`, left out here)."""
+    state = {k: v for k, v in state.items() if not k.endswith(LEGACY_SPEAKER_KEYS)}
     missing, unexpected = model.projectors.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith((".shift", ".scale"))]
     if missing or unexpected:
@@ -495,3 +493,20 @@ def load_tuned(folder: str | Path, base: str | Path | None = None) -> tuple[Merc
                         load_template(folder / "prompts" / "merc.toml"), load_template(folder / "prompts" / "align.toml"),
                         info.max_len)
     return model.eval(), prompter, info
+
+
+def load_speaker_norm(folder: str | Path) -> SpeakerNorm:
+    """The speaker normaliser saved with an adapter (``speaker_norm.safetensors``); for an adapter
+    saved before that file, the statistics its projectors held as ``speaker_mean``/``speaker_std``
+    buffers. Empty when the run normalised nothing per speaker."""
+    folder = Path(folder)
+    norm = SpeakerNorm.load(folder)
+    if norm is not None:
+        return norm
+    if not (folder / "projectors.safetensors").is_file():
+        return SpeakerNorm()
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "projectors.safetensors"), framework="numpy") as fh:
+        names = [n for n in fh.keys() if n.endswith(LEGACY_SPEAKER_KEYS[0])]
+        return SpeakerNorm({n.split(".")[0]: (fh.get_tensor(n), fh.get_tensor(n[: -len("mean")] + "std")) for n in names})
