@@ -210,19 +210,22 @@ def load_corpus(
     feature_sets: list[str] | None = None,
     extra_columns: dict[str, list[str]] | None = None,
     dataset: str | None = None,
+    utterances: pl.DataFrame | None = None,
 ) -> Corpus:
     """Read utterances and the given feature sets (ids, ``modality/extractor`` or modality names;
     default: the newest feature set of trained weights of each modality present) aligned by uid.
 
     ``extra_columns`` maps a feature-set ref to other columns to keep (e.g. ``{"behavior":
     ["description", "tokens"]}``). A feature set with stale rows for these utterances is refused
-    (:func:`check_current`): this is the one place ``train/`` reads features.
+    (:func:`check_current`): this is the one place ``train/`` reads features. ``utterances``: the
+    rows (of ``dataset``, in dialogue order, :meth:`Store.utterances`) when the caller has read them.
 
     >>> corpus = load_corpus(Store("store"), ["text", "behavior"])   # doctest: +SKIP
     >>> corpus.modalities["text"].vectors.shape                        # doctest: +SKIP
     (11098, 384)
     """
-    utterances = store.utterances(dataset=dataset)
+    if utterances is None:
+        utterances = store.utterances(dataset=dataset)
     if feature_sets is None:
         newest: dict[str, FeatureSet] = {}
         for fs in store.feature_sets():

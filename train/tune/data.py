@@ -111,13 +111,18 @@ class DemoRetriever:
     [('Oh my God!', 'surprise')]
     """
 
-    def __init__(self, store, feature_set: str, k: int, dataset: str | None):
+    def __init__(self, store, feature_set: str, k: int, dataset: str | None, utterances=None):
+        """``utterances``: the store's utterances when the caller has read them (else they are read)."""
         from bemerc.store.schema import sql_quote
 
         self.k = k
         self.table = store.table(store.feature_set(feature_set).table_name)
-        where = "split = 'train' AND label IS NOT NULL" + (f" AND dataset = {sql_quote(dataset)}" if dataset else "")
-        u = store.read("utterances", ["uid", "split", "dialogue_id", "text", "label"], where=where)
+        if utterances is None:
+            where = "split = 'train' AND label IS NOT NULL" + (f" AND dataset = {sql_quote(dataset)}" if dataset else "")
+            u = store.read("utterances", ["uid", "split", "dialogue_id", "text", "label"], where=where)
+        else:
+            keep = (utterances["split"] == "train") & utterances["label"].is_not_null()
+            u = utterances.filter(keep & (utterances["dataset"] == dataset) if dataset else keep)
         self.train = {uid: (f"{split}/{d}", text or "", label) for uid, split, d, text, label in
                       zip(u["uid"], u["split"], u["dialogue_id"], u["text"], u["label"])}
         self.where = "uid LIKE " + sql_quote("train/%")
@@ -216,8 +221,8 @@ def _soft_input(store: Store, fs, modality: str, speaker_norm: bool) -> SoftInpu
 
 
 def load_data(store: Store, config: TuneConfig) -> Data:
-    """Read the store once: utterances, the soft modalities' features and behaviour descriptions."""
-    utterances = store.read("utterances", ["dataset"])
+    """Read the store once: utterances (the table read once), the soft modalities' features and behaviour descriptions."""
+    utterances = store.utterances()
     if utterances.height == 0:
         raise TuneError(f"{store.path}: the store has no utterances; run `bemerc ingest` first")
     datasets = sorted(set(utterances["dataset"].to_list()))
@@ -249,7 +254,7 @@ def load_data(store: Store, config: TuneConfig) -> Data:
             extra.setdefault(s.feature_set, []).append(s.column)
     if has_description:
         extra.setdefault(behavior.id, []).append("description")
-    corpus = load_corpus(store, refs, extra, dataset)
+    corpus = load_corpus(store, refs, extra, dataset, utterances.filter(utterances["dataset"] == dataset))
 
     u = corpus.utterances
     labelled = u["label"].is_not_null().to_numpy()
@@ -279,7 +284,7 @@ def make_retriever(store: Store, data: Data, config: TuneConfig) -> DemoRetrieve
     """The demonstrations' retriever when ``config.demos`` asks for them (by the stored text embedding)."""
     if not config.demos:
         return None
-    return DemoRetriever(store, data.corpus.modalities["text"].feature_set.id, config.demos, data.dataset)
+    return DemoRetriever(store, data.corpus.modalities["text"].feature_set.id, config.demos, data.dataset, data.corpus.utterances)
 
 
 def class_weights(labels: list[str], balance: float) -> np.ndarray:
