@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -25,19 +25,20 @@ class Run:
     """One trained run, as its row in the ``runs`` table records it (JSON columns decoded).
 
     Fields are read as attributes (``run.kind``); ``run["kind"]`` reads them too, for scripts written
-    when runs were dicts.
+    when runs were dicts. A trainer builds one without ``created_at`` and ``table_versions``, which
+    recording it (:func:`bemerc.train.runs.save_run`) stamps.
     """
 
     run_id: str
     kind: str  # what trained it: one of bemerc.train.runs.KINDS
-    created_at: datetime  # UTC, whole seconds
     dataset: str | None
     classes: list[str]  # the order of its predictions' probabilities
     feature_sets: list[str]  # ids of the feature sets it read
     config: dict
     metrics: dict  # the metrics.json layout: {split: {"weighted_f1", ...}, ...}
-    table_versions: dict  # {table: version} it read
     run_dir: str | None  # the folder of its files
+    created_at: datetime | None = None  # UTC, whole seconds (None: not recorded yet)
+    table_versions: dict = field(default_factory=dict)  # {table: version} it read
 
     def __getitem__(self, name: str) -> Any:
         if name not in RUN_FIELDS:

@@ -14,8 +14,8 @@ from bemerc.cli import app
 from bemerc.store import Store
 from bemerc.train.fuse import FusionError, fuse_runs, resolve_runs
 from bemerc.train.report import DEMO_NOTE
-from bemerc.store.runs import list_runs
-from bemerc.train.runs import save_run
+from bemerc.store.runs import Run, list_runs
+from bemerc.train.runs import Predictions, save_run
 from conftest import ngram_store
 
 
@@ -39,9 +39,8 @@ def _copy_run(store: Store, run_id: str, new_id: str, tmp_path, change) -> str:
     run = next(r for r in list_runs(store) if r["run_id"] == run_id)
     uids, splits, gold, probabilities = _predictions(store, run_id)
     y = np.array([run["classes"].index(g) for g in gold])
-    save_run(store, run_id=new_id, kind="edited", run_dir=tmp_path / new_id, classes=run["classes"],
-             feature_sets=run["feature_sets"], config={}, metrics={}, uids=uids, splits=splits, gold=gold,
-             probabilities=change(probabilities.copy(), np.array(splits), y), dataset=run["dataset"])
+    save_run(store, Run(new_id, "edited", run["dataset"], run["classes"], run["feature_sets"], {}, {}, str(tmp_path / new_id)),
+             Predictions(uids, splits, gold, change(probabilities.copy(), np.array(splits), y)))
     return new_id
 
 
@@ -127,10 +126,9 @@ def test_dev_utterances_are_intersected_and_counted(runs, tmp_path):
     run = next(r for r in list_runs(store) if r["run_id"] == lexical)
     uids, splits, gold, probabilities = _predictions(store, lexical)
     half = np.array([s != "dev" or i % 2 == 0 for i, s in enumerate(splits)])
-    save_run(store, run_id="baseline-half-dev", kind="edited", run_dir=tmp_path / "half", classes=run["classes"],
-             feature_sets=run["feature_sets"], config={}, metrics={}, uids=np.array(uids)[half].tolist(),
-             splits=np.array(splits)[half].tolist(), gold=np.array(gold, dtype=object)[half].tolist(),
-             probabilities=probabilities[half], dataset="meld")
+    save_run(store, Run("baseline-half-dev", "edited", "meld", run["classes"], run["feature_sets"], {}, {}, str(tmp_path / "half")),
+             Predictions(np.array(uids)[half].tolist(), np.array(splits)[half].tolist(),
+                         np.array(gold, dtype=object)[half].tolist(), probabilities[half]))
     n_dev, n_half = splits.count("dev"), int((half & (np.array(splits) == "dev")).sum())
     result = CliRunner().invoke(app, ["fuse", text, "baseline-half-dev", "--store", str(store.path), "--run-dir", str(tmp_path / "fused")])
     assert result.exit_code == 0, result.output
@@ -143,9 +141,8 @@ def test_runs_with_different_classes_are_refused_in_one_line(runs, tmp_path):
     run = next(r for r in list_runs(store) if r["run_id"] == text)
     uids, splits, gold, probabilities = _predictions(store, text)
     reordered = sorted(run["classes"])
-    save_run(store, run_id="baseline-sorted-classes", kind="edited", run_dir=tmp_path / "sorted", classes=reordered,
-             feature_sets=run["feature_sets"], config={}, metrics={}, uids=uids, splits=splits, gold=gold,
-             probabilities=probabilities[:, [run["classes"].index(c) for c in reordered]], dataset="meld")
+    save_run(store, Run("baseline-sorted-classes", "edited", "meld", reordered, run["feature_sets"], {}, {}, str(tmp_path / "sorted")),
+             Predictions(uids, splits, gold, probabilities[:, [run["classes"].index(c) for c in reordered]]))
     result = CliRunner().invoke(app, ["fuse", text, "baseline-sorted-classes", "--store", str(store.path)])
     assert result.exit_code == 1
     message = result.output.strip()

@@ -29,11 +29,11 @@ import polars as pl
 import xgboost as xgb  # bemerc/__init__.py has set OMP_WAIT_POLICY=PASSIVE: nthread=2 stays fast on a busy machine
 
 from bemerc.store import Store, StoreError
-from bemerc.store.runs import check_run_dir, default_run_dir
+from bemerc.store.runs import Run, check_run_dir, default_run_dir
 from bemerc.store.schema import EVAL_SPLITS, MODALITIES, run_classes
 from bemerc.train.evaluate import bootstrap_intervals
 from bemerc.train.metrics import class_weights, classification_metrics, weighted_f1
-from bemerc.train.runs import BASELINE, new_run_id, save_run, split_metrics
+from bemerc.train.runs import BASELINE, Predictions, new_run_id, save_run, split_metrics
 from bemerc.train.tensors import SPEAKER_NORMALISED, Corpus, load_corpus, normalise_speakers, speaker_groups
 
 
@@ -645,20 +645,9 @@ def train_baseline(
     u = corpus.utterances
     evaluated = u["split"].is_in(list(EVAL_SPLITS)).to_numpy()
     fit.metrics["train_seconds"] = round(time.perf_counter() - started, 1)
-    save_run(
-        store,
-        run_id=run_id,
-        kind=BASELINE,
-        run_dir=run_dir,
-        classes=fit.model.classes,
-        feature_sets=list(fit.model.feature_sets.values()),
-        config={**asdict(config), "files": files, "modalities": fit.model.modalities},
-        metrics=fit.metrics,
-        uids=u["uid"].filter(evaluated).to_list(),
-        splits=u["split"].filter(evaluated).to_list(),
-        gold=u["label"].filter(evaluated).to_list(),
-        probabilities=fit.probabilities[evaluated],
-        dataset=datasets[0],
-        write_files=fit.model.save,
-    )
+    run = Run(run_id, BASELINE, datasets[0], fit.model.classes, list(fit.model.feature_sets.values()),
+              {**asdict(config), "files": files, "modalities": fit.model.modalities}, fit.metrics, str(run_dir))
+    predictions = Predictions(u["uid"].filter(evaluated).to_list(), u["split"].filter(evaluated).to_list(),
+                              u["label"].filter(evaluated).to_list(), fit.probabilities[evaluated])
+    save_run(store, run, predictions, write_files=fit.model.save)
     return BaselineResult(run_id=run_id, run_dir=run_dir, metrics=fit.metrics, seconds=time.perf_counter() - started)

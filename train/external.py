@@ -23,11 +23,11 @@ import numpy as np
 from bemerc.store import Store
 from bemerc.store.ingest.common import IngestError, file_sha256
 from bemerc.store.ingest.manifest import read_table_rows
-from bemerc.store.runs import check_run_dir, default_run_dir, list_runs
+from bemerc.store.runs import Run, check_run_dir, default_run_dir, list_runs
 from bemerc.store.schema import SPLITS, run_classes
 from bemerc.train.evaluate import bootstrap_intervals
 from bemerc.train.metrics import classification_metrics
-from bemerc.train.runs import EXTERNAL, new_run_id, save_run, split_metrics
+from bemerc.train.runs import EXTERNAL, Predictions, new_run_id, save_run, split_metrics
 
 # |sum of a row's probabilities - 1| allowed: a file written with 3 decimals (7 labels) is off by up
 # to 0.0035; logits, percentages or unnormalised scores are far off
@@ -156,8 +156,8 @@ def ingest_predictions(store: Store, path: str | Path, name: str, *, run_dir: st
     run_id = new_run_id(f"{EXTERNAL}-{name}")
     folder = Path(run_dir) if run_dir else default_run_dir(store, run_id)
     config = {"name": name, "source": str(path), "sha256": digest, "rows": len(uids), "probabilities": has_probabilities}
-    save_run(store, run_id=run_id, kind=EXTERNAL, run_dir=folder, classes=classes, feature_sets=[], config=config,
-             metrics=split_metrics(metrics), uids=uids, splits=splits, gold=gold, probabilities=probabilities, dataset=dataset)
+    save_run(store, Run(run_id, EXTERNAL, dataset, classes, [], config, split_metrics(metrics), str(folder)),
+             Predictions(uids, splits, gold, probabilities))
     return ExternalRun(run_id, folder, split_metrics(metrics), len(uids), has_probabilities)
 
 

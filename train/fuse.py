@@ -33,7 +33,7 @@ from bemerc.train.baseline import fuse, select_weights
 from bemerc.train.evaluate import bootstrap_intervals
 from bemerc.train.metrics import classification_metrics, weighted_f1
 from bemerc.store.runs import Run, check_run_dir, default_run_dir, list_runs
-from bemerc.train.runs import FUSION, GROUP, new_run_id, save_run, split_metrics
+from bemerc.train.runs import FUSION, GROUP, Predictions, new_run_id, save_run, split_metrics
 
 LATEST = ":latest"
 
@@ -271,21 +271,11 @@ def fuse_runs(
     run_id = run_id or new_run_id(FUSION)
     run_dir = Path(run_dir) if run_dir else default_run_dir(store, run_id)
     splits = list(inputs.uids)
-    save_run(
-        store,
-        run_id=run_id,
-        kind=FUSION,
-        run_dir=run_dir,
-        classes=classes,
-        feature_sets=list(dict.fromkeys(f for r in runs for f in r.feature_sets)),
-        config={**asdict(config), "members": members, "weights": weights, "inputs_sha256": digest, "summary": summary},
-        metrics=metrics,
-        uids=[u for s in splits for u in inputs.uids[s]],
-        splits=[s for s in splits for _ in inputs.uids[s]],
-        gold=[g for s in splits for g in inputs.gold[s]],
-        probabilities=np.concatenate([fused[s] for s in splits]),
-        dataset=dataset,
-    )
+    run = Run(run_id, FUSION, dataset, classes, list(dict.fromkeys(f for r in runs for f in r.feature_sets)),
+              {**asdict(config), "members": members, "weights": weights, "inputs_sha256": digest, "summary": summary},
+              metrics, str(run_dir))
+    save_run(store, run, Predictions([u for s in splits for u in inputs.uids[s]], [s for s in splits for _ in inputs.uids[s]],
+                                     [g for s in splits for g in inputs.gold[s]], np.concatenate([fused[s] for s in splits])))
     return FusionResult(run_id, run_dir, members, weights, metrics, summary)
 
 

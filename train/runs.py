@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Protocol
@@ -52,83 +53,74 @@ def split_metrics(metrics_by_split: dict[str, dict]) -> dict:
     return {split: m for split, m in metrics_by_split.items() if m and m.get("n", 0) > 0}
 
 
-def save_run(
-    store: Store,
-    *,
-    run_id: str,
-    kind: str,
-    run_dir: Path,
-    classes: list[str],
-    feature_sets: list[str],
-    config: dict,
-    metrics: dict,
-    uids: list[str],
-    splits: list[str],
-    gold: list[str | None],
-    probabilities: np.ndarray,
-    dataset: str | None = None,
-    write_files: Callable[[Path], object] | None = None,
-) -> Path:
-    """Write the run's files (``write_files(folder)``, e.g. its models, then ``metrics.json`` and
-    ``config.json``) into ``run_dir``, whole or not at all (:func:`~bemerc.store.runs.write_run_files`),
-    then the run and its predictions to the store (the run row last, so a run listed in ``runs``
-    always has its predictions). When the store cannot record the run (a full disk, a read-only
-    store), the files are taken back: no run folder without its ``runs`` row is left behind.
+@dataclass(frozen=True)
+class Predictions:
+    """What a run predicted, one entry per utterance: its uid, split and gold label (None when
+    unlabelled), and (N, C) ``probabilities`` in the run's class order (the predicted label is the argmax)."""
 
-    ``probabilities`` is (N, C) in ``classes`` order; the predicted label is its argmax.
+    uids: list[str]
+    splits: list[str]
+    gold: list[str | None]
+    probabilities: np.ndarray
+
+
+def save_run(store: Store, run: Run, predictions: Predictions, write_files: Callable[[Path], object] | None = None) -> Path:
+    """Write the run's files (``write_files(folder)``, e.g. its models, then ``metrics.json`` and
+    ``config.json``) into ``run.run_dir``, whole or not at all (:func:`~bemerc.store.runs.write_run_files`),
+    then the run and its predictions to the store (the run row last, so a run listed in ``runs``
+    always has its predictions), stamped with the time and the versions of the tables it read. When
+    the store cannot record the run (a full disk, a read-only store), the files are taken back: no
+    run folder without its ``runs`` row is left behind. Returns the run folder.
     """
-    run_dir = Path(run_dir)
+    run_dir = Path(run.run_dir)
 
     def write(folder: Path) -> None:
         if write_files is not None:
             write_files(folder)
-        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        (folder / "config.json").write_text(json.dumps({"run_id": run_id, "kind": kind, "classes": classes,
-                                                        "feature_sets": feature_sets, **config}, indent=2, default=str))
+        (folder / "metrics.json").write_text(json.dumps(run.metrics, indent=2))
+        (folder / "config.json").write_text(json.dumps({"run_id": run.run_id, "kind": run.kind, "classes": run.classes,
+                                                        "feature_sets": run.feature_sets, **run.config}, indent=2, default=str))
 
     written = write_run_files(run_dir, write)
     try:
-        _record_run(store, run_id=run_id, kind=kind, run_dir=run_dir, classes=classes, feature_sets=feature_sets, config=config,
-                    metrics=metrics, uids=uids, splits=splits, gold=gold, probabilities=probabilities, dataset=dataset)
+        _record_run(store, replace(run, run_dir=str(run_dir.resolve())), predictions)
     except BaseException:
         remove_run_files(run_dir, written)
         raise
     return run_dir
 
 
-def _record_run(store: Store, *, run_id: str, kind: str, run_dir: Path, classes: list[str], feature_sets: list[str], config: dict,
-                metrics: dict, uids: list[str], splits: list[str], gold: list[str | None], probabilities: np.ndarray,
-                dataset: str | None) -> None:
+def _record_run(store: Store, run: Run, predictions: Predictions) -> None:
     """The predictions, then the ``runs`` row (see :func:`save_run`)."""
-    probabilities = np.asarray(probabilities, dtype=np.float32)
-    predicted = [classes[i] for i in probabilities.argmax(axis=1)]
+    probabilities = np.asarray(predictions.probabilities, dtype=np.float32)
+    predicted = [run.classes[i] for i in probabilities.argmax(axis=1)]
     rows = pa.table(
         {
-            "run_id": [run_id] * len(uids),
-            "uid": uids,
-            "split": splits,
+            "run_id": [run.run_id] * len(predictions.uids),
+            "uid": predictions.uids,
+            "split": predictions.splits,
             "label": predicted,
-            "gold": gold,
+            "gold": predictions.gold,
             "probabilities": pa.array(list(probabilities), type=pa.list_(pa.float32())),
         },
         schema=S.PREDICTIONS,
     )
     with store.lock:
-        versions = {name: store.version(name) for name in ["utterances", *[store.feature_set(f).table_name for f in feature_sets]]}
+        versions = {name: store.version(name) for name in ["utterances", *[store.feature_set(f).table_name for f in run.feature_sets]]}
         store.upsert("predictions", rows)
-        run = {
-            "run_id": run_id,
-            "kind": kind,
+        row = {
+            "run_id": run.run_id,
+            "kind": run.kind,
             "created_at": datetime.now(timezone.utc).replace(microsecond=0),
-            "dataset": dataset,
-            "classes": classes,
-            "feature_sets": feature_sets,
+            "dataset": run.dataset,
+            "classes": run.classes,
+            "feature_sets": run.feature_sets,
             "table_versions_json": json.dumps(versions),
-            "config_json": json.dumps(config, default=str),
-            "metrics_json": json.dumps(metrics),
-            "run_dir": str(run_dir.resolve()),
+            "config_json": json.dumps(run.config, default=str),
+            "metrics_json": json.dumps(run.metrics),
+            "run_dir": run.run_dir,
         }
-        store.upsert("runs", pa.Table.from_pylist([run], schema=S.RUNS))
+        store.upsert("runs", pa.Table.from_pylist([row], schema=S.RUNS))
 
 
 # -- seed groups ----------------------------------------------------------------------------------
@@ -235,22 +227,10 @@ def save_group(
             metrics[split]["seed_mean_probabilities"] = {k: ensemble[k] for k in ("n", *GROUP_METRICS)}
     group_id = new_run_id(f"{member_kind}-{GROUP}")
     run_dir = Path(run_dir) if run_dir else default_run_dir(store, group_id)
-    save_run(
-        store,
-        run_id=group_id,
-        kind=GROUP,
-        run_dir=run_dir,
-        classes=classes,
-        feature_sets=list(first.feature_sets),
-        config={**(config or {}), "member_kind": member_kind, "seeds": sorted([*members, *failed]),
-                "members": {str(s): r for s, r in members.items()}, "failed": {str(s): r for s, r in failed.items()}},
-        metrics=metrics,
-        uids=uids,
-        splits=split_of,
-        gold=gold,
-        probabilities=mean,
-        dataset=first.dataset,
-    )
+    config = {**(config or {}), "member_kind": member_kind, "seeds": sorted([*members, *failed]),
+              "members": {str(s): r for s, r in members.items()}, "failed": {str(s): r for s, r in failed.items()}}
+    save_run(store, Run(group_id, GROUP, first.dataset, classes, list(first.feature_sets), config, metrics, str(run_dir)),
+             Predictions(uids, split_of, gold, mean))
     return group_id, run_dir, metrics
 
 

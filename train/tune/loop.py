@@ -48,9 +48,9 @@ import torch
 from bemerc.precision import resolve as resolve_precision
 from bemerc.progress import LOG_EVERY_S, LiveBar, progress_line
 from bemerc.store import Store
-from bemerc.store.runs import check_run_dir, default_run_dir
+from bemerc.store.runs import Run, check_run_dir, default_run_dir
 from bemerc.train.metrics import classification_metrics
-from bemerc.train.runs import TUNE, ZERO_SHOT, new_run_id, save_run
+from bemerc.train.runs import TUNE, ZERO_SHOT, Predictions, new_run_id, save_run
 from bemerc.train.tune.config import STAGES, TuneConfig, TuneError, project_modalities
 from bemerc.train.tune.data import (Data, Examples, dialogue_windows, load_data, make_prompter, make_retriever, merc_examples,
                                     stage_examples)
@@ -468,9 +468,9 @@ def tune(store: Store, config: TuneConfig, resume: bool = False) -> dict:
     if accelerator.is_main_process:
         with _run_folder(run_dir, fresh=not resume):
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        save_run(store, run_id=run_id, kind=kind, run_dir=run_dir, classes=data.classes,
-                 feature_sets=[s.feature_set for s in data.soft], config={**asdict(config), "summary": summary},
-                 metrics=metrics, uids=uids, splits=splits, gold=gold, probabilities=probabilities, dataset=data.dataset)
+        save_run(store, Run(run_id, kind, data.dataset, data.classes, [s.feature_set for s in data.soft],
+                            {**asdict(config), "summary": summary}, metrics, str(run_dir)),
+                 Predictions(uids, splits, gold, probabilities))
     return {"run_id": run_id, "run_dir": str(run_dir), "metrics": metrics, "probabilities": probabilities,
             "probabilities_by_split": {split: p for split, (p, _) in scored.items()}, **summary}
 
