@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import secrets
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Protocol
@@ -248,6 +248,22 @@ def seed_groups(runs: list[Run]) -> dict[str, dict]:
                    "members": r.config.get("members", {}), "failed": r.config.get("failed", {})}
         for r in runs if r.kind == GROUP
     }
+
+def group_config(config, **extra) -> dict:
+    """The settings a seed group records: its members' (``config``, a dataclass such as
+    ``BaselineConfig`` or ``TuneConfig``) but the seed, which each member records, plus ``extra``
+    (e.g. the feature sets asked for). The one way every command says what its group was trained with.
+
+    >>> from dataclasses import dataclass
+    >>> @dataclass
+    ... class Settings:
+    ...     context: int = 2
+    ...     seed: int = 0
+    >>> group_config(Settings(), feature_sets=None)
+    {'context': 2, 'feature_sets': None}
+    """
+    return {**{k: v for k, v in asdict(config).items() if k != "seed"}, **extra}
+
 
 def train_group(store: Store, member_kind: str, seeds: list[int], train_one, *, run_dir: str | Path | None = None,
                 config: dict | None = None, log=lambda message: None) -> dict:

@@ -37,7 +37,7 @@ def baseline(
 
     from bemerc.store import Store, StoreError, StoreLockedError
     from bemerc.train.baseline import BaselineConfig, train_baseline
-    from bemerc.train.runs import BASELINE, parse_seeds, train_group
+    from bemerc.train.runs import BASELINE, group_config, parse_seeds, train_group
 
     given = {name: value for name, value in {"context": context, "seed": seed, "speaker_norm": speaker_norm}.items()
              if value is not None}  # defaults: BaselineConfig
@@ -53,7 +53,7 @@ def baseline(
                 db, BASELINE, seed_list,
                 lambda s, folder: train_baseline(db, feature_sets=feature_set or None, dataset=dataset, config=replace(config, seed=s),
                                                  run_dir=folder, log=log).run_id,
-                run_dir=run_dir, config={"context": config.context, "feature_sets": feature_set or None}, log=log)
+                run_dir=run_dir, config=group_config(config, feature_sets=feature_set or None), log=log)
         except (StoreError, StoreLockedError, ValueError) as e:
             fail(str(e))
         print_group(group, as_json)
