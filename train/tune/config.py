@@ -9,7 +9,8 @@ the CLI builds its ``--help`` defaults from here and every default has one home.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, field
+from pathlib import Path
 
 from bemerc.precision import DEFAULT_PRECISION, PRECISIONS
 
@@ -40,47 +41,83 @@ class TuneError(ValueError):
     """A tuning request that cannot run (no data, unknown modality, bad option); one-line message."""
 
 
+def option(default=MISSING, help: str = "", **cli):
+    """A :class:`TuneConfig` field that ``bemerc tune`` offers as an option (the CLI builds its options
+    from these, in field order): ``help`` is its --help text; ``cli`` holds what the option needs besides
+    (typer settings ``min``, ``max``, ``show_default``, ``flag``: the option's one name, ``choices``: the
+    names it takes, ``cli_type``: the type the command line reads, ``parse``: text -> the field's
+    value, ``always``: passed with its default even when not given, ``shared``: the CLI's common option of
+    that name). An option left out on the command line leaves the field's default."""
+    return field(default=default, metadata={"help": help, **cli})
+
+
+def parse_modalities(text: str) -> list[str]:
+    """``--modalities``: comma-separated names, or ``none``.
+
+    >>> parse_modalities("audio, behavior"), parse_modalities("none")
+    (['audio', 'behavior'], [])
+    """
+    return [m.strip() for m in text.split(",") if m.strip() and m.strip() != "none"]
+
+
 @dataclass
 class TuneConfig:
-    """Everything that defines a tuning run (saved in the run's config and checkpoint)."""
+    """Everything that defines a tuning run (saved in the run's config and checkpoint). The fields
+    made with :func:`option` are ``bemerc tune``'s options, in this order, with their help."""
 
-    model: str  # a local Hugging Face folder or a hub id
-    stage: str = "all"  # align | project | merc | all (the three in that order)
-    run_dir: str | None = None  # default: inside the store (see bemerc.store.runs.default_run_dir)
-    dataset: str | None = None  # needed when the store holds several datasets
-    modalities: list[str] | None = None  # projected to soft tokens; None = text, audio and behavior when stored
-    layout: str = "dialogue"  # dialogue: one sequence per dialogue; utterance: one prompt per utterance
-    context: int = 3  # utterance layout: previous utterances shown in the prompt
-    overlap: int = 2  # dialogue layout: turns repeated as context when a dialogue needs several windows
-    demos: int = 0  # K retrieved labelled train utterances shown before each dialogue (0 = none)
-    train_limit: int | None = None  # first N train utterances (whole dialogues)
-    eval_limit: int | None = None  # first N utterances of each eval split (whole dialogues)
-    epochs: int = 2  # merc epochs (chosen on RAVDESS and MELD dev; docs/tune.md, Epochs)
-    align_epochs: int = 1
-    project_epochs: int = 1  # epochs of the project stage (0 = none)
-    batch_size: int = 4  # utterances (utterance layout) or dialogue windows (dialogue layout) per step
-    micro_batch_tokens: int = MICRO_BATCH_TOKENS  # padded tokens per forward pass; a step's batch is cut to fit (memory)
-    lr: float = 1e-3
-    align_lr: float = 1e-3
-    projector_lr: float | None = None  # learning rate of the projectors in every stage (None: the stage's own)
+    model: str = option(help="Hugging Face causal LM: a local folder or a hub id. Default: the LLM of --profile.")
+    stage: str = option("all", choices=tuple(STAGES), always=True, help=(
+        "align: the behaviour projector learns to describe behaviour; project: the voice and behaviour projectors (not the text "
+        "embedding's) learn, with the LLM frozen, to answer the emotion from their soft tokens alone; merc: emotion instruction "
+        "tuning (LoRA and projectors); all: the three in that order (align is skipped without behaviour descriptions, project "
+        "without a voice or behaviour modality)."))
+    layout: str = option("dialogue", choices=LAYOUTS, help=(
+        "dialogue: one sequence per dialogue, every turn answered in one pass (labels scored by their first token); utterance: "
+        "one prompt per utterance with its last --context turns."))
+    run_dir: str | None = option(None, cli_type=Path, help="Output folder (default: runs/<run_id> inside the store).")
+    dataset: str | None = option(None, help="Dataset to use when the store holds several.")
+    modalities: list[str] | None = option(None, cli_type=str, parse=parse_modalities, help=(  # None = text, audio and behavior when stored
+        "Comma-separated modalities projected to soft tokens, or 'none'. Default: text, audio and behavior when stored."))
+    context: int = option(3, help="utterance layout: previous utterances shown in the prompt.")
+    overlap: int = option(2, help="dialogue layout: turns repeated as context when a long dialogue is split into windows.")
+    demos: int = option(0, help=("Show the K nearest labelled train utterances (by stored text embedding, never the same dialogue) "
+                                 "before each dialogue."))
+    max_len: int | None = option(None, help=(  # context dropped beyond it (utterance layout)
+        f"Tokens of a prompt (utterance layout, {DEFAULT_MAX_LEN['utterance']}) or a window (dialogue layout, {DEFAULT_MAX_LEN['dialogue']})."))
+    train_limit: int | None = option(None, help="Train on the first N train utterances (whole dialogues, store order).")
+    eval_limit: int | None = option(None, help="Evaluate on the first N utterances of each labelled eval split, dev and test (whole dialogues).")
+    epochs: int = option(2, help="Epochs of the merc stage.")  # chosen on RAVDESS and MELD dev; docs/tune.md, Epochs
+    align_epochs: int = option(1, help="Epochs of the align stage.")
+    project_epochs: int = option(1, help="Epochs of the project stage (0: none).")
+    lr: float = option(1e-3, help="Peak learning rate of the merc stage (and of the project stage unless --projector-lr).")
+    align_lr: float = option(1e-3, help="Peak learning rate of the align stage.")
+    projector_lr: float | None = option(None, help=(
+        "Peak learning rate of the projectors in every stage. Default: the stage's own (--lr, --align-lr)."))
+    batch_size: int = option(4, help="Utterances (utterance layout) or dialogue windows (dialogue layout) per optimiser step and device.")
+    micro_batch_tokens: int = option(MICRO_BATCH_TOKENS, min=1, help=(  # a step's batch is cut to fit (memory)
+        "Padded tokens per forward pass: a batch over it is trained in micro-batches with gradient accumulation (same step, "
+        "bounded memory; peak memory per window length: docs/tune.md, Tune memory)."))
+    balance: float = option(0.5, help=(  # example weight (class share * n_classes) ** -balance
+        "Class-balanced loss: weight examples by (class share) ** -BALANCE (0 = off, 0.5 = inverse square root, 1 = inverse frequency)."))
+    lora_r: int = option(8, help="LoRA rank (alpha = 2 * rank).")
+    lora_dropout: float = option(0.0, min=0.0, max=0.9, help=(  # 0.05 cost a quarter of a bf16 step for no dev gain on MELD (docs/tune.md, Precision)
+        "Dropout on the LoRA layers' inputs (its masks cost as much as the MLP's bf16 work on a CPU)."))
+    lora_layers: int | None = option(None, help="LoRA on the top N decoder blocks only (faster, but learns much less). Default: all.")
+    speaker_norm: bool = option(True, shared=True)  # normalise audio/behaviour/visual soft inputs per speaker (bemerc.train.tensors.SpeakerNorm)
+    normalize_scores: bool = option(False, flag="--normalize-scores", show_default=False, help=(  # mean instead of sum of token log-probs
+        "utterance layout: score a label by its mean token log-probability instead of the sum."))
+    zero_shot: bool = option(False, always=True, help="No training: evaluate the base model by label scoring (no LoRA, no soft tokens).")
+    seed: int = option(0, help="Seed of initialisation, data order and dropout.")
+    threads: int = option(2, help="Torch CPU threads.")
+    precision: str = option(DEFAULT_PRECISION, shared=True)  # auto | fp32 | bf16: frozen base weights and matmuls (bemerc.precision); LoRA, projectors and optimiser stay fp32
+    checkpoint_every: int = option(50, help="Write RUN_DIR/checkpoint.pt every N optimiser steps.")
+    stop_after: int | None = option(None, help="Stop after N optimiser steps with a checkpoint (continue with --resume).")
+    # not options of `bemerc tune`
     warmup: float = 0.05  # share of the steps with a linear warm-up, then cosine decay to 10%
     weight_decay: float = 0.0
-    balance: float = 0.5  # class-balanced loss: example weight (class share * n_classes) ** -balance
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0  # 0.05 cost a quarter of a bf16 step (its masks) for no dev gain on MELD (docs/tune.md, Precision)
-    lora_layers: int | None = None  # LoRA on the top N decoder blocks only (None = all)
+    lora_alpha: int = 16  # `bemerc tune --lora-r R` sets it to 2 * R
     align_lora: bool = False
-    max_len: int | None = None  # tokens of a prompt (512; context dropped beyond it) or a window (1024)
-    normalize_scores: bool = False  # label score = mean instead of sum of token log-probs
-    speaker_norm: bool = True  # normalise audio/behaviour/visual soft inputs per speaker (bemerc.train.tensors.normalise_speakers)
-    zero_shot: bool = False  # no training: score labels with the base model (no LoRA, no soft tokens)
-    seed: int = 0
-    threads: int = 2  # torch CPU threads
-    precision: str = DEFAULT_PRECISION  # auto | fp32 | bf16: frozen base weights and matmuls (bemerc.precision); LoRA, projectors and optimiser stay fp32
     gradient_checkpointing: bool | None = None  # None = on when a GPU is used
-    checkpoint_every: int = 50
-    stop_after: int | None = None  # stop (with a checkpoint) after this many optimiser steps of the run
     progress: bool = True
     merc_prompt: str | None = None  # template name or .toml path; default: the layout's (dialogue or merc)
     align_prompt: str = "align"
