@@ -128,8 +128,10 @@ class SpeakerNorm:
     is normalised.
 
     >>> norm = SpeakerNorm({"audio": (np.array([1.0], np.float32), np.array([2.0], np.float32))})
-    >>> norm.apply("audio", np.array([[10.0], [14.0]]), np.ones(2, bool), np.array([0, 0]), prior=2).ravel().tolist()
-    [4.5, 8.5]
+    >>> u = pl.DataFrame({"dataset": ["d"] * 3, "speaker": ["Ann", "Ann", "Bo"]})
+    >>> out = norm.normalise({"audio": (np.array([[10.0], [14.0], [5.0]]), np.ones(3, bool))}, ["audio"], u, prior=2)
+    >>> [round(float(x), 3) for x in out["audio"][0].ravel()]  # Ann (10, 14) -> centre 6.5, spread 2; Bo heard once
+    [4.5, 8.5, 4.266]
     """
 
     stats: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
@@ -147,13 +149,19 @@ class SpeakerNorm:
             stats[m] = (fit.mean(axis=0), fit.std(axis=0))
         return cls(stats)
 
-    def __contains__(self, modality: str) -> bool:
-        return modality in self.stats
-
-    def apply(self, modality: str, values: np.ndarray, present: np.ndarray, groups: np.ndarray,
-              prior: float = SPEAKER_PRIOR) -> np.ndarray:
-        """``values`` with each speaker (``groups``, :func:`speaker_groups`) normalised to ``modality``'s train mean and std."""
-        return normalise_speakers(values, present, groups, *self.stats[modality], prior=prior)
+    def normalise(self, features: dict[str, tuple[np.ndarray, np.ndarray]], modalities: list[str], utterances: pl.DataFrame,
+                  prior: float = SPEAKER_PRIOR) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """``features`` (modality -> (N, K*D) values, (N,) present mask of ``utterances``' rows) with
+        each speaker's values of ``modalities`` normalised to the train mean and std (the others as
+        they are); a ValueError when the normaliser lacks one of ``modalities``."""
+        missing = [m for m in modalities if m not in self.stats]
+        if missing:
+            raise ValueError(f"{missing[0]} soft tokens are normalised per speaker: give the train mean and std they are normalised to")
+        if not modalities:
+            return dict(features)
+        groups = speaker_groups(utterances)
+        return {m: (normalise_speakers(values, present, groups, *self.stats[m], prior=prior) if m in modalities else values, present)
+                for m, (values, present) in features.items()}
 
     def save(self, folder) -> None:
         """``FOLDER/speaker_norm.safetensors`` (tensors ``MODALITY.mean`` and ``MODALITY.std``, float32); nothing when empty."""

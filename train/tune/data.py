@@ -15,7 +15,7 @@ import numpy as np
 from bemerc.store import Store
 from bemerc.store.schema import EVAL_SPLITS, run_classes
 from bemerc.train.metrics import class_weights as balanced_weights
-from bemerc.train.tensors import SPEAKER_NORMALISED, Corpus, SpeakerNorm, load_corpus, speaker_groups
+from bemerc.train.tensors import SPEAKER_NORMALISED, Corpus, SpeakerNorm, load_corpus
 from bemerc.train.tune.config import SOFT_MODALITIES, TuneConfig, TuneError, project_modalities
 from bemerc.train.tune.model import Batch, SoftInput, collate, collate_windows
 from bemerc.train.tune.prompt import DialogueTurn, Encoded, Prompter, Turn, Window
@@ -83,15 +83,8 @@ def corpus_inputs(corpus: Corpus, soft: list[SoftInput], norm: SpeakerNorm | Non
     ``stored``: the soft inputs' stored values when the caller has them (:func:`soft_values`)."""
     u = corpus.utterances
     n = u.height
-    features = {}
-    groups = speaker_groups(u) if any(s.speaker_norm for s in soft) else None
-    for s in soft:
-        values, present = stored[s.modality] if stored else soft_values(corpus, s)
-        if s.speaker_norm:
-            if norm is None or s.modality not in norm:
-                raise ValueError(f"{s.modality} soft tokens are normalised per speaker: give the train mean and std they are normalised to")
-            values = norm.apply(s.modality, values, present, groups)
-        features[s.modality] = (values, present)
+    stored = stored or {s.modality: soft_values(corpus, s) for s in soft}
+    features = (norm or SpeakerNorm()).normalise(stored, [s.modality for s in soft if s.speaker_norm], u)
     behavior = corpus.modalities.get("behavior")
     descriptions = (behavior.extras.get("description") if behavior else None) or [None] * n
     text = corpus.modalities.get("text")
