@@ -55,8 +55,7 @@ from bemerc.train.tune.config import STAGES, TuneConfig, TuneError, project_moda
 from bemerc.train.tune.data import (Data, Examples, dialogue_windows, load_data, make_prompter, make_retriever, merc_examples,
                                     stage_examples)
 from bemerc.train.tune.infer import TunedModel
-from bemerc.train.tune.model import (IGNORE, LoraSettings, MercModel, TuneInfo, base_dtype, build_model, load_llm,
-                                     micro_batches, save_adapter)
+from bemerc.train.tune.model import IGNORE, LoraSettings, MercModel, TuneInfo, micro_batches, new_model, save_adapter
 
 def epoch_batches(lengths: list[int], batch_size: int, seed: int) -> list[np.ndarray]:
     """Shuffled batches (indices into ``lengths``) of similar lengths, to pad little: shuffle, sort
@@ -400,10 +399,8 @@ def tune(store: Store, config: TuneConfig, resume: bool = False) -> dict:
 
     data = load_data(store, config)
     torch.manual_seed(config.seed)
-    llm, tokenizer = load_llm(config.model, base_dtype(precision, cuda))
     lora = None if config.zero_shot else LoraSettings(config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_layers)
-    model = build_model(llm, data.soft, lora)
-    model.fit_input_scaling(data.features, data.train_rows)
+    model, tokenizer = new_model(config.model, data.soft, lora, precision, cuda, data.features, data.train_rows)
     if config.gradient_checkpointing if config.gradient_checkpointing is not None else cuda:
         model.causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(accelerator.device)

@@ -407,6 +407,17 @@ def build_model(llm: nn.Module, soft: list[SoftInput], lora: LoraSettings | None
     return MercModel(llm, soft)
 
 
+def new_model(path: str | Path, soft: list[SoftInput], lora: LoraSettings | None, precision: str, cuda: bool,
+              features: dict[str, tuple[np.ndarray, np.ndarray]], train_rows: np.ndarray):
+    """(model, tokenizer) of a run about to train: the base LLM at ``path`` held in :func:`base_dtype`,
+    frozen, with LoRA (unless ``lora`` is None) and projectors for ``soft`` whose inputs are
+    standardised on the ``train_rows`` of ``features`` (:meth:`MercModel.fit_input_scaling`)."""
+    llm, tokenizer = load_llm(path, base_dtype(precision, cuda))
+    model = build_model(llm, soft, lora)
+    model.fit_input_scaling(features, train_rows)
+    return model, tokenizer
+
+
 @dataclass
 class TuneInfo:
     """What a saved adapter needs besides its weights to be used again (``tune.json``): the base
