@@ -17,21 +17,17 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bemerc.extract.behavior.expression import EXPRESSIONS, NetExpression  # noqa: E402
-from bemerc.extract.behavior.train_expression import CROP_MARGIN, cached_crops, dev_split, scores  # noqa: E402
+from bemerc.extract.behavior.expression import EXPRESSIONS, NetExpression, centre_of_cut  # noqa: E402
+from bemerc.extract.behavior.train_expression import cached_crops, dev_split, scores  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def network_crops(cache: np.ndarray, side: int) -> np.ndarray:
-    """The network's crop (the centre 1 / CROP_MARGIN of each cached crop), resized to ``side``."""
-    inner = int(round(cache.shape[1] / CROP_MARGIN))
-    start = (cache.shape[1] - inner) // 2
-    return np.stack([cv2.resize(c[start : start + inner, start : start + inner], (side, side), interpolation=cv2.INTER_AREA)
-                     for c in cache])
+    """The network's crop of each cached cut, as extraction takes it."""
+    return np.stack([centre_of_cut(c, side) for c in cache])
 
 
 def main() -> None:

@@ -58,6 +58,26 @@ class ExpressionNetDims:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
 
 
+CROP_MARGIN = 1.25  # the face is first cut this much wider than the network's crop (training jitters it there)
+CUT_SIDE = 80  # ... at this many pixels; the network's crop is its centre 1 / CROP_MARGIN, resized bilinearly
+
+
+def centre_of_cut(cut: np.ndarray, input_side: int) -> np.ndarray:
+    """The network's crop of a face cut (uint8 (CUT_SIDE, CUT_SIDE, 3)): its centre 1 / CROP_MARGIN resized
+    bilinearly to ``input_side``: the same pixels as training's unjittered crop of its cached cuts (a torch
+    ``grid_sample`` at zoom 1 / CROP_MARGIN), so the network reads at extraction what it was scored on."""
+    inner = int(round(cut.shape[0] / CROP_MARGIN))
+    start = (cut.shape[0] - inner) // 2
+    return cv2.resize(cut[start : start + inner, start : start + inner], (input_side, input_side), interpolation=cv2.INTER_LINEAR)
+
+
+def cut_face(frame: np.ndarray, box: np.ndarray, box_scale: float) -> np.ndarray:
+    """uint8 (CUT_SIDE, CUT_SIDE, 3): the square ``box_scale * CROP_MARGIN`` times the longer side of the
+    face box ``box`` (x0, y0, x1, y1), around its centre."""
+    side = box_scale * CROP_MARGIN * max(box[2] - box[0], box[3] - box[1])
+    return square_crop(frame, (box[:2] + box[2:]) / 2, side, CUT_SIDE)[0]
+
+
 PROBABILITY_MEASURES = tuple(f"p_{label}" for label in EXPRESSIONS)
 """The per-frame measure names of the seven probabilities, shared by every expression model."""
 
@@ -180,12 +200,11 @@ class NetExpression:
 
     def config(self) -> dict:
         return {"model": self.name, "sha256": cached_sha256(self.weights_path), "box_scale": self.dims.box_scale,
-                "input_side": self.dims.input_side}
+                "input_side": self.dims.input_side, "cut": [CUT_SIDE, CROP_MARGIN]}
 
     def crop(self, frame: np.ndarray, box: np.ndarray) -> np.ndarray:
-        """The network's uint8 RGB crop (S, S, 3) of the face at ``box`` in an RGB frame."""
-        side = self.dims.box_scale * max(box[2] - box[0], box[3] - box[1])
-        return square_crop(frame, (box[:2] + box[2:]) / 2, side, self.dims.input_side)[0]
+        """The network's uint8 RGB crop (S, S, 3) of the face at ``box`` in an RGB frame, cut as training cut it."""
+        return centre_of_cut(cut_face(frame, box, self.dims.box_scale), self.dims.input_side)
 
     def probabilities_and_embeddings(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """float32 (N, 7) probabilities and (N, E) embeddings of uint8 RGB crops (N, S, S, 3)."""

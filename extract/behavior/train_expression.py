@@ -31,15 +31,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from bemerc.extract.behavior.expression import CROP_MARGIN, CUT_SIDE, cut_face
 from bemerc.extract.behavior.expression_net import (
     EXPRESSIONS, ExpressionNet, ExpressionNetDims, export_onnx, save_expression_net,
 )
 from bemerc.precision import cpu_has_bf16
 
 DEV_FRACTION = 0.2
-CROP_MARGIN = 1.25  # cached crops are this much wider than the network's crop (room for shifts and zooms)
 DEFAULT_EPOCHS = 90  # the shipped model's
-CACHE_SIDE = 80  # cached crop side in pixels (the network's crop is its centre 1 / CROP_MARGIN, resampled)
 
 
 def decode_image(data: bytes, name: str = "image") -> np.ndarray:
@@ -94,29 +93,28 @@ def pipeline_face_box(finder, frame: np.ndarray) -> np.ndarray | None:
     return None if speaker is None else speaker.faces[0].box
 
 
-def cut_crops(images: list[bytes], box_scale: float, side: int = CACHE_SIDE, margin: float = CROP_MARGIN,
+def cut_crops(images: list[bytes], box_scale: float,
               progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(crops uint8 (N, side, side, 3), found bool (N,)): each image through the pipeline's still frame,
-    face finder and mesh, cut ``margin`` times wider than the network's crop."""
+    """(cuts uint8 (N, CUT_SIDE, CUT_SIDE, 3), found bool (N,)): each image through the pipeline's still
+    frame, face finder and mesh, then the pipeline's cut (:func:`~bemerc.extract.behavior.expression.cut_face`:
+    ``CROP_MARGIN`` times wider than the network's crop)."""
     from bemerc.extract.behavior.face import FaceFinder, square_crop
     from bemerc.extract.media import still_frame
 
     finder = FaceFinder(max_faces=4)
-    crops = np.zeros((len(images), side, side, 3), dtype=np.uint8)
+    crops = np.zeros((len(images), CUT_SIDE, CUT_SIDE, 3), dtype=np.uint8)
     found = np.zeros(len(images), dtype=bool)
     for i, data in enumerate(images):
         image = decode_image(data)
         frame = still_frame(image)
         box = pipeline_face_box(finder, frame)
-        if box is None:  # train on the whole image's face region instead (the original, unpadded)
+        if box is None:  # train on the whole image instead (the aligned original, unpadded: already about the face box)
             h, w = image.shape[:2]
-            pad_y, pad_x = (frame.shape[0] - h) / 2, (frame.shape[1] - w) / 2
-            box = np.array([pad_x, pad_y, pad_x + w, pad_y + h])
-            scale = margin  # the aligned image is already about the face box
+            centre = np.array([frame.shape[1] / 2, frame.shape[0] / 2])
+            crops[i], _ = square_crop(frame, centre, CROP_MARGIN * max(h, w), CUT_SIDE)
         else:
             found[i] = True
-            scale = box_scale * margin
-        crops[i], _ = square_crop(frame, (box[:2] + box[2:]) / 2, scale * max(box[2] - box[0], box[3] - box[1]), side)
+            crops[i] = cut_face(frame, box, box_scale)
         if progress and (i + 1) % 500 == 0:
             progress(i + 1)
     finder.close()
@@ -133,7 +131,7 @@ def cached_crops(path: str | Path, cache_dir: Path, box_scale: float, limit: int
     crop settings and limit (a rerun reads the cache)."""
     faces = read_faces(path, limit)
     key = hashlib.sha256(json.dumps([Path(path).name, Path(path).stat().st_size, box_scale, CROP_MARGIN,
-                                     CACHE_SIDE, limit, len(faces["file"])]).encode()).hexdigest()[:16]
+                                     CUT_SIDE, limit, len(faces["file"])]).encode()).hexdigest()[:16]
     cache = cache_dir / f"crops-{Path(path).stem}-{key}.npz"
     if cache.is_file():
         saved = np.load(cache)
@@ -162,7 +160,7 @@ def cached_crops(path: str | Path, cache_dir: Path, box_scale: float, limit: int
 
 
 def augment(model_input_side: int, crops, generator, train: bool):
-    """uint8 crops (N, S, S, 3) of side CACHE_SIDE -> float (N, 3, side, side) in [0, 1]: the centre
+    """uint8 crops (N, S, S, 3) of side CUT_SIDE -> float (N, 3, side, side) in [0, 1]: the centre
     (the pipeline's crop) for eval; for training, a random flip, rotation (+-12 deg), zoom (0.9-1.1) and
     shift (+-6%), brightness/contrast jitter, grey (p 0.2) and one erased rectangle (p 0.5)."""
     import torch
@@ -287,7 +285,7 @@ def train_expression(
     optimizer = torch.optim.AdamW(model.param_groups(weight_decay), lr=lr)
     per_epoch = len(raf_y) + (0 if fer_y is None else int(fer_fraction * len(fer_y)))
     steps = epochs * max(1, math.ceil(per_epoch / batch_size))
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.15)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(steps, 1), pct_start=0.15)
     bf16 = cpu_has_bf16()
     generator = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
