@@ -67,6 +67,15 @@ def test_train_command_on_a_tiny_subset(tmp_path, models_cache):
     again = runner.invoke(app, ["models", "train-expression", "--out", str(tmp_path), "--limit", "120", "--epochs", "1",
                                 "--threads", "1"])
     assert again.exit_code == 0 and [p.stat().st_mtime_ns for p in caches] == mtimes
+    # what extraction runs is the int8 copy of the fp32 export: a third of its size, the same readings within rounding
+    from bemerc.extract.behavior.expression import NetExpression, centre_of_cut
+
+    int8, fp32 = NetExpression(tmp_path / "expression_net.onnx"), NetExpression(tmp_path / "expression_net.fp32.onnx")
+    assert (tmp_path / "expression_net.onnx").stat().st_size * 2.5 < (tmp_path / "expression_net.fp32.onnx").stat().st_size
+    assert set(metrics["deployed_dev"]["recall"]) == set(EXPRESSIONS) and int8.dims == fp32.dims
+    crops = np.stack([centre_of_cut(c, int8.dims.input_side) for c in np.load(caches[0])["crops"][:16]])
+    (p8, e8), (p32, e32) = int8.probabilities_and_embeddings(crops), fp32.probabilities_and_embeddings(crops)
+    assert np.abs(p8 - p32).max() < 0.05 and np.allclose(p8.sum(1), 1, atol=1e-4)
 
 
 def test_train_command_names_a_missing_face_set(tmp_path):

@@ -131,6 +131,45 @@ def export_onnx(model: ExpressionNet, path: str | Path, extra: dict | None = Non
     return Path(path)
 
 
+def quantize_onnx(src: str | Path, dst: str | Path, calibration: np.ndarray) -> Path:
+    """An int8 copy of an exported network, with the source's metadata: ONNX QDQ, the convolutions'
+    weights int8 per output channel (7-bit, so CPUs without VNNI cannot saturate) and their inputs uint8,
+    ranges calibrated on ``calibration`` (float32 crops (N, S, S, 3) 0-255, as the network reads them;
+    99.999th percentile); pooling, head and softmax stay float, so probabilities and embeddings are not
+    rounded to 1/255. onnxruntime runs it about twice as fast as the fp32 file on one core
+    (``bench/expression.py`` measures both). Needs the ``onnx`` package (training only)."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Crops(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"crops": calibration[i : i + 1].astype(np.float32)} for i in range(len(calibration))])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    dst = Path(dst)
+    prepared, tmp = dst.with_suffix(".pre.onnx"), dst.with_suffix(".tmp.onnx")
+    try:
+        quant_pre_process(str(src), str(prepared))
+        quantize_static(str(prepared), str(tmp), Crops(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        reduce_range=True, op_types_to_quantize=["Conv"],
+                        calibrate_method=CalibrationMethod.Percentile)
+        graph = onnx.load(str(tmp))
+        del graph.metadata_props[:]
+        for prop in onnx.load(str(src)).metadata_props:
+            graph.metadata_props.add(key=prop.key, value=prop.value)
+        graph.metadata_props.add(key="quantized", value="int8 QDQ convolutions (per-channel 7-bit weights, uint8 inputs); float pooling, head, softmax")
+        onnx.save(graph, str(tmp))
+        tmp.replace(dst)
+    finally:
+        prepared.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
+    return dst
+
+
 def load_expression_net(path: str | Path) -> ExpressionNet:
     """The network saved by :func:`save_expression_net`, in eval mode; ValueError naming the file when
     it is not such a file."""
