@@ -24,7 +24,7 @@ import pyarrow as pa
 from lancedb.index import IvfPq
 
 from bemerc.store.db import FeatureSet, Store, StoreError, dialogue_order
-from bemerc.store.schema import BASE_TABLES, MODALITIES, sql_in, sql_quote
+from bemerc.store.schema import BASE_TABLES, sql_in, sql_quote
 
 # Above this many rows a vector search may use an IVF_PQ index (see :func:`create_vector_index`);
 # below it an exact scan is fast and an index would only lose recall.

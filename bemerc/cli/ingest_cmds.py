@@ -111,7 +111,7 @@ def predictions(
 
     Example: `bemerc ingest predictions qwen7b-dev.csv --name qwen7b`
     """
-    from bemerc.store import Store, StoreError, StoreLockedError
+    from bemerc.store import StoreError, StoreLockedError
     from bemerc.store.ingest import IngestError
     from bemerc.train.external import ingest_predictions
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from bemerc.precision import torch_dtype
 from bemerc.train.tensors import SpeakerNorm
-from bemerc.train.tune.config import MICRO_BATCH_TOKENS, project_modalities
+from bemerc.train.tune.config import project_modalities
 from bemerc.train.tune.prompt import Encoded, Prompter, Window, load_template
 
 IGNORE = -100  # target value of positions without a loss
