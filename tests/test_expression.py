@@ -76,6 +76,10 @@ def test_train_command_on_a_tiny_subset(tmp_path, models_cache):
     crops = np.stack([centre_of_cut(c, int8.dims.input_side) for c in np.load(caches[0])["crops"][:16]])
     (p8, e8), (p32, e32) = int8.probabilities_and_embeddings(crops), fp32.probabilities_and_embeddings(crops)
     assert np.abs(p8 - p32).max() < 0.05 and np.allclose(p8.sum(1), 1, atol=1e-4)
+    # it reads each face with its mirror image and averages both: a mirrored face reads the same
+    assert fp32.dims.flip_average
+    mirrored, _ = fp32.probabilities_and_embeddings(np.ascontiguousarray(crops[:, :, ::-1]))
+    assert np.allclose(mirrored, p32, atol=1e-5) and np.abs(p32 - p32.mean(0)).max() > 1e-4
 
 
 def test_train_command_names_a_missing_face_set(tmp_path):

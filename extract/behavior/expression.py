@@ -51,10 +51,12 @@ class ExpressionNetDims:
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.25, 0.25, 0.25)
     labels: tuple[str, ...] = field(default=EXPRESSIONS)
+    flip_average: bool = True  # the exported network reads each crop and its mirror image and averages both readings
 
     @classmethod
     def from_json(cls, text: str) -> "ExpressionNetDims":
         raw = json.loads(text)
+        raw.setdefault("flip_average", False)  # networks saved before the field existed read one crop
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
 
 

@@ -99,7 +99,9 @@ def save_expression_net(model: ExpressionNet, path: str | Path, extra: dict | No
 
 
 class _Deployed(nn.Module):
-    """What the ONNX file computes: uint8-valued RGB crops (N, S, S, 3) as float32 -> (probabilities, embedding)."""
+    """What the ONNX file computes: uint8-valued RGB crops (N, S, S, 3) as float32 -> (probabilities, embedding).
+    With ``dims.flip_average`` each crop is read with its mirror image in one batch, and the two readings'
+    probabilities and embeddings are averaged (training flips faces at random, so both are faces it knows)."""
 
     def __init__(self, model: ExpressionNet):
         super().__init__()
@@ -107,8 +109,13 @@ class _Deployed(nn.Module):
 
     def forward(self, crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.model.standardise(crops.permute(0, 3, 1, 2) / 255.0)
-        embedding = self.model.embed(x)
-        return self.model.head(embedding).softmax(-1), embedding
+        if not self.model.dims.flip_average:
+            embedding = self.model.embed(x)
+            return self.model.head(embedding).softmax(-1), embedding
+        n = x.shape[0]
+        embeddings = self.model.embed(torch.cat([x, x.flip(-1)]))
+        probabilities = self.model.head(embeddings).softmax(-1)
+        return (probabilities[:n] + probabilities[n:]) / 2, (embeddings[:n] + embeddings[n:]) / 2
 
 
 def export_onnx(model: ExpressionNet, path: str | Path, extra: dict | None = None) -> Path:
