@@ -14,12 +14,12 @@ from fastapi.responses import FileResponse
 
 from bemerc.serve.routes import StoreDep
 from bemerc.store import query as Q
-from bemerc.store.schema import sql_quote
+from bemerc.store.schema import MODALITIES, sql_quote
 
 PAGE_DIR = Path(__file__).parent.parent / "page"
 SPLIT_PATTERN = r"^[A-Za-z0-9_-]{1,40}$"
 
-Modality = Enum("Modality", {m: m for m in Q.MODALITIES}, type=str)
+Modality = Enum("Modality", {m: m for m in MODALITIES}, type=str)
 
 router = APIRouter()
 
