@@ -4,7 +4,7 @@ and how often, and how many times the utterances table is read.
 Builds the demo store (``bemerc demo`` + ``bemerc ingest manifest``; no extraction: behaviour tokens
 with descriptions and audio vectors are stand-ins computed from each line's text, as in
 tests/test_tune.py, so every part of the data path runs: soft tokens, speaker normalisation, the three
-stages), a 2-block random-weight Llama with SmolLM2's tokenizer (tests/conftest.py's tiny_llm), and runs
+stages), a 2-block random-weight Llama with SmolLM2's tokenizer (``train.tune.model.write_tiny_llm``), and runs
 ``bemerc tune`` under ``sys.setprofile``.
 
 The count is a reader's walk, not the CPU's: the reader follows the calls in the order they run and
@@ -83,13 +83,6 @@ def demo_store(folder: Path):
                                           "vector": [np.resize(m.reshape(-1), 8).tolist() for m in measures[::2]]},
                                          schema=store.table(audio.table_name).schema))
     return store
-
-
-def tiny_llm(folder: Path) -> Path:
-    from bemerc.train.tune.model import write_tiny_llm
-
-    return write_tiny_llm(folder)
-    return folder
 
 
 def walk(argv: list[str]) -> tuple[Counter, Counter, int, int, list, list]:
@@ -171,10 +164,12 @@ def main() -> None:
     parser.add_argument("--edges", action="store_true", help="also list the call edges between files (caller file:function -> callee file:function)")
     parser.add_argument("--path", action="store_true", help="also print the walk, one step (file:function entered) a line")
     args = parser.parse_args()
+    from bemerc.train.tune.model import write_tiny_llm
+
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         store = demo_store(tmp)
-        model = tiny_llm(tmp / "llm")
+        model = write_tiny_llm(tmp / "llm")
         argv = ["tune", "--store", str(store.path), "--model", str(model), "--run-dir", str(tmp / "run"), "--layout", args.layout,
                 "--modalities", "audio,behavior", "--epochs", "1", "--align-epochs", "1", "--project-epochs", "1",
                 "--batch-size", "4", "--json"]

@@ -232,15 +232,16 @@ def scores(labels: np.ndarray, predicted: np.ndarray) -> dict:
 
 
 def score_onnx(path: str | Path, cuts: np.ndarray, labels: np.ndarray, found: np.ndarray, input_side: int) -> dict:
-    """:func:`scores` of an exported network (as extraction runs it: onnxruntime, the pipeline's crop
-    of each cached cut) on labelled faces; a face the finder missed counts as wrong."""
-    import onnxruntime
+    """:func:`scores` of an exported network on labelled faces, run as extraction runs it
+    (:class:`~bemerc.extract.behavior.expression.NetExpression`, the pipeline's crop of each cached cut);
+    a face the finder missed counts as wrong."""
+    from bemerc.extract.behavior.expression import NetExpression
 
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    net = NetExpression(path)
     predicted = np.zeros(len(labels), dtype=int)
     for i in range(0, len(labels), 256):
-        crops = np.stack([centre_of_cut(c, input_side) for c in cuts[i : i + 256]]).astype(np.float32)
-        predicted[i : i + 256] = session.run(None, {"crops": crops})[0].argmax(1)
+        crops = np.stack([centre_of_cut(c, input_side) for c in cuts[i : i + 256]])
+        predicted[i : i + 256] = net.probabilities_and_embeddings(crops)[0].argmax(1)
     return scores(labels, np.where(found, predicted, -1))
 
 
