@@ -87,6 +87,14 @@ def test_train_command_names_a_missing_face_set(tmp_path):
     assert result.exit_code == 1 and "none.parquet: no such face set" in result.output
 
 
+def test_train_command_names_an_out_it_cannot_write(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    result = runner.invoke(app, ["models", "train-expression", "--out", str(tmp_path / "a-file" / "out"), "--limit", "20"])
+    assert result.exit_code == 1 and "a-file/out: Not a directory" in result.output and "Traceback" not in result.output
+    result = runner.invoke(app, ["models", "train-expression", "--out", str(tmp_path / "out"), "--epochs", "0"])
+    assert result.exit_code == 2 and not (tmp_path / "out").exists()
+
+
 def test_shipped_network_reads_held_out_real_faces(dev_faces):
     """70 RAF-DB dev faces, 10 of each expression, through the still-image pipeline: the share read right is
     about the mean recall over classes (0.72 on the whole dev split; FER2013's model: 0.47, MODEL_CARD.md)."""

@@ -88,13 +88,13 @@ FACES_DIR = "../shared/data/faces"  # where the shared face sets lie beside a ch
 
 @models_app.command("train-expression")
 def train_expression_cmd(
-    out: Annotated[str, typer.Option("--out", help="Folder for expression_net.onnx (what extraction runs), .safetensors (PyTorch), metrics.json and the crop cache.")] = "out/expression",
+    out: Annotated[str, typer.Option("--out", help="Folder for expression_net.onnx (int8, what extraction runs), .fp32.onnx, .safetensors (PyTorch), metrics.json and the crop cache.")] = "out/expression",
     rafdb: Annotated[str, typer.Option("--rafdb", help="RAF-DB train faces (Parquet: file, label, image); 20% held out as dev.")] = f"{FACES_DIR}/rafdb_train.parquet",
     fer2013: Annotated[str, typer.Option("--fer2013", help="FER2013 train faces (Parquet), mixed into training; '' for none.")] = f"{FACES_DIR}/fer2013_train.parquet",
-    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Passes over the training faces (default: the shipped model's).")] = None,
-    limit: Annotated[Optional[int], typer.Option("--limit", help="Read only N faces of each set, evenly spread (a quick check).")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help="Passes over the training faces (default: the shipped model's).")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Read only N faces of each set, evenly spread (a quick check).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of initialisation, sampling and augmentation.")] = 0,
-    threads: Annotated[int, typer.Option("--threads", help="CPU threads (and face-finder processes).")] = 2,
+    threads: Annotated[int, typer.Option("--threads", min=1, help="CPU threads (and face-finder processes).")] = 2,
 ) -> None:
     """Rebuild bemerc's expression network from labelled real faces, on CPU.
 
@@ -112,8 +112,10 @@ def train_expression_cmd(
     try:
         metrics = train_expression(rafdb, out, fer2013 or None, epochs=epochs or DEFAULT_EPOCHS, seed=seed, limit=limit,
                                    threads=threads, say=log.info)
-    except (FileNotFoundError, ValueError) as err:
+    except ValueError as err:
         fail(str(err))
+    except OSError as err:  # a face set that is missing, or an OUT that cannot be written
+        fail(f"{err.filename}: {err.strerror}" if err.filename else str(err))
     dev = metrics["dev"]
     console.print(f"dev ({dev['faces']} RAF-DB faces): accuracy {dev['accuracy']:.3f}, macro F1 {dev['macro_f1']:.3f}, "
                   f"recall " + ", ".join(f"{k} {v:.2f}" for k, v in dev["recall"].items()), highlight=False)
