@@ -20,7 +20,8 @@ import bemerc  # noqa: F401  (OpenMP wait policy before torch)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bemerc.train.tune.model import LoraSettings, SoftInput, build_model, collate_windows  # noqa: E402
+from bemerc.train.tune.data import SoftInput, collate_windows  # noqa: E402
+from bemerc.train.tune.model import LoraSettings, build_model  # noqa: E402
 from bemerc.train.tune.prompt import Window  # noqa: E402
 
 QWEN25_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,

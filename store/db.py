@@ -8,8 +8,9 @@ upserted by their key (``uid`` for utterances and features), so a re-run never d
 from __future__ import annotations
 
 import json
+import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
@@ -23,9 +24,15 @@ from bemerc.store import schema as S
 from bemerc.store.lock import CLAIM_PREFIX, ObjectStoreLock, WriteLock
 from bemerc.store.objects import is_uri
 
+log = logging.getLogger(__name__)
+
 
 class StoreError(RuntimeError):
     """A problem with the store's contents (a missing table, an unknown feature set, ...)."""
+
+
+class StaleFeaturesError(StoreError):
+    """Stored feature rows were computed from inputs that have changed since (see :mod:`bemerc.store.inputs`)."""
 
 
 class DamagedTableError(StoreError):
@@ -40,7 +47,8 @@ class DamagedTableError(StoreError):
 
 @dataclass(frozen=True)
 class FeatureSet:
-    """One set of features: a modality, an extractor and the hash of its configuration."""
+    """One set of features: a modality, an extractor and the hash of its configuration; ``id`` is
+    ``"{modality}/{extractor}@{config_hash}"``, e.g. ``"text/minilm-l6@3f2a9c1b"`` (set from them)."""
 
     modality: str
     extractor: str
@@ -49,11 +57,10 @@ class FeatureSet:
     dim: int
     random_weights: bool
     config: dict
+    id: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def id(self) -> str:
-        """``"{modality}/{extractor}@{config_hash}"``, e.g. ``"text/minilm-l6@3f2a9c1b"``."""
-        return f"{self.modality}/{self.extractor}@{self.config_hash}"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "id", f"{self.modality}/{self.extractor}@{self.config_hash}")
 
 
 @dataclass(frozen=True)
@@ -253,6 +260,16 @@ class Store:
         with self.lock:
             self._open(name).delete(where)
 
+    def record_run(self, predictions: pa.Table, run: dict, feature_sets: list[str]) -> None:
+        """Record a run under one hold of the write lock: its ``predictions`` rows, then its ``runs``
+        row (``run``, stamped ``table_versions_json`` with the versions of the utterances table and
+        of ``feature_sets``' tables it read), so a run listed in ``runs`` always has its predictions."""
+        with self.lock:
+            tables = ["utterances", *[self.feature_set(f).table_name for f in feature_sets]]
+            versions = {name: self.version(name) for name in tables}
+            self.upsert("predictions", predictions)
+            self.upsert("runs", pa.Table.from_pylist([{**run, "table_versions_json": json.dumps(versions)}], schema=S.RUNS))
+
     # -- feature sets -------------------------------------------------------------------------
     def register_feature_set(
         self,
@@ -404,9 +421,25 @@ class Store:
         stale = [u for u in uids if stored[u] is not None and stored[u] != current[u]]
         return Staleness(rows=len(uids), stale=stale, unverified=unverified)
 
-    def read_features(self, fs: FeatureSet | str, columns: list[str] | None = None) -> pa.Table:
-        """All rows of a feature set as Arrow (``uid``, ``vector``, ...)."""
+    def read_features(self, fs: FeatureSet | str, columns: list[str] | None = None,
+                      current_for: pl.DataFrame | None = None) -> pa.Table:
+        """All rows of a feature set as Arrow (``uid``, ``vector``, ...; every column by default).
+
+        ``current_for``: the utterances a model is about to read the rows of; any of their rows that
+        is stale (computed from a text, media file or span that has changed since) refuses the read
+        with a :class:`StaleFeaturesError`, one line naming the feature set and the fix. Rows that
+        record no input digest (a store written before digests were) are read with a warning."""
         fs = self.feature_set(fs) if isinstance(fs, str) else fs
+        if current_for is not None:
+            staleness = self.staleness(fs, current_for)
+            if staleness.stale:
+                shown = ", ".join(staleness.stale[:3]) + (" ..." if len(staleness.stale) > 3 else "")
+                raise StaleFeaturesError(
+                    f"{self.path}: {len(staleness.stale)} row(s) of feature set {fs.id} were computed from inputs that have "
+                    f"changed since ({shown}): run `bemerc extract --modality {fs.modality}` to recompute them")
+            if staleness.unverified:
+                log.warning(f"warning: {staleness.unverified} row(s) of feature set {fs.id} record no input digest (written before "
+                            f"bemerc recorded them, or not by `bemerc extract`): `bemerc extract --modality {fs.modality}` checks them")
         return self.read_arrow(fs.table_name, columns)
 
     def record_failures(self, fs: FeatureSet, failures: Iterable[tuple[str, str]]) -> int:

@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 from bemerc.cli import app
 from bemerc.store import Store
 from bemerc.store.runs import list_runs
-from bemerc.train.tune.loop import TuneConfig, micro_batches, tune
+from bemerc.train.tune.data import micro_batches
+from bemerc.train.tune.loop import TuneConfig, tune
 from conftest import ngram_store
 
 runner = CliRunner()

@@ -19,7 +19,9 @@ from bemerc.train.tune.data import dialogue_windows, load_data, make_prompter, m
 from bemerc.train.tune.infer import TunedModel
 from bemerc.train.tune.loop import TuneConfig, TuneError, lr_factor, tune
 from bemerc.precision import cpu_has_bf16, resolve as resolve_precision
-from bemerc.train.tune.model import LoraSettings, base_dtype, build_model, collate, collate_windows, load_llm, load_tuned
+from bemerc.train.tune.data import collate, collate_windows
+from bemerc.train.tune.infer import load_tuned
+from bemerc.train.tune.model import LoraSettings, base_dtype, build_model, load_llm
 from bemerc.train.tune.prompt import DialogueTurn, Prompter, Turn, load_template
 from bemerc.train.tune.score import answer_scores, label_probabilities, label_scores
 
@@ -225,11 +227,11 @@ def test_project_stage_trains_every_projector_on_the_soft_tokens_alone(tiny_llm,
 
     prompter = make_prompter(tokenizer, data, config)
     shown = [tokenizer.decode(item.input_ids[0]) for item in
-             (stage_examples("project", prompter, data, config).batch([i]) for i in range(3))]
+             (stage_examples("project", prompter, data).batch([i]) for i in range(3))]
     words = [data.inputs.texts[r] for r in data.train_rows if len(data.inputs.texts[r]) > 12]
     assert not any(w in text for w in words for text in shown)
     assert not any("behaviour:" in text for text in shown) and all(" ->" in text for text in shown)
-    merc = stage_examples("merc", prompter, data, config)
+    merc = stage_examples("merc", prompter, data)
     assert any(w in tokenizer.decode(merc.batch([0]).input_ids[0]) for w in words)  # the merc stage reads them
 
 
@@ -253,9 +255,9 @@ def test_project_stage_leaves_the_text_embedding_to_the_merc_stage(tiny_llm, sto
 
     prompter = make_prompter(tokenizer, data, config)
     assert set(prompter.soft_tokens) == {"text", "audio"}
-    project = stage_examples("project", prompter, data, config)
+    project = stage_examples("project", prompter, data)
     assert all(set(project.batch([i]).soft) == {"audio"} for i in range(len(project.lengths)))
-    assert {"text", "audio"} <= set(stage_examples("merc", prompter, data, config).batch([0]).soft)
+    assert {"text", "audio"} <= set(stage_examples("merc", prompter, data).batch([0]).soft)
 
     with pytest.raises(TuneError, match="project stage: its only soft modality, text, embeds the words"):
         tune(copy, _config(tiny_llm, tmp_path / "t", stage="project", layout="dialogue", modalities=["text"]))
@@ -414,7 +416,7 @@ def test_long_dialogues_are_split_into_overlapping_windows_and_each_turn_is_scor
 
 
 def TuneInfo_from(data, config):
-    from bemerc.train.tune.model import TuneInfo
+    from bemerc.train.tune.infer import TuneInfo
 
     return TuneInfo(base_model=config.model, classes=data.classes, layout="dialogue", overlap=config.overlap,
                     max_len=config.max_len, soft=data.soft)
@@ -458,7 +460,7 @@ def test_the_speaker_normaliser_is_saved_beside_the_adapter_and_an_old_adapter_s
     from safetensors.numpy import load_file, save_file
 
     from bemerc.train.tensors import SpeakerNorm
-    from bemerc.train.tune.model import load_speaker_norm
+    from bemerc.train.tune.infer import load_speaker_norm
 
     run_dir = tmp_path / "run"
     tune(store, _config(tiny_llm, run_dir, stage="merc", epochs=1))

@@ -105,22 +105,10 @@ def _record_run(store: Store, run: Run, predictions: Predictions) -> None:
         },
         schema=S.PREDICTIONS,
     )
-    with store.lock:
-        versions = {name: store.version(name) for name in ["utterances", *[store.feature_set(f).table_name for f in run.feature_sets]]}
-        store.upsert("predictions", rows)
-        row = {
-            "run_id": run.run_id,
-            "kind": run.kind,
-            "created_at": datetime.now(timezone.utc).replace(microsecond=0),
-            "dataset": run.dataset,
-            "classes": run.classes,
-            "feature_sets": run.feature_sets,
-            "table_versions_json": json.dumps(versions),
-            "config_json": json.dumps(run.config, default=str),
-            "metrics_json": json.dumps(run.metrics),
-            "run_dir": run.run_dir,
-        }
-        store.upsert("runs", pa.Table.from_pylist([row], schema=S.RUNS))
+    store.record_run(rows, {"run_id": run.run_id, "kind": run.kind, "created_at": datetime.now(timezone.utc).replace(microsecond=0),
+                            "dataset": run.dataset, "classes": run.classes, "feature_sets": run.feature_sets,
+                            "config_json": json.dumps(run.config, default=str), "metrics_json": json.dumps(run.metrics),
+                            "run_dir": run.run_dir}, run.feature_sets)
 
 
 # -- seed groups ----------------------------------------------------------------------------------

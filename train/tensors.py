@@ -6,38 +6,14 @@ array reshaped), and torch tensors share that memory through ``torch.from_numpy`
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from bemerc.store import FeatureSet, Store, StoreError
-
-log = logging.getLogger(__name__)
-
-
-class StaleFeaturesError(StoreError):
-    """Stored feature rows were computed from inputs that have changed since (see :mod:`bemerc.store.inputs`)."""
-
-
-def check_current(store: Store, fs: FeatureSet, utterances: pl.DataFrame) -> None:
-    """Refuse ``fs`` when any of its rows for ``utterances`` is stale (computed from a text, media file
-    or span that has changed since): :class:`StaleFeaturesError`, one line naming the feature set and
-    the fix. Rows that record no input digest (a store written before digests were) are read with a
-    warning."""
-    staleness = store.staleness(fs, utterances)
-    if staleness.stale:
-        shown = ", ".join(staleness.stale[:3]) + (" ..." if len(staleness.stale) > 3 else "")
-        raise StaleFeaturesError(
-            f"{store.path}: {len(staleness.stale)} row(s) of feature set {fs.id} were computed from inputs that have "
-            f"changed since ({shown}): run `bemerc extract --modality {fs.modality}` to recompute them")
-    if staleness.unverified:
-        log.warning(f"warning: {staleness.unverified} row(s) of feature set {fs.id} record no input digest (written before "
-                    f"bemerc recorded them, or not by `bemerc extract`): `bemerc extract --modality {fs.modality}` checks them")
+from bemerc.store import FeatureSet, Store
 
 
 def vectors_of(table: pa.Table, column: str = "vector") -> np.ndarray:
@@ -195,6 +171,7 @@ class ModalityArrays:
     vectors: np.ndarray  # (N, D) float32; rows where present is False are zeros and must be masked
     present: np.ndarray  # (N,) bool
     extras: dict[str, list] = field(default_factory=dict)  # other columns (description, tokens, ...)
+    schema: pa.Schema | None = None  # the feature table's columns as stored (load_corpus), e.g. the width of ``tokens``
 
 
 @dataclass
@@ -203,30 +180,31 @@ class Corpus:
 
     utterances: pl.DataFrame  # uid, dataset, split, dialogue_id, turn, speaker, text, label, ...
     modalities: dict[str, ModalityArrays]
+    dialogue_start: np.ndarray = field(init=False, repr=False)  # (N,) int64 row of each utterance's dialogue's first (dialogue_starts)
+
+    def __post_init__(self) -> None:
+        self.dialogue_start = dialogue_starts(self.utterances)
 
     def split_mask(self, split: str) -> np.ndarray:
         return (self.utterances["split"] == split).to_numpy()
 
-    @cached_property
-    def dialogue_start(self) -> np.ndarray:
-        """(N,) int64 row of the first utterance of each utterance's dialogue (see :func:`dialogue_starts`)."""
-        return dialogue_starts(self.utterances)
-
 
 def load_corpus(
     store: Store,
-    feature_sets: list[str] | None = None,
-    extra_columns: dict[str, list[str]] | None = None,
+    feature_sets: list[str | FeatureSet] | None = None,
+    extra_columns: dict[str, list[str] | None] | None = None,
     dataset: str | None = None,
     utterances: pl.DataFrame | None = None,
 ) -> Corpus:
-    """Read utterances and the given feature sets (ids, ``modality/extractor`` or modality names;
-    default: the newest feature set of trained weights of each modality present) aligned by uid.
+    """Read utterances and the given feature sets (:class:`FeatureSet` records, ids, ``modality/extractor``
+    or modality names; default: the newest feature set of trained weights of each modality present)
+    aligned by uid.
 
     ``extra_columns`` maps a feature-set ref to other columns to keep (e.g. ``{"behavior":
-    ["description", "tokens"]}``). A feature set with stale rows for these utterances is refused
-    (:func:`check_current`): this is the one place ``train/`` reads features. ``utterances``: the
-    rows (of ``dataset``, in dialogue order, :meth:`Store.utterances`) when the caller has read them.
+    ["description", "tokens"]}``; None: every column the table has). A feature set with stale rows
+    for these utterances is refused (:meth:`Store.read_features`, :class:`~bemerc.store.db.StaleFeaturesError`): this
+    is the one place ``train/`` reads features. ``utterances``: the rows (of ``dataset``, in dialogue
+    order, :meth:`Store.utterances`) when the caller has read them.
 
     >>> corpus = load_corpus(Store("store"), ["text", "behavior"])   # doctest: +SKIP
     >>> corpus.modalities["text"].vectors.shape                        # doctest: +SKIP
@@ -241,18 +219,23 @@ def load_corpus(
                 newest[fs.modality] = fs
         chosen = list(newest.values())
     else:
-        chosen = [store.feature_set(ref) for ref in feature_sets]
+        chosen = [ref if isinstance(ref, FeatureSet) else store.feature_set(ref) for ref in feature_sets]
     extra_columns = extra_columns or {}
     index = {uid: i for i, uid in enumerate(utterances["uid"].to_list())}
     modalities: dict[str, ModalityArrays] = {}
     for fs in chosen:
-        check_current(store, fs, utterances)
-        wanted = [c for ref, cols in extra_columns.items() if ref in (fs.id, fs.modality, f"{fs.modality}/{fs.extractor}") for c in cols]
-        table = store.read_features(fs, ["uid", "vector", *wanted])
+        refs = [ref for ref in extra_columns if ref in (fs.id, fs.modality, f"{fs.modality}/{fs.extractor}")]
+        every = any(extra_columns[ref] is None for ref in refs)
+        wanted = [c for ref in refs for c in extra_columns[ref] or []]
+        table = store.read_features(fs, None if every else ["uid", "vector", *wanted], current_for=utterances)
+        if every:
+            wanted = [c for c in table.column_names if c not in ("uid", "vector")]
         rows = np.array([index.get(u, -1) for u in table["uid"].to_pylist()], dtype=np.int64)
         keep = rows >= 0
         extras = {c: np.array(table[c].to_pylist(), dtype=object)[keep] for c in wanted}
-        modalities[fs.modality] = pack_rows(fs, utterances.height, rows[keep], vectors_of(table)[keep], extras)
+        arrays = pack_rows(fs, utterances.height, rows[keep], vectors_of(table)[keep], extras)
+        arrays.schema = table.schema
+        modalities[fs.modality] = arrays
     return Corpus(utterances, modalities)
 
 

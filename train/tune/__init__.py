@@ -2,10 +2,13 @@
 speaker's behaviour description and soft tokens projected from stored audio and behaviour features,
 and names the emotion by scoring every label.
 
+- :mod:`~bemerc.train.tune.config`: the run's settings (light: the CLI's --help reads them);
+- :mod:`~bemerc.train.tune.data`: the store into examples, windows and batches, once;
 - :mod:`~bemerc.train.tune.prompt`: templates as data (``configs/prompts/*.toml``) and their encoding;
-- :mod:`~bemerc.train.tune.model`: LLM + LoRA + projectors, adapter saving and loading;
+- :mod:`~bemerc.train.tune.model`: LLM + LoRA + projectors, what each stage trains (``param_groups``);
 - :mod:`~bemerc.train.tune.score`: label scoring (one batched pass for all labels);
-- :mod:`~bemerc.train.tune.loop`: config, data, the training loop, checkpoints, evaluation.
+- :mod:`~bemerc.train.tune.infer`: the adapter folder (saving, loading) and :class:`TunedModel`'s predictions;
+- :mod:`~bemerc.train.tune.loop`: the run: plan, train each stage, checkpoints, score, record.
 
 >>> from bemerc.train.tune import TuneConfig, tune
 >>> result = tune(Store("store"), TuneConfig(model="/models/smollm2", train_limit=1500))  # doctest: +SKIP
@@ -17,7 +20,7 @@ import importlib
 
 # name -> the submodule that defines it; imported on first use, so ``bemerc.train.tune.config`` (the CLI's
 # --help defaults) loads without torch
-_EXPORTS = {"TuneConfig": "config", "TuneError": "config", "show_prompt": "loop", "tune": "loop", "load_tuned": "model",
+_EXPORTS = {"TuneConfig": "config", "TuneError": "config", "show_prompt": "loop", "tune": "loop", "load_tuned": "infer",
             "Prompter": "prompt", "PromptError": "prompt", "load_template": "prompt", "label_probabilities": "score",
             "label_scores": "score"}
 __all__ = sorted(_EXPORTS)

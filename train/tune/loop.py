@@ -1,5 +1,7 @@
-"""Instruction tuning of the MERC model, in the order it happens: config, data (:mod:`bemerc.train.tune.data`), model, optimiser,
-loop, checkpoint/resume, evaluation, saving.
+"""Instruction tuning of the MERC model, in the order it happens (:func:`tune`): the plan (settings and
+accelerator, :func:`start_run`; data, :mod:`bemerc.train.tune.data`; model, :mod:`bemerc.train.tune.model`;
+the stages, :func:`plan_stages`), each stage trained (:func:`train_stage`), the adapter saved, every
+evaluation split scored, the run recorded.
 
 Stage 1 (``align``) trains the behaviour projector (LoRA too with ``align_lora``) to make the LLM
 generate an utterance's stored behaviour description from its behaviour tokens. Stage ``project``
@@ -39,7 +41,7 @@ import statistics
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -52,10 +54,9 @@ from bemerc.store.runs import Run, check_run_dir, default_run_dir
 from bemerc.train.metrics import classification_metrics
 from bemerc.train.runs import TUNE, ZERO_SHOT, Predictions, new_run_id, save_run
 from bemerc.train.tune.config import STAGES, TuneConfig, TuneError, project_modalities
-from bemerc.train.tune.data import (Data, Examples, dialogue_windows, load_data, make_prompter, make_retriever, merc_examples,
-                                    stage_examples)
-from bemerc.train.tune.infer import TunedModel
-from bemerc.train.tune.model import IGNORE, LoraSettings, MercModel, TuneInfo, micro_batches, new_model, save_adapter
+from bemerc.train.tune.data import IGNORE, Data, Examples, dialogue_windows, load_data, make_prompter, merc_examples, stage_examples
+from bemerc.train.tune.infer import TunedModel, TuneInfo, save_adapter
+from bemerc.train.tune.model import LoraSettings, MercModel, new_model
 
 def epoch_batches(lengths: list[int], batch_size: int, seed: int) -> list[np.ndarray]:
     """Shuffled batches (indices into ``lengths``) of similar lengths, to pad little: shuffle, sort
@@ -202,7 +203,7 @@ class Progress(LiveBar):
 
 
 def accumulate_gradients(wrapped, examples: Examples, items: list[int], budget: int, accelerator) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Forward and backward one optimiser step's ``items`` in :func:`micro_batches` of at most
+    """Forward and backward one optimiser step's ``items`` in micro-batches (:meth:`Examples.batches`) of at most
     ``budget`` padded tokens, so memory is bounded by the budget (and the longest item), not by the
     batch; returns (weighted loss sum, global weight, real tokens).
 
@@ -211,7 +212,7 @@ def accumulate_gradients(wrapped, examples: Examples, items: list[int], budget: 
     and multiplied by the number of processes, since DDP averages the processes' gradients; DDP
     synchronises on the last micro-batch only."""
     world = accelerator.num_processes
-    chunks = [examples.batch(c).to(accelerator.device) for c in micro_batches(examples.lengths, items, budget)]
+    chunks = examples.batches(items, budget, accelerator.device)
     weight = sum(b.weights[b.targets != IGNORE].sum() for b in chunks).detach().float()
     weight = (accelerator.reduce(weight, "sum") if world > 1 else weight).clamp_min(1e-8)
     total = torch.zeros((), device=accelerator.device)
@@ -234,9 +235,9 @@ def train_stage(stage: str, model: MercModel, examples: Examples, config: TuneCo
     n = len(examples.lengths)
     per_epoch = n // (config.batch_size * world) + bool(n % (config.batch_size * world))
     total = max(1, per_epoch * epochs)
-    params = model.trainable(stage, config.align_lora)
     lr = config.align_lr if stage == "align" else config.lr
-    optimizer = torch.optim.AdamW(model.param_groups(lr, config.projector_lr), weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(model.param_groups(stage, lr, config.projector_lr, config.align_lora), weight_decay=config.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]  # what the stage trains, in module order (gradient clipping)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, total=total, warmup=config.warmup))
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
@@ -298,8 +299,8 @@ def evaluate(tuned: TunedModel, data: Data, rows: np.ndarray, bar: Progress, nam
 def majority_metrics(data: Data, rows: np.ndarray) -> dict:
     """Metrics of always answering the most frequent training label (or eval label without train rows)."""
     source = data.train_rows if len(data.train_rows) else rows
-    majority = Counter(data.label(r) for r in source).most_common(1)[0][0]
-    gold = np.array([data.classes.index(data.label(r)) for r in rows])
+    majority = Counter(data.labels[r] for r in source).most_common(1)[0][0]
+    gold = np.array([data.classes.index(data.labels[r]) for r in rows])
     return classification_metrics(gold, np.full(len(rows), data.classes.index(majority)), data.classes)
 
 
@@ -333,7 +334,7 @@ def plan_stages(store: Store, config: TuneConfig, data: Data, soft: list[str]) -
         stages.remove("project")
         if soft:
             notes.append(f"project stage skipped: {reason}")
-    has_description = any(data.descriptions[r] for r in data.train_rows)
+    has_description = any(data.inputs.descriptions[r] for r in data.train_rows)
     if "align" in stages and ("behavior" not in soft or not has_description):
         reason = ("the model has no behaviour projector (no behavior feature set)" if "behavior" not in soft
                   else "no training utterance has a behaviour description")
@@ -341,7 +342,7 @@ def plan_stages(store: Store, config: TuneConfig, data: Data, soft: list[str]) -
             raise TuneError(f"{store.path}: cannot run the align stage: {reason}")
         stages.remove("align")
         notes.append(f"align stage skipped: {reason}")
-    trained_labels = {data.label(r) for r in data.train_rows}
+    trained_labels = {data.labels[r] for r in data.train_rows}
     if stages and len(trained_labels) == 1:  # as the baseline: train anyway, and say what it means
         notes.append(f"every train utterance is {next(iter(trained_labels))!r}: the model learns to predict only that label")
     return stages, notes
@@ -353,7 +354,7 @@ def score_splits(data: Data, scored: dict) -> tuple[dict, list, list, list, np.n
     uids, splits, gold, metrics, eval_timing = [], [], [], {}, {}
     u = data.corpus.utterances
     for split, rows in data.eval_rows.items():
-        labels = [data.label(r) for r in rows]
+        labels = [data.labels[r] for r in rows]
         metrics[split] = classification_metrics(np.array([data.classes.index(g) for g in labels]),
                                                 scored[split][0].argmax(1), data.classes)
         uids += u["uid"].gather(rows).to_list()
@@ -364,10 +365,23 @@ def score_splits(data: Data, scored: dict) -> tuple[dict, list, list, list, np.n
     return metrics, uids, splits, gold, probabilities, eval_timing
 
 
-def tune(store: Store, config: TuneConfig, resume: bool = False) -> dict:
-    """Run the stages of ``config`` (or resume ``config.run_dir``), evaluate, save the adapter and
-    record the run; returns ``{"run_id", "run_dir", "metrics", "majority", "timing", ...}`` or, when
-    ``stop_after`` interrupted training, ``{"stopped": True, ...}``."""
+@dataclass
+class RunStart:
+    """Where a run starts: its settings (a resumed run's as saved), the checkpoint it goes on from,
+    its id, kind and folder, the precision it trains in and the accelerator that runs it."""
+
+    config: TuneConfig
+    checkpoint: dict | None
+    run_id: str
+    kind: str
+    run_dir: Path
+    precision: str
+    accelerator: object
+
+
+def start_run(store: Store, config: TuneConfig, resume: bool) -> RunStart:
+    """The run's settings, checkpoint (``resume``), id, folder, precision and accelerator; a new run's
+    folder is checked before any work (a taken folder is refused, never written over)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
@@ -384,73 +398,79 @@ def tune(store: Store, config: TuneConfig, resume: bool = False) -> dict:
     else:
         checkpoint = None
         if config.run_dir:
-            check_run_dir(config.run_dir)  # before any work: a taken folder is refused, never written over
+            check_run_dir(config.run_dir)
     if not cuda:
         torch.set_num_threads(config.threads)
     kind = ZERO_SHOT if config.zero_shot else TUNE  # so `tune:latest` (make compare) is a trained run
     run_id = (checkpoint or {}).get("progress", {}).get("run_id") or new_run_id(kind)
     run_dir = Path(config.run_dir) if config.run_dir else default_run_dir(store, run_id)
-    config = replace(config, run_dir=str(run_dir))
     precision = resolve_precision(config.precision, "cuda" if cuda else "cpu")
     mixed = "bf16" if precision == "bf16" else "no"
     if AcceleratorState._shared_state and AcceleratorState().mixed_precision != mixed:
         AcceleratorState._reset_state()  # a second run in this process at another precision (the process group stays)
     accelerator = Accelerator(mixed_precision=mixed, cpu=not cuda)
+    return RunStart(replace(config, run_dir=str(run_dir)), checkpoint, run_id, kind, run_dir, precision, accelerator)
+
+
+def tune(store: Store, config: TuneConfig, resume: bool = False) -> dict:
+    """Run the stages of ``config`` (or resume ``config.run_dir``), evaluate, save the adapter and
+    record the run; returns ``{"run_id", "run_dir", "metrics", "majority", "timing", ...}`` or, when
+    ``stop_after`` interrupted training, ``{"stopped": True, ...}``.
+
+    Top to bottom: the plan (settings, data, model, prompter, the stages), each stage trained,
+    the adapter saved, every evaluation split scored, the run recorded."""
+    start = start_run(store, config, resume)
+    config, checkpoint, run_id, run_dir, accelerator = start.config, start.checkpoint, start.run_id, start.run_dir, start.accelerator
+    cuda = torch.cuda.is_available()
 
     data = load_data(store, config)
     torch.manual_seed(config.seed)
     lora = None if config.zero_shot else LoraSettings(config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_layers)
-    model, tokenizer = new_model(config.model, data.soft, lora, precision, cuda, data.features, data.train_rows)
+    model, tokenizer = new_model(config.model, data.soft, lora, start.precision, cuda, data.inputs.features, data.train_rows)
     if config.gradient_checkpointing if config.gradient_checkpointing is not None else cuda:
         model.causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(accelerator.device)
     prompter = make_prompter(tokenizer, data, config)
-    if config.layout == "dialogue":
-        prompter.answer_first_ids()  # fails early, in one line, when two labels share a first token
-    retriever = make_retriever(store, data, config)
-    demos = retriever.for_inputs(data.inputs) if retriever else None
     info = TuneInfo(base_model=str(config.model), classes=data.classes, layout=config.layout, context=config.context,
                     max_len=config.max_len, overlap=config.overlap, demos=config.demos,
                     demo_feature_set=data.corpus.modalities["text"].feature_set.id if config.demos else None,
-                    normalize_scores=config.normalize_scores, dataset=data.dataset, soft=data.soft, precision=precision)
-
+                    normalize_scores=config.normalize_scores, dataset=data.dataset, soft=data.soft, precision=start.precision)
     progress = {"run_id": run_id, "done": [], "stage": None, "epoch": 0, "batch": 0, "history": []}
     if checkpoint is not None:
         model.load_adapter_state(checkpoint["adapter"])
         progress = checkpoint["progress"]
         _set_rng_state(checkpoint["rng"])
-
     stages, notes = plan_stages(store, config, data, list(model.soft))
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    with _run_folder(run_dir, fresh=not resume), Progress(config.progress and accelerator.is_main_process) as bar:
+    main = accelerator.is_main_process
+    with _run_folder(run_dir, fresh=not resume), Progress(config.progress and main) as bar:
         for stage in stages:
             if stage in progress["done"]:
                 continue
-            examples = stage_examples(stage, prompter, data, config, demos)
             mid_stage = checkpoint is not None and progress["stage"] == stage and checkpoint["optimizer"] is not None
             if not mid_stage:  # from its first batch, even where a checkpoint stopped in a stage no longer run
                 progress.update(epoch=0, batch=0)
             progress["stage"] = stage
-            if not train_stage(stage, model, examples, config, accelerator, run_dir, progress,
+            if not train_stage(stage, model, stage_examples(stage, prompter, data), config, accelerator, run_dir, progress,
                                checkpoint if mid_stage else None, bar):
-                if accelerator.is_main_process:
+                if main:
                     _write_log(run_dir, progress["history"])
                 return {"stopped": True, "run_id": run_id, "run_dir": str(run_dir), "steps": len(progress["history"])}
             progress.update(done=progress["done"] + [stage], stage=None, epoch=0, batch=0)
-            if accelerator.is_main_process:
+            if main:
                 save_checkpoint(run_dir / "checkpoint.pt", model, progress, config)
-        if accelerator.is_main_process:
+        if main:
             _write_log(run_dir, progress["history"])
 
         templates = {"merc": prompter.merc_template.source, "align": prompter.align_template.source}
-        if stages and accelerator.is_main_process:
+        if stages and main:
             save_adapter(accelerator.unwrap_model(model), run_dir / "adapter", info, templates, data.norm)
         if "merc" not in stages and not config.zero_shot:
             return {"run_id": run_id, "run_dir": str(run_dir), "notes": notes, "timing": _timing(progress["history"])}
 
         tuned = TunedModel(model, prompter, info, batch_size=2 * config.batch_size, device=accelerator.device,
-                           autocast=accelerator.autocast, retriever=retriever, max_tokens=config.micro_batch_tokens,
+                           autocast=accelerator.autocast, retriever=data.retriever, max_tokens=config.micro_batch_tokens,
                            norm=data.norm)
         scored = {split: evaluate(tuned, data, rows, bar, split) for split, rows in data.eval_rows.items()}
 
@@ -459,13 +479,13 @@ def tune(store: Store, config: TuneConfig, resume: bool = False) -> dict:
     majority = majority_metrics(data, dev)
     train_rows = len(data.train_rows) if stages else 0
     timing = {**_timing(progress["history"]), "eval": eval_timing["dev"], "eval_by_split": eval_timing}
-    summary = {"train_utterances": train_rows, "eval_utterances": len(dev), "layout": config.layout, "precision": precision,
+    summary = {"train_utterances": train_rows, "eval_utterances": len(dev), "layout": config.layout, "precision": start.precision,
                "eval_splits": {split: len(rows) for split, rows in data.eval_rows.items()}, "notes": notes,
                "majority": {"weighted_f1": majority["weighted_f1"], "accuracy": majority["accuracy"]}, "timing": timing}
-    if accelerator.is_main_process:
+    if main:
         with _run_folder(run_dir, fresh=not resume):
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        save_run(store, Run(run_id, kind, data.dataset, data.classes, [s.feature_set for s in data.soft],
+        save_run(store, Run(run_id, start.kind, data.dataset, data.classes, [s.feature_set for s in data.soft],
                             {**asdict(config), "summary": summary}, metrics, str(run_dir)),
                  Predictions(uids, splits, gold, probabilities))
     return {"run_id": run_id, "run_dir": str(run_dir), "metrics": metrics, "probabilities": probabilities,
@@ -491,14 +511,13 @@ def show_prompt(store: Store, config: TuneConfig, uid: str) -> str:
     prompter = make_prompter(tokenizer, data, config)
     row = uids.index(uid)
     if config.layout == "utterance":
-        encoded = merc_examples(prompter, data.inputs, [row], [data.label(row)])[0]
+        encoded = merc_examples(prompter, data.inputs, [row], [data.labels[row]])[0]
         return prompter.show(encoded) + f"\n[{len(encoded.prompt_ids)} prompt tokens, {len(encoded.answer_ids)} answer tokens]"
-    retriever = make_retriever(store, data, config)
-    demos = retriever.for_inputs(data.inputs) if retriever else None
+    demos = data.retriever.for_inputs(data.inputs) if data.retriever else None
     window = next(w for w in dialogue_windows(prompter, data.inputs, [row], config.overlap, demos)
                   if row in w.rows and w.new[w.rows.index(row)])
     firsts = ", ".join(f"{c}={tokenizer.decode([t])!r}" for c, t in zip(data.classes, prompter.answer_first_ids()))
     answered = sum(window.new)
-    return (prompter.show_window(window, [data.label(r) for r in window.rows])
+    return (prompter.show_window(window, [data.labels[r] for r in window.rows])
             + f"\n[{len(window)} tokens, {answered} answers ({len(window.ids) / max(answered, 1):.0f} tokens per utterance); "
               f"a label's probability is that of its first token: {firsts}]")

@@ -1,5 +1,7 @@
 """The tuned model: a Hugging Face causal LM with LoRA (peft) plus one projector per modality whose
-soft tokens replace placeholder positions of the prompt's input embeddings (LLaVA-style).
+soft tokens replace placeholder positions of the prompt's input embeddings (LLaVA-style). The model
+owns what each stage trains (:meth:`MercModel.param_groups`) and what a checkpoint keeps
+(:meth:`MercModel.adapter_state`); the saved adapter folder is :mod:`bemerc.train.tune.infer`'s.
 
 Logits are computed only where a loss or a score needs them: the LM head of a small LLM is a large
 share of its compute (SmolLM2-135M: 28M of 135M parameters), so the decoder's hidden states are
@@ -12,9 +14,8 @@ taken and the head is applied to the few answer positions.
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,24 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from bemerc.precision import torch_dtype
-from bemerc.train.tensors import SpeakerNorm
 from bemerc.train.tune.config import project_modalities
-from bemerc.train.tune.prompt import Encoded, Prompter, Window, load_template
+from bemerc.train.tune.data import IGNORE, Batch, SoftInput
 
-IGNORE = -100  # target value of positions without a loss
-
-
-@dataclass(frozen=True)
-class SoftInput:
-    """How one modality's stored features become soft tokens: its ``column`` (``vector`` or
-    ``tokens``) viewed as (K, D), each of the K rows projected to one LLM input embedding."""
-
-    modality: str
-    column: str
-    n_tokens: int  # K
-    dim: int  # D, the width of one token's features
-    feature_set: str
-    speaker_norm: bool = False  # features normalised per speaker to the train mean and std (bemerc.train.tensors.SpeakerNorm)
 
 
 @dataclass(frozen=True)
@@ -98,125 +84,6 @@ class Projector(nn.Module):
         x = ((torch.nan_to_num(features) - self.shift) / self.scale).clamp(-10, 10).view(-1, self.k, self.d)
         tokens = self.mlp(self.norm(x.to(self.norm.weight.dtype))) + self.position
         return torch.where(present[:, None, None], tokens, self.missing.to(tokens.dtype).expand_as(tokens))
-
-
-@dataclass
-class Batch:
-    """Right-padded sequences as tensors.
-
-    input_ids, attention_mask: (B, T). targets: (B, T), the token that the hidden state at each
-    position must predict (IGNORE where there is no loss); weights: (B, T) its loss weight.
-    soft: modality -> (features (M, K*D), present (M,), sequence (M,), positions (M, K)): M runs of K
-    soft tokens, run m written into sequence ``sequence[m]`` at ``positions[m]``.
-    prompt_lengths: (B,) (``utterance`` layout). tokens: the number of real (unpadded) tokens.
-    """
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    targets: torch.Tensor
-    weights: torch.Tensor
-    soft: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
-    prompt_lengths: torch.Tensor
-    tokens: int
-
-    def to(self, device: torch.device | str) -> "Batch":
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.targets.to(device),
-                     self.weights.to(device), {m: tuple(t.to(device) for t in v) for m, v in self.soft.items()},  # type: ignore[misc]
-                     self.prompt_lengths.to(device), self.tokens)
-
-
-def micro_batches(lengths: list[int], items: list[int], budget: int) -> list[list[int]]:
-    """``items`` (indices into ``lengths``) cut into micro-batches whose padded size (items x the
-    longest) stays within ``budget`` tokens, longest first; an item longer than ``budget`` goes alone.
-
-    >>> micro_batches([100, 300, 200, 50], [0, 1, 2, 3], budget=600)
-    [[1, 2], [0, 3]]
-    """
-    chunks: list[list[int]] = []
-    for i in sorted(items, key=lambda i: -lengths[i]):  # stable: ties keep their order
-        if chunks and (len(chunks[-1]) + 1) * lengths[chunks[-1][0]] <= budget:
-            chunks[-1].append(i)
-        else:
-            chunks.append([i])
-    return chunks
-
-
-def pad_ids(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, T) right-padded ids and their (N, T) attention mask."""
-    width = max(map(len, seqs))
-    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, seq in enumerate(seqs):
-        input_ids[i, : len(seq)] = torch.tensor(seq)
-        mask[i, : len(seq)] = 1
-    return input_ids, mask
-
-
-def _soft(runs: dict[str, list[tuple[int, int, list[int]]]], features: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict:
-    """modality -> [(sequence, corpus row, K positions)] as the tensors of :attr:`Batch.soft`."""
-    soft = {}
-    for modality, entries in runs.items():
-        values, present = features[modality]
-        rows = [row for _, row, _ in entries]
-        soft[modality] = (torch.from_numpy(values[rows]), torch.from_numpy(present[rows]),
-                          torch.tensor([b for b, _, _ in entries], dtype=torch.long),
-                          torch.tensor([where for _, _, where in entries], dtype=torch.long))
-    return soft
-
-
-def collate(
-    examples: list[Encoded],
-    rows: list[int],
-    features: dict[str, tuple[np.ndarray, np.ndarray]],
-    pad_id: int,
-    with_answer: bool = True,
-    weights: list[float] | None = None,
-) -> Batch:
-    """Pad ``utterance``-layout ``examples`` (of corpus rows ``rows``) into a :class:`Batch`.
-
-    ``features`` maps a modality to its (N, K*D) values and (N,) present mask over the corpus;
-    only the modalities that have positions in the examples are gathered. ``weights``: the loss
-    weight of each example (default 1).
-    """
-    seqs = [e.prompt_ids + (e.answer_ids if with_answer else []) for e in examples]
-    input_ids, mask = pad_ids(seqs, pad_id)
-    targets = torch.full_like(input_ids, IGNORE)
-    weight = torch.zeros(input_ids.shape, dtype=torch.float32)
-    for i, e in enumerate(examples):
-        if with_answer and e.answer_ids:  # position n - 1 + j predicts answer token j
-            n = len(e.prompt_ids)
-            targets[i, n - 1: n - 1 + len(e.answer_ids)] = torch.tensor(e.answer_ids)
-            weight[i, n - 1: n - 1 + len(e.answer_ids)] = 1.0 if weights is None else weights[i]
-    runs = {m: [(i, row, e.soft_positions[m]) for i, (e, row) in enumerate(zip(examples, rows))]
-            for m in examples[0].soft_positions}
-    lengths = torch.tensor([len(e.prompt_ids) for e in examples])
-    return Batch(input_ids, mask, targets, weight, _soft(runs, features), lengths, int(mask.sum()))
-
-
-def collate_windows(
-    windows: list[Window],
-    features: dict[str, tuple[np.ndarray, np.ndarray]],
-    pad_id: int,
-    answers: dict[int, int] | None = None,
-    weights: dict[int, float] | None = None,
-) -> Batch:
-    """Pad ``dialogue``-layout windows into a :class:`Batch`. ``answers`` maps a corpus row to its
-    answer's token id (training: the target at the row's answer position when the row is new in its
-    window); ``weights`` a row to its loss weight (default 1)."""
-    input_ids, mask = pad_ids([w.ids for w in windows], pad_id)
-    targets = torch.full_like(input_ids, IGNORE)
-    weight = torch.zeros(input_ids.shape, dtype=torch.float32)
-    for b, w in enumerate(windows):
-        for row, position, new in zip(w.rows, w.answer_positions, w.new):
-            if new and answers is not None and row in answers:
-                targets[b, position] = answers[row]
-                weight[b, position] = 1.0 if weights is None else weights[row]
-    runs: dict[str, list] = {}
-    for b, w in enumerate(windows):
-        for modality, entries in w.soft.items():
-            runs.setdefault(modality, []).extend((b, row, where) for row, where in entries)
-    lengths = torch.tensor([len(w) for w in windows])
-    return Batch(input_ids, mask, targets, weight, _soft(runs, features), lengths, int(mask.sum()))
 
 
 MIN_SHARED_PREFIX = 16  # shorter common beginnings are not worth a second pass
@@ -303,12 +170,16 @@ class MercModel(nn.Module):
                             past_key_values=cache, use_cache=True).last_hidden_state
         return torch.cat([head.last_hidden_state.expand(len(embeds), -1, -1), rest], dim=1)
 
+    def logits_at(self, batch: Batch, where) -> torch.Tensor:
+        """(n, V) next-token logits at the positions ``where`` indexes in the batch's (B, T) grid (a
+        boolean mask or a pair of index tensors): the LM head runs on those positions only."""
+        return self.lm_head(self.hidden(batch)[where])
+
     def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(weighted sum of the answer tokens' cross-entropy, sum of their weights): every other
         position is left out; sums, so micro-batches and processes can be averaged over the whole batch."""
-        hidden = self.hidden(batch)
         where = batch.targets != IGNORE
-        logits = self.lm_head(hidden[where])  # (n_answer_tokens, V)
+        logits = self.logits_at(batch, where)  # (n_answer_tokens, V)
         losses = F.cross_entropy(logits.float(), batch.targets[where], reduction="none")
         weights = batch.weights[where]
         return (losses * weights).sum(), weights.sum()
@@ -319,7 +190,7 @@ class MercModel(nn.Module):
         return total / weight.clamp_min(1e-8)
 
     def trainable(self, stage: str, align_lora: bool = False) -> list[nn.Parameter]:
-        """Set ``requires_grad`` for ``stage`` and return the parameters it trains: ``align``, the
+        """Set ``requires_grad`` for ``stage`` and return the parameters it trains (in module order): ``align``, the
         behaviour projector (and LoRA with ``align_lora``); ``project``, the projectors of
         :func:`~bemerc.train.tune.config.project_modalities`; ``merc``, LoRA and every projector."""
         projected = project_modalities(self.projectors)
@@ -331,9 +202,10 @@ class MercModel(nn.Module):
                 p.requires_grad_(stage == "merc" or (stage == "align" and align_lora))
         return [p for p in self.parameters() if p.requires_grad]
 
-    def param_groups(self, lr: float, projector_lr: float | None = None) -> list[dict]:
-        """AdamW groups of what trains now (see :meth:`trainable`): LoRA at ``lr``, the projectors at
-        ``projector_lr`` (default ``lr``); an empty group is left out."""
+    def param_groups(self, stage: str, lr: float, projector_lr: float | None = None, align_lora: bool = False) -> list[dict]:
+        """AdamW groups of what ``stage`` trains (:meth:`trainable`, which sets ``requires_grad``): LoRA
+        at ``lr``, the projectors at ``projector_lr`` (default ``lr``); an empty group is left out."""
+        self.trainable(stage, align_lora)
         lora = [p for name, p in self.named_parameters() if p.requires_grad and not name.startswith("projectors.")]
         projectors = [p for p in self.projectors.parameters() if p.requires_grad]
         return [g for g in ({"params": lora, "lr": lr}, {"params": projectors, "lr": projector_lr or lr}) if g["params"]]
@@ -416,111 +288,6 @@ def new_model(path: str | Path, soft: list[SoftInput], lora: LoraSettings | None
     model = build_model(llm, soft, lora)
     model.fit_input_scaling(features, train_rows)
     return model, tokenizer
-
-
-@dataclass
-class TuneInfo:
-    """What a saved adapter needs besides its weights to be used again (``tune.json``): the base
-    model, the label set and its order, the prompt layout and its settings, and the soft inputs the
-    projectors expect. Saved beside the weights, as whisper keeps ``ModelDimensions`` in its
-    checkpoint, so an adapter folder explains itself."""
-
-    base_model: str
-    classes: list[str]
-    layout: str = "utterance"  # utterance | dialogue (see bemerc.train.tune.prompt)
-    context: int = 3  # utterance layout: previous turns in each prompt
-    max_len: int = 512  # tokens of a prompt (utterance) or a window (dialogue)
-    overlap: int = 2  # dialogue layout: turns repeated as context at the start of the next window
-    demos: int = 0  # retrieved labelled train utterances shown before the dialogue
-    demo_feature_set: str | None = None  # the text feature set the demonstrations are retrieved by
-    normalize_scores: bool = False
-    dataset: str | None = None
-    soft: list[SoftInput] = field(default_factory=list)
-    precision: str = "fp32"  # what the run trained and scored in (fp32 | bf16); loading uses it, so predictions match the run's
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "TuneInfo":
-        known = {f.name for f in fields(cls)}
-        info = cls(**{k: v for k, v in values.items() if k in known})
-        info.soft = [s if isinstance(s, SoftInput) else SoftInput(**s) for s in info.soft]
-        return info
-
-
-def save_adapter(model: MercModel, folder: Path, info: TuneInfo, templates: dict[str, str], norm: SpeakerNorm | None = None) -> Path:
-    """Write the LoRA adapter in peft's format (``adapter_config.json``, ``adapter_model.safetensors``)
-    plus ``projectors.safetensors``, ``tune.json`` (:class:`TuneInfo`), the prompt templates and the
-    speaker normaliser (``speaker_norm.safetensors``, when the run normalises a modality per speaker),
-    so ``PeftModel.from_pretrained(base, folder)``, :func:`load_tuned` and :func:`load_speaker_norm` work."""
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    model.llm.save_pretrained(str(folder))
-    projectors = {k: v.contiguous() for k, v in model.projectors.state_dict().items()}
-    if projectors:
-        save_file(projectors, str(folder / "projectors.safetensors"))
-    (folder / "tune.json").write_text(json.dumps(asdict(info), indent=2))
-    if norm is not None:
-        norm.save(folder)
-    (folder / "prompts").mkdir(exist_ok=True)
-    for name, text in templates.items():
-        (folder / "prompts" / f"{name}.toml").write_text(text)
-    return folder
-
-
-def load_projectors(model: MercModel, state: dict[str, torch.Tensor], folder: Path) -> None:
-    """Load projector weights; an adapter saved before input standardisation (no ``shift``/``scale``)
-    keeps the identity scaling it was trained with; one saved before ``speaker_norm.safetensors``
-    holds speaker statistics in its projectors (read by :func:`load_speaker_norm`, left out here)."""
-    state = {k: v for k, v in state.items() if not k.endswith(LEGACY_SPEAKER_KEYS)}
-    missing, unexpected = model.projectors.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith((".shift", ".scale"))]
-    if missing or unexpected:
-        raise ValueError(f"{folder}: projector weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-
-
-def load_tuned(folder: str | Path, base: str | Path | None = None) -> tuple[MercModel, Prompter, TuneInfo]:
-    """(model, prompter, info) of an adapter saved by :func:`save_adapter`: the prompter has the
-    run's templates, classes, context and soft tokens. ``base`` defaults to the base model the
-    adapter was trained on.
-
-    >>> model, prompter, info = load_tuned("store/runs/tune-20261122-031500-4f2a/adapter")   # doctest: +SKIP
-    >>> info.layout, info.classes[:2]                                                         # doctest: +SKIP
-    ('dialogue', ['neutral', 'surprise'])
-    """
-    from peft import PeftModel
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    if not (folder / "tune.json").is_file():
-        raise FileNotFoundError(f"{folder}: not a bemerc adapter folder (no tune.json)")
-    info = TuneInfo.from_dict(json.loads((folder / "tune.json").read_text()))
-    llm, tokenizer = load_llm(base or info.base_model, base_dtype(info.precision, cuda=False))
-    llm = PeftModel.from_pretrained(llm, str(folder))
-    model = MercModel(llm, info.soft)
-    if (folder / "projectors.safetensors").is_file():
-        load_projectors(model, load_file(str(folder / "projectors.safetensors")), folder)
-    prompter = Prompter(tokenizer, info.classes, info.context, {s.modality: s.n_tokens for s in model.soft.values()},
-                        load_template(folder / "prompts" / "merc.toml"), load_template(folder / "prompts" / "align.toml"),
-                        info.max_len)
-    return model.eval(), prompter, info
-
-
-def load_speaker_norm(folder: str | Path) -> SpeakerNorm:
-    """The speaker normaliser saved with an adapter (``speaker_norm.safetensors``); for an adapter
-    saved before that file, the statistics its projectors held as ``speaker_mean``/``speaker_std``
-    buffers. Empty when the run normalised nothing per speaker."""
-    folder = Path(folder)
-    norm = SpeakerNorm.load(folder)
-    if norm is not None:
-        return norm
-    if not (folder / "projectors.safetensors").is_file():
-        return SpeakerNorm()
-    from safetensors import safe_open
-
-    with safe_open(str(folder / "projectors.safetensors"), framework="numpy") as fh:
-        names = [n for n in fh.keys() if n.endswith(LEGACY_SPEAKER_KEYS[0])]
-        return SpeakerNorm({n.split(".")[0]: (fh.get_tensor(n), fh.get_tensor(n[: -len("mean")] + "std")) for n in names})
 
 
 def write_tiny_llm(folder: str | Path, seed: int = 0) -> Path:

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bemerc.train.tune.model import Batch, MercModel, pad_ids
+from bemerc.train.tune.data import Batch, pad_ids
+from bemerc.train.tune.model import MercModel
 
 
 @torch.no_grad()
@@ -64,9 +65,9 @@ def label_probabilities(scores: torch.Tensor) -> np.ndarray:
 def answer_scores(model: MercModel, batch: Batch, windows: list, first_ids: list[int]) -> tuple[torch.Tensor, list[int]]:
     """(M, C) log-probabilities of each label's first token at the answer positions of the turns
     that are new in ``windows`` (the ``dialogue`` layout), and their M corpus rows, in window order."""
-    hidden = model.hidden(batch)
+    device = batch.input_ids.device
     where = [(b, p, row) for b, w in enumerate(windows) for row, p, new in zip(w.rows, w.answer_positions, w.new) if new]
-    index = torch.tensor([[b, p] for b, p, _ in where], device=hidden.device)
-    logits = model.lm_head(hidden[index[:, 0], index[:, 1]]).float()  # (M, V)
-    labels = torch.tensor(first_ids, device=hidden.device)
+    index = torch.tensor([[b, p] for b, p, _ in where], device=device)
+    logits = model.logits_at(batch, (index[:, 0], index[:, 1])).float()  # (M, V)
+    labels = torch.tensor(first_ids, device=device)
     return F.log_softmax(logits, dim=-1)[:, labels], [row for _, _, row in where]
