@@ -92,7 +92,7 @@ bench: setup  ## speed benchmarks (ratios against baselines measured in the same
 	@echo "baseline sweep: $(PY) bench/baseline.py --store STORE; LLM tuning: $(PY) bench/tune.py --store STORE --model DIR (see its --help)"
 
 FACES_DIR ?= ../shared/data/faces
-expression-model: setup  ## rebuild bemerc's expression network from FACES_DIR (RAF-DB + FER2013, ~46 min on 2 cores; writes the int8 ONNX that ships) and ship it
+expression-model: setup  ## rebuild bemerc's expression network from FACES_DIR (RAF-DB + FER2013, ~40 min on 2 cores; writes the int8 ONNX that ships) and ship it
 	$(BEMERC) models train-expression --out $(OUT)/expression --rafdb $(FACES_DIR)/rafdb_train.parquet --fer2013 $(FACES_DIR)/fer2013_train.parquet
 	cp $(OUT)/expression/expression_net.onnx bemerc/models/expression/expression_net.onnx
 	cp $(OUT)/expression/metrics.json bemerc/models/expression/metrics.json

@@ -93,6 +93,7 @@ def train_expression_cmd(
     fer2013: Annotated[str, typer.Option("--fer2013", help="FER2013 train faces (Parquet), mixed into training; '' for none.")] = f"{FACES_DIR}/fer2013_train.parquet",
     epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help="Passes over the training faces (default: the shipped model's).")] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Read only N faces of each set, evenly spread (a quick check).")] = None,
+    cutmix: Annotated[Optional[float], typer.Option("--cutmix", min=0.0, max=1.0, help="Share of batches mixed by CutMix (default: the shipped model's).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of initialisation, sampling and augmentation.")] = 0,
     threads: Annotated[int, typer.Option("--threads", min=1, help="CPU threads (and face-finder processes).")] = 2,
 ) -> None:
@@ -101,16 +102,17 @@ def train_expression_cmd(
     Every face goes through the pipeline's face finder and mesh first, so the network learns the crop that
     extraction gives it; a dev split of RAF-DB (20%, stratified, fixed) is scored after each epoch (progress
     lines; also in OUT/metrics.json). The shipped network (bemerc/models/expression) came from the defaults
-    (about 46 min on 2 cores); `make expression-model` rebuilds and ships it. See its MODEL_CARD.md.
+    (about 40 min on 2 cores); `make expression-model` rebuilds and ships it. See its MODEL_CARD.md.
     """
     import logging
 
-    from bemerc.extract.behavior.train_expression import DEFAULT_EPOCHS, train_expression
+    from bemerc.extract.behavior.train_expression import DEFAULT_CUTMIX, DEFAULT_EPOCHS, train_expression
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     log = logging.getLogger("bemerc.train_expression")
     try:
-        metrics = train_expression(rafdb, out, fer2013 or None, epochs=epochs or DEFAULT_EPOCHS, seed=seed, limit=limit,
+        metrics = train_expression(rafdb, out, fer2013 or None, epochs=epochs or DEFAULT_EPOCHS,
+                                   cutmix=DEFAULT_CUTMIX if cutmix is None else cutmix, seed=seed, limit=limit,
                                    threads=threads, say=log.info)
     except ValueError as err:
         fail(str(err))

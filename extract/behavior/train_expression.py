@@ -13,7 +13,7 @@ Read top to bottom:
    image instead (for training only; the dev score counts it wrong). The crops are cached (npz).
 3. **Training.** AdamW with a one-cycle schedule, label smoothing, class weights (inverse square root of
    the class frequency: rare disgust and fear count more), flips, small rotations, shifts and zooms,
-   brightness/contrast, random grey and erasing; bf16 autocast in training where the CPU has bf16 matrix units (dev is scored in fp32 after every epoch);
+   brightness/contrast, random grey and erasing, CutMix in half the batches; bf16 autocast in training where the CPU has bf16 matrix units (dev is scored in fp32 after every epoch);
    the network kept is the moving average of the weights (EMA), scored on dev after every epoch.
 4. **Out.** ``expression_net.safetensors`` (the PyTorch weights; dims and training facts in its
    metadata), ``expression_net.fp32.onnx`` (the same network for onnxruntime), ``expression_net.onnx``
@@ -43,6 +43,7 @@ from bemerc.precision import cpu_has_bf16
 DEV_FRACTION = 0.2
 CALIBRATION_FACES = 256  # training faces whose activations set the int8 network's ranges
 DEFAULT_EPOCHS = 90  # the shipped model's
+DEFAULT_CUTMIX = 0.5  # the shipped model's share of CutMix batches (docs/expression.md: run H against G)
 
 
 def decode_image(data: bytes, name: str = "image") -> np.ndarray:
@@ -256,7 +257,7 @@ def train_expression(
     label_smoothing: float = 0.1,
     fer_fraction: float = 0.25,
     ema_decay: float = 0.999,
-    cutmix: float = 0.0,
+    cutmix: float = DEFAULT_CUTMIX,
     seed: int = 0,
     limit: int | None = None,
     threads: int = 2,
