@@ -225,7 +225,7 @@ def test_project_stage_trains_every_projector_on_the_soft_tokens_alone(tiny_llm,
     assert not (tmp_path / "project" / "metrics.json").exists()  # no emotion evaluation without the merc stage
 
 
-    prompter = make_prompter(tokenizer, data, config)
+    prompter = make_prompter(tokenizer, data)
     shown = [tokenizer.decode(item.input_ids[0]) for item in
              (stage_examples("project", prompter, data).batch([i]) for i in range(3))]
     words = [data.inputs.texts[r] for r in data.train_rows if len(data.inputs.texts[r]) > 12]
@@ -253,7 +253,7 @@ def test_project_stage_leaves_the_text_embedding_to_the_merc_stage(tiny_llm, sto
     assert {k.split(".")[1] for k in initial if not torch.equal(initial[k], after[k])} == {"audio"}
 
 
-    prompter = make_prompter(tokenizer, data, config)
+    prompter = make_prompter(tokenizer, data)
     assert set(prompter.soft_tokens) == {"text", "audio"}
     project = stage_examples("project", prompter, data)
     assert all(set(project.batch([i]).soft) == {"audio"} for i in range(len(project.lengths)))
@@ -380,7 +380,7 @@ def test_the_shared_system_prompt_gives_the_same_loss_and_gradients(tiny_llm, st
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name or name.startswith("projectors."))
     windows = dialogue_windows(prompter, data.inputs, data.train_rows, overlap=2)[:3]
-    answers = {int(r): prompter.answer_first_ids()[data.classes.index(data.label(r))] for r in data.train_rows}
+    answers = {int(r): prompter.answer_first_ids()[data.classes.index(data.labels[r])] for r in data.train_rows}
     batch = collate_windows(windows, data.features, prompter.tokenizer.pad_token_id, answers)
     assert model_module.shared_prefix(batch) > 40  # the system prompt and the chat template's opening
 
@@ -512,7 +512,7 @@ def test_retrieved_demonstrations_come_from_other_train_dialogues(tiny_llm, text
     uids = data.corpus.utterances["uid"].to_list()
     by_text = {}
     for r, uid in enumerate(uids):
-        by_text.setdefault((data.inputs.texts[r], data.label(r)), set()).add(uid)
+        by_text.setdefault((data.inputs.texts[r], data.labels[r]), set()).add(uid)
     for rows in data.inputs.dialogues(np.concatenate([data.train_rows[:1], data.eval_rows["dev"]])):
         shown = demos(rows)
         assert len(shown) == 3

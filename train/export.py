@@ -86,7 +86,7 @@ def instruction_examples(data: Data, config: TuneConfig, rows: list[int], with_m
     """(system message, answered turns) of every example holding ``rows`` (labelled corpus rows):
     one per row (``utterance`` layout) or per dialogue (``dialogue`` layout, from its first turn to
     its last row; an unlabelled turn is folded into the next user message)."""
-    prompters = {None: make_prompter(None, data, config)}
+    prompters = {None: make_prompter(None, data)}
     base = prompters[None]
     for kind in MEDIA_TAGS if with_media else ():
         prompters[kind] = base.but(soft_tokens={kind: 1})

@@ -323,9 +323,6 @@ class Data:
     def features(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         return self.inputs.features
 
-    def label(self, row: int) -> str:
-        return self.labels[row]
-
 
 def first_dialogues(rows: np.ndarray, dialogue_start: np.ndarray, limit: int | None) -> np.ndarray:
     """The longest prefix of ``rows`` (in order) made of whole dialogues with at most ``limit`` rows
@@ -403,11 +400,12 @@ def load_data(store: Store, config: TuneConfig) -> Data:
                 train, evaluation, norm, config, retriever)
 
 
-def make_prompter(tokenizer, data: Data, config: TuneConfig, stage: str = "merc") -> Prompter:
+def make_prompter(tokenizer, data: Data, stage: str = "merc") -> Prompter:
     """The run's prompter: its classes, templates, context and soft tokens; for the ``project``
     stage only the soft tokens of :func:`project_modalities` (and, one prompt per utterance, no context
     turns). In the ``dialogue`` layout it fails early, in one line, when two labels share a first token.
     ``tokenizer`` None: text only (``bemerc export instructions``)."""
+    config = data.config
     soft_tokens = {s.modality: s.n_tokens for s in data.soft}
     context = config.context
     if stage == "project":
@@ -462,7 +460,7 @@ def stage_examples(stage: str, prompter: Prompter, data: Data) -> Examples:
     project = stage == "project"
     demos = None
     if project:  # only the soft tokens of what the words do not say (and, one prompt per utterance, no context turns)
-        prompter = make_prompter(prompter.tokenizer, data, config, "project")
+        prompter = make_prompter(prompter.tokenizer, data, "project")
     elif data.retriever is not None:
         demos = data.retriever.for_inputs(data.inputs)
     if project and config.layout == "utterance":  # no words, no description

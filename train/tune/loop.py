@@ -430,7 +430,7 @@ def tune(store: Store, config: TuneConfig, resume: bool = False) -> dict:
     if config.gradient_checkpointing if config.gradient_checkpointing is not None else cuda:
         model.causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(accelerator.device)
-    prompter = make_prompter(tokenizer, data, config)
+    prompter = make_prompter(tokenizer, data)
     info = TuneInfo(base_model=str(config.model), classes=data.classes, layout=config.layout, context=config.context,
                     max_len=config.max_len, overlap=config.overlap, demos=config.demos,
                     demo_feature_set=data.corpus.modalities["text"].feature_set.id if config.demos else None,
@@ -508,7 +508,7 @@ def show_prompt(store: Store, config: TuneConfig, uid: str) -> str:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(config.model)
-    prompter = make_prompter(tokenizer, data, config)
+    prompter = make_prompter(tokenizer, data)
     row = uids.index(uid)
     if config.layout == "utterance":
         encoded = merc_examples(prompter, data.inputs, [row], [data.labels[row]])[0]
