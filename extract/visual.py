@@ -206,11 +206,12 @@ class FaceEmbeddingExtractor:
 
     def config(self) -> dict:
         from bemerc.extract.behavior.extractor import graph_digests, mediapipe_version
+        from bemerc.extract.behavior.face import FaceFinder
 
         graphs = graph_digests(self.face_files.values())
         return {"model": self.name, "net": self._net.config(), "fps": self.fps, "frame_sampling": FRAME_SAMPLING,
                 "max_frames": self.max_frames, "max_side": self.max_side, "mediapipe": mediapipe_version(),
-                "mediapipe_models": graphs, "speaker_rule": "mouth-motion-then-area", "dim": self.dim}
+                "mediapipe_models": graphs, "face_finder": FaceFinder.settings(), "speaker_rule": "mouth-motion-then-area", "dim": self.dim}
 
     def fields(self) -> list[pa.Field]:
         return [vector_field("vector", self.dim), pa.field("frames", pa.int32())]

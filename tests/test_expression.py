@@ -116,6 +116,34 @@ def test_shipped_network_reads_held_out_real_faces(dev_faces):
     assert sum(v > 0 for v in right.values()) >= 6, right
 
 
+def test_the_lenient_mesh_finds_faces_the_strict_one_misses_and_changes_no_other():
+    """Real RAF-DB dev photos: four (a happy, a neutral and two sad faces) where the mesh, at the detectors'
+    confidence, finds no face at either crop and the lenient tries find the face; and two faces the strict
+    mesh finds, whose landmarks the lenient tries leave exactly as they were."""
+    from bemerc.extract.behavior.face import FaceFinder
+    from bemerc.extract.behavior.train_expression import decode_image, pipeline_face_box
+    from bemerc.extract.media import still_frame
+
+    faces = read_faces(RAFDB)
+    index = {name: i for i, name in enumerate(faces["file"])}
+    hard = ["train_04505_aligned.jpg", "train_11603_aligned.jpg", "train_03030_aligned.jpg", "train_06999_aligned.jpg"]
+    easy = [faces["file"][i] for i in np.flatnonzero(dev_split(faces["file"], faces["label"]))[:2]]
+    frames = {name: still_frame(decode_image(faces["image"][index[name]])) for name in hard + easy}
+    lenient = FaceFinder()
+    found = {name: pipeline_face_box(lenient, frame) for name, frame in frames.items()}
+    lenient.close()
+    strict = FaceFinder(lenient=False)  # as training cuts its crops
+    before = {name: pipeline_face_box(strict, frame) for name, frame in frames.items()}
+    strict.close()
+    for name in hard:
+        assert before[name] is None and found[name] is not None, name
+        height, width = frames[name].shape[:2]
+        centre = (found[name][:2] + found[name][2:]) / 2  # the photo sits in the middle of its frame
+        assert abs(centre[0] - width / 2) < 0.15 * width and abs(centre[1] - height / 2) < 0.15 * height, name
+    for name in easy:
+        assert before[name] is not None and np.array_equal(before[name], found[name]), name
+
+
 @pytest.fixture(scope="module")
 def photo_store(dev_faces, tmp_path_factory, models_cache) -> str:
     """Four photos of each expression as one-utterance dialogues (two train, one dev, one test),

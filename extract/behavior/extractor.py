@@ -316,7 +316,7 @@ class BehaviorExtractor:
             "version": VERSION, "fps": self.fps, "frame_sampling": FRAME_SAMPLING, "max_side": self.max_side, "max_faces": self.max_faces,
             "tokens_k": self.tokens_k, "tokens_d": len(self.names), "measures": list(self.names),
             "stats": list(STATS), "speaker_rule": "mouth-motion-then-area",
-            "mediapipe": mediapipe_version(), "mediapipe_models": graphs,
+            "mediapipe": mediapipe_version(), "mediapipe_models": graphs, "face_finder": FaceFinder.settings(),
             "expression": self._expression.config(),
             "rules_sha256": hashlib.sha256(self.rules.text.encode()).hexdigest(),
             **({"describer": self.describer.config()} if self.describer else {}),

@@ -128,11 +128,18 @@ class FaceFinder:
     CROP_SIDE = 256  # face crops are resized to this before meshing: small faces need the upscale
     CROP_SCALE = 2.0  # crop side / detected box side; the mesh's own detector needs context
     RETRY_CROP_SCALE = 1.6  # the second try when the mesh finds no face in the first crop
+    # The mesh re-detects the face inside the detector's crop. When it finds none at either scale, it tries
+    # both again accepting a less sure detection (0.3, chosen on RAF-DB train faces: docs/expression.md,
+    # "Finding the face in a photo"); faces found before are found as before.
+    LENIENT_MESH_CONFIDENCE = 0.3
 
-    def __init__(self, max_faces: int = 4, min_confidence: float = 0.5, files: dict[str, str | Path] | None = None):
+    def __init__(self, max_faces: int = 4, min_confidence: float = 0.5, files: dict[str, str | Path] | None = None,
+                 lenient: bool = True):
         """``files``: the profile's ``detector`` and ``landmarks`` graphs and an optional
         ``close_detector`` tried when the detector finds no face (default: the full-range detector, the
-        short-range one for close-ups, and the attention mesh, :data:`DEFAULT_FACE_FILES`)."""
+        short-range one for close-ups, and the attention mesh, :data:`DEFAULT_FACE_FILES`).
+        ``min_confidence``: the detectors' and the mesh's (its last tries, unless not ``lenient``:
+        :data:`LENIENT_MESH_CONFIDENCE`)."""
         import mediapipe as mp
 
         files = files or DEFAULT_FACE_FILES
@@ -147,10 +154,17 @@ class FaceFinder:
                 model_selection=graph_option(FACE_GRAPHS, "close-up face detector", files["close_detector"], "model_selection"),
                 min_detection_confidence=min_confidence,
             )
-        self._mesh = mp.solutions.face_mesh.FaceMesh(
-            static_image_mode=True, max_num_faces=1, min_detection_confidence=min_confidence,
+        self._meshes = [mp.solutions.face_mesh.FaceMesh(
+            static_image_mode=True, max_num_faces=1, min_detection_confidence=confidence,
             refine_landmarks=graph_option(FACE_GRAPHS, "face landmarks", files["landmarks"], "refine_landmarks"),
-        )
+        ) for confidence in (min_confidence, self.LENIENT_MESH_CONFIDENCE)[: 2 if lenient else 1]]
+        self.lenient = lenient
+
+    @classmethod
+    def settings(cls, lenient: bool = True) -> dict:
+        """What decides the faces found besides the graphs (part of every face stage's feature-set key)."""
+        return {"crop_scale": cls.CROP_SCALE, "retry_crop_scale": cls.RETRY_CROP_SCALE,
+                "lenient_mesh_confidence": cls.LENIENT_MESH_CONFIDENCE if lenient else None}
 
     def find(self, frame: np.ndarray) -> list[Face]:
         """Faces in one RGB frame (H, W, 3), most confident first, at most ``max_faces``."""
@@ -171,14 +185,17 @@ class FaceFinder:
     def _mesh_in_box(self, frame: np.ndarray, box: np.ndarray) -> Face | None:
         """The mesh on a crop around a detected ``box``; when it finds no face there, once more on a
         tighter crop (:data:`RETRY_CROP_SCALE`: it recovers about a third of the photo faces the
-        first crop misses)."""
-        face = self._mesh_at_scale(frame, box, self.CROP_SCALE)
-        return face if face is not None else self._mesh_at_scale(frame, box, self.RETRY_CROP_SCALE)
+        first crop misses); then both crops again with the lenient mesh."""
+        for mesh in self._meshes:
+            for crop_scale in (self.CROP_SCALE, self.RETRY_CROP_SCALE):
+                if (face := self._mesh_at_scale(mesh, frame, box, crop_scale)) is not None:
+                    return face
+        return None
 
-    def _mesh_at_scale(self, frame: np.ndarray, box: np.ndarray, crop_scale: float) -> Face | None:
+    def _mesh_at_scale(self, mesh, frame: np.ndarray, box: np.ndarray, crop_scale: float) -> Face | None:
         side = crop_scale * max(box[2] - box[0], box[3] - box[1])
         crop, (x0, y0) = square_crop(frame, (box[:2] + box[2:]) / 2, side, self.CROP_SIDE)
-        result = self._mesh.process(crop).multi_face_landmarks
+        result = mesh.process(crop).multi_face_landmarks
         if not result:
             return None
         scale = side / self.CROP_SIDE
@@ -196,7 +213,8 @@ class FaceFinder:
         self._detector.close()
         if self._close_detector is not None:
             self._close_detector.close()
-        self._mesh.close()
+        for mesh in self._meshes:
+            mesh.close()
 
 
 def square_crop(image: np.ndarray, centre: np.ndarray, side: float, out_side: int) -> tuple[np.ndarray, tuple[int, int]]:

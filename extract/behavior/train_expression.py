@@ -44,6 +44,10 @@ DEV_FRACTION = 0.2
 CALIBRATION_FACES = 256  # training faces whose activations set the int8 network's ranges
 DEFAULT_EPOCHS = 90  # the shipped model's
 DEFAULT_CUTMIX = 0.5  # the shipped model's share of CutMix batches (docs/expression.md: run H against G)
+# Training crops come from the face finder without its lenient mesh tries (a photo only they find is trained
+# on whole, as before they existed), so the rebuild still gives the shipped network; trained on their crops
+# (0.3% of the faces), two rebuilds read dev 0.812-0.818 (docs/expression.md, "Finding the face in a photo").
+TRAIN_LENIENT = False
 
 
 def decode_image(data: bytes, name: str = "image") -> np.ndarray:
@@ -106,7 +110,7 @@ def cut_crops(images: list[bytes], box_scale: float,
     from bemerc.extract.behavior.face import FaceFinder, square_crop
     from bemerc.extract.media import still_frame
 
-    finder = FaceFinder(max_faces=4)
+    finder = FaceFinder(max_faces=4, lenient=TRAIN_LENIENT)
     crops = np.zeros((len(images), CUT_SIDE, CUT_SIDE, 3), dtype=np.uint8)
     found = np.zeros(len(images), dtype=bool)
     for i, data in enumerate(images):
@@ -134,9 +138,11 @@ def cached_crops(path: str | Path, cache_dir: Path, box_scale: float, limit: int
                  say: Callable[[str], None]) -> dict:
     """Faces of one Parquet set with their pipeline crops, cached in ``cache_dir`` by file content,
     crop settings and limit (a rerun reads the cache)."""
+    from bemerc.extract.behavior.face import FaceFinder
+
     faces = read_faces(path, limit)
     key = hashlib.sha256(json.dumps([Path(path).name, Path(path).stat().st_size, box_scale, CROP_MARGIN,
-                                     CUT_SIDE, limit, len(faces["file"])]).encode()).hexdigest()[:16]
+                                     CUT_SIDE, limit, len(faces["file"]), FaceFinder.settings(TRAIN_LENIENT)]).encode()).hexdigest()[:16]
     cache = cache_dir / f"crops-{Path(path).stem}-{key}.npz"
     if cache.is_file():
         saved = np.load(cache)
