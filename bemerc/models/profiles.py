@@ -202,11 +202,17 @@ def source_path(entry: StageEntry) -> Path:
     return resolve_ref(entry, entry.source, relative_to_source=False)
 
 
+def joined_name(entry: StageEntry) -> str:
+    """The file a stage's ``parts`` join into (option ``joined``, default ``model.bin``): its sha256 key."""
+    return str(entry.options.get("joined", "model.bin"))
+
+
 def _checked_files(entry: StageEntry) -> dict[str, list[Path]]:
-    """sha256 key -> the files whose concatenation it hashes (``model.bin`` may ship in ``parts``)."""
+    """sha256 key -> the files whose concatenation it hashes (a file split across packages ships in
+    ``parts``, joined into :func:`joined_name`)."""
     files = {key: [resolve_ref(entry, key)] for key in entry.sha256}
     if "parts" in entry.options:
-        files["model.bin"] = [resolve_ref(entry, part) for part in entry.options["parts"]]
+        files[joined_name(entry)] = [resolve_ref(entry, part) for part in entry.options["parts"]]
     return files
 
 
@@ -385,10 +391,34 @@ def prepare_stage(entry: StageEntry, on_event: Callable[[str, str], None] | None
 def _prepare_hf(entry: StageEntry, folder: Path, say: Callable[[str], None]) -> Path:
     if entry.source.startswith("hub:"):
         return _hub_snapshot(entry, say)
-    path = source_path(entry)
+    path = _unzip_parts(entry, folder, say) if "parts" in entry.options else source_path(entry)
     if not (path / "config.json").is_file():
         raise ProfileError(f"{entry.label}: {path} is not a Hugging Face model folder (no config.json)")
     return path  # already a standard folder: used in place
+
+
+def _unzip_parts(entry: StageEntry, folder: Path, say: Callable[[str], None]) -> Path:
+    """A model folder shipped as a zip archive split across packages: the parts joined, unpacked into
+    ``folder``; the folder holding the top-most ``config.json`` is the model."""
+    import zipfile
+
+    parts = _checked_files(entry)[joined_name(entry)]
+    joined = folder / joined_name(entry)
+    say(f"joining {len(parts)} parts ({sum(p.stat().st_size for p in parts) / 1e6:.0f} MB) into {joined.name} and unpacking it")
+    with open(joined, "wb") as out:
+        for part in parts:
+            with open(part, "rb") as handle:
+                shutil.copyfileobj(handle, out, 1 << 22)
+    try:
+        with zipfile.ZipFile(joined) as archive:
+            archive.extractall(folder / "unpacked")  # extractall keeps every member inside the target
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise ProfileError(f"{entry.label}: the joined parts {joined.name} are not a whole zip archive ({exc})") from None
+    joined.unlink()
+    configs = sorted((folder / "unpacked").rglob("config.json"), key=lambda p: len(p.parts))
+    if not configs:
+        raise ProfileError(f"{entry.label}: {joined.name} holds no config.json (not a Hugging Face model folder)")
+    return configs[0].parent
 
 
 def _prepare_whisper(entry: StageEntry, folder: Path, say: Callable[[str], None]) -> Path:
@@ -411,7 +441,7 @@ def _prepare_whisper(entry: StageEntry, folder: Path, say: Callable[[str], None]
 def _prepare_whisper_ct2(entry: StageEntry, folder: Path, say: Callable[[str], None]) -> Path:
     from bemerc.models.weights import ConversionError, convert_ct2_whisper
 
-    parts = _checked_files(entry).get("model.bin") or [source_path(entry) / "model.bin"]
+    parts = _checked_files(entry).get(joined_name(entry)) or [source_path(entry) / "model.bin"]
     say(f"converting CTranslate2 Whisper ({sum(p.stat().st_size for p in parts) / 1e6:.0f} MB) to openai-whisper")
     try:
         return convert_ct2_whisper(parts, folder / f"{entry.model_id}.pt")
