@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 from bemerc.extract.behavior.expression import EXPRESSIONS, load_expression_model  # noqa: E402
 from bemerc.extract.behavior.face import FaceFinder  # noqa: E402
 from bemerc.extract.behavior.train_expression import (  # noqa: E402
-    decode_image, dev_split, pipeline_face_box, read_faces, scores,
+    decode_image, face_subset, pipeline_face_box, read_faces, scores,
 )
 from bemerc.extract.media import still_frame  # noqa: E402
 
@@ -92,13 +92,7 @@ def main() -> None:
     args = parser.parse_args()
 
     faces = read_faces(args.faces)
-    keep = np.ones(len(faces["file"]), dtype=bool)
-    if args.subset != "all":
-        dev = dev_split(faces["file"], faces["label"])
-        keep = dev if args.subset == "dev" else ~dev
-    index = np.flatnonzero(keep)
-    if args.limit and args.limit < len(index):
-        index = index[np.unique(np.linspace(0, len(index) - 1, args.limit).round().astype(int))]
+    index = face_subset(faces, args.subset, args.limit)
     labels = np.array([EXPRESSIONS.index(faces["label"][i]) for i in index])
     images = [decode_image(faces["image"][i], faces["file"][i]) for i in index]
 

@@ -22,7 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 
 from bemerc.extract.behavior.face import FaceFinder  # noqa: E402
-from bemerc.extract.behavior.train_expression import decode_image, dev_split, pipeline_face_box, read_faces  # noqa: E402
+from bemerc.extract.behavior.train_expression import decode_image, face_subset, pipeline_face_box, read_faces  # noqa: E402
 from bemerc.extract.media import still_frame  # noqa: E402
 
 
@@ -49,13 +49,7 @@ def main() -> None:
     args = parser.parse_args()
 
     faces = read_faces(args.faces)
-    keep = np.ones(len(faces["file"]), dtype=bool)
-    if args.subset != "all":
-        dev = dev_split(faces["file"], faces["label"])
-        keep = dev if args.subset == "dev" else ~dev
-    index = np.flatnonzero(keep)
-    if args.limit and args.limit < len(index):
-        index = index[np.unique(np.linspace(0, len(index) - 1, args.limit).round().astype(int))]
+    index = face_subset(faces, args.subset, args.limit)
     start = time.perf_counter()
     frames = [still_frame(decode_image(faces["image"][i], faces["file"][i])) for i in index]
     strict = found_with(None, frames)  # as training cuts its crops

@@ -93,6 +93,19 @@ def dev_split(files: list[str], labels: list[str], fraction: float = DEV_FRACTIO
     return mask
 
 
+def face_subset(faces: dict[str, list], subset: str = "all", limit: int | None = None) -> np.ndarray:
+    """Row indices of a face set: ``all``, or its ``dev``/``train`` part (:func:`dev_split`), at most
+    ``limit`` of them spread evenly (the benches' ``--subset`` and ``--limit``)."""
+    keep = np.ones(len(faces["file"]), dtype=bool)
+    if subset != "all":
+        dev = dev_split(faces["file"], faces["label"])
+        keep = dev if subset == "dev" else ~dev
+    index = np.flatnonzero(keep)
+    if limit and limit < len(index):
+        index = index[np.unique(np.linspace(0, len(index) - 1, limit).round().astype(int))]
+    return index
+
+
 def pipeline_face_box(finder, frame: np.ndarray) -> np.ndarray | None:
     """The face mesh box (x0, y0, x1, y1) the behaviour stage would read in a one-frame video: its
     speaker rule on one frame picks the largest face, then the most central."""
