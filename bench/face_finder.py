@@ -6,8 +6,8 @@
 Every photo goes through the pipeline as a still (:func:`bemerc.extract.media.still_frame`, the face
 finder, mesh and speaker rule, :func:`~bemerc.extract.behavior.train_expression.pipeline_face_box`)
 with the lenient tries off (as training cuts its crops); the photos found no face in are
-then tried again with each ``--confidences`` value as :data:`~bemerc.extract.behavior.face.FaceFinder.
-LENIENT_MESH_CONFIDENCE`, and the count found is printed per value. ``FaceFinder.LENIENT_MESH_CONFIDENCE``
+then tried again with each ``--confidences`` value as the finder's ``lenient_confidence``, and the count
+found is printed per value. ``FaceFinder.LENIENT_MESH_CONFIDENCE``
 was chosen with this on RAF-DB's train faces (docs/expression.md, "Finding the face in a photo").
 """
 
@@ -28,14 +28,9 @@ from bemerc.extract.media import still_frame  # noqa: E402
 
 def found_with(confidence: float | None, frames: list[np.ndarray]) -> list[bool]:
     """Whether the finder, its lenient tries at ``confidence`` (None: none), finds a face in each frame."""
-    default = FaceFinder.LENIENT_MESH_CONFIDENCE
-    FaceFinder.LENIENT_MESH_CONFIDENCE = confidence or default
-    try:
-        finder = FaceFinder(lenient=confidence is not None)
-        found = [pipeline_face_box(finder, frame) is not None for frame in frames]
-        finder.close()
-    finally:
-        FaceFinder.LENIENT_MESH_CONFIDENCE = default
+    finder = FaceFinder(lenient_confidence=confidence)
+    found = [pipeline_face_box(finder, frame) is not None for frame in frames]
+    finder.close()
     return found
 
 

@@ -7,7 +7,8 @@ layout before whole-dialogue tuning; ``dialogue``: one sequence per dialogue) an
 ``project`` stage, for the dialogue layout of a store with soft features), in each of ``--precisions``
 (fp32 and bf16 side by side where the CPU has bf16 matrix units), each in its own process; prints train
 tokens per utterance, utterances and tokens per second, seconds per step, peak memory (RSS) and the
-projected wall time of one epoch of all train utterances, and the bf16 / fp32 ratio.
+projected wall time of one epoch of all train utterances, and the bf16 / fp32 ratio; with ``--compile``
+also each precision with every decoder block compiled by ``torch.compile``, and its ratio to eager.
 Accuracy (unless ``--speed-only``): trains the chosen layouts on the first ``--train-limit`` train
 utterances (default: all) and scores dev with each (in each precision), with the untouched model
 (zero-shot) and the majority class. Everything goes to ``OUT/bench.json``.
@@ -58,18 +59,32 @@ def stored_soft(store: Store) -> list[str]:
 
 
 def speed(store_path: str, out: Path, common: dict, layout: str, threads: int, steps: int, n_train: int, stage: str = "merc",
-          precision: str = "fp32") -> dict:
+          precision: str = "fp32", compiled: bool = False) -> dict:
     """Tokens per utterance, utterances/s and peak RSS of ``stage`` over ``steps`` steps (the first,
-    warm-up, left out). Run in a process of its own (:func:`isolated`), so the peak is this run's."""
+    warm-up, left out). Run in a process of its own (:func:`isolated`), so the peak is this run's.
+    ``compiled``: every decoder block of the LLM compiled by ``torch.compile`` (inductor, dynamic shapes)."""
     import resource
 
-    run_dir = out / f"speed-{stage}-{layout}-{threads}t-{precision}"
+    if compiled:  # this process only: it runs isolated
+        import bemerc.train.tune.loop as loop
+
+        new_model = loop.new_model
+
+        def compiled_model(*args, **kwargs):
+            model, tokenizer = new_model(*args, **kwargs)
+            for module in model.modules():
+                if type(module).__name__.endswith("DecoderLayer"):
+                    module.compile(dynamic=True)
+            return model, tokenizer
+
+        loop.new_model = compiled_model
+    run_dir = out / f"speed-{stage}-{layout}-{threads}t-{precision}{'-compiled' if compiled else ''}"
     tune(Store(store_path), TuneConfig(**common, stage=stage, layout=layout, threads=threads, stop_after=steps, precision=precision,
                                        checkpoint_every=10_000, run_dir=str(run_dir), progress=False))
     log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()][1:]
     seconds, utterances, tokens = (sum(h[k] for h in log) for k in ("seconds", "utterances", "tokens"))
     rate = utterances / seconds
-    return {"stage": stage, "layout": layout, "threads": threads, "precision": precision, "steps": len(log),
+    return {"stage": stage, "layout": layout, "threads": threads, "precision": precision, "compiled": compiled, "steps": len(log),
             "tokens_per_utterance": tokens / utterances, "utterances_per_s": rate, "tokens_per_s": tokens / seconds,
             "step_s_median": statistics.median(h["seconds"] for h in log), "epoch_minutes": n_train / rate / 60,
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
@@ -158,6 +173,8 @@ def main() -> None:
                         help="normalise voice/face soft inputs per speaker (tune's default); the probe reads the same inputs")
     parser.add_argument("--modalities", default=None, help="--probe: comma-separated soft modalities (default: every stored one)")
     parser.add_argument("--lora-dropout", type=float, default=DEFAULTS.lora_dropout)
+    parser.add_argument("--compile", action="store_true",
+                        help="speed: also time each precision with every decoder block compiled (torch.compile), beside eager")
     parser.add_argument("--precisions", default=None,
                         help="comma-separated: fp32,bf16 (default: both where the CPU has bf16 matrix units, else fp32)")
     args = parser.parse_args()
@@ -178,19 +195,25 @@ def main() -> None:
         for threads in thread_counts:
             # the project stage (soft tokens alone, dialogue layout) only where the store has a voice or behaviour modality
             for stage in ["merc", "project"] if soft and layout == "dialogue" and DEFAULTS.project_epochs else ["merc"]:
+                rows = {}
                 for precision in precisions:
-                    row = isolated(speed, args.store, out, common, layout, threads, args.speed_steps, n_train, stage, precision)
-                    report["speed"].append(row)
-                    print(f"{layout:9s} {stage:7s} {threads} thread(s) {precision}: {row['tokens_per_utterance']:.0f} train tokens/utterance, "
-                          f"{row['utterances_per_s']:.2f} utterances/s, {row['tokens_per_s']:.0f} tokens/s, {row['step_s_median']:.2f} s/step, "
-                          f"peak {row['peak_rss_gb']:.2f} GB -> one epoch of {n_train:,} train utterances in {row['epoch_minutes']:.1f} min",
+                    for compiled in (False, True) if args.compile else (False,):
+                        row = isolated(speed, args.store, out, common, layout, threads, args.speed_steps, n_train, stage, precision, compiled)
+                        report["speed"].append(row)
+                        rows[precision, compiled] = row
+                        print(f"{layout:9s} {stage:7s} {threads} thread(s) {precision}{' compiled' if compiled else ''}: "
+                              f"{row['tokens_per_utterance']:.0f} train tokens/utterance, "
+                              f"{row['utterances_per_s']:.2f} utterances/s, {row['tokens_per_s']:.0f} tokens/s, {row['step_s_median']:.2f} s/step, "
+                              f"peak {row['peak_rss_gb']:.2f} GB -> one epoch of {n_train:,} train utterances in {row['epoch_minutes']:.1f} min",
+                              flush=True)
+                ratios = [(f"{precisions[-1]} / {precisions[0]}", rows[precisions[-1], False], rows[precisions[0], False])] if len(precisions) > 1 else []
+                ratios += [(f"{p} compiled / eager", rows[p, True], rows[p, False]) for p in precisions if args.compile]
+                for name, b, a in ratios:
+                    print(f"{layout:9s} {stage:7s} {threads} thread(s): {name} {b['utterances_per_s'] / a['utterances_per_s']:.2f}x utterances/s, "
+                          f"{b['step_s_median'] / a['step_s_median']:.2f}x median s/step, peak memory {b['peak_rss_gb'] / a['peak_rss_gb']:.2f}x",
                           flush=True)
-                if len(precisions) > 1:
-                    a, b = report["speed"][-len(precisions)], report["speed"][-1]
-                    print(f"{layout:9s} {stage:7s} {threads} thread(s): {b['precision']} / {a['precision']} "
-                          f"{b['utterances_per_s'] / a['utterances_per_s']:.2f}x utterances/s, "
-                          f"peak memory {b['peak_rss_gb'] / a['peak_rss_gb']:.2f}x", flush=True)
-    by = {(r["layout"], r["threads"]): r for r in report["speed"] if r["stage"] == "merc" and r["precision"] == precisions[-1]}
+    by = {(r["layout"], r["threads"]): r for r in report["speed"]
+          if r["stage"] == "merc" and r["precision"] == precisions[-1] and not r["compiled"]}
     for r in report["speed"]:
         if r["stage"] == "project":
             merc = by[(r["layout"], r["threads"])]["epoch_minutes"]

@@ -132,7 +132,7 @@ def test_the_lenient_mesh_finds_faces_the_strict_one_misses_and_changes_no_other
     lenient = FaceFinder()
     found = {name: pipeline_face_box(lenient, frame) for name, frame in frames.items()}
     lenient.close()
-    strict = FaceFinder(lenient=False)  # as training cuts its crops
+    strict = FaceFinder(lenient_confidence=None)  # as training cuts its crops
     before = {name: pipeline_face_box(strict, frame) for name, frame in frames.items()}
     strict.close()
     for name in hard:

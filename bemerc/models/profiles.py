@@ -394,7 +394,7 @@ def _prepare_hf(entry: StageEntry, folder: Path, say: Callable[[str], None]) -> 
     path = _unzip_parts(entry, folder, say) if "parts" in entry.options else source_path(entry)
     if not (path / "config.json").is_file():
         raise ProfileError(f"{entry.label}: {path} is not a Hugging Face model folder (no config.json)")
-    return path  # already a standard folder: used in place
+    return path  # a standard folder: the source, used in place, or the unpacked archive
 
 
 def _unzip_parts(entry: StageEntry, folder: Path, say: Callable[[str], None]) -> Path:

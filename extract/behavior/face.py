@@ -134,12 +134,12 @@ class FaceFinder:
     LENIENT_MESH_CONFIDENCE = 0.3
 
     def __init__(self, max_faces: int = 4, min_confidence: float = 0.5, files: dict[str, str | Path] | None = None,
-                 lenient: bool = True):
+                 lenient_confidence: float | None = LENIENT_MESH_CONFIDENCE):
         """``files``: the profile's ``detector`` and ``landmarks`` graphs and an optional
         ``close_detector`` tried when the detector finds no face (default: the full-range detector, the
         short-range one for close-ups, and the attention mesh, :data:`DEFAULT_FACE_FILES`).
-        ``min_confidence``: the detectors' and the mesh's (its last tries, unless not ``lenient``:
-        :data:`LENIENT_MESH_CONFIDENCE`)."""
+        ``min_confidence``: the detectors' and the mesh's; ``lenient_confidence``: the mesh's in its last
+        tries (None: no such tries)."""
         import mediapipe as mp
 
         files = files or DEFAULT_FACE_FILES
@@ -157,14 +157,13 @@ class FaceFinder:
         self._meshes = [mp.solutions.face_mesh.FaceMesh(
             static_image_mode=True, max_num_faces=1, min_detection_confidence=confidence,
             refine_landmarks=graph_option(FACE_GRAPHS, "face landmarks", files["landmarks"], "refine_landmarks"),
-        ) for confidence in (min_confidence, self.LENIENT_MESH_CONFIDENCE)[: 2 if lenient else 1]]
-        self.lenient = lenient
+        ) for confidence in (min_confidence, lenient_confidence) if confidence is not None]
 
     @classmethod
-    def settings(cls, lenient: bool = True) -> dict:
-        """What decides the faces found besides the graphs (part of every face stage's feature-set key)."""
-        return {"crop_scale": cls.CROP_SCALE, "retry_crop_scale": cls.RETRY_CROP_SCALE,
-                "lenient_mesh_confidence": cls.LENIENT_MESH_CONFIDENCE if lenient else None}
+    def settings(cls, lenient_confidence: float | None = LENIENT_MESH_CONFIDENCE) -> dict:
+        """What decides the faces found besides the graphs, for a finder made with ``lenient_confidence``
+        (part of every face stage's feature-set key and of train-expression's crop cache key)."""
+        return {"crop_scale": cls.CROP_SCALE, "retry_crop_scale": cls.RETRY_CROP_SCALE, "lenient_mesh_confidence": lenient_confidence}
 
     def find(self, frame: np.ndarray) -> list[Face]:
         """Faces in one RGB frame (H, W, 3), most confident first, at most ``max_faces``."""

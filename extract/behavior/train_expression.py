@@ -47,7 +47,7 @@ DEFAULT_CUTMIX = 0.5  # the shipped model's share of CutMix batches (docs/expres
 # Training crops come from the face finder without its lenient mesh tries (a photo only they find is trained
 # on whole, as before they existed), so the rebuild still gives the shipped network; trained on their crops
 # (0.3% of the faces), two rebuilds read dev 0.812-0.818 (docs/expression.md, "Finding the face in a photo").
-TRAIN_LENIENT = False
+TRAIN_LENIENT_CONFIDENCE = None  # FaceFinder's lenient_confidence for training crops: no lenient tries
 
 
 def decode_image(data: bytes, name: str = "image") -> np.ndarray:
@@ -123,7 +123,7 @@ def cut_crops(images: list[bytes], box_scale: float,
     from bemerc.extract.behavior.face import FaceFinder, square_crop
     from bemerc.extract.media import still_frame
 
-    finder = FaceFinder(max_faces=4, lenient=TRAIN_LENIENT)
+    finder = FaceFinder(max_faces=4, lenient_confidence=TRAIN_LENIENT_CONFIDENCE)
     crops = np.zeros((len(images), CUT_SIDE, CUT_SIDE, 3), dtype=np.uint8)
     found = np.zeros(len(images), dtype=bool)
     for i, data in enumerate(images):
@@ -155,7 +155,7 @@ def cached_crops(path: str | Path, cache_dir: Path, box_scale: float, limit: int
 
     faces = read_faces(path, limit)
     key = hashlib.sha256(json.dumps([Path(path).name, Path(path).stat().st_size, box_scale, CROP_MARGIN,
-                                     CUT_SIDE, limit, len(faces["file"]), FaceFinder.settings(TRAIN_LENIENT)]).encode()).hexdigest()[:16]
+                                     CUT_SIDE, limit, len(faces["file"]), FaceFinder.settings(TRAIN_LENIENT_CONFIDENCE)]).encode()).hexdigest()[:16]
     cache = cache_dir / f"crops-{Path(path).stem}-{key}.npz"
     if cache.is_file():
         saved = np.load(cache)
