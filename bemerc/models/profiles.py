@@ -43,7 +43,7 @@ KINDS = {
     "hf": "a Hugging Face model directory, loaded with AutoModel / AutoModelForCausalLM",
     "whisper": "an openai-whisper checkpoint (.pt), or hub:NAME for an official whisper model",
     "whisper-ct2": "a CTranslate2 (faster-whisper) Whisper directory, converted to an openai-whisper .pt",
-    "gguf": "a GGUF causal LM (option `file`), converted to a safetensors Hugging Face directory",
+    "gguf": "a GGUF causal LM (option `file`, or `parts` joined into `joined`), converted to a safetensors Hugging Face directory",
     "files": "model files used in place (TFLite, ...), named by the option `files`",
     "open-clip": "an open_clip architecture name, with the option `pretrained` (a tag or none)",
     "py-feat": "a py-feat model name; py-feat downloads its weights on first use",
@@ -402,13 +402,7 @@ def _unzip_parts(entry: StageEntry, folder: Path, say: Callable[[str], None]) ->
     ``folder``; the folder holding the top-most ``config.json`` is the model."""
     import zipfile
 
-    parts = _checked_files(entry)[joined_name(entry)]
-    joined = folder / joined_name(entry)
-    say(f"joining {len(parts)} parts ({sum(p.stat().st_size for p in parts) / 1e6:.0f} MB) into {joined.name} and unpacking it")
-    with open(joined, "wb") as out:
-        for part in parts:
-            with open(part, "rb") as handle:
-                shutil.copyfileobj(handle, out, 1 << 22)
+    joined = _join_parts(entry, folder, say, "and unpacking it")
     try:
         with zipfile.ZipFile(joined) as archive:
             archive.extractall(folder / "unpacked")  # extractall keeps every member inside the target
@@ -419,6 +413,19 @@ def _unzip_parts(entry: StageEntry, folder: Path, say: Callable[[str], None]) ->
     if not configs:
         raise ProfileError(f"{entry.label}: {joined.name} holds no config.json (not a Hugging Face model folder)")
     return configs[0].parent
+
+
+def _join_parts(entry: StageEntry, folder: Path, say: Callable[[str], None], then: str) -> Path:
+    """A file shipped split across packages (the stage's ``parts``), joined into ``folder`` under
+    :func:`joined_name`; the caller deletes it once used."""
+    parts = _checked_files(entry)[joined_name(entry)]
+    joined = folder / joined_name(entry)
+    say(f"joining {len(parts)} parts ({sum(p.stat().st_size for p in parts) / 1e6:.0f} MB) into {joined.name} {then}")
+    with open(joined, "wb") as out:
+        for part in parts:
+            with open(part, "rb") as handle:
+                shutil.copyfileobj(handle, out, 1 << 22)
+    return joined
 
 
 def _prepare_whisper(entry: StageEntry, folder: Path, say: Callable[[str], None]) -> Path:
@@ -452,14 +459,20 @@ def _prepare_whisper_ct2(entry: StageEntry, folder: Path, say: Callable[[str], N
 def _prepare_gguf(entry: StageEntry, folder: Path, say: Callable[[str], None]) -> Path:
     from bemerc.models.weights import ConversionError, convert_gguf_causal_lm
 
-    if "file" not in entry.options:
-        raise ProfileError(f"{entry.label}: a gguf stage needs the option `file` (the .gguf file name)")
-    gguf_file = resolve_ref(entry, entry.options["file"])
+    if "parts" in entry.options:  # a GGUF split across packages: joined here, deleted once converted
+        gguf_file = _join_parts(entry, folder, say, "to dequantize it")
+    elif "file" in entry.options:
+        gguf_file = resolve_ref(entry, entry.options["file"])
+    else:
+        raise ProfileError(f"{entry.label}: a gguf stage needs the option `file` (the .gguf file name) or `parts`")
     say(f"dequantizing {gguf_file.name} into a safetensors model folder")
     try:
         return convert_gguf_causal_lm(gguf_file, folder / "model")
     except ConversionError as exc:
         raise ProfileError(f"{entry.label}: {exc}") from exc
+    finally:
+        if "parts" in entry.options:
+            gguf_file.unlink(missing_ok=True)
 
 
 def _prepare_files(entry: StageEntry, folder: Path, say: Callable[[str], None]) -> Path:

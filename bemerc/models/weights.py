@@ -242,7 +242,8 @@ def convert_gguf_causal_lm(gguf_file: Path, out_dir: Path) -> Path:
     """Dequantize a GGUF causal LM into a float32 safetensors Hugging Face directory.
 
     Uses transformers' own GGUF reader (the ``gguf`` package dequantizes); the tokenizer and its chat
-    template come from the GGUF metadata and are saved next to the model.
+    template come from the GGUF metadata and are saved next to the model. A base (not instruction-tuned)
+    model may carry no chat template: its prompts then use the templates' plain layout.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -250,8 +251,6 @@ def convert_gguf_causal_lm(gguf_file: Path, out_dir: Path) -> Path:
     gguf_file = Path(gguf_file)
     gguf_model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
-    if not tokenizer.chat_template:
-        raise ConversionError(f"{gguf_file.name} carries no chat template in its metadata")
     # transformers refuses to save a model it still marks as GGUF-quantized, although its weights are
     # already dequantized: copy them into a plain model built from the same config.
     config = gguf_model.config

@@ -116,10 +116,18 @@ class MercModel(nn.Module):
     def __init__(self, llm: nn.Module, soft: list[SoftInput]):
         super().__init__()
         self.llm = llm
-        embeddings = llm.get_input_embeddings().weight
+        embedding = llm.get_input_embeddings()
         self.soft = {s.modality: s for s in soft}
-        std = float(embeddings.detach().float().std())
-        self.projectors = nn.ModuleDict({s.modality: Projector(s, embeddings.shape[1], std) for s in soft})
+        # the scale of the word embeddings the decoder reads: Gemma multiplies its table by sqrt(hidden)
+        std = float(embedding.weight.detach().float().std()) * float(getattr(embedding, "embed_scale", 1.0))
+        self.projectors = nn.ModuleDict({s.modality: Projector(s, embedding.weight.shape[1], std) for s in soft})
+        if embedding.weight.dtype == torch.bfloat16:
+            # A bf16 base always runs under bf16 autocast (bemerc.precision), which gives LoRA's matmuls bf16
+            # inputs and weights itself. peft would first cast each LoRA input to LoRA's fp32 (then autocast
+            # casts it back): two copies of the activations per module and step for the same numbers.
+            for module in llm.modules():
+                if hasattr(module, "cast_input_dtype_enabled"):
+                    module.cast_input_dtype_enabled = False
 
     def fit_input_scaling(self, features: dict[str, tuple[np.ndarray, np.ndarray]], rows: np.ndarray) -> None:
         """Standardise each projector's inputs with the statistics of ``rows`` (the training rows)
