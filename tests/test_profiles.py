@@ -311,3 +311,6 @@ def test_a_gguf_split_across_parts_is_joined_and_dequantized(tmp_path, models_ca
     (tmp_path / "llm.gguf.part1").write_bytes(b"not the middle part")  # a changed part fails the pinned digest
     with pytest.raises(ChecksumError, match="sha256 of SmolLM2.gguf"):
         prepare(load_profile(str(user)), ["llm"], rehash=True)
+    user.write_text(user.read_text().split("[stages.llm.sha256]")[0])  # unpinned: the reader's failure, in one line
+    with pytest.raises(ProfileError, match="SmolLM2.gguf is not a whole GGUF causal LM"):
+        prepare(load_profile(str(user)), ["llm"])

@@ -248,9 +248,15 @@ def convert_gguf_causal_lm(gguf_file: Path, out_dir: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    import struct
+
     gguf_file = Path(gguf_file)
-    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    try:
+        gguf_model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    except (struct.error, ValueError, KeyError, OSError) as exc:  # what a cut or foreign file raises in the reader
+        raise ConversionError(f"{gguf_file.name} is not a whole GGUF causal LM that transformers reads: "
+                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     # transformers refuses to save a model it still marks as GGUF-quantized, although its weights are
     # already dequantized: copy them into a plain model built from the same config.
     config = gguf_model.config
