@@ -193,17 +193,9 @@ def test_bf16_lora_reads_its_inputs_uncast_for_the_same_loss_and_gradients(tiny_
     """On a bf16 base (always under bf16 autocast) peft's cast of each LoRA input to fp32 is switched off:
     autocast casts it back to bf16 for LoRA's matmul anyway, so the loss and every gradient are the
     same, bit for bit, without the two copies of the activations per module (docs/tune.md, Precision)."""
-    config = _config(tiny_llm, Path("unused"), layout="dialogue")
-    data = load_data(store, config)
-    llm, tokenizer = load_llm(tiny_llm, torch.bfloat16)
-    torch.manual_seed(1)
-    model = build_model(llm, data.soft, LoraSettings(r=4, dropout=0.0))
-    for name, p in model.named_parameters():  # make LoRA matter
-        if "lora_B" in name:
-            p.data.normal_(std=0.5)
+    _, data, model, prompter = _dialogue_model(tiny_llm, store, dtype=torch.bfloat16)  # eval mode: no dropout
     layers = [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")]
     assert layers and not any(m.cast_input_dtype_enabled for m in layers)
-    prompter = Prompter(tokenizer, data.classes, 2, {s.modality: s.n_tokens for s in data.soft}, "dialogue", max_len=config.max_len)
     batch = stage_examples("merc", prompter, data).batches([0, 1], 4096, "cpu")[0]  # two training windows
     trained = model.trainable("merc")
 
@@ -220,8 +212,7 @@ def test_bf16_lora_reads_its_inputs_uncast_for_the_same_loss_and_gradients(tiny_
     cast = loss_and_gradients()
     assert torch.isfinite(uncast[0]) and uncast[0].equal(cast[0])
     assert all(a.equal(b) for a, b in zip(uncast[1], cast[1])) and any(g.abs().sum() > 0 for g in uncast[1])
-    fp32 = [m for m in build_model(load_llm(tiny_llm)[0], data.soft, LoraSettings(r=4)).modules()
-            if hasattr(m, "cast_input_dtype_enabled")]
+    fp32 = [m for m in _dialogue_model(tiny_llm, store)[2].modules() if hasattr(m, "cast_input_dtype_enabled")]
     assert fp32 and all(m.cast_input_dtype_enabled for m in fp32)  # an fp32 base keeps peft's default
 
 
@@ -369,10 +360,10 @@ def test_cli_shows_the_prompt_and_runs_zero_shot(tiny_llm, store, tmp_path):
     assert next(r for r in list_runs(store) if r["run_id"] == result["run_id"])["kind"] == "zero-shot"
 
 
-def _dialogue_model(tiny_llm, store, **overrides):
+def _dialogue_model(tiny_llm, store, dtype=torch.float32, **overrides):
     config = _config(tiny_llm, Path("unused"), layout="dialogue", **overrides)
     data = load_data(store, config)
-    llm, tokenizer = load_llm(tiny_llm)
+    llm, tokenizer = load_llm(tiny_llm, dtype)
     torch.manual_seed(1)
     model = build_model(llm, data.soft, LoraSettings(r=4)).eval()
     for name, p in model.named_parameters():  # make LoRA and the projectors matter

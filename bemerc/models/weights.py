@@ -248,8 +248,6 @@ def convert_gguf_causal_lm(gguf_file: Path, out_dir: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import struct
-
     gguf_file = Path(gguf_file)
     try:
         gguf_model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
