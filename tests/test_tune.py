@@ -335,6 +335,24 @@ def test_bad_requests_fail_with_one_line(tiny_llm, store, tmp_path):
         tune(store, _config(tiny_llm, tmp_path / "u", batch_size=0))
     with pytest.raises(TuneError, match="no checkpoint"):
         tune(store, _config(tiny_llm, tmp_path / "z"), resume=True)
+    with pytest.raises(TuneError, match=r"--lora-modules: qkv is not a linear layer of this LLM's blocks \(they are: down_proj, "):
+        tune(store, _config(tiny_llm, tmp_path / "t", stage="merc", lora_modules=["q_proj", "qkv"]))
+    assert not (tmp_path / "t" / "adapter").exists()
+
+
+def test_lora_on_named_modules_only_is_saved_and_reloaded_as_such(tiny_llm, store, tmp_path):
+    """--lora-modules q_proj,v_proj: LoRA on those two layers of every block and nowhere else, in the
+    run's checkpoint and in the saved adapter, which reloads to the run's probabilities."""
+    result = tune(store, _config(tiny_llm, tmp_path / "qv", stage="merc", lora_modules=["q_proj", "v_proj"]))
+    adapter = torch.load(tmp_path / "qv" / "checkpoint.pt", weights_only=False)["adapter"]
+    lora = {k for k in adapter if "lora_A" in k}
+    assert {k.split(".lora_A")[0].rsplit(".", 1)[-1] for k in lora} == {"q_proj", "v_proj"}
+    assert len(lora) == 2 * 2  # two blocks in the tiny LLM
+    assert sorted(json.loads((tmp_path / "qv" / "adapter" / "adapter_config.json").read_text())["target_modules"]) == ["q_proj", "v_proj"]
+    tuned = TunedModel.load(tmp_path / "qv" / "adapter")
+    data = load_data(store, _config(tiny_llm, tmp_path / "qv"))
+    again = tuned.predict_proba(data.corpus, data.eval_rows["dev"])
+    assert np.allclose(again, result["probabilities_by_split"]["dev"], atol=1e-4)
 
 
 def test_cli_shows_the_prompt_and_runs_zero_shot(tiny_llm, store, tmp_path):

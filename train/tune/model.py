@@ -24,20 +24,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from bemerc.precision import torch_dtype
-from bemerc.train.tune.config import project_modalities
+from bemerc.train.tune.config import TuneError, project_modalities
 from bemerc.train.tune.data import IGNORE, Batch, SoftInput
 
 
 
 @dataclass(frozen=True)
 class LoraSettings:
-    """LoRA on every linear layer of the decoder blocks (of the top ``layers`` blocks only when set:
-    on a CPU that also keeps the backward pass out of the lower blocks)."""
+    """LoRA on every linear layer of the decoder blocks (on the linear layers named in ``modules`` only
+    when set; of the top ``layers`` blocks only when set: on a CPU that also keeps the backward pass out
+    of the lower blocks)."""
 
     r: int = 8
     alpha: int = 16
     dropout: float = 0.05
     layers: int | None = None
+    modules: tuple[str, ...] | None = None
 
 
 class Projector(nn.Module):
@@ -275,12 +277,16 @@ def build_model(llm: nn.Module, soft: list[SoftInput], lora: LoraSettings | None
         p.requires_grad_(False)
     if lora is not None:
         n_layers = llm.config.num_hidden_layers
+        names = _linear_names(llm)
+        unknown = sorted(set(lora.modules or ()) - set(names))
+        if unknown:
+            raise TuneError(f"--lora-modules: {', '.join(unknown)} is not a linear layer of this LLM's blocks (they are: {', '.join(names)})")
         config = LoraConfig(
             task_type="CAUSAL_LM",
             r=lora.r,
             lora_alpha=lora.alpha,
             lora_dropout=lora.dropout,
-            target_modules=_linear_names(llm),
+            target_modules=list(lora.modules) if lora.modules else names,
             layers_to_transform=list(range(n_layers - lora.layers, n_layers)) if lora.layers else None,
         )
         llm = get_peft_model(llm, config)
