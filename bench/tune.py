@@ -10,8 +10,7 @@ tokens per utterance, utterances and tokens per second, seconds per step, peak m
 projected wall time of one epoch of all train utterances, and the bf16 / fp32 ratio; with ``--compile``
 also each precision with every decoder block compiled by ``torch.compile``, and its ratio to eager; with
 ``--lora-modules`` each set of LoRA layers given (``all``: every linear layer, tune's default; or names,
-``q_proj,v_proj``), and its ratio to the first; with ``--peft-forward`` also peft's own LoRA forward
-beside bemerc's (``lora_addmm``), and their ratio.
+``q_proj,v_proj``), and its ratio to the first.
 Accuracy (unless ``--speed-only``): trains the chosen layouts on the first ``--train-limit`` train
 utterances (default: all) and scores dev with each (in each precision), with the untouched model
 (zero-shot) and the majority class. Everything goes to ``OUT/bench.json``.
@@ -63,31 +62,28 @@ def stored_soft(store: Store) -> list[str]:
 
 
 def speed(store_path: str, out: Path, common: dict, layout: str, threads: int, steps: int, n_train: int, stage: str = "merc",
-          precision: str = "fp32", compiled: bool = False, lora_modules: str = "all", peft_forward: bool = False) -> dict:
+          precision: str = "fp32", compiled: bool = False, lora_modules: str = "all") -> dict:
     """Tokens per utterance, utterances/s and peak RSS of ``stage`` over ``steps`` steps (the first,
     warm-up, left out). Run in a process of its own (:func:`isolated`), so the peak is this run's.
     ``compiled``: every decoder block of the LLM compiled by ``torch.compile`` (inductor, dynamic shapes).
-    ``lora_modules``: ``all`` or comma-separated names (``bemerc tune --lora-modules``). ``peft_forward``:
-    LoRA layers run peft's own forward instead of :func:`~bemerc.train.tune.model.lora_addmm`."""
+    ``lora_modules``: ``all`` or comma-separated names (``bemerc tune --lora-modules``)."""
     import resource
 
-    if compiled or peft_forward:  # this process only: it runs isolated
+    if compiled:  # this process only: it runs isolated
         import bemerc.train.tune.loop as loop
 
         new_model = loop.new_model
 
-        def changed_model(*args, **kwargs):
+        def compiled_model(*args, **kwargs):
             model, tokenizer = new_model(*args, **kwargs)
             for module in model.modules():
-                if compiled and type(module).__name__.endswith("DecoderLayer"):
+                if type(module).__name__.endswith("DecoderLayer"):
                     module.compile(dynamic=True)
-                if peft_forward and "forward" in vars(module):
-                    del module.forward
             return model, tokenizer
 
-        loop.new_model = changed_model
+        loop.new_model = compiled_model
     modules = None if lora_modules == "all" else parse_names(lora_modules)
-    run_dir = out / (f"speed-{stage}-{layout}-{threads}t-{precision}{'-compiled' if compiled else ''}{'-peft' if peft_forward else ''}"
+    run_dir = out / (f"speed-{stage}-{layout}-{threads}t-{precision}{'-compiled' if compiled else ''}"
                      f"-{lora_modules.replace(',', '+')}")
     tune(Store(store_path), TuneConfig(**common, stage=stage, layout=layout, threads=threads, stop_after=steps, precision=precision,
                                        checkpoint_every=10_000, run_dir=str(run_dir), progress=False, lora_modules=modules))
@@ -95,7 +91,7 @@ def speed(store_path: str, out: Path, common: dict, layout: str, threads: int, s
     seconds, utterances, tokens = (sum(h[k] for h in log) for k in ("seconds", "utterances", "tokens"))
     rate = utterances / seconds
     return {"stage": stage, "layout": layout, "threads": threads, "precision": precision, "compiled": compiled,
-            "lora_modules": lora_modules, "peft_forward": peft_forward, "steps": len(log),
+            "lora_modules": lora_modules, "steps": len(log),
             "tokens_per_utterance": tokens / utterances, "utterances_per_s": rate, "tokens_per_s": tokens / seconds,
             "step_s_median": statistics.median(h["seconds"] for h in log), "epoch_minutes": n_train / rate / 60,
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
@@ -188,8 +184,6 @@ def main() -> None:
                         help="speed: also time each precision with every decoder block compiled (torch.compile), beside eager")
     parser.add_argument("--lora-modules", nargs="+", default=["all"], metavar="MODULES",
                         help="speed: sets of LoRA layers to time, each 'all' (tune's default) or comma-separated names (q_proj,v_proj)")
-    parser.add_argument("--peft-forward", action="store_true",
-                        help="speed: also time LoRA layers with peft's own forward beside bemerc's (one addmm a layer)")
     parser.add_argument("--precisions", default=None,
                         help="comma-separated: fp32,bf16 (default: both where the CPU has bf16 matrix units, else fp32)")
     args = parser.parse_args()
@@ -212,32 +206,30 @@ def main() -> None:
             for stage in ["merc", "project"] if soft and layout == "dialogue" and DEFAULTS.project_epochs else ["merc"]:
                 rows = {}
                 first = args.lora_modules[0]
-                merc = stage == "merc"  # the project stage has no LoRA
+                has_lora = stage == "merc"  # the project stage has no LoRA
                 variants = itertools.product(precisions, (False, True) if args.compile else (False,),
-                                             args.lora_modules if merc else [first], (False, True) if args.peft_forward and merc else (False,))
-                for precision, compiled, modules, peft_forward in variants:
+                                             args.lora_modules if has_lora else [first])
+                for precision, compiled, modules in variants:
                     row = isolated(speed, args.store, out, common, layout, threads, args.speed_steps, n_train, stage, precision,
-                                   compiled, modules, peft_forward)
+                                   compiled, modules)
                     report["speed"].append(row)
-                    rows[precision, compiled, modules, peft_forward] = row
+                    rows[precision, compiled, modules] = row
                     print(f"{layout:9s} {stage:7s} {threads} thread(s) {precision}{' compiled' if compiled else ''}"
-                          f"{'' if len(args.lora_modules) == 1 else f' LoRA on {modules}'}{' peft forward' if peft_forward else ''}: "
+                          f"{'' if len(args.lora_modules) == 1 else f' LoRA on {modules}'}: "
                           f"{row['tokens_per_utterance']:.0f} train tokens/utterance, "
                           f"{row['utterances_per_s']:.2f} utterances/s, {row['tokens_per_s']:.0f} tokens/s, {row['step_s_median']:.2f} s/step, "
                           f"peak {row['peak_rss_gb']:.2f} GB -> one epoch of {n_train:,} train utterances in {row['epoch_minutes']:.1f} min",
                           flush=True)
-                plain = {p: rows[p, False, first, False] for p in precisions}
+                plain = {p: rows[p, False, first] for p in precisions}
                 ratios = [(f"{precisions[-1]} / {precisions[0]}", plain[precisions[-1]], plain[precisions[0]])] if len(precisions) > 1 else []
-                ratios += [(f"{p} compiled / eager", rows[p, True, first, False], plain[p]) for p in precisions if args.compile]
-                ratios += [(f"{p} LoRA on {m} / on {first}", rows[p, False, m, False], plain[p]) for p in precisions for m in args.lora_modules[1:] if merc]
-                ratios += [(f"{p} addmm / peft forward", plain[p], rows[p, False, first, True]) for p in precisions if args.peft_forward and merc]
+                ratios += [(f"{p} compiled / eager", rows[p, True, first], plain[p]) for p in precisions if args.compile]
+                ratios += [(f"{p} LoRA on {m} / on {first}", rows[p, False, m], plain[p]) for p in precisions for m in args.lora_modules[1:] if has_lora]
                 for name, b, a in ratios:
                     print(f"{layout:9s} {stage:7s} {threads} thread(s): {name} {b['utterances_per_s'] / a['utterances_per_s']:.2f}x utterances/s, "
                           f"{b['step_s_median'] / a['step_s_median']:.2f}x median s/step, peak memory {b['peak_rss_gb'] / a['peak_rss_gb']:.2f}x",
                           flush=True)
     by = {(r["layout"], r["threads"]): r for r in report["speed"]
-          if r["stage"] == "merc" and r["precision"] == precisions[-1] and not r["compiled"] and r["lora_modules"] == args.lora_modules[0]
-          and not r["peft_forward"]}
+          if r["stage"] == "merc" and r["precision"] == precisions[-1] and not r["compiled"] and r["lora_modules"] == args.lora_modules[0]}
     for r in report["speed"]:
         if r["stage"] == "project":
             merc = by[(r["layout"], r["threads"])]["epoch_minutes"]

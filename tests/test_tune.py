@@ -21,7 +21,7 @@ from bemerc.train.tune.loop import TuneConfig, TuneError, lr_factor, tune
 from bemerc.precision import cpu_has_bf16, resolve as resolve_precision
 from bemerc.train.tune.data import collate, collate_windows
 from bemerc.train.tune.infer import load_tuned
-from bemerc.train.tune.model import LoraSettings, base_dtype, build_model, load_llm, lora_addmm
+from bemerc.train.tune.model import LoraSettings, base_dtype, build_model, load_llm
 from bemerc.train.tune.prompt import DialogueTurn, Prompter, Turn, load_template
 from bemerc.train.tune.score import answer_scores, label_probabilities, label_scores
 
@@ -216,38 +216,6 @@ def test_bf16_lora_reads_its_inputs_uncast_for_the_same_loss_and_gradients(tiny_
     assert fp32 and all(m.cast_input_dtype_enabled for m in fp32)  # an fp32 base keeps peft's default
 
 
-def test_lora_adds_its_product_inside_one_matmul_for_the_same_loss_and_gradients(tiny_llm, store):
-    """Without LoRA dropout each LoRA layer adds B(A(x)) * scaling to the base's output inside one addmm
-    (bemerc.train.tune.model.lora_addmm) instead of peft's three elementwise passes: in fp32 the loss and
-    the gradients are peft's; under bf16 autocast they are nearer the fp32 ones than peft's (the scaled
-    product is added before it is rounded to bf16, not after); with dropout peft's forward stays."""
-
-    def loss_and_gradients(dtype, fused: bool):
-        _, data, model, prompter = _dialogue_model(tiny_llm, store, dtype=dtype, lora_dropout=0.0)
-        layers = [m for m in model.modules() if "forward" in vars(m)]
-        assert len(layers) == 2 * 7 and all(m.forward.func is lora_addmm for m in layers)  # every linear layer of the 2 blocks
-        for m in [] if fused else layers:
-            del m.forward  # peft's own
-        batch = stage_examples("merc", prompter, data).batches([0, 1], 4096, "cpu")[0]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            loss = model.loss(batch)
-        loss.backward()
-        return loss.detach().float(), [p.grad.float() for p in model.trainable("merc")]
-
-    ours, theirs = loss_and_gradients(torch.float32, True), loss_and_gradients(torch.float32, False)
-    assert torch.isfinite(ours[0]) and torch.allclose(ours[0], theirs[0], rtol=1e-6)
-    assert any(g.abs().sum() > 0 for g in ours[1])
-    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(ours[1], theirs[1]))
-
-    def error(run):  # median over parameters of the gradient's relative distance to fp32's
-        return np.median([float((g - f).norm() / f.norm()) for g, f in zip(run[1], theirs[1]) if f.norm() > 0])
-
-    bf16_ours, bf16_theirs = loss_and_gradients(torch.bfloat16, True), loss_and_gradients(torch.bfloat16, False)
-    assert torch.allclose(bf16_ours[0], theirs[0], rtol=1e-3) and error(bf16_ours) <= error(bf16_theirs)
-    with_dropout = _dialogue_model(tiny_llm, store, lora_dropout=0.05)[2]
-    assert not any("forward" in vars(m) for m in with_dropout.modules())
-
-
 def _untrained(tiny_llm: Path, store: Store, config: TuneConfig):
     """(data, tokenizer, adapter state before training) as ``tune`` builds them for ``config``."""
     data = load_data(store, config)
@@ -410,12 +378,12 @@ def test_cli_shows_the_prompt_and_runs_zero_shot(tiny_llm, store, tmp_path):
     assert next(r for r in list_runs(store) if r["run_id"] == result["run_id"])["kind"] == "zero-shot"
 
 
-def _dialogue_model(tiny_llm, store, dtype=torch.float32, lora_dropout=0.05, **overrides):
+def _dialogue_model(tiny_llm, store, dtype=torch.float32, **overrides):
     config = _config(tiny_llm, Path("unused"), layout="dialogue", **overrides)
     data = load_data(store, config)
     llm, tokenizer = load_llm(tiny_llm, dtype)
     torch.manual_seed(1)
-    model = build_model(llm, data.soft, LoraSettings(r=4, dropout=lora_dropout)).eval()
+    model = build_model(llm, data.soft, LoraSettings(r=4)).eval()
     for name, p in model.named_parameters():  # make LoRA and the projectors matter
         if "lora_B" in name:
             p.data.normal_(std=0.5)

@@ -14,7 +14,6 @@ taken and the head is applied to the few answer positions.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,35 +112,6 @@ def shared_prefix(batch: Batch) -> int:
     return length if MIN_SHARED_PREFIX <= length < ids.shape[1] else 0
 
 
-def lora_addmm(layer: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """The forward of one of peft's LoRA ``Linear`` layers, ``base(x) + B(A(x)) * scaling``, with the
-    scaled product added to the base's output inside one matmul (``addmm``'s ``alpha``) instead of a
-    product, a multiplication and an addition over the (tokens, out) output and three more passes
-    backward: on a CPU those elementwise passes cost more than LoRA's rank-r matmuls. Same function;
-    float rounding may differ in the last bit. :class:`MercModel` installs it on LoRA layers
-    without dropout or a LoRA variant; anything else (adapters disabled, merged, another adapter
-    set) runs peft's own forward."""
-    if layer.disable_adapters or layer.merged or kwargs.get("adapter_names") is not None:
-        return type(layer).forward(layer, x, *args, **kwargs)
-    result = layer.base_layer(x, *args, **kwargs)
-    out = result.reshape(-1, result.shape[-1])
-    for name in layer.active_adapters:
-        if name in layer.lora_A:
-            x = layer._cast_input_dtype(x, layer.lora_A[name].weight.dtype)
-            h = layer.lora_A[name](x)
-            out = torch.addmm(out, h.reshape(-1, h.shape[-1]), layer.lora_B[name].weight.t(), alpha=layer.scaling[name])
-    return out.view(result.shape)
-
-
-def _plain_lora(layer: nn.Module) -> bool:
-    """Whether ``layer`` is a peft LoRA ``Linear`` whose forward :func:`lora_addmm` computes: no
-    dropout, no LoRA variant (DoRA, ...), no LoRA bias."""
-    from peft.tuners.lora.layer import Linear
-
-    return (isinstance(layer, Linear) and not layer.lora_variant and not any(layer.lora_bias.values())
-            and all(isinstance(d, nn.Identity) for d in layer.lora_dropout.values()))
-
-
 class MercModel(nn.Module):
     """An LLM (optionally wrapped by peft) and the projectors of its soft modalities."""
 
@@ -160,9 +130,6 @@ class MercModel(nn.Module):
             for module in llm.modules():
                 if hasattr(module, "cast_input_dtype_enabled"):
                     module.cast_input_dtype_enabled = False
-        for module in llm.modules():
-            if _plain_lora(module):
-                module.forward = functools.partial(lora_addmm, module)
 
     def fit_input_scaling(self, features: dict[str, tuple[np.ndarray, np.ndarray]], rows: np.ndarray) -> None:
         """Standardise each projector's inputs with the statistics of ``rows`` (the training rows)
