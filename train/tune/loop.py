@@ -425,8 +425,8 @@ def tune(store: Store, config: TuneConfig, resume: bool = False) -> dict:
 
     data = load_data(store, config)
     torch.manual_seed(config.seed)
-    lora = None if config.zero_shot else LoraSettings(config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_layers,
-                                                             tuple(config.lora_modules) if config.lora_modules else None)
+    modules = tuple(config.lora_modules) if config.lora_modules else None
+    lora = None if config.zero_shot else LoraSettings(config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_layers, modules)
     model, tokenizer = new_model(config.model, data.soft, lora, start.precision, cuda, data.inputs.features, data.train_rows)
     if config.gradient_checkpointing if config.gradient_checkpointing is not None else cuda:
         model.causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
