@@ -17,6 +17,7 @@ from bemerc.store.ingest import read_meld, write_utterances
 from bemerc.store.runs import list_runs
 from bemerc.train.tune.data import dialogue_windows, load_data, make_prompter, merc_examples, stage_examples
 from bemerc.train.tune.infer import TunedModel
+from bemerc.train.tune.config import parse_names
 from bemerc.train.tune.loop import TuneConfig, TuneError, lr_factor, tune
 from bemerc.precision import cpu_has_bf16, resolve as resolve_precision
 from bemerc.train.tune.data import collate, collate_windows
@@ -338,6 +339,8 @@ def test_bad_requests_fail_with_one_line(tiny_llm, store, tmp_path):
     with pytest.raises(TuneError, match=r"--lora-modules: qkv is not a linear layer of this LLM's blocks \(they are: down_proj, "):
         tune(store, _config(tiny_llm, tmp_path / "t", stage="merc", lora_modules=["q_proj", "qkv"]))
     assert not (tmp_path / "t" / "adapter").exists()
+    with pytest.raises(TuneError, match="--lora-modules names no layer"):  # `--lora-modules ,` is not "all"
+        _config(tiny_llm, tmp_path / "s", lora_modules=parse_names(","))
 
 
 def test_lora_on_named_modules_only_is_saved_and_reloaded_as_such(tiny_llm, store, tmp_path):

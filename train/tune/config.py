@@ -147,6 +147,8 @@ class TuneConfig:
         for name in ("demos", "overlap", "context", "epochs", "align_epochs", "project_epochs"):
             if getattr(self, name) < 0:
                 raise TuneError(f"{name} must be 0 or more, found {getattr(self, name)}")
+        if self.lora_modules is not None and not self.lora_modules:
+            raise TuneError("--lora-modules names no layer (leave it out for all of them)")
         for name in ("batch_size", "lora_r", "checkpoint_every", "micro_batch_tokens"):
             if getattr(self, name) < 1:
                 raise TuneError(f"{name} must be positive, found {getattr(self, name)}")
